@@ -1,0 +1,33 @@
+"""rlr_fast: reward fine-tuning of diffusion models with the RLR (half-order) gradient estimator."""
+
+import torch as _torch  # loads libc10/libtorch, which _C links against
+
+try:
+    from . import _C
+except ImportError as e:  # the package is importable from a source tree without its extension
+    raise ImportError(
+        "rlr_fast._C, the compiled extension, is missing or was built against another torch. "
+        "Build it from the repository root with `pip install -e . --no-build-isolation` "
+        f"(after installing torch; see README). Original error: {e}"
+    ) from e
+
+from .ddim import ddim_step, gaussian_log_prob_reference, step_coefficients
+from .rollout import Trajectory, recompute_step, rollout
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What was compiled into rlr_fast._C and what it runs with."""
+    from .ddim import _triton_available, resolve_backend
+
+    return {
+        "version": __version__,
+        "torch": _torch.__version__,
+        "built_against_torch": _C.torch_version,
+        "cuda_kernels": bool(_C.has_cuda()),
+        "triton": _triton_available(),
+        "cuda_available": _torch.cuda.is_available(),
+        "backend_cpu": resolve_backend(_torch.device("cpu")),
+        "backend_cuda": resolve_backend(_torch.device("cuda")),
+    }

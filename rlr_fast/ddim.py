@@ -1,0 +1,203 @@
+"""The DDIM step as rlr_fast computes it: coefficients, the fused op, its reference, the dispatcher.
+
+`rlr_math.md` section 1 writes one step as
+
+    x0_hat = (x_t - sqrt(1 - a) e) / sqrt(a)
+    mu     = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) e
+    x_prev = mu + sigma * noise
+
+which is linear in (x_t, e). We fold the scheduler arithmetic into two per-step scalars,
+mu = c_x * x_t + c_e * e, computed once in float64, so the fused op reads each element once
+and the same op serves epsilon, v and sample prediction. Coefficients are per *sample* (not
+per step) so one call can hold several timesteps, as the batched likelihood-ratio terms need.
+
+Backends, all computing the same op (`ddim_step`):
+  "reference"  pure PyTorch below: the specification the others are tested against
+  "cpu"        rlr_fast._C, C++ (csrc/ddim_step.cpp)
+  "cuda"       rlr_fast._C, CUDA (csrc/ddim_step_cuda.cu), when built with nvcc
+  "triton"     kernels/ddim_step.py, on CUDA tensors when triton is installed
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _C
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """Per-step constants of a DDIM schedule, float64, in `scheduler.timesteps` order."""
+
+    timesteps: torch.Tensor  # (T,) int64
+    c_x: torch.Tensor  # (T,) coefficient of x_t in the mean
+    c_e: torch.Tensor  # (T,) coefficient of the model output in the mean
+    sigmas: torch.Tensor  # (T,) standard deviation of the step's noise
+
+
+def check_scheduler(scheduler) -> None:
+    """Raise a clear error for schedulers or settings whose step is not the linear DDIM step."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        raise TypeError(
+            f"rlr_fast needs a diffusers DDIMScheduler, got {type(scheduler).__name__}; convert it "
+            "with `DDIMScheduler.from_config(scheduler.config)` (same noise schedule, DDIM sampling)"
+        )
+    cfg = scheduler.config
+    if cfg.thresholding or cfg.clip_sample:
+        raise ValueError(
+            "DDIMScheduler with clip_sample=True or thresholding=True makes the step nonlinear in the "
+            "model output; Stable Diffusion uses neither: build it with clip_sample=False, "
+            "thresholding=False (e.g. DDIMScheduler.from_config(cfg, clip_sample=False))"
+        )
+    if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+
+
+def step_coefficients(scheduler, eta: float) -> StepCoefficients:
+    """The per-step (c_x, c_e, sigma) of `scheduler.timesteps` after `set_timesteps`.
+
+    Follows `DDIMScheduler.step`: previous timestep = t - num_train_timesteps // T, whatever
+    the timestep spacing, and `final_alpha_cumprod` below timestep 0.
+    """
+    check_scheduler(scheduler)
+    cfg = scheduler.config
+    num_steps = scheduler.num_inference_steps
+    timesteps = scheduler.timesteps.to("cpu", torch.int64)
+    alphas = scheduler.alphas_cumprod.to("cpu", torch.float64)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    prev_t = timesteps - cfg.num_train_timesteps // num_steps
+    a = alphas[timesteps]
+    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
+    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    sigma = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # coefficient of eps in the mean
+    if cfg.prediction_type == "epsilon":  # x0 = (x - sqrt(1-a) m) / sqrt(a), eps = m
+        c_x = a_prev.sqrt() / a.sqrt()
+        c_e = direction - a_prev.sqrt() * (1 - a).sqrt() / a.sqrt()
+    elif cfg.prediction_type == "v_prediction":  # x0 = sqrt(a) x - sqrt(1-a) m, eps = sqrt(a) m + sqrt(1-a) x
+        c_x = a_prev.sqrt() * a.sqrt() + direction * (1 - a).sqrt()
+        c_e = -a_prev.sqrt() * (1 - a).sqrt() + direction * a.sqrt()
+    else:  # sample: x0 = m, eps = (x - sqrt(a) m) / sqrt(1-a)
+        c_x = direction / (1 - a).sqrt()
+        c_e = a_prev.sqrt() - direction * a.sqrt() / (1 - a).sqrt()
+    return StepCoefficients(timesteps, c_x, c_e, sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: the op written plainly in PyTorch. Autograd differentiates it.
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma, model_output_cond=None,
+                        guidance_scale=1.0):
+    """(prev_sample, mean, log_prob) of one DDIM step; see `ddim_step` for the arguments."""
+    e = model_output
+    if model_output_cond is not None:
+        e = model_output + guidance_scale * (model_output_cond - model_output)
+    mean = _per_sample(c_x, sample) * sample + _per_sample(c_e, sample) * e
+    prev = mean + _per_sample(sigma, sample) * noise
+    return prev, mean, _noise_log_prob(noise, sigma)
+
+
+def _noise_log_prob(noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    d = noise[0].numel()
+    sq = noise.double().flatten(1).pow(2).sum(1)
+    s = sigma.double()
+    logp = -0.5 * sq - d * (s.clamp(min=1e-300).log() + _HALF_LOG_2PI)
+    return torch.where(s > 0, logp, torch.zeros_like(logp)).to(noise.dtype)
+
+
+def gaussian_log_prob_reference(sample, mean, sigma):
+    """log N(sample; mean, sigma^2 I) summed over each sample's elements; (B,)."""
+    d = sample[0].numel()
+    s = _per_sample(sigma, sample)
+    z = (sample - mean) / s
+    return -0.5 * z.flatten(1).pow(2).sum(1) - d * (sigma.to(sample.dtype).log() + _HALF_LOG_2PI)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled op (`rlr_fast._C`, CPU C++ or CUDA) as an autograd Function.
+
+
+class _CompiledDDIMStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale):
+        prev, mean, logp = _C.ddim_step_forward(sample, model_output, model_output_cond,
+                                                float(guidance_scale), noise, c_x, c_e, sigma)
+        ctx.save_for_backward(noise, c_x, c_e, sigma)
+        ctx.guidance_scale = float(guidance_scale)
+        ctx.has_cond = model_output_cond is not None
+        return prev, mean, logp
+
+    @staticmethod
+    def backward(ctx, grad_prev, grad_mean, grad_logp):
+        noise, c_x, c_e, sigma = ctx.saved_tensors
+        grad_prev = torch.zeros_like(noise) if grad_prev is None else grad_prev
+        grad_mean = torch.zeros_like(noise) if grad_mean is None else grad_mean
+        grad_logp = noise.new_zeros(noise.shape[0]) if grad_logp is None else grad_logp
+        gx, gu, gc, gn = _C.ddim_step_backward(grad_prev, grad_mean, grad_logp, noise,
+                                               ctx.guidance_scale, ctx.has_cond, c_x, c_e, sigma)
+        return gx, gu, (gc if ctx.has_cond else None), gn, None, None, None, None
+
+
+def _triton_available() -> bool:
+    try:
+        from .kernels import ddim_step as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    """The backend `ddim_step` uses for tensors on `device`.
+
+    `auto` (or the RLR_FAST_BACKEND environment variable) prefers Triton, then the CUDA
+    kernels of `_C` on a GPU, and `_C`'s C++ on the CPU.
+    """
+    backend = os.environ.get("RLR_FAST_BACKEND", backend) if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ddim backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if _triton_available():
+            return "triton"
+        return "cuda" if _C.has_cuda() else "reference"
+    return "cpu" if device.type == "cpu" else "reference"
+
+
+def ddim_step(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond=None,
+              guidance_scale=1.0, backend="auto"):
+    """One fused DDIM step and the log-density of the sample it draws.
+
+    sample (B, ...): x_t.  model_output (B, ...): the UNet output (the unconditional one when
+    `model_output_cond` is given; guidance combines e_u + w (e_c - e_u)).  noise (B, ...): the
+    step's standard normal noise.  c_x, c_e, sigma (B,): per-sample coefficients
+    (`step_coefficients`).  Returns (prev_sample, mean, log_prob) with log_prob (B,) the Gaussian
+    log-density of prev_sample summed over elements, 0 where sigma == 0 (no density).
+    Differentiable in sample, model outputs and noise.
+    """
+    name = resolve_backend(sample.device, backend)
+    if name == "reference":
+        return ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma,
+                                   model_output_cond, guidance_scale)
+    if name == "triton":
+        from .kernels.ddim_step import ddim_step as triton_ddim_step
+        return triton_ddim_step(sample, model_output, noise, c_x, c_e, sigma,
+                                model_output_cond=model_output_cond, guidance_scale=guidance_scale)
+    if name == "cuda" and not _C.has_cuda():
+        raise RuntimeError("backend 'cuda' asked for, but rlr_fast._C was built without CUDA")
+    return _CompiledDDIMStep.apply(sample, model_output, model_output_cond, noise, c_x, c_e, sigma,
+                                   guidance_scale)

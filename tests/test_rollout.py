@@ -1,0 +1,161 @@
+"""rollout / recompute_step against diffusers' own DDIMScheduler.step, and the rollout's errors."""
+
+import pytest
+import torch
+from conftest import make_scheduler
+
+import rlr_fast
+from rlr_fast.rollout import recompute_steps
+
+
+def _cond(batch, seed=1, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 5, dim, generator=g)
+
+
+def _run(unet, sched, eta, cfg, steps=6, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(batch, 4, 8, 8, generator=g)
+    kw = dict(encoder_hidden_states=_cond(batch))
+    if cfg:
+        kw.update(negative_encoder_hidden_states=_cond(batch, seed=2), guidance_scale=5.0)
+    traj = rlr_fast.rollout(unet, sched, x_t, num_steps=steps, eta=eta,
+                            generator=torch.Generator().manual_seed(3), **kw)
+    return traj, kw
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_each_step_equals_diffusers(unet, spacing, cfg, eta):
+    sched = make_scheduler(timestep_spacing=spacing)
+    traj, kw = _run(unet, sched, eta, cfg)
+    ref = make_scheduler(timestep_spacing=spacing)
+    ref.set_timesteps(traj.num_steps)
+    assert torch.equal(ref.timesteps, traj.timesteps)
+    x = traj.latents[0]
+    for k, t in enumerate(ref.timesteps):
+        x_k = traj.latents[k]
+        if cfg:
+            e_u = unet(x_k, t, encoder_hidden_states=kw["negative_encoder_hidden_states"]).sample
+            e_c = unet(x_k, t, encoder_hidden_states=kw["encoder_hidden_states"]).sample
+            eps = e_u + 5.0 * (e_c - e_u)
+        else:
+            eps = unet(x_k, t, encoder_hidden_states=kw["encoder_hidden_states"]).sample
+        want = ref.step(eps, t, x_k, eta=eta, variance_noise=traj.noises[k]).prev_sample
+        torch.testing.assert_close(traj.latents[k + 1], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        # the whole chain, run by diffusers from x_T, stays on ours too
+        eps_x = unet(x, t, encoder_hidden_states=kw["encoder_hidden_states"]).sample
+        if cfg:
+            e_u = unet(x, t, encoder_hidden_states=kw["negative_encoder_hidden_states"]).sample
+            eps_x = e_u + 5.0 * (eps_x - e_u)
+        x = ref.step(eps_x, t, x, eta=eta, variance_noise=traj.noises[k]).prev_sample
+    torch.testing.assert_close(traj.x0, x, rtol=1e-4, atol=1e-4 * x.abs().max().item())
+
+
+def test_trajectory_contents(unet, scheduler):
+    traj, _ = _run(unet, scheduler, 1.0, cfg=False, steps=5, batch=3)
+    assert traj.latents.shape == (6, 3, 4, 8, 8)
+    assert traj.noises.shape == (5, 3, 4, 8, 8)
+    assert traj.timesteps.shape == traj.sigmas.shape == (5,)
+    assert traj.log_probs.shape == (5, 3)
+    assert (traj.sigmas > 0).all()
+    # log_probs are the Gaussian density of each stored draw under its mean
+    for k in range(5):
+        mean = rlr_fast.recompute_step(unet, traj, k).detach()
+        dist = torch.distributions.Normal(mean, traj.sigmas[k].float())
+        want = dist.log_prob(traj.latents[k + 1]).flatten(1).sum(1)
+        torch.testing.assert_close(traj.log_probs[k], want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_recompute_step_is_exact_and_differentiable(unet, scheduler, cfg):
+    traj, _ = _run(unet, scheduler, 0.7, cfg=cfg)
+    for k in range(traj.num_steps):
+        mean = rlr_fast.recompute_step(unet, traj, k)
+        prev = mean + traj.sigmas[k].float() * traj.noises[k]
+        torch.testing.assert_close(prev, traj.latents[k + 1], rtol=1e-5, atol=1e-6)
+    x = traj.latents[2].clone().requires_grad_()
+    mean = rlr_fast.recompute_step(unet, traj, 2, sample=x)
+    mean.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_batched_recompute_equals_one_step_at_a_time(unet, scheduler):
+    traj, _ = _run(unet, scheduler, 1.0, cfg=True, steps=5)
+    means = recompute_steps(unet, traj, [4, 1, 3])
+    for i, k in enumerate([4, 1, 3]):
+        torch.testing.assert_close(means[i], rlr_fast.recompute_step(unet, traj, k), rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_rollout_is_reproducible(unet, scheduler):
+    a, _ = _run(unet, scheduler, 1.0, cfg=False)
+    b, _ = _run(unet, scheduler, 1.0, cfg=False)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.noises, b.noises)
+
+
+def test_plain_callable_model(scheduler):
+    """Any module called as model(sample, t, encoder_hidden_states=...) works."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, sample, timestep, encoder_hidden_states=None):
+            return self.w * sample
+
+    traj = rlr_fast.rollout(Linear(), scheduler, torch.randn(2, 3), num_steps=4, eta=1.0)
+    assert traj.latents.shape == (5, 2, 3)
+
+
+# ---- bad input: one test each, each naming the bad value ------------------------------------
+
+
+def _x(shape=(2, 4, 8, 8), dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+def test_wrong_rank(unet, scheduler):
+    with pytest.raises(ValueError, match=r"rank 3"):
+        rlr_fast.rollout(unet, scheduler, _x((4, 8, 8)), num_steps=2, eta=0.0, encoder_hidden_states=_cond(1))
+
+
+def test_wrong_channels(unet, scheduler):
+    with pytest.raises(ValueError, match="3 channels but the model expects 4"):
+        rlr_fast.rollout(unet, scheduler, _x((2, 3, 8, 8)), num_steps=2, eta=0.0, encoder_hidden_states=_cond(2))
+
+
+def test_negative_eta(unet, scheduler):
+    with pytest.raises(ValueError, match="eta must be >= 0, got -0.1"):
+        rlr_fast.rollout(unet, scheduler, _x(), num_steps=2, eta=-0.1, encoder_hidden_states=_cond(2))
+
+
+@pytest.mark.parametrize("steps", [0, 1001])
+def test_num_steps_out_of_range(unet, scheduler, steps):
+    with pytest.raises(ValueError, match=f"got {steps}"):
+        rlr_fast.rollout(unet, scheduler, _x(), num_steps=steps, eta=0.0, encoder_hidden_states=_cond(2))
+
+
+def test_guidance_without_negative(unet, scheduler):
+    with pytest.raises(ValueError, match="guidance_scale=7.5 needs negative_encoder_hidden_states"):
+        rlr_fast.rollout(unet, scheduler, _x(), num_steps=2, eta=0.0, encoder_hidden_states=_cond(2),
+                         guidance_scale=7.5)
+
+
+def test_integer_latents(unet, scheduler):
+    with pytest.raises(TypeError, match="latents must be a floating-point tensor, got dtype torch.int64"):
+        rlr_fast.rollout(unet, scheduler, _x(dtype=torch.int64), num_steps=2, eta=0.0,
+                         encoder_hidden_states=_cond(2))
+
+
+def test_batch_mismatch(unet, scheduler):
+    with pytest.raises(ValueError, match="batch size 3 but latents have batch size 2"):
+        rlr_fast.rollout(unet, scheduler, _x(), num_steps=2, eta=0.0, encoder_hidden_states=_cond(3))
+
+
+def test_non_ddim_scheduler(unet):
+    from diffusers import PNDMScheduler
+
+    with pytest.raises(TypeError, match="DDIMScheduler"):
+        rlr_fast.rollout(unet, PNDMScheduler(), _x(), num_steps=2, eta=0.0, encoder_hidden_states=_cond(2))
