@@ -69,10 +69,10 @@ def _shape_coverage(shape: str, size: int, cx: float, cy: float, r: float) -> np
         half = 0.8 * r
         inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
     elif shape == "triangle":
-        # equilateral, pointing up, inscribed in a circle of radius 1.15 r (about the circle's area)
-        R = 1.15 * r
-        top_y, base_y = cy - R, cy + R / 2
-        half_width = (y - top_y) / (base_y - top_y) * (R * np.sqrt(3) / 2)
+        # equilateral, pointing up, side 2 r (0.55 of the circle's area), its height centred on cy
+        height = r * np.sqrt(3)
+        top_y, base_y = cy - height / 2, cy + height / 2
+        half_width = (y - top_y) / height * r
         inside = (y >= top_y) & (y <= base_y) & (np.abs(x - cx) <= half_width)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
@@ -90,14 +90,14 @@ def draw(color: str, shape: str, background: str, size: int, cx: float, cy: floa
 def make_example(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, str]:
     """One random image and its caption: a shape of one colour on a background of another.
 
-    The shape's centre stays within the middle 30% of the image and its radius is 20-32% of the
-    size, so it always overlaps the centre and never leaves the frame.
+    The shape's centre stays within the middle 30% of the image and its radius is 18-28% of the
+    size, so it stays near the middle and clear of the outer 2 pixels (`measure_colors`).
     """
     names = list(COLORS)
     color, background = rng.choice(names, size=2, replace=False)
     shape = SHAPES[rng.integers(len(SHAPES))]
     cx, cy = size * rng.uniform(0.35, 0.65, size=2)
-    r = size * rng.uniform(0.20, 0.32)
+    r = size * rng.uniform(0.18, 0.28)
     return draw(str(color), shape, str(background), size, cx, cy, r), caption(color, shape, background)
 
 
@@ -130,3 +130,30 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
     color = next((w for i, w in colors if i != background_index), None)
     shape = next((w for w in words if w in SHAPES), None)
     return {"color": color, "shape": shape, "background": background}
+
+
+def nearest_color_names(image: np.ndarray) -> np.ndarray:
+    """The name of the nearest colour in `COLORS` (RGB distance) of every pixel, shape (H, W)."""
+    names = np.array(list(COLORS))
+    palette = np.array(list(COLORS.values()), dtype=np.float64)
+    distances = ((image[..., None, :].astype(np.float64) - palette) ** 2).sum(-1)
+    return names[distances.argmin(-1)]
+
+
+def measure_colors(image: np.ndarray, border: int = 2) -> dict[str, str | None]:
+    """Read the shape and background colour off an image (H, W, 3) uint8.
+
+    Background: the most common colour of the outer `border` pixels (shapes stay clear of the
+    frame, see `make_example`). Shape: the most common other colour (None if every pixel is background). Majority
+    votes over nearest named colours, so stray pixels of a generated image do not decide.
+    """
+    names = nearest_color_names(image)
+    frame = np.ones(names.shape, dtype=bool)
+    frame[border:-border, border:-border] = False
+    values, counts = np.unique(names[frame], return_counts=True)
+    background = str(values[counts.argmax()])
+    rest = names[names != background]
+    if rest.size == 0:
+        return {"color": None, "background": background}
+    values, counts = np.unique(rest, return_counts=True)
+    return {"color": str(values[counts.argmax()]), "background": background}
