@@ -1,0 +1,345 @@
+"""Stable Diffusion components for reward fine-tuning, loaded and saved in the formats diffusers reads.
+
+Four jobs, each kept to stock diffusers / transformers / peft calls so that what we write is what
+the ecosystem reads back:
+
+* `load_sd`: load a LOCAL diffusers Stable Diffusion folder (never the network) with errors that
+  say which path or component is wrong.
+* `tiny_sd`: a randomly initialised pipeline with the SD1.4 component types at toy width, built
+  offline (tokenizer included), so tests and CI run on a CPU in seconds.
+* `sd14_config` / `build_sd14_on_meta`: the real SD1.4 architectures on the meta device, for memory
+  and FLOP estimates without weights.
+* `add_lora` / `save_lora` / `load_lora`: LoRA adapters on the UNet via diffusers' native peft
+  integration, saved as `pytorch_lora_weights.safetensors` that
+  `StableDiffusionPipeline.load_lora_weights` reads.
+
+This module imports only torch, diffusers, transformers, peft and safetensors (no other rlr_fast
+module), so it can be used on its own.
+"""
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = [
+    "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta",
+    "add_lora", "save_lora", "load_lora", "lora_parameters", "LORA_WEIGHT_NAME",
+]
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The file name `StableDiffusionPipeline.load_lora_weights(dir)` looks for first.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# diffusers' default adapter name (`ModelMixin.add_adapter`); we keep one adapter per UNet.
+_ADAPTER = "default"
+# Where diffusers stores the peft LoraConfig inside the safetensors header, and the key prefix it
+# gives UNet entries (both in the weights and in that metadata).
+_LORA_METADATA_KEY = "lora_adapter_metadata"
+_UNET_PREFIX = "unet."
+
+
+@dataclass
+class SDModels:
+    """The Stable Diffusion components we use; a field is None when it was not requested.
+
+    `path` is the folder the components came from (None for `tiny_sd`).
+    """
+
+    unet: UNet2DConditionModel | None = None
+    vae: AutoencoderKL | None = None
+    text_encoder: CLIPTextModel | None = None
+    tokenizer: CLIPTokenizer | None = None
+    scheduler: DDIMScheduler | None = None
+    path: Path | None = None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings (B, L, D) as SD conditions on them: padded to the tokenizer's max
+        length (77 for CLIP), last hidden state of the text encoder."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("encode_prompts needs both the tokenizer and the text_encoder; load them with "
+                             "load_sd(..., components=(..., 'text_encoder', 'tokenizer'))")
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a diffusers Stable Diffusion folder (safetensors) that both `load_sd` and stock
+        `StableDiffusionPipeline.from_pretrained` read. The UNet must not carry a LoRA adapter: the
+        adapter's wrapped layers would be saved as base weights; save it with `save_lora` instead."""
+        missing = [name for name in COMPONENTS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"save_pretrained needs all of {COMPONENTS}; missing: {missing}")
+        if getattr(self.unet, "_hf_peft_config_loaded", False):
+            raise ValueError("the UNet has a LoRA adapter; save the base pipeline before add_lora and the "
+                             "adapter with save_lora")
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(directory, safe_serialization=True)
+        return Path(directory)
+
+
+def _check_components(components: tuple[str, ...] | list[str], allowed: tuple[str, ...]) -> None:
+    unknown = [c for c in components if c not in allowed]
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; choose from {allowed}")
+
+
+def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            components: tuple[str, ...] = COMPONENTS) -> SDModels:
+    """Load Stable Diffusion components from a local diffusers folder, frozen and in eval mode.
+
+    The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json plus
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/). Every load passes `local_files_only=True`,
+    so a wrong path fails here instead of turning into a hub download.
+
+    The scheduler is always loaded as a `DDIMScheduler` from scheduler/scheduler_config.json: the RLR
+    estimator needs DDIM's Gaussian transition, and SD1.4 ships a PNDMScheduler config that
+    `DDIMScheduler.from_pretrained` converts (same betas; PNDM-only keys are ignored).
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
+    _check_components(components, COMPONENTS)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Stable Diffusion folder {path} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"{path} is not a diffusers Stable Diffusion folder: it has no model_index.json. Expected the layout "
+            f"StableDiffusionPipeline.save_pretrained writes: model_index.json and the subfolders {list(COMPONENTS)}"
+        )
+    for name in components:
+        if not (path / name).is_dir():
+            raise FileNotFoundError(f"component {name!r} is missing: no folder {path / name}")
+
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
+                                                             local_files_only=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                              local_files_only=True),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+        "scheduler": lambda: DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
+    }
+    loaded = {}
+    for name in components:
+        try:
+            obj = loaders[name]()
+        except Exception as e:  # name the folder: the library message alone rarely says which one
+            raise ValueError(f"could not load component {name!r} from {path / name}: {type(e).__name__}: {e}") from e
+        if isinstance(obj, nn.Module):
+            obj = obj.to(device).eval().requires_grad_(False)
+        loaded[name] = obj
+    return SDModels(**loaded, path=path)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: each of the 256 bytes mapped to one printable character.
+
+    Printable bytes map to themselves; the rest are shifted past 255 so that no token contains
+    whitespace or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in table)
+    for n, b in enumerate(shifted):
+        table[b] = chr(256 + n)
+    return dict(sorted(table.items()))
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over the bare byte alphabet (no merges), built offline.
+
+    Every byte is a token, so any prompt tokenizes; only the vocabulary is tiny (514 ids). It is
+    loaded with `from_pretrained` on files we write because that is the constructor path that
+    behaves the same across transformers versions.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory(prefix="rlr_tiny_tokenizer_") as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
+
+
+def tiny_sd(seed: int = 0, *, sample_size: int = 8, cross_attention_dim: int = 32) -> SDModels:
+    """A randomly initialised Stable Diffusion with SD1.4's component types at toy width.
+
+    Same classes, block types, tokenizer conventions (77 tokens) and DDIM schedule as SD1.4, so code
+    paths match the real model, but everything builds offline in well under a second. The VAE
+    downsamples 2x, so images are 2 * sample_size pixels. Weights depend only on `seed`: they are
+    drawn inside `torch.random.fork_rng`, leaving the caller's global RNG state untouched.
+    """
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+            layers_per_block=1, norm_num_groups=8, sample_size=2 * sample_size,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=cross_attention_dim, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+            max_position_embeddings=77, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return SDModels(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def sd14_config() -> dict[str, dict]:
+    """Constructor kwargs of the Stable Diffusion 1.4 UNet, VAE and text encoder (CLIP ViT-L/14 text).
+
+    Written out from CompVis/stable-diffusion-v1-4's config files so that shapes can be built without
+    the download. A fresh dict each call, safe to edit.
+    """
+    return {
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+            center_input_sample=False,
+        ),
+        "vae": dict(
+            sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
+        ),
+        "text_encoder": dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        ),
+    }
+
+
+def build_sd14_on_meta(components: tuple[str, ...] = ("unet",)) -> dict[str, nn.Module]:
+    """SD1.4 modules on the meta device: real shapes and parameter counts, no memory, no weights.
+
+    For memory and FLOP estimates (e.g. `sum(p.numel() for p in m.parameters())`); the modules
+    cannot run forward on real data.
+    """
+    builders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                "text_encoder": lambda **kw: CLIPTextModel(CLIPTextConfig(**kw))}
+    _check_components(components, tuple(builders))
+    config = sd14_config()
+    with torch.device("meta"):
+        return {name: builders[name](**config[name]).eval().requires_grad_(False) for name in components}
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
+             targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+             seed: int | None = None) -> UNet2DConditionModel:
+    """Add a LoRA adapter to the UNet's attention projections, in place; returns the UNet.
+
+    Uses `unet.add_adapter(LoraConfig(...))`, the diffusers-native route, so the adapter saves in
+    the format `StableDiffusionPipeline.load_lora_weights` reads. The base weights are frozen; only
+    the LoRA matrices require grad. peft zeroes lora_B, so a fresh adapter leaves the output
+    unchanged; `seed` makes lora_A's random init reproducible without touching the global RNG.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=_ADAPTER)
+    return unet
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should update: those that require grad (the LoRA matrices
+    after `add_lora`)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _adapter_config(unet: nn.Module) -> LoraConfig | None:
+    return getattr(unet, "peft_config", {}).get(_ADAPTER)
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """Save the UNet's LoRA as `directory/pytorch_lora_weights.safetensors`; returns the file path.
+
+    diffusers format (keys `unet.<module>.lora.down/up.weight`) with the peft LoraConfig in the
+    safetensors metadata, so `StableDiffusionPipeline.load_lora_weights(directory)` restores the
+    exact scaling alpha / rank (without it, diffusers would assume alpha = rank).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        # diffusers only logs an error and writes nothing in this case
+        raise NotADirectoryError(f"save_lora needs a directory, but {directory} is a file")
+    config = _adapter_config(unet)
+    if config is None:
+        raise ValueError("the UNet has no LoRA adapter to save; call add_lora first")
+    peft_state = get_peft_model_state_dict(unet, adapter_name=_ADAPTER)
+    state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=directory, unet_lora_layers=state, safe_serialization=True,
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    return directory / LORA_WEIGHT_NAME
+
+
+def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DConditionModel:
+    """Load a LoRA written by `save_lora` into the UNet, in place; returns the UNet.
+
+    Adds the adapter (with the saved rank, alpha and targets) if the UNet has none; if it has one,
+    its weights are overwritten in place, so an optimizer holding them stays valid. For LoRA files
+    from other trainers use `StableDiffusionPipeline.load_lora_weights`.
+    """
+    file = Path(directory) / LORA_WEIGHT_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {file} (save_lora writes {LORA_WEIGHT_NAME} into its directory)")
+    with safetensors.safe_open(file, framework="pt") as f:
+        header = f.metadata() or {}
+    if _LORA_METADATA_KEY not in header:
+        raise ValueError(f"{file} has no LoRA config in its metadata, so it was not written by save_lora; "
+                         "load it with StableDiffusionPipeline.load_lora_weights")
+    saved = {k.removeprefix(_UNET_PREFIX): v for k, v in json.loads(header[_LORA_METADATA_KEY]).items()
+             if k.startswith(_UNET_PREFIX)}
+
+    config = _adapter_config(unet)
+    if config is None:
+        add_lora(unet, rank=saved["r"], alpha=saved["lora_alpha"], targets=tuple(saved["target_modules"]))
+    elif (config.r, config.lora_alpha, set(config.target_modules)) != (
+            saved["r"], saved["lora_alpha"], set(saved["target_modules"])):
+        raise ValueError(f"the UNet's LoRA (rank {config.r}, alpha {config.lora_alpha}) does not match {file} "
+                         f"(rank {saved['r']}, alpha {saved['lora_alpha']})")
+
+    weights = safetensors.torch.load_file(file)
+    peft_state = convert_unet_state_dict_to_peft(
+        {k.removeprefix(_UNET_PREFIX): v for k, v in weights.items() if k.startswith(_UNET_PREFIX)})
+    result = set_peft_model_state_dict(unet, peft_state, adapter_name=_ADAPTER)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing or len(peft_state) == 0:
+        raise ValueError(f"{file} does not fit this UNet's LoRA: unexpected keys {result.unexpected_keys[:3]}, "
+                         f"missing keys {missing[:3]}")
+    return unet
