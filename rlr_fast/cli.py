@@ -1,0 +1,215 @@
+"""`rlr-fast` (also `python -m rlr_fast`): finetune, sample, evaluate.
+
+    rlr-fast finetune --preset demo
+    rlr-fast finetune --config my.yaml --set lr=1e-3 --set train_steps=200
+    rlr-fast finetune --resume out/demo
+    rlr-fast sample --lora out/demo --prompt "a red circle on a blue background" --seeds 0-3
+    rlr-fast evaluate --lora out/demo --seeds 0-7
+
+User errors (a bad key, value, path or file) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,5' or '0-3' (inclusive) or a mix: '0-3,10'."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("-")
+        try:
+            seeds += list(range(int(low), int(high) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"--seeds expects integers like '0,1,2' or '0-3', got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds names no seed: {text!r}")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS, config_help
+
+    parser = argparse.ArgumentParser(
+        prog="rlr-fast", description="Reward fine-tuning of Stable Diffusion with the RLR gradient estimator.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{finetune,sample,evaluate}")
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a LoRA to raise a reward",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a LoRA on the UNet to raise a reward. Values come from a preset, then a YAML "
+                    "file, then --set overrides.",
+        epilog="config keys (for --set key=value and YAML files):\n" + config_help())
+    finetune.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: demo, or with "
+                                                                    "--resume the resumed run's config)")
+    finetune.add_argument("--config", metavar="YAML", help="YAML file of config keys (may name a `preset:`)")
+    finetune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one config key (repeatable), e.g. --set lr=1e-3")
+    finetune.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its latest checkpoint)")
+    finetune.add_argument("--out", metavar="DIR", help="output directory (config key out_dir)")
+    finetune.add_argument("--profile", action="store_true", help="NVTX ranges for nsys (config key profile)")
+
+    def add_model_args(sub):
+        sub.add_argument("--preset", choices=sorted(PRESETS),
+                         help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
+                              "(default: the LoRA run's config.yaml if there is one, else demo)")
+        sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
+        sub.add_argument("--model", help="'default' or a local diffusers Stable Diffusion folder")
+        sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
+        sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
+        sub.add_argument("--steps", type=int, help="DDIM steps")
+        sub.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+        sub.add_argument("--eta", type=float, help="DDIM eta")
+        sub.add_argument("--negative-prompt", help="the negative prompt of guidance")
+        sub.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+        sub.add_argument("--dtype", help="float32, or float16/bfloat16 on a GPU")
+
+    sample = commands.add_parser("sample", help="images from a base model and an optional LoRA")
+    add_model_args(sample)
+    sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    sample.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")
+    sample.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: samples)")
+
+    evaluate = commands.add_parser("evaluate", help="reward statistics over a prompt set (JSON)")
+    add_model_args(evaluate)
+    evaluate.add_argument("--prompts", help="built-in prompt set or a text file (default: the config's)")
+    evaluate.add_argument("--reward", help="reward name (default: the config's)")
+    evaluate.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
+                          help="keyword argument of the reward loader (repeatable), e.g. clip_path=/weights/clip")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch (default: 16)")
+    evaluate.add_argument("--out", metavar="FILE", help="also write the JSON here")
+    return parser
+
+
+def _run_finetune(args) -> int:
+    from .config import load_config, parse_set
+    from .train import finetune
+
+    sets = list(args.sets)
+    if args.out is not None:
+        sets.append(f"out_dir={args.out}")
+    if args.profile:
+        sets.append("profile=true")
+    if args.resume is not None and args.preset is None and args.config is None:
+        overrides = dict(parse_set(text) for text in sets)  # the resumed run's config, with these changes
+        result = finetune(resume=args.resume, **overrides)
+    else:
+        cfg = load_config(preset=args.preset, path=args.config, sets=tuple(sets))
+        if args.resume is not None:
+            cfg = cfg.with_overrides({"resume": args.resume})
+        result = finetune(cfg)
+    summary = {k: v for k, v in result.metrics.items() if k != "last"}
+    print(json.dumps({"out_dir": str(result.out_dir), "lora": str(result.lora_path),
+                      "metrics": str(result.metrics_path), "reward_curve": str(result.curve_path),
+                      "summary": summary}, indent=2))
+    return 0
+
+
+def _inference_config(args):
+    """The config whose model/sampling/reward settings `sample` and `evaluate` default to."""
+    from .config import Config, load_config
+
+    if args.config is not None or args.preset is not None:
+        base = load_config(preset=args.preset, path=args.config)
+    elif args.lora is not None and (Path(args.lora) / "config.yaml").is_file():
+        base = load_config(path=Path(args.lora) / "config.yaml")
+    else:
+        base = Config.from_preset("demo")
+    flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
+             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
+    return base.with_overrides({k: v for k, v in flags.items() if v is not None})
+
+
+def _load(cfg, lora):
+    from .train import DTYPES, load_for_inference, resolve_device
+
+    device = resolve_device(cfg)
+    return load_for_inference(cfg.model, lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+
+
+def _run_sample(args) -> int:
+    from .config import load_prompts
+    from .train import generate_images, save_grid
+
+    cfg = _inference_config(args)
+    prompts = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise ValueError("sample needs --prompt TEXT (repeatable) or --prompts-file FILE")
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; choose a directory")
+    models, dtype = _load(cfg, args.lora)
+    images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
+                             seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                             dtype=dtype)
+    # seed-major -> prompt rows, seed columns
+    images = images.reshape(len(seeds), len(prompts), *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
+    out.mkdir(parents=True, exist_ok=True)
+    for i, prompt in enumerate(prompts):
+        for j, seed in enumerate(seeds):
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0)
+    grid = save_grid(images, len(prompts), out / "grid.png")
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "
+          f"columns: seeds {seeds})")
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from .config import load_prompts, parse_set
+    from .rewards import get_reward
+    from .train import evaluate_reward
+
+    cfg = _inference_config(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = load_prompts(args.prompts or cfg.prompts)
+    seeds = parse_seeds(args.seeds)
+    if args.out is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file name for the JSON")
+    reward_name = args.reward or cfg.reward
+    reward_kwargs = {} if args.reward else dict(cfg.reward_kwargs)
+    reward_kwargs.update(parse_set(text) for text in args.reward_arg)
+    models, dtype = _load(cfg, args.lora)
+    reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
+    stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
+                            guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
+                            batch_size=args.batch_size)
+    stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, **stats}
+    text = json.dumps(stats, indent=2)
+    if args.out is not None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = {"finetune": _run_finetune, "sample": _run_sample, "evaluate": _run_evaluate}[args.command]
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"rlr-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # finetune has written a checkpoint and said how to resume
+        return 130
+    except RuntimeError as e:
+        from .train import NonFiniteError
+
+        if not isinstance(e, NonFiniteError):
+            raise
+        print(f"rlr-fast {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
