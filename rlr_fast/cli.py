@@ -155,7 +155,7 @@ def _run_sample(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
-            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0)
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0, pad=0)
     grid = save_grid(images, len(prompts), out / "grid.png")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "

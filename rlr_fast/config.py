@@ -302,7 +302,9 @@ def field_types() -> dict[str, Any]:
 
 def unknown_key_message(key: str) -> str:
     names = list(field_types())
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
+    # keys sharing the first word ("lr_rate" -> "lr") beat mere spelling similarity ("lora_rank")
+    same_head = [n for n in names if n.split("_")[0] == key.split("_")[0]]
+    close = difflib.get_close_matches(key, same_head or names, n=1, cutoff=0.0)
     return f"unknown config key {key!r}; did you mean {close[0]!r}? (rlr-fast finetune --help lists every key)"
 
 

@@ -215,13 +215,13 @@ def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[tor
 # Pictures, drawn with PIL
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128) -> Path:
-    """Images (rows * cols, 3, H, W) in [0, 1], row-major, as one PNG; small images are enlarged
-    (nearest neighbour) to at least `min_cell` pixels so a 32 px sample stays visible."""
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2) -> Path:
+    """Images (rows * cols, 3, H, W) in [0, 1], row-major, as one PNG with `pad` white pixels between
+    them; small images are enlarged (nearest neighbour) to at least `min_cell` pixels so a 32 px
+    sample stays visible. One image with min_cell=0, pad=0 is saved as it is."""
     n, _, h, w = images.shape
     cols = math.ceil(n / rows)
     scale = max(1, math.ceil(min_cell / max(h, w)))
-    pad = 2
     canvas = Image.new("RGB", (cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(n):

@@ -1,0 +1,159 @@
+"""Config: presets, typed parsing of YAML and --set values, and clear errors for bad input."""
+
+import dataclasses
+
+import pytest
+
+from rlr_fast.config import PRESETS, Config, config_help, load_config, load_prompts
+
+
+def test_presets_validate_and_carry_their_documented_settings():
+    demo = Config.from_preset("demo")
+    assert (demo.model, demo.device, demo.preset) == ("default", "cpu", "demo")
+    sd14 = Config.from_preset("sd14")
+    assert (sd14.num_steps, sd14.guidance_scale, sd14.negative_prompt, sd14.eta) == (50, 7.5, "", 1.0)
+    assert (sd14.lora_rank, sd14.device, sd14.reward, sd14.h) == (4, "cuda", "aesthetic", 2)
+
+
+def test_unknown_preset_names_it():
+    with pytest.raises(ValueError, match=r"unknown preset 'sd15'.*demo.*sd14"):
+        Config.from_preset("sd15")
+
+
+@pytest.mark.parametrize("key, closest", [("lrr", "lr"), ("batchsize", "batch_size"), ("num_step", "num_steps")])
+def test_unknown_key_names_the_closest_valid_key(key, closest):
+    with pytest.raises(ValueError, match=rf"unknown config key '{key}'; did you mean '{closest}'"):
+        Config.from_preset("demo", **{key: 1})
+    with pytest.raises(ValueError, match=rf"did you mean '{closest}'"):
+        load_config(sets=[f"{key}=1"])
+
+
+@pytest.mark.parametrize("key, value", [("lr", "fast"), ("batch_size", 2.5), ("batch_size", "two"),
+                                        ("checkpoint_vae", "maybe"), ("betas", 0.9), ("reward_kwargs", "[1, 2]"),
+                                        ("num_steps", True)])
+def test_wrong_type_is_a_type_error_naming_key_and_value(key, value):
+    with pytest.raises(TypeError, match=rf"^{key}(\[0\])? must be") as error:
+        Config.from_preset("demo", **{key: value})
+    assert str(value) in str(error.value)
+
+
+def test_wrong_type_in_a_directly_built_config_is_caught_by_validate():
+    with pytest.raises(TypeError, match="lr must be of type float, got 'x'"):
+        Config(lr="x").validate()
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3, float("nan")])
+def test_non_positive_learning_rate(lr):
+    with pytest.raises(ValueError, match=r"lr must be > 0"):
+        Config.from_preset("demo", lr=lr)
+
+
+def test_batch_size_zero():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        load_config(sets=["batch_size=0"])
+
+
+def test_h_too_large_for_num_steps():
+    with pytest.raises(ValueError, match=r"h=10 is too large for num_steps=10.*1 \+ 10 > 10"):
+        Config.from_preset("demo", num_steps=10, h=10)
+    Config.from_preset("demo", num_steps=10, h=9)  # f + h = T is the largest valid h
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=6, images_per_prompt=4), "images_per_prompt=4 must divide batch_size=6"),
+    (dict(images_per_prompt=1, baseline="loo_prompt"), "loo_prompt' needs images_per_prompt >= 2"),
+    (dict(eta=0.0), "eta must be > 0"),
+    (dict(method="rlhf"), r"method must be one of .*'rlhf'"),
+    (dict(baseline="lo"), "did you mean 'loo'"),
+    (dict(device="gpu"), "device must be one of"),
+    (dict(dtype="fp16"), "dtype must be one of"),
+    (dict(zo_steps=8, num_steps=10), r"zo_steps=8 must be in 1..7"),
+    (dict(betas=(0.9, 1.0)), r"betas must each be in \[0, 1\)"),
+])
+def test_inconsistent_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_preset("demo", **overrides)
+
+
+def test_set_values_are_parsed_by_field_type():
+    cfg = load_config(sets=["lr=1e-4", "batch_size=4", "checkpoint_unet=yes", "betas=0.8,0.95", "zo_steps=none",
+                            "baseline=0.25", "j=3", "normalize=true", "sample_seeds=[5, 6]",
+                            "reward_kwargs={clip_path: /w/clip}", "max_grad_norm=null", "negative_prompt="])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.batch_size == 4 and cfg.checkpoint_unet is True
+    assert cfg.betas == (0.8, 0.95) and cfg.sample_seeds == (5, 6)
+    assert cfg.zo_steps is None and cfg.max_grad_norm is None
+    assert cfg.baseline == 0.25 and cfg.j == 3 and cfg.normalize is True
+    assert cfg.reward_kwargs == {"clip_path": "/w/clip"} and cfg.negative_prompt == ""
+
+
+def test_set_without_equals_sign():
+    with pytest.raises(ValueError, match="--set expects key=value, got 'lr'"):
+        load_config(sets=["lr"])
+
+
+def test_yaml_file_preset_then_keys_then_sets(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: sd14\nlr: 1e-4\ntrain_steps: 7\nbetas: [0.5, 0.6]\n")
+    cfg = load_config(path=path, sets=["train_steps=9"])
+    assert cfg.preset == "sd14" and cfg.num_steps == 50  # from the preset
+    assert cfg.lr == 1e-4 and cfg.betas == (0.5, 0.6)  # YAML reads 1e-4 as a string; parsed as float
+    assert cfg.train_steps == 9  # --set wins
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("lr_rate: 0.1\n", ValueError, "did you mean 'lr'"),
+    ("- a\n- b\n", ValueError, "must hold a mapping"),
+    ("lr: [1\n", ValueError, "not valid YAML"),
+])
+def test_bad_yaml_files(tmp_path, text, error, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(error, match=message):
+        load_config(path=path)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file .*nope.yaml does not exist"):
+        load_config(path=tmp_path / "nope.yaml")
+
+
+def test_shipped_yaml_configs_load():
+    from pathlib import Path
+
+    import rlr_fast
+
+    folder = Path(rlr_fast.__file__).parent / "configs"
+    assert load_config(path=folder / "demo.yaml").preset == "demo"
+    assert load_config(path=folder / "sd14.yaml").reward == "aesthetic"
+
+
+def test_prompts_from_set_and_file(tmp_path):
+    assert len(load_prompts("demo")) >= 8
+    path = tmp_path / "prompts.txt"
+    path.write_text("# my prompts\na cat\n\n  a dog  # a comment\n")
+    assert load_prompts(str(path)) == ["a cat", "a dog"]
+
+
+def test_empty_prompt_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing here\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(str(path))
+
+
+def test_unknown_prompt_set():
+    with pytest.raises(FileNotFoundError, match="neither a built-in prompt set .*nor an existing file"):
+        load_prompts("dem")
+
+
+def test_round_trip_through_dict():
+    cfg = Config.from_preset("sd14", lr=2e-4)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_help_documents_every_key():
+    text = config_help()
+    for f in dataclasses.fields(Config):
+        assert f"  {f.name} (" in text and f.metadata["doc"] in text
+    assert set(PRESETS) == {"demo", "sd14"}
