@@ -1,0 +1,549 @@
+"""Rewards: registry and input checks, weight-free built-ins, local-weight loaders, latent wrapper.
+
+Learned rewards are tested on randomly initialised TINY models of the real architectures, saved
+in the layout each loader documents; expected scores come from the transformers models' own
+forward passes and the head's raw tensors, not from the loader's code path.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import rlr_fast.rewards as rewards
+from rlr_fast import demo_data
+from rlr_fast.rewards import available_rewards, get_reward, latent_reward, register_reward
+from rlr_fast.rewards.clip_models import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                          preprocess)
+
+PROMPT = "a red circle on a blue background"
+IMAGE_SIZE = 32  # the tiny vision towers' input size, so scoring images of this size needs no resize
+
+
+def rand_images(batch: int = 2, size: int = IMAGE_SIZE, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return images.requires_grad_(requires_grad)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    return (images - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+
+
+# --------------------------------------------------------------------------- registry and checks
+
+
+def test_registry_lists_builtins_and_suggests_closest_name():
+    assert {"jpeg_compressibility", "jpeg_incompressibility", "color_match", "brightness", "aesthetic",
+            "pickscore", "hpsv2", "imagereward"} <= set(available_rewards())
+    with pytest.raises(ValueError, match="did you mean 'color_match'"):
+        get_reward("colour_match")
+    with pytest.raises(ValueError, match="did you mean 'jpeg_compressibility'"):
+        get_reward("jpeg_compresibility")
+    assert get_reward("Color-Match").differentiable  # names are case- and dash-insensitive
+    with pytest.raises(TypeError, match="int"):
+        get_reward(3)
+    with pytest.raises(TypeError, match=r"reward 'brightness' takes the options \(\), got \['scale'\]"):
+        get_reward("brightness", scale=2)
+
+
+def test_register_reward_adds_a_name(monkeypatch):
+    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+
+    @register_reward("channel_gap")
+    class ChannelGap(rewards.Reward):
+        def __init__(self, weight: float = 1.0):
+            super().__init__()
+            self.weight = weight
+
+        def score(self, images, prompts):
+            return self.weight * (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+
+    assert "channel_gap" in available_rewards()
+    images = rand_images()
+    expected = 2.0 * (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+    torch.testing.assert_close(get_reward("channel_gap", weight=2.0)(images, [PROMPT] * 2), expected)
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("channel_gap")(lambda: None)
+    built = get_reward("channel_gap")
+    assert get_reward(built) is built
+    with pytest.raises(TypeError, match="already built"):
+        get_reward(built, weight=3.0)
+
+
+def test_callable_rewards_declare_or_detect_differentiability():
+    images = rand_images(requires_grad=True)
+    smooth = get_reward(lambda x, p: x.mean(dim=(1, 2, 3)))
+    assert smooth.differentiable
+    assert smooth(images, [PROMPT] * 2).requires_grad and smooth.differentiable
+
+    values_only = get_reward(lambda x, p: x.detach().numpy().mean(axis=(1, 2, 3)))
+    assert values_only.differentiable  # unknown until called with images that require grad
+    out = values_only(images, [PROMPT] * 2)
+    assert out.dtype == torch.float32 and not out.requires_grad and not values_only.differentiable
+    torch.testing.assert_close(out, images.detach().mean(dim=(1, 2, 3)))
+
+    declared = get_reward(lambda x, p: x.mean(dim=(1, 2, 3)), differentiable=False)
+    assert not declared.differentiable and not declared(images, [PROMPT] * 2).requires_grad
+
+    with pytest.raises(TypeError, match="images, prompts"):
+        get_reward(lambda x: x.mean())
+    with pytest.raises(TypeError, match="only the option 'differentiable'"):
+        get_reward(lambda x, p: x, scale=2)
+
+
+def test_inputs_and_outputs_are_checked_with_clear_errors():
+    reward = get_reward("brightness")
+    images = rand_images()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(3, 32, 32\)"):
+        reward(images[0], [PROMPT])
+    with pytest.raises(ValueError, match=r"got \(2, 4, 32, 32\)"):
+        reward(torch.rand(2, 4, 32, 32), [PROMPT] * 2)
+    with pytest.raises(TypeError, match="divide uint8 pixels by 255"):
+        reward((images * 255).to(torch.uint8), [PROMPT] * 2)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[-1"):
+        reward(images * 2 - 1, [PROMPT] * 2)
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2"):
+        reward(images, [PROMPT] * 3)
+    with pytest.raises(TypeError, match="single string"):
+        reward(images, PROMPT)
+    with pytest.raises(TypeError, match="must be a str, got int"):
+        reward(images, [PROMPT, 7])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        reward(images.numpy(), [PROMPT] * 2)
+    wrong_shape = get_reward(lambda x, p: x.mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match=r"returned shape \(2, 3\) for 2 images"):
+        wrong_shape(images, [PROMPT] * 2)
+
+
+# --------------------------------------------------------------------------- weight-free rewards
+
+
+def jpeg_kb_reference(pixels: np.ndarray) -> float:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return len(buffer.getvalue()) / 1000
+
+
+def test_jpeg_rewards_are_ddpo_file_sizes_without_gradient():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    flat = np.full((32, 48, 3), 120, dtype=np.uint8)
+    pixels = np.stack([noise, flat])
+    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+    expected = torch.tensor([jpeg_kb_reference(noise), jpeg_kb_reference(flat)])
+
+    incompressibility = get_reward("jpeg_incompressibility")
+    compressibility = get_reward("jpeg_compressibility")
+    sizes = incompressibility(images, ["", ""])
+    torch.testing.assert_close(sizes, expected)
+    torch.testing.assert_close(compressibility(images, ["", ""]), -expected)
+    assert sizes[0] > 2 * sizes[1]  # noise is far less compressible than a flat image
+    assert not (incompressibility.differentiable or compressibility.differentiable)
+    assert not sizes.requires_grad and sizes.grad_fn is None
+
+
+def test_brightness_is_the_pixel_mean_with_uniform_gradient():
+    images = rand_images(requires_grad=True)
+    values = get_reward("brightness")(images, ["", ""])
+    torch.testing.assert_close(values, images.detach().reshape(2, -1).mean(dim=1))
+    values.sum().backward()
+    torch.testing.assert_close(images.grad, torch.full_like(images, 1 / (3 * IMAGE_SIZE**2)))
+
+
+def colour(name: str) -> torch.Tensor:
+    return torch.tensor(demo_data.COLORS[name], dtype=torch.float32) / 255
+
+
+def test_color_match_of_a_uniform_image_is_the_mean_squared_colour_error():
+    grey = torch.tensor([0.3, 0.5, 0.7])
+    images = grey[None, :, None, None].expand(3, 3, 16, 16).contiguous()
+    prompts = [PROMPT, "a green square", "a triangle on a yellow background"]
+    values = get_reward("color_match")(images, prompts)
+    red, blue = (grey - colour("red")).square().mean(), (grey - colour("blue")).square().mean()
+    expected = torch.stack([-(red + blue) / 2, -(grey - colour("green")).square().mean(),
+                            -(grey - colour("yellow")).square().mean()])
+    torch.testing.assert_close(values, expected)
+    with pytest.raises(ValueError, match="naming a colour"):
+        get_reward("color_match")(images[:1], ["a circle"])
+
+
+def test_color_match_reads_the_centre_box_and_the_border_ring():
+    size = 20  # centre box: rows/cols 8..11; border ring: 2 pixels wide
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    image[:, :, 8:12, 8:12] = colour("red")[:, None, None]
+    ring = torch.ones(size, size, dtype=torch.bool)
+    ring[2:-2, 2:-2] = False
+    image[0][:, ring] = colour("blue")[:, None]
+    reward = get_reward("color_match")
+    assert reward(image, [PROMPT]).item() == 0.0  # perfect on both regions, whatever lies between
+    assert reward(image, ["a blue circle on a red background"]).item() < -0.1
+
+    image = image.requires_grad_(True)
+    reward(image, [PROMPT]).backward()
+    assert torch.all(image.grad == 0)  # at the optimum
+
+    grey = torch.full((1, 3, size, size), 0.5, requires_grad=True)
+    reward(grey, [PROMPT]).backward()
+    centre = torch.zeros(size, size, dtype=torch.bool)
+    centre[8:12, 8:12] = True
+    torch.testing.assert_close(grey.grad[0].ne(0).all(dim=0), centre | ring, rtol=0, atol=0)
+    # each region's term is a mean over its pixels, and the two terms are averaged
+    torch.testing.assert_close(grey.grad[0][:, centre], ((colour("red") - 0.5) / (3 * 16))[:, None].expand(3, 16))
+    torch.autograd.gradcheck(lambda x: reward(x, [PROMPT, "a green circle"]),
+                             torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True))
+
+
+def test_color_match_prefers_the_true_caption_of_demo_images():
+    rng = np.random.default_rng(0)
+    reward = get_reward("color_match")
+    for _ in range(6):
+        pixels, caption = demo_data.make_example(rng, 32)
+        parts = demo_data.parse_prompt(caption)
+        swapped = demo_data.caption(parts["background"], parts["shape"], parts["color"])
+        image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+        true_score, swapped_score = reward(image.expand(2, -1, -1, -1), [caption, swapped])
+        assert true_score > swapped_score + 0.05, caption
+
+
+# --------------------------------------------------------------------------- tiny local weights
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte alphabet: printable bytes stand for themselves, the others move past U+00FF."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    for offset, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + offset)
+    return table
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """Byte-level CLIP vocabulary with no merges; returns the vocabulary size."""
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return len(tokens)
+
+
+def tiny_clip(folder: Path, seed: int) -> "transformers.CLIPModel":  # noqa: F821
+    from transformers import CLIPConfig, CLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_clip_tokenizer(folder)
+    special = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    layers = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, **layers, **special),
+                        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **layers), projection_dim=24,
+                        logit_scale_init_value=2.0)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def head_tensors(in_features: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {0: (1024, in_features), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+    tensors = {}
+    for index, (out_dim, in_dim) in sizes.items():
+        tensors[f"layers.{index}.weight"] = torch.randn(out_dim, in_dim, generator=generator) / in_dim**0.5
+        tensors[f"layers.{index}.bias"] = torch.randn(out_dim, generator=generator) * 0.1
+    return tensors
+
+
+def head_reference(tensors: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    for index in (0, 2, 4, 6, 7):
+        features = features @ tensors[f"layers.{index}.weight"].T + tensors[f"layers.{index}.bias"]
+    return features.squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    return folder, tiny_clip(folder, seed=0)
+
+
+def check_image_gradient(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    images = images.clone().requires_grad_(True)
+    values = reward(images, prompts)
+    assert values.shape == (images.shape[0],) and torch.isfinite(values).all()
+    values.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    return values.detach()
+
+
+@pytest.mark.parametrize("head_format", ["safetensors", "pth"])
+def test_aesthetic_matches_clip_embedding_through_the_head(clip_folder, tmp_path, head_format):
+    folder, clip = clip_folder
+    tensors = head_tensors(in_features=24, seed=1)
+    head_path = tmp_path / f"head.{head_format}"
+    save_file(tensors, head_path) if head_format == "safetensors" else torch.save(tensors, head_path)
+    reward = get_reward("aesthetic", clip_path=folder, head_path=head_path)
+    assert reward.differentiable and not any(p.requires_grad for p in reward.parameters())
+
+    images = rand_images(batch=3)
+    values = check_image_gradient(reward, images, [PROMPT] * 3)
+    with torch.no_grad():
+        embedding = clip.visual_projection(clip.vision_model(pixel_values=normalise(images)).pooler_output)
+        expected = head_reference(tensors, embedding / embedding.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reward(images, [PROMPT] * 3), values, rtol=0, atol=0)  # deterministic
+    resized = reward(F.interpolate(images, scale_factor=2, mode="nearest"), [PROMPT] * 3)
+    assert torch.isfinite(resized).all()  # other sizes are resampled to the tower's input size
+
+
+def test_aesthetic_head_files_are_validated(clip_folder, tmp_path):
+    folder, _ = clip_folder
+    wrong_width = tmp_path / "wide.safetensors"
+    save_file(head_tensors(in_features=768, seed=0), wrong_width)
+    with pytest.raises(ValueError, match="takes 768-dim features but the model gives 24"):
+        get_reward("aesthetic", clip_path=folder, head_path=wrong_width)
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({**head_tensors(24, 0), "extra": io.StringIO("not a tensor")}, pickled)
+    with pytest.raises(ValueError, match="weights_only"):
+        get_reward("aesthetic", clip_path=folder, head_path=pickled)
+
+
+def test_missing_weights_say_what_to_download_and_where(clip_folder, tmp_path, monkeypatch):
+    folder, _ = clip_folder
+    monkeypatch.setenv("RLR_FAST_WEIGHTS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14.*clip_path") as error:
+        get_reward("aesthetic")
+    assert str(tmp_path / "nowhere" / "clip-vit-large-patch14") in str(error.value)
+    with pytest.raises(FileNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth.*improved-aesthetic-predictor"):
+        get_reward("aesthetic", clip_path=folder)
+    with pytest.raises(FileNotFoundError, match="yuvalkirstain/PickScore_v1"):
+        get_reward("pickscore")
+    with pytest.raises(FileNotFoundError, match="xswu/HPSv2.*conversion not included"):
+        get_reward("hpsv2")
+    with pytest.raises(FileNotFoundError, match="THUDM/ImageReward"):
+        get_reward("imagereward")
+
+    weights_only = tmp_path / "no_tokenizer"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights_only / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="vocab.json \\+ merges.txt.*laion/CLIP-ViT-H-14"):
+        get_reward("pickscore", path=weights_only)
+
+
+def copy_clip_without(folder: Path, target: Path, dropped_prefix: str) -> Path:
+    from safetensors.torch import load_file
+
+    target.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (target / name).write_bytes((folder / name).read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith(dropped_prefix)}, target / "model.safetensors",
+              metadata={"format": "pt"})
+    return target
+
+
+def test_partial_or_foreign_checkpoints_are_refused(clip_folder, tmp_path):
+    folder, _ = clip_folder
+    head_path = tmp_path / "head.safetensors"
+    save_file(head_tensors(in_features=24, seed=1), head_path)
+    image_only = copy_clip_without(folder, tmp_path / "image_only", "text_model.")
+    assert get_reward("aesthetic", clip_path=image_only, head_path=head_path).differentiable  # needs no text tower
+    with pytest.raises(ValueError, match="lacks .* weights it needs.*text_model"):
+        get_reward("pickscore", path=image_only)
+    text_only = copy_clip_without(folder, tmp_path / "text_only", "vision_model.")
+    with pytest.raises(ValueError, match="lacks .* weights it needs.*vision_model"):
+        get_reward("aesthetic", clip_path=text_only, head_path=head_path)
+    config = json.loads((folder / "config.json").read_text())
+    (text_only / "config.json").write_text(json.dumps({**config, "model_type": "siglip"}))
+    with pytest.raises(ValueError, match="holds a 'siglip' model, expected a transformers CLIPModel"):
+        get_reward("hpsv2", path=text_only)
+
+
+def test_pickscore_and_hpsv2_are_scaled_clip_cosines(clip_folder):
+    from transformers import CLIPTokenizer
+
+    folder, clip = clip_folder
+    prompts = [PROMPT, "a green triangle on a black background"]
+    images = rand_images(batch=2, seed=3)
+    pickscore = get_reward("pickscore", path=folder)
+    hpsv2 = get_reward("hpsv2", path=folder)
+    pick_values = check_image_gradient(pickscore, images, prompts)
+    hps_values = check_image_gradient(hpsv2, images, prompts)
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokens = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        output = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                      pixel_values=normalise(images))
+    cosine = F.cosine_similarity(output.image_embeds, output.text_embeds, dim=-1)
+    torch.testing.assert_close(hps_values, cosine, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pick_values, torch.exp(torch.tensor(2.0)) * cosine, rtol=1e-4, atol=1e-5)
+    # the prompt matters: the same images scored against swapped prompts change
+    assert not torch.allclose(hpsv2(images, prompts[::-1]), hps_values)
+    torch.testing.assert_close(hpsv2(images, prompts), hps_values, rtol=0, atol=0)
+
+
+def test_imagereward_scores_the_cross_attending_cls_feature(tmp_path):
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BertTokenizer
+
+    folder = tmp_path / "ImageReward"
+    folder.mkdir()
+    words = sorted({w for p in demo_data.PROMPTS for w in p.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    layers = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=40, encoder_hidden_size=32, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3, sep_token_id=3, **layers),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **layers), projection_dim=24)
+    torch.manual_seed(0)
+    blip = BlipForImageTextRetrieval(config).eval()
+    blip.save_pretrained(folder)
+    # the released ImageReward.pt: one state dict with the head under mlp.* next to the BLIP tensors
+    tensors = head_tensors(in_features=32, seed=2)
+    checkpoint = {f"mlp.{k}": v for k, v in tensors.items()}
+    checkpoint["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    torch.save(checkpoint, folder.parent / "ImageReward.pt")
+
+    reward = get_reward("imagereward", blip_path=folder, head_path=folder.parent / "ImageReward.pt")
+    prompts = [PROMPT, "an orange triangle on a blue background", "a white circle"]
+    images = rand_images(batch=3, seed=4)
+    values = check_image_gradient(reward, images, prompts)
+
+    tokens = BertTokenizer.from_pretrained(folder)(prompts, padding="max_length", max_length=35, truncation=True,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        output = blip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                      pixel_values=normalise(images), use_itm_head=True)
+    expected = (head_reference(tensors, output.question_embeds[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+    torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reward(images, prompts), values, rtol=0, atol=0)
+
+
+def test_preprocess_matches_pil_bicubic_resize_and_centre_crop():
+    rng = np.random.default_rng(0)
+    shape_image = np.array(Image.fromarray(demo_data.make_example(rng, 30)[0]).resize((90, 60), Image.BILINEAR))
+    noise = rng.integers(0, 256, size=(60, 90, 3), dtype=np.uint8)
+    cases = [(shape_image, 1.5, 0.2), (noise, 6.0, 0.5), (shape_image.transpose(1, 0, 2).copy(), 1.5, 0.2)]
+    for pixels, max_levels, mean_levels in cases:
+        # shortest side to 32, then the centre 32 x 32: columns 8..39 of 32 x 48, or rows 8..39 of 48 x 32
+        height, width = pixels.shape[:2]
+        resized = np.array(Image.fromarray(pixels).resize((32 * width // min(height, width),
+                                                            32 * height // min(height, width)), Image.BICUBIC))
+        cropped = resized[8:40, :] if height > width else resized[:, 8:40]
+        reference = normalise(torch.from_numpy(cropped).permute(2, 0, 1).float() / 255)
+        images = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+        ours = preprocess(images, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)[0]
+        assert ours.shape == (3, 32, 32)
+        # PIL resamples in two passes rounded to uint8 each: compare in grey levels (1/255)
+        levels = ((ours - reference) * torch.tensor(OPENAI_CLIP_STD)[:, None, None]).abs() * 255
+        assert levels.max() < max_levels and levels.mean() < mean_levels
+
+
+# --------------------------------------------------------------------------- latent rewards
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    return vae.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+def plain_latent_reward(vae, reward, prompts, latents):
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return reward((images / 2 + 0.5).clamp(0, 1), prompts)
+
+
+@pytest.mark.parametrize("decode_chunk,checkpoint_vae", [(1, True), (3, True), (2, False), (8, True)])
+def test_latent_reward_equals_plain_decode_and_reward(vae, decode_chunk, checkpoint_vae):
+    prompts = demo_data.PROMPTS[:5]
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reward = get_reward("color_match")
+
+    reference_latents = latents.clone().requires_grad_(True)
+    expected = plain_latent_reward(vae, reward, prompts, reference_latents)
+    expected.sum().backward()
+
+    reward_fn = latent_reward(vae, "color_match", prompts, decode_chunk=decode_chunk, checkpoint_vae=checkpoint_vae)
+    assert reward_fn.differentiable
+    x0 = latents.clone().requires_grad_(True)
+    values = reward_fn(x0)
+    values.sum().backward()
+    torch.testing.assert_close(values, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x0.grad, reference_latents.grad, rtol=1e-4, atol=1e-7)
+    assert reference_latents.grad.abs().sum() > 0
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` builds its graph
+    (the VAE's frozen parameters excluded: they are alive anyway)."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if not isinstance(tensor, torch.nn.Parameter):
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    out.sum().backward()
+    return sum(saved.values())
+
+
+def test_chunked_checkpointed_decode_keeps_far_less_for_backward(vae):
+    batch = 4
+    prompts = demo_data.PROMPTS[:batch]
+    latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    reward = get_reward("color_match")
+
+    def with_grad(fn, x):
+        return lambda: fn(x.clone().requires_grad_(True))
+
+    plain = saved_bytes(with_grad(lambda x: plain_latent_reward(vae, reward, prompts, x), latents))
+    stored = saved_bytes(with_grad(latent_reward(vae, reward, prompts, decode_chunk=1), latents))
+    # the backward then recomputes one sample's decode at a time: what a plain decode of one sample saves
+    recomputed = saved_bytes(with_grad(lambda x: plain_latent_reward(vae, reward, prompts[:1], x), latents[:1]))
+    assert stored < plain / 50  # the forward keeps the latents and the reward's small graph only
+    assert stored + recomputed < 1.2 * plain / batch  # peak: about one sample's decoder graph of `batch`
+    unchunked = saved_bytes(with_grad(latent_reward(vae, reward, prompts, decode_chunk=batch, checkpoint_vae=False),
+                                      latents))
+    assert unchunked > plain / 2  # no checkpointing: the whole decoder graph is kept, as plain
+
+
+def test_latent_reward_without_gradients_and_bad_inputs(vae):
+    prompts = demo_data.PROMPTS[:3]
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    jpeg = latent_reward(vae, "jpeg_incompressibility", prompts, decode_chunk=2)
+    assert not jpeg.differentiable
+    values = jpeg(latents)
+    assert values.shape == (3,) and not values.requires_grad
+    with torch.no_grad():
+        images = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(values, get_reward("jpeg_incompressibility")(images, prompts))
+
+    color = latent_reward(vae, "color_match", prompts)
+    with torch.no_grad():
+        assert not color(latents).requires_grad
+    with pytest.raises(ValueError, match="4 samples but 3 prompts"):
+        color(torch.randn(4, 4, 8, 8))
+    with pytest.raises(ValueError, match="3 channels, the vae expects 4"):
+        color(torch.randn(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="decode_chunk must be a positive int.*0"):
+        latent_reward(vae, "color_match", prompts, decode_chunk=0)
+    with pytest.raises(TypeError, match="diffusers AutoencoderKL"):
+        latent_reward(object(), "color_match", prompts)
