@@ -119,8 +119,8 @@ class Config:
     tensorboard: bool = option(True, "also log to TensorBoard (when the tensorboard package is installed)")
 
     # --- memory
-    max_memory_gb: Optional[float] = option(None, "GPU: cap this process's GPU memory (torch per-process "
-                                                  "fraction) so a too-large setting fails fast")
+    max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
+                                                  "update's estimated peak fits this many GiB (overrides them)")
     max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (None: all)")
     checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 from .config import Config, load_prompts
 from .estimators import estimate
 from .models import SDModels, add_lora, load_sd, lora_parameters, save_lora
-from .profiling import nvtx_range
+from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, latent_reward
 from .rollout import rollout
 
@@ -59,7 +59,7 @@ RESUMABLE_CHANGES = {
 }
 # Outputs of a run, removed when a run starts afresh with overwrite=True.
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples", "checkpoints", "tensorboard", "reward_curve.png",
-               "summary.json", "pytorch_lora_weights.safetensors")
+               "summary.json", "memory_plan.md", "pytorch_lora_weights.safetensors")
 
 
 class NonFiniteError(RuntimeError):
@@ -128,6 +128,18 @@ def prepare_out_dir(cfg: Config) -> Path:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def plan_memory(cfg: Config, unet, out: Path) -> Config:
+    """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb`; the plan is
+    written to out/memory_plan.md. A budget nothing fits is a ValueError (plan.PlanError)."""
+    from .plan import REWARDS, plan
+
+    # The planner measures the known rewards; any other counts as a reward on pixels (no network).
+    chosen = plan(cfg, cfg.max_memory_gb, model=dict(unet.config),
+                  reward=cfg.reward if cfg.reward in REWARDS else "pixels")
+    (out / "memory_plan.md").write_text(chosen.table(), encoding="utf-8")
+    return cfg.with_overrides(chosen.options)
 
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
@@ -544,18 +556,13 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     out = prepare_out_dir(cfg)
     prompts = load_prompts(cfg.prompts)
     reward = load_reward(cfg, device)
-    if device.type == "cuda" and cfg.max_memory_gb is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.max_memory_gb * 2**30 / total), device)
-    if cfg.profile:
-        from . import profiling
-
-        if hasattr(profiling, "enable_profiling"):
-            profiling.enable_profiling(True)
-    span = nvtx_range if cfg.profile else (lambda name: contextlib.nullcontext())
+    if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
+        enable_profiling(True)
 
     models = load_models(cfg.model, device, dtype)
-    unet, vae = models.unet, models.vae
+    unet = models.unet
+    if cfg.max_memory_gb is not None:
+        cfg = plan_memory(cfg, unet, out)
     add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
@@ -588,7 +595,7 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     def sample_grid(step: int) -> None:
         if not grid_prompts or not cfg.sample_seeds:
             return
-        with span("sample grid"):
+        with nvtx_range("sample grid"):
             images = generate_images(models, bank.cond[grid_prompts], bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=dtype)
@@ -612,11 +619,12 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            record = _update(cfg, step, models, bank, reward, optimizer, params, generators, device, dtype, span)
+            record = _update(cfg, step, models, bank, reward, optimizer, params, generators, device, dtype)
             step += 1
+            seconds = time.perf_counter() - t0
             counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0
-            counters["seconds"] += time.perf_counter() - t0
-            record.update(seconds=time.perf_counter() - t0, peak_memory_bytes=peak_memory_bytes(device),
+            counters["seconds"] += seconds
+            record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(device),
                           nonfinite_in_a_row=counters["consecutive_nonfinite"])
             log.write(record)
             rng_after_step = capture_rng(generators)
@@ -636,13 +644,13 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     except KeyboardInterrupt:
         bar.close()
         path = write_checkpoint(step, rng_after_step)
-        log.close()
         print(f"\ninterrupted after step {step}/{cfg.train_steps}; checkpoint written to {path}.\n"
               f"Resume with: rlr-fast finetune --resume {out}   (Python: rlr_fast.finetune(resume={str(out)!r}))",
               file=sys.stderr)
         raise
-    bar.close()
-    log.close()
+    finally:
+        bar.close()
+        log.close()
 
     if last_checkpoint is None or read_checkpoint_meta(last_checkpoint)["step"] != step:
         last_checkpoint = write_checkpoint(step, rng_after_step)
@@ -670,7 +678,7 @@ def _progress(total: int, initial: int):
 
 def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: Reward,
             optimizer: torch.optim.Optimizer, params: list, generators: dict, device: torch.device,
-            dtype: torch.dtype, span) -> dict:
+            dtype: torch.dtype) -> dict:
     """One optimizer step over `grad_accum` micro-batches; returns its metrics record.
 
     A NaN/Inf reward or gradient skips the whole update (gradients zeroed, nothing applied).
@@ -682,14 +690,14 @@ def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: 
     for _ in range(cfg.grad_accum):
         ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
         x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device)
-        with span("rollout"), autocast(device, dtype):
+        with nvtx_range("rollout"), autocast(device, dtype):
             traj = rollout(models.unet, models.scheduler, x_T, num_steps=cfg.num_steps, eta=cfg.eta,
                            generator=generators["sampling"], split_cfg=cfg.split_cfg,
                            **bank.batch(ids, cfg.guidance_scale))
         reward_fn = _WatchedReward(latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
                                                  decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
         try:
-            with span("estimate"), autocast(device, dtype):
+            with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, method=cfg.method, generator=generators["estimator"],
                                  first_order_steps=cfg.first_order_steps, h=cfg.h, j=cfg.j, zo_steps=cfg.zo_steps,
                                  baseline=cfg.baseline, prompt_ids=ids, normalize=cfg.normalize,
@@ -717,7 +725,7 @@ def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: 
     if skipped is None:
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with span("optimizer step"):
+        with nvtx_range("optimizer step"):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     values = np.array(rewards) if rewards else None

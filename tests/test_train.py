@@ -209,3 +209,37 @@ def test_gpu_preset_without_a_gpu(monkeypatch, tmp_path):
 
 def test_no_arguments_means_the_demo_preset():
     assert _resolve_config(None, {}) == Config.from_preset("demo")
+
+
+def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
+    """max_memory_gb applies the planner's options; profile=True puts NVTX ranges around the phases."""
+    import yaml
+
+    import rlr_fast.plan
+    import rlr_fast.profiling as profiling
+
+    asked = {}
+
+    class FakePlan:
+        options = {"max_batch": 2, "checkpoint_unet": True, "checkpoint_vae": False, "decode_chunk": 2,
+                   "split_cfg": False, "free_text_encoder": True}
+
+        def table(self):
+            return "| option | value |"
+
+    def fake_plan(cfg, budget, **kw):
+        asked.update(budget=budget, **kw)
+        return FakePlan()
+
+    ranges = []
+    monkeypatch.setattr(rlr_fast.plan, "plan", fake_plan)
+    monkeypatch.setattr(profiling, "find_backend", lambda: profiling.NvtxBackend("fake", ranges.append, lambda: None))
+    try:
+        result = finetune(out_dir=str(tmp_path), train_steps=1, max_memory_gb=3.0, profile=True, **tiny)
+    finally:
+        profiling.enable_profiling(False)
+    saved = yaml.safe_load(result.config_path.read_text())
+    assert {k: saved[k] for k in FakePlan.options} == FakePlan.options
+    assert asked["budget"] == 3.0 and asked["reward"] == "pixels" and asked["model"]["sample_size"] == 8
+    assert (tmp_path / "memory_plan.md").read_text() == "| option | value |"
+    assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)
