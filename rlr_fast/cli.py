@@ -200,7 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"rlr-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # finetune has written a checkpoint and said how to resume
+    except KeyboardInterrupt:  # a training loop has written a checkpoint and said how to resume
+        print(f"rlr-fast {args.command}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
         from .train import NonFiniteError

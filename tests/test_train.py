@@ -197,7 +197,8 @@ def test_output_path_that_is_a_file(tiny, tmp_path):
 
 def test_output_dir_with_an_earlier_run(straight, tiny):
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
-        finetune(out_dir=str(straight.out_dir), **tiny)
+        finetune(out_dir=str(straight.out_dir), overwrite=False, **tiny)
+    assert Config.from_preset("demo").overwrite  # a demo run replaces the previous demo
 
 
 def test_gpu_preset_without_a_gpu(monkeypatch, tmp_path):
