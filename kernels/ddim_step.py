@@ -1,0 +1,223 @@
+"""The fused DDIM step (with the classifier-free guidance combine) and its draw's log-density, in Triton.
+
+Per sample b and element i (coefficients are per sample so one call can hold several timesteps):
+
+    e      = u + w (c - u)          guidance (only when `model_output_cond` c is given)
+    mean   = c_x[b] x + c_e[b] e
+    prev   = mean + sigma[b] noise
+    logp_b = -|noise_b|^2 / 2 - D log sigma[b] - D/2 log 2 pi       (0 where sigma[b] == 0)
+
+logp does not depend on x or e: prev moves with the mean. Backward, with g = grad_prev + grad_mean:
+grad_x = c_x g, grad_u = (1 - w) c_e g, grad_c = w c_e g (grad_u = c_e g without guidance),
+grad_noise = sigma grad_prev - grad_logp noise (the logp term only where sigma > 0).
+The same op as rlr_fast.ddim.ddim_step_reference and csrc/ddim_step.cpp; `ddim_step_reference`
+below restates it because this package never imports rlr_fast.
+
+Grid: programs over (block of BLOCK elements, sample), each writing one partial sum of noise^2;
+a second one-program-per-sample kernel adds a sample's partials in a fixed order. For SD latents
+(D = 4*64*64 = 16384) and B = 1..16 this gives 16*B programs of 1024 elements. The alternative,
+one program per sample looping over its blocks, launches once but runs only B programs: at
+B <= 16 more than 100 of an H100's 132 SMs would idle, and a single SM streaming a 320 KB sample
+(five tensors) cannot pull the bandwidth the whole chip can. The op moves at most 5 MB, so it is
+launch-latency bound either way; one extra tiny launch is the cheaper price than 16x fewer
+programs, and fixed-order partials keep the result reproducible without atomics.
+(Reasoned, not yet measured on a GPU.)
+
+Layers, Liger-Kernel style: kernels, launchers, `DDIMStepFunction`, the functional `ddim_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .gaussian_log_prob import (HALF_LOG_2PI, NUM_WARPS, add, block_size, check_tensor, compute_dtype,
+                                finalize_log_density, grid_2d, partial_dtype, per_sample, split_float)
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _ddim_step_forward_kernel(x_ptr, u_ptr, c_ptr, noise_ptr, cx_ptr, ce_ptr, sigma_ptr,
+                              prev_ptr, mean_ptr, partial_ptr, w_hi, w_lo, D,
+                              HAS_COND: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    blk = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    idx = b.to(tl.int64) * D + offs  # B * D may pass 2^31 for large batches
+    cx = tl.load(cx_ptr + b).to(COMPUTE)
+    ce = tl.load(ce_ptr + b).to(COMPUTE)
+    sigma = tl.load(sigma_ptr + b).to(COMPUTE)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+    e = tl.load(u_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_COND:
+        w = tl.cast(w_hi, COMPUTE) + tl.cast(w_lo, COMPUTE)
+        e = e + w * (tl.load(c_ptr + idx, mask=mask, other=0.0).to(COMPUTE) - e)
+    noise = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+    mean = cx * x + ce * e
+    tl.store(mean_ptr + idx, mean.to(mean_ptr.dtype.element_ty), mask=mask)
+    tl.store(prev_ptr + idx, (mean + sigma * noise).to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + b * tl.num_programs(0) + blk, tl.reduce(noise * noise, 0, add))
+
+
+@triton.jit
+def _ddim_step_backward_kernel(grad_prev_ptr, grad_mean_ptr, grad_logp_ptr, noise_ptr, cx_ptr, ce_ptr, sigma_ptr,
+                               grad_x_ptr, grad_u_ptr, grad_c_ptr, grad_noise_ptr, w_hi, w_lo, D,
+                               HAS_GRAD_PREV: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr,
+                               HAS_GRAD_LOGP: tl.constexpr, HAS_COND: tl.constexpr,
+                               NEED_X: tl.constexpr, NEED_U: tl.constexpr, NEED_C: tl.constexpr,
+                               NEED_NOISE: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    # Cotangents autograd did not provide and gradients nobody asked for are compile-time
+    # absent: recompute_steps, the hot caller, reads only grad_mean and writes only grad_u/grad_c.
+    blk = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    idx = b.to(tl.int64) * D + offs
+    g = tl.full([BLOCK], 0.0, COMPUTE)
+    if HAS_GRAD_PREV:
+        grad_prev = tl.load(grad_prev_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+        g += grad_prev
+    if HAS_GRAD_MEAN:
+        g += tl.load(grad_mean_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+    if NEED_X:
+        cx = tl.load(cx_ptr + b).to(COMPUTE)
+        tl.store(grad_x_ptr + idx, (cx * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    ge = tl.load(ce_ptr + b).to(COMPUTE) * g
+    if HAS_COND:
+        w = tl.cast(w_hi, COMPUTE) + tl.cast(w_lo, COMPUTE)
+        if NEED_U:
+            tl.store(grad_u_ptr + idx, ((1.0 - w) * ge).to(grad_u_ptr.dtype.element_ty), mask=mask)
+        if NEED_C:
+            tl.store(grad_c_ptr + idx, (w * ge).to(grad_c_ptr.dtype.element_ty), mask=mask)
+    elif NEED_U:
+        tl.store(grad_u_ptr + idx, ge.to(grad_u_ptr.dtype.element_ty), mask=mask)
+    if NEED_NOISE:
+        sigma = tl.load(sigma_ptr + b).to(COMPUTE)
+        grad_noise = tl.full([BLOCK], 0.0, COMPUTE)
+        if HAS_GRAD_PREV:
+            grad_noise += sigma * grad_prev
+        if HAS_GRAD_LOGP:  # d logp / d noise = -noise, where there is a density
+            grad_logp = tl.where(sigma > 0, tl.load(grad_logp_ptr + b).to(COMPUTE), 0.0)
+            grad_noise -= grad_logp * tl.load(noise_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(grad_noise_ptr + idx, grad_noise.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: inputs already checked, contiguous, coefficients float64 (B,) on the tensors' device
+
+
+def ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale: float):
+    """(prev, mean, log_prob) of the fused step."""
+    batch = sample.shape[0]
+    d = sample.numel() // batch
+    block = block_size(d)
+    grid = grid_2d(batch, d, block)
+    prev, mean = torch.empty_like(sample), torch.empty_like(sample)
+    partials = torch.empty(batch, grid[0], dtype=partial_dtype(sample.dtype), device=sample.device)
+    has_cond = model_output_cond is not None
+    _ddim_step_forward_kernel[grid](
+        sample, model_output, model_output_cond if has_cond else model_output, noise, c_x, c_e, sigma,
+        prev, mean, partials, *split_float(guidance_scale), d,
+        HAS_COND=has_cond, BLOCK=block, COMPUTE=compute_dtype(sample.dtype), num_warps=NUM_WARPS)
+    log_prob = finalize_log_density(partials, sigma, d, sample.dtype, divide_by_variance=False,
+                                    zero_without_noise=True)
+    return prev, mean, log_prob
+
+
+def ddim_step_backward(grad_prev: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor],
+                       grad_logp: Optional[torch.Tensor], noise, c_x, c_e, sigma, guidance_scale: float,
+                       has_cond: bool, need: tuple[bool, bool, bool, bool]):
+    """(grad_sample, grad_model_output, grad_model_output_cond, grad_noise); None where not in `need`.
+
+    Missing cotangents (None) count as zero without being materialised.
+    """
+    need_x, need_u, need_c, need_noise = need
+    need_c = need_c and has_cond
+    batch = noise.shape[0]
+    d = noise.numel() // batch
+    block = block_size(d)
+    outs = [torch.empty_like(noise) if n else None for n in (need_x, need_u, need_c, need_noise)]
+    # Absent pointers get any live tensor: the kernel never touches them (constexpr flags).
+    stand_in = noise
+    _ddim_step_backward_kernel[grid_2d(batch, d, block)](
+        stand_in if grad_prev is None else grad_prev.contiguous(),
+        stand_in if grad_mean is None else grad_mean.contiguous(),
+        stand_in if grad_logp is None else grad_logp.contiguous(),
+        noise, c_x, c_e, sigma, *(stand_in if o is None else o for o in outs),
+        *split_float(guidance_scale), d,
+        HAS_GRAD_PREV=grad_prev is not None, HAS_GRAD_MEAN=grad_mean is not None,
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_COND=has_cond, NEED_X=need_x, NEED_U=need_u,
+        NEED_C=need_c, NEED_NOISE=need_noise, BLOCK=block, COMPUTE=compute_dtype(noise.dtype),
+        num_warps=NUM_WARPS)
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the functional API
+
+
+class DDIMStepFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale):
+        ctx.set_materialize_grads(False)  # unused outputs stay None: no zero tensors to read
+        ctx.save_for_backward(noise, c_x, c_e, sigma)
+        ctx.guidance_scale = guidance_scale
+        ctx.has_cond = model_output_cond is not None
+        return ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale)
+
+    @staticmethod
+    def backward(ctx, grad_prev, grad_mean, grad_logp):
+        noise, c_x, c_e, sigma = ctx.saved_tensors
+        need_x, need_u, need_c, need_noise = ctx.needs_input_grad[:4]
+        if not any((need_x, need_u, need_c, need_noise)):
+            return (None,) * 8
+        gx, gu, gc, gn = ddim_step_backward(grad_prev, grad_mean, grad_logp, noise, c_x, c_e, sigma,
+                                            ctx.guidance_scale, ctx.has_cond,
+                                            (need_x, need_u, need_c, need_noise))
+        return gx, gu, gc, gn, None, None, None, None
+
+
+def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, noise: torch.Tensor, c_x: torch.Tensor,
+              c_e: torch.Tensor, sigma: torch.Tensor, *, model_output_cond: Optional[torch.Tensor] = None,
+              guidance_scale: float = 1.0):
+    """One fused DDIM step and the log-density of its draw: (prev_sample, mean, log_prob).
+
+    sample, model_output, noise (and model_output_cond with guidance) (B, ...): same shape,
+    dtype (fp16, bf16, fp32, fp64) and device. c_x, c_e, sigma (B,): per-sample coefficients,
+    any float dtype and device, not differentiated. log_prob (B,) is in the sample's dtype, 0
+    where sigma == 0. Arithmetic and the reduction run in fp32 (fp64 for fp64 inputs).
+    Differentiable in sample, model outputs and noise.
+    """
+    check_tensor("sample", sample)
+    check_tensor("model_output", model_output, like=sample)
+    check_tensor("noise", noise, like=sample)
+    if model_output_cond is not None:
+        check_tensor("model_output_cond", model_output_cond, like=sample)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a float, got {guidance_scale!r}")
+    batch, device = sample.shape[0], sample.device
+    coefficients = [per_sample(n, t, batch, device) for n, t in (("c_x", c_x), ("c_e", c_e), ("sigma", sigma))]
+    cond = None if model_output_cond is None else model_output_cond.contiguous()
+    return DDIMStepFunction.apply(sample.contiguous(), model_output.contiguous(), cond, noise.contiguous(),
+                                  *coefficients, float(guidance_scale))
+
+
+def ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond=None,
+                        guidance_scale=1.0):
+    """The specification in plain PyTorch, in the inputs' dtype (autograd gives the backward)."""
+    def col(v):  # (B,) -> (B, 1, ..., 1) in the sample's dtype
+        return v.to(sample.dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
+
+    e = model_output if model_output_cond is None else (
+        model_output + guidance_scale * (model_output_cond - model_output))
+    mean = col(c_x) * sample + col(c_e) * e
+    s = sigma.double()
+    logp = -0.5 * noise.double().flatten(1).pow(2).sum(1) - sample[0].numel() * (
+        s.clamp(min=1e-300).log() + HALF_LOG_2PI)
+    return mean + col(sigma) * noise, mean, torch.where(s > 0, logp, 0.0).to(sample.dtype)
