@@ -127,6 +127,18 @@ def gaussian_log_prob_reference(sample, mean, sigma):
     return -0.5 * z.flatten(1).pow(2).sum(1) - d * (sigma.to(sample.dtype).log() + _HALF_LOG_2PI)
 
 
+def gaussian_log_prob(sample, mean, sigma, *, backend="auto"):
+    """`gaussian_log_prob_reference`, by the Triton kernel where `resolve_backend` picks "triton".
+
+    Differentiable in sample and mean (not sigma). No compiled `_C` op exists for it, so the
+    "cpu" and "cuda" backends use the reference.
+    """
+    if resolve_backend(sample.device, backend) == "triton":
+        from .kernels.gaussian_log_prob import gaussian_log_prob as triton_gaussian_log_prob
+        return triton_gaussian_log_prob(sample, mean, sigma)
+    return gaussian_log_prob_reference(sample, mean, sigma)
+
+
 # ----------------------------------------------------------------------------------------------
 # The compiled op (`rlr_fast._C`, CPU C++ or CUDA) as an autograd Function.
 

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .ddim import check_scheduler, ddim_step, gaussian_log_prob_reference, step_coefficients
+from .ddim import check_scheduler, ddim_step, gaussian_log_prob, step_coefficients
 
 
 @dataclass
@@ -212,7 +212,7 @@ def recompute_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
     if not with_log_prob:
         return mean
     target = traj.latents[idx + 1]
-    logp = gaussian_log_prob_reference(target.reshape(flat.shape), mean.reshape(flat.shape), per[2])
+    logp = gaussian_log_prob(target.reshape(flat.shape), mean.reshape(flat.shape), per[2], backend=backend)
     return mean, logp.reshape(n, b)
 
 
