@@ -11,10 +11,29 @@ except ImportError as e:  # the package is importable from a source tree without
         f"(after installing torch; see README). Original error: {e}"
     ) from e
 
-from .ddim import ddim_step, gaussian_log_prob_reference, step_coefficients
+from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference, step_coefficients
+from .estimators import estimate
+from .plan import plan  # binds the function over the submodule's name: rlr_fast.plan(config)
 from .rollout import Trajectory, recompute_step, rollout
 
 __version__ = "0.1.0"
+
+# Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
+_LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
+         "demo_data", "cli")
+
+
+_LAZY_NAMES = {"finetune": "train", "Result": "train", "Config": "config"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'rlr_fast' has no attribute {name!r}")
 
 
 def build_info() -> dict:

@@ -1,8 +1,19 @@
 """Shared fixtures: small models built offline so every test runs on 2 CPU cores."""
 
-import pytest
+import os
+
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+
+# Triton kernels run under the interpreter on CPU; the variable must be set before anything
+# (diffusers included) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
+
+# The suite runs as 2 xdist workers on 2 cores; more threads per worker only spin and wait.
+torch.set_num_threads(1)
 
 
 def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8) -> UNet2DConditionModel:

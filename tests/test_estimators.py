@@ -1,0 +1,362 @@
+"""Estimators: unbiasedness against a closed form, exact-arithmetic identities, memory, errors.
+
+The statistical tests use the linear-Gaussian toy (`rlr_fast.toy`), whose expected reward has
+an exact gradient. For N independent estimates (each over a batch of B), per coordinate
+z = (mean - exact) / (std / sqrt(N)); unbiased estimators keep max |z| < Z_MAX over the 12
+coordinates. Z_MAX = 4 gives a false alarm below 12 * 6.3e-5 < 1e-3 per configuration under
+the null. Power, checked by breaking the estimator on purpose (n = 3000, B = 4): dropping the
+|C|/k subsampling weight gives max |z| = 4.3, a half-order sweep one step short 5.0, a
+baseline that includes the sample's own reward 9.6; truncated backprop fails by orders of
+magnitude.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import make_scheduler, make_unet
+
+import rlr_fast
+from rlr_fast.estimators import naive_backprop, valid_js
+from rlr_fast.toy import LinearEps, exact_loss_gradient, quadratic_reward
+
+Z_MAX = 4.0
+TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+
+
+def _grad_vector(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+# A coarse schedule (80 training steps, linear betas up to 0.25): every step's sigma is a sizeable
+# fraction of the signal, so likelihood-ratio terms have moderate variance and the tests can
+# resolve small biases with a few thousand samples. SD's schedule is used elsewhere.
+TOY_SCHEDULE = dict(num_train_timesteps=80, beta_schedule="linear", beta_start=0.02, beta_end=0.25, steps_offset=0)
+
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                   steps_offset=1)
+
+
+def _estimates(method, *, n, batch=4, steps=8, eta=1.0, sched_kw=None, seed=0, **opts):
+    """n independent estimates (n, 12) and the exact gradient of the loss."""
+    sched = make_scheduler(**{**TOY_SCHEDULE, **(sched_kw or {})})
+    model = LinearEps(sched.alphas_cumprod, 3)
+    exact = exact_loss_gradient(model, sched, steps, eta, TARGET)
+    g = torch.Generator().manual_seed(seed)
+    reward = quadratic_reward(TARGET)
+    out = torch.empty(n, exact.numel(), dtype=torch.float64)
+    for i in range(n):
+        x_t = torch.randn(batch, 3, generator=g, dtype=torch.float64)
+        traj = rlr_fast.rollout(model, sched, x_t, num_steps=steps, eta=eta, generator=g)
+        for p in model.parameters():
+            p.grad = None
+        rlr_fast.estimate(model, traj, reward, method=method, generator=g, **opts)
+        out[i] = _grad_vector(model)
+    return out, exact
+
+
+def _max_z(est, exact):
+    se = est.std(0) / math.sqrt(est.shape[0])
+    return float(((est.mean(0) - exact) / se).abs().max())
+
+
+TWO_PROMPTS = torch.tensor([0, 1, 0, 1])
+
+UNBIASED = [
+    pytest.param("full_bp", 1.0, {}, {}, id="full_bp"),
+    pytest.param("rlr", 1.0, {}, dict(h=2), id="rlr-h2-uniform"),
+    pytest.param("rlr", 1.0, {}, dict(h=4, j=[0, 4, 1, 1, 2], baseline="loo"), id="rlr-h4-weighted-j-loo"),
+    pytest.param("rlr", 1.0, {}, dict(h=3, zo_steps=2, baseline="loo"), id="rlr-h3-zo2-loo"),
+    pytest.param("rlr", 1.0, {}, dict(first_order_steps=2, h=1, baseline="loo_prompt", prompt_ids=TWO_PROMPTS),
+                 id="rlr-f2-h1-loo_prompt"),
+    pytest.param("rlr", 0.5, {}, dict(h=2, baseline="loo"), id="rlr-eta0.5"),
+    pytest.param("rlr", 1.0, SD_SCHEDULE, dict(h=3, baseline="loo"), id="rlr-sd-schedule"),
+    pytest.param("zo", 1.0, {}, dict(baseline="loo"), id="zo-loo"),
+    pytest.param("zo", 0.5, {}, dict(zo_steps=3, baseline=0.5), id="zo-eta0.5-k3-constant-baseline"),
+    # set_alpha_to_one: the last step has sigma = 0 and only F can carry it
+    pytest.param("rlr", 1.0, dict(set_alpha_to_one=True), dict(h=2, baseline="loo"), id="rlr-sigma0-last"),
+    pytest.param("zo", 1.0, dict(set_alpha_to_one=True), dict(baseline="loo"), id="zo-sigma0-last"),
+]
+
+
+@pytest.mark.parametrize("method,eta,sched_kw,opts", UNBIASED)
+def test_unbiased(method, eta, sched_kw, opts):
+    est, exact = _estimates(method, n=3000, eta=eta, sched_kw=sched_kw, **opts)
+    assert _max_z(est, exact) < Z_MAX
+
+
+def test_normalized_estimate_is_of_scaled_gradient():
+    est, exact = _estimates("rlr", n=2000, h=2, baseline="loo", normalize=4.0)
+    assert _max_z(est, exact / 4.0) < Z_MAX
+    assert _max_z(est, exact) > 3 * Z_MAX  # and visibly not of the unscaled one
+
+
+def test_truncated_backprop_is_biased():
+    est, exact = _estimates("truncated_bp", n=300, k=1)
+    assert _max_z(est, exact) > 10 * Z_MAX
+
+
+def test_full_bp_equals_one_graph_backprop():
+    """The reverse sweep is exact arithmetic, not an estimate of backprop."""
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=7, eta=0.8,
+                            generator=torch.Generator().manual_seed(1))
+    rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method="full_bp")
+    sweep = _grad_vector(model).clone()
+    for p in model.parameters():
+        p.grad = None
+    naive_backprop(model, traj, quadratic_reward(TARGET))
+    torch.testing.assert_close(sweep, _grad_vector(model), rtol=1e-10, atol=1e-12)
+
+
+def test_half_order_term_equals_likelihood_ratio_through_subchain():
+    """H, computed independently: grad of (R - b) * log p(x_j | x_{j+1}) with x_{j+1} re-run
+    through steps j+2..j+h by autograd from the stored x_{j+h} (noise fixed)."""
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    T, j, h = 8, 2, 3
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=T, eta=1.0,
+                            generator=torch.Generator().manual_seed(2))
+    rewards = quadratic_reward(TARGET)(traj.x0)
+    # ours: H alone (f = 0, and C emptied by hand-picking the plan)
+    from rlr_fast.estimators import Terms, _run_terms
+    from rlr_fast.sweep import CallCounter, GradTerms, SweepOptions
+
+    adv = -rewards / traj.batch_size
+    params = list(model.parameters())
+    _run_terms(model, traj, Terms(half_order=(j, h)), None, adv, SweepOptions(), CallCounter(), GradTerms(params))
+    ours = _grad_vector(model).clone()
+    for p in params:
+        p.grad = None
+    # reference: one autograd graph over the sub-chain, log-density of the stored x_j
+    x = traj.latents[traj.step_index(j + h)]
+    for t in range(j + h, j, -1):
+        k = traj.step_index(t)
+        mean = rlr_fast.recompute_step(model, traj, k, sample=x)
+        x = mean + traj.sigmas[k] * traj.noises[k] if t > j + 1 else x
+    k = traj.step_index(j + 1)
+    logp = torch.distributions.Normal(mean, traj.sigmas[k]).log_prob(traj.latents[k + 1]).sum(1)
+    (adv * logp).sum().backward()
+    torch.testing.assert_close(ours, _grad_vector(model), rtol=1e-9, atol=1e-12)
+
+
+def test_seeded_estimate_is_bit_identical():
+    unet = make_unet()
+    rlr_fast.models.add_lora(unet, rank=2, alpha=2)
+    for p in rlr_fast.models.lora_parameters(unet):
+        torch.nn.init.normal_(p, std=0.1)
+    traj = _unet_traj(unet, steps=6)
+    reward = lambda x0: -x0.pow(2).flatten(1).mean(1)
+    grads = []
+    for _ in range(2):
+        unet.zero_grad(set_to_none=True)
+        rlr_fast.estimate(unet, traj, reward, method="rlr", h=2, zo_steps=2,
+                          generator=torch.Generator().manual_seed(5))
+        grads.append([p.grad.clone() for p in rlr_fast.models.lora_parameters(unet)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_rlr_partitions_steps_and_counts_calls():
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=10, eta=1.0)
+    for j in valid_js(traj, 2, 3):
+        stats = rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method="rlr", first_order_steps=2,
+                                  h=3, j=j, max_batch=8)
+        assert stats["j"] == j
+        assert stats["F"] == [1, 2] and stats["H"] == [j + 1, j + 2, j + 3]
+        assert sorted(stats["F"] + stats["H"] + stats["C"]) == list(range(1, 11))
+        # 2 + 3 pathwise steps, |C| = 5 likelihood-ratio steps at 2 steps (8 samples) per call
+        assert stats["unet_forward"] == stats["unet_backward"] == 5 + 3
+
+
+# ---- memory: one step resident -----------------------------------------------------------------
+
+
+def _unet_traj(unet, steps, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, 3, 16, generator=g)
+    return rlr_fast.rollout(unet, make_scheduler(), torch.randn(batch, 4, 8, 8, generator=g), num_steps=steps,
+                            eta=1.0, encoder_hidden_states=cond, generator=g)
+
+
+@pytest.fixture(scope="module")
+def lora_unet():
+    unet = make_unet()
+    rlr_fast.models.add_lora(unet, rank=2, alpha=2)
+    return unet
+
+
+def _peak(unet, traj, method, **opts):
+    unet.zero_grad(set_to_none=True)
+    reward = lambda x0: -x0.pow(2).flatten(1).mean(1)
+    if method == "naive":
+        return naive_backprop(unet, traj, reward, track_memory=True)["peak_saved_bytes"]
+    return rlr_fast.estimate(unet, traj, reward, method=method, track_memory=True,
+                             generator=torch.Generator().manual_seed(0), **opts)["peak_saved_bytes"]
+
+
+def test_rlr_memory_is_flat_in_T_and_h(lora_unet):
+    peaks = {}
+    for steps in (10, 50, 100):
+        traj = _unet_traj(lora_unet, steps)
+        for h in (1, 4, 16):
+            if 1 + h <= steps:
+                peaks[steps, h] = _peak(lora_unet, traj, "rlr", h=h, zo_steps=1, max_batch=1)
+    lo, hi = min(peaks.values()), max(peaks.values())
+    assert hi <= 1.10 * lo, peaks
+
+
+def test_full_bp_sweep_is_flat_and_naive_graph_grows(lora_unet):
+    sweep, naive = {}, {}
+    for steps in (5, 10, 20):
+        traj = _unet_traj(lora_unet, steps)
+        sweep[steps] = _peak(lora_unet, traj, "full_bp")
+        naive[steps] = _peak(lora_unet, traj, "naive")
+    assert max(sweep.values()) <= 1.10 * min(sweep.values()), sweep
+    # linear growth: doubling T doubles the naive graph (within 10%), and it dwarfs the sweep
+    for a, b in ((5, 10), (10, 20)):
+        assert 1.8 <= naive[b] / naive[a] <= 2.2, naive
+    assert naive[20] > 10 * sweep[20]
+
+
+def test_checkpointing_lowers_the_step_peak(lora_unet):
+    traj = _unet_traj(lora_unet, 4)
+    plain = _peak(lora_unet, traj, "full_bp")
+    ckpt = _peak(lora_unet, traj, "full_bp", checkpoint=True)
+    assert ckpt < 0.7 * plain
+    assert not lora_unet.is_gradient_checkpointing  # restored afterwards
+
+
+# ---- DDPO ---------------------------------------------------------------------------------------
+
+
+def test_ddpo_matches_surrogate_written_with_log_densities():
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(6, 3, dtype=torch.float64), num_steps=5, eta=1.0,
+                            generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # move the policy so ratios differ from 1 and some clip
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0], dtype=torch.float64)
+    stats = rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method="ddpo", advantages=adv,
+                              clip_range=0.05)
+    ours = _grad_vector(model).clone()
+    assert 0 < stats["clip_fraction"] < 1
+    for p in model.parameters():
+        p.grad = None
+    loss = 0
+    for k in range(5):
+        mean = rlr_fast.recompute_step(model, traj, k)
+        dist = torch.distributions.Normal(mean, traj.sigmas[k])
+        ratio = (dist.log_prob(traj.latents[k + 1]).sum(1) - traj.log_probs[k]).exp()
+        loss = loss + torch.maximum(-adv * ratio, -adv * ratio.clamp(0.95, 1.05)).mean() / 5
+    loss.backward()
+    torch.testing.assert_close(ours, _grad_vector(model), rtol=1e-6, atol=1e-9)
+
+
+def test_ddpo_on_policy_is_likelihood_ratio_with_advantages():
+    """At ratio 1 DDPO's gradient is -mean_{b,t} A_b grad log p: the zo estimator's terms
+    with (R - b) replaced by A and averaged over steps."""
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=4, eta=1.0,
+                            generator=torch.Generator().manual_seed(6))
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.25], dtype=torch.float64)
+    rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method="ddpo", advantages=adv)
+    ddpo = _grad_vector(model).clone()
+    for p in model.parameters():
+        p.grad = None
+    # zo with reward := A on all 4 stochastic steps gives -(1/B) sum_{b,t} A_b grad log p; DDPO / T
+    rlr_fast.estimate(model, traj, lambda x0: adv, method="zo")
+    torch.testing.assert_close(ddpo, _grad_vector(model) / 4, rtol=1e-9, atol=1e-12)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy():
+    sched = make_scheduler()
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=6, eta=1.0)
+    return model, traj, quadratic_reward(TARGET)
+
+
+def test_h_below_one(toy):
+    with pytest.raises(ValueError, match="h must be an int >= 1, got 0"):
+        rlr_fast.estimate(*toy, h=0)
+
+
+def test_f_plus_h_exceeds_T(toy):
+    with pytest.raises(ValueError, match=r"first_order_steps \+ h = 2 \+ 5 exceeds the 6 steps"):
+        rlr_fast.estimate(*toy, first_order_steps=2, h=5)
+
+
+def test_j_out_of_range(toy):
+    with pytest.raises(ValueError, match="j=5 is outside the valid range 1..4"):
+        rlr_fast.estimate(*toy, h=2, j=5)
+
+
+def test_zo_steps_above_C(toy):
+    with pytest.raises(ValueError, match=r"zo_steps must be an int in 1..\|C\| = 1..3, got 4"):
+        rlr_fast.estimate(*toy, h=2, zo_steps=4)
+
+
+def test_reward_wrong_shape(toy):
+    model, traj, _ = toy
+    with pytest.raises(ValueError, match=r"shape \(4,\).*got torch.Size\(\[4, 1\]\)"):
+        rlr_fast.estimate(model, traj, lambda x0: x0[:, :1])
+
+
+def test_nan_reward_applies_nothing(toy):
+    model, traj, reward = toy
+
+    def nan_reward(x0):
+        r = reward(x0)
+        return torch.where(torch.arange(4) < 2, r * float("nan"), r)
+
+    with pytest.raises(ValueError, match="2 of 4 rewards are not finite"):
+        rlr_fast.estimate(model, traj, nan_reward)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_trainable_parameters(toy):
+    model, traj, reward = toy
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="LinearEps has no trainable parameters"):
+        rlr_fast.estimate(model, traj, reward)
+
+
+def test_trajectory_from_other_model(toy):
+    _, traj, reward = toy
+    other = LinearEps(make_scheduler().alphas_cumprod, 5)
+    with pytest.raises(ValueError, match="another architecture"):
+        rlr_fast.estimate(other, traj, reward)
+
+
+def test_non_differentiable_reward(toy):
+    model, traj, _ = toy
+    flat = lambda x0: x0.detach().sum(1)
+    with pytest.raises(ValueError, match="needs dR/dx0 but the reward is not differentiable"):
+        rlr_fast.estimate(model, traj, flat, method="full_bp")
+    rlr_fast.estimate(model, traj, flat, method="rlr", first_order_steps=0, h=2)  # works without dR/dx0
+    rlr_fast.estimate(model, traj, flat, method="zo")
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_f0_with_deterministic_step_is_an_error():
+    sched = make_scheduler(set_alpha_to_one=True)
+    model = LinearEps(sched.alphas_cumprod, 3)
+    traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=6, eta=1.0)
+    with pytest.raises(ValueError, match=r"deterministic steps \(sigma=0\) t=\[1\]"):
+        rlr_fast.estimate(model, traj, quadratic_reward(TARGET), first_order_steps=0, h=2)
+
+
+def test_unknown_method(toy):
+    with pytest.raises(ValueError, match="unknown method 'reinforce'"):
+        rlr_fast.estimate(*toy, method="reinforce")
