@@ -41,9 +41,9 @@ import safetensors.torch
 import torch
 from PIL import Image, ImageDraw
 
-from .config import Config, load_prompts
+from .config import PRESETS, Config, load_config, load_prompts
 from .estimators import estimate
-from .models import SDModels, add_lora, load_sd, lora_parameters, save_lora
+from .models import SDModels, add_lora, load_lora, load_sd, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, latent_reward
 from .rollout import rollout
@@ -520,8 +520,6 @@ class _WatchedReward:
 def _resolve_config(config, overrides: dict) -> Config:
     """`config` (a Config, a preset name or a YAML path; None: the demo preset, or when resuming
     the checkpoint's config) with `overrides` applied."""
-    from .config import PRESETS, load_config
-
     if isinstance(config, (str, Path)):
         config = Config.from_preset(str(config)) if str(config) in PRESETS else load_config(path=config)
     if config is not None and not isinstance(config, Config):
@@ -744,8 +742,6 @@ def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: 
 
 def load_for_inference(model: str, lora: Optional[str], device: torch.device, dtype: torch.dtype) -> SDModels:
     """A model for sampling, with a LoRA written by `finetune` (or `save_lora`) when given."""
-    from .models import load_lora
-
     models = load_models(model, device, dtype)
     if lora is not None:
         load_lora(models.unet, lora)
