@@ -125,7 +125,7 @@ def ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, 
         sample, model_output, model_output_cond if has_cond else model_output, noise, c_x, c_e, sigma,
         prev, mean, partials, *split_float(guidance_scale), d,
         HAS_COND=has_cond, BLOCK=block, COMPUTE=compute_dtype(sample.dtype), num_warps=NUM_WARPS)
-    log_prob = finalize_log_density(partials, sigma, d, sample.dtype, divide_by_variance=False,
+    log_prob = finalize_log_density(partials, sigma, d, partial_dtype(sample.dtype), divide_by_variance=False,
                                     zero_without_noise=True)
     return prev, mean, log_prob
 
@@ -190,8 +190,8 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, noise: torch.Ten
 
     sample, model_output, noise (and model_output_cond with guidance) (B, ...): same shape,
     dtype (fp16, bf16, fp32, fp64) and device. c_x, c_e, sigma (B,): per-sample coefficients,
-    any float dtype and device, not differentiated. log_prob (B,) is in the sample's dtype, 0
-    where sigma == 0. Arithmetic and the reduction run in fp32 (fp64 for fp64 inputs).
+    any float dtype and device, not differentiated. log_prob (B,) is fp32 (fp64 for fp64 input:
+    a summed log-density of 4x64x64 elements overflows fp16), 0 where sigma == 0. Arithmetic and the reduction run in fp32 (fp64 for fp64 inputs).
     Differentiable in sample, model outputs and noise.
     """
     check_tensor("sample", sample)
@@ -220,4 +220,4 @@ def ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma, *, model_o
     s = sigma.double()
     logp = -0.5 * noise.double().flatten(1).pow(2).sum(1) - sample[0].numel() * (
         s.clamp(min=1e-300).log() + HALF_LOG_2PI)
-    return mean + col(sigma) * noise, mean, torch.where(s > 0, logp, 0.0).to(sample.dtype)
+    return mean + col(sigma) * noise, mean, torch.where(s > 0, logp, 0.0).to(partial_dtype(sample.dtype))

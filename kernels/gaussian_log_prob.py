@@ -210,7 +210,7 @@ def gaussian_log_prob_forward(sample: torch.Tensor, mean: torch.Tensor, sigma: t
     partials = torch.empty(batch, grid[0], dtype=partial_dtype(sample.dtype), device=sample.device)
     _squared_distance_partials_kernel[grid](sample, mean, partials, d, BLOCK=block,
                                             COMPUTE=compute_dtype(sample.dtype), num_warps=NUM_WARPS)
-    return finalize_log_density(partials, sigma, d, sample.dtype, divide_by_variance=True,
+    return finalize_log_density(partials, sigma, d, partial_dtype(sample.dtype), divide_by_variance=True,
                                 zero_without_noise=False)
 
 
@@ -264,7 +264,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, sigma: torch.Ten
 
 def gaussian_log_prob_reference(sample: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The specification in plain PyTorch (autograd gives the backward)."""
-    d = sample[0].numel()
-    s = sigma.to(sample.dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
-    z = ((sample - mean) / s).flatten(1)
-    return -0.5 * z.pow(2).sum(1) - d * (sigma.to(sample.dtype).log() + HALF_LOG_2PI)
+    d, dtype = sample[0].numel(), partial_dtype(sample.dtype)
+    s = sigma.to(dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
+    z = ((sample - mean).to(dtype) / s).flatten(1)
+    return -0.5 * z.pow(2).sum(1) - d * (sigma.to(dtype).log() + HALF_LOG_2PI)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .ddim import check_scheduler, ddim_step, gaussian_log_prob, step_coefficients
+from .ddim import check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients
 
 
 @dataclass
@@ -164,7 +164,7 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
     noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                          device=device if generator is None else generator.device, dtype=dtype).to(device)
-    log_probs = latents.new_empty((num_steps, batch))
+    log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
     xs[0] = latents
     steps = range(num_steps)
     if progress:

@@ -76,7 +76,7 @@ def _run_step(fn, inputs, cotangents, w, dtype=None):
     x, u, c, noise, c_x, c_e, sigma = inputs
     x, u, c, noise = _leaves((x, u, c, noise), dtype)
     outs = fn(x, u, noise, c_x, c_e, sigma, model_output_cond=c, guidance_scale=w)
-    torch.autograd.backward(outs, [t.to(outs[0].dtype) for t in cotangents])
+    torch.autograd.backward(outs, [t.to(o.dtype) for t, o in zip(cotangents, outs)])
     return outs, [None if t is None else t.grad for t in (x, u, c, noise)]
 
 
@@ -98,8 +98,9 @@ def _check_step(shape, dtype, device, cfg):
     ref_outs, ref_grads = _run_step(_reference_step, inputs, cotangents, w, dtype=torch.float64)
     for name, a, e in zip(("prev", "mean", "log_prob"), outs, ref_outs):
         assert a.shape == e.shape, name
-        # log_prob is ~1e4 in size: its tolerance is relative to that size
-        _assert_close(a, e, dtype)
+        # log_prob is ~1e4 in size: its tolerance is relative to that size; it comes back in fp32
+        # for fp16/bf16 inputs, whose range and precision a summed log-density outgrows
+        _assert_close(a, e, ddim.log_density_dtype(dtype) if name == "log_prob" else dtype)
     for a, e in zip(grads, ref_grads):
         assert (a is None) == (e is None)
         if a is not None:
@@ -200,11 +201,9 @@ def _run_logp(fn, sample, mean, sigma, grad, dtype=None):
     return logp, sample.grad, mean.grad
 
 
-# fp16 is left out at 4x64x64: |log_prob| there (~1e5 at sigma < 0.7) is beyond the fp16 range,
-# in the reference as in the kernel
+# fp16 at 4x64x64 included: |log_prob| there (~1e5) is beyond fp16, so it comes back in fp32
 LOGP_CASES = [(dtype, shape) for dtype in HALF_AND_SINGLE + [torch.float64]
-              for shape in [(1, 4, 8, 8), (7, 4, 8, 8), (3, 3, 5, 7), (2, 3, 37, 29), (2, 4, 64, 64)]
-              if not (dtype == torch.float16 and shape[-1] == 64)]
+              for shape in [(1, 4, 8, 8), (7, 4, 8, 8), (3, 3, 5, 7), (2, 3, 37, 29), (2, 4, 64, 64)]]
 
 
 @pytest.mark.parametrize("dtype,shape", LOGP_CASES)
@@ -213,7 +212,8 @@ def test_gaussian_log_prob_matches_reference(device, dtype, shape):
     grad = torch.randn(shape[0], generator=torch.Generator().manual_seed(3)).to(device, dtype)
     actual = _run_logp(gaussian_log_prob, sample, mean, sigma, grad)
     expected = _run_logp(ddim.gaussian_log_prob_reference, sample, mean, sigma, grad, dtype=torch.float64)
-    for a, e in zip(actual, expected):
+    _assert_close(actual[0], expected[0], ddim.log_density_dtype(dtype))
+    for a, e in zip(actual[1:], expected[1:]):
         _assert_close(a, e, dtype)
 
 
