@@ -454,7 +454,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:

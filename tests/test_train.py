@@ -247,3 +247,30 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
     assert asked["budget"] == 3.0 and asked["reward"] == "pixels" and asked["model"]["sample_size"] == 8
     assert (tmp_path / "memory_plan.md").read_text() == "| option | value |"
     assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    """With tensorboard importable, every numeric metric also goes to a SummaryWriter."""
+    import sys
+    import types
+
+    from rlr_fast.train import MetricsLog
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, value, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = MetricsLog(tmp_path, keep_until=None, tensorboard=True)
+    log.write({"step": 3, "reward_mean": 0.5, "skipped": False, "estimator": {"j": 1}})
+    log.close()
+    assert written == [("dir", str(tmp_path / "tensorboard")), ("reward_mean", 0.5, 3), ("closed",)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["reward_mean"] == 0.5
