@@ -46,6 +46,14 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& u, const torch::T
               "ddim_step: all tensors must share one dtype");
 }
 
+// Sample b's coefficients in the arithmetic type.
+template <typename scalar_t>
+struct SampleCoefficients {
+  scalar_t cx, ce, sigma;
+  SampleCoefficients(const double* cx_, const double* ce_, const double* sigma_, int64_t b)
+      : cx(static_cast<scalar_t>(cx_[b])), ce(static_cast<scalar_t>(ce_[b])), sigma(static_cast<scalar_t>(sigma_[b])) {}
+};
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* x, const scalar_t* u, const scalar_t* c, double w,
                     const scalar_t* noise, const double* cx, const double* ce, const double* sigma,
@@ -53,17 +61,15 @@ void forward_kernel(const scalar_t* x, const scalar_t* u, const scalar_t* c, dou
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * d;
-      const scalar_t a = static_cast<scalar_t>(cx[b]);
-      const scalar_t k = static_cast<scalar_t>(ce[b]);
-      const scalar_t s = static_cast<scalar_t>(sigma[b]);
+      const SampleCoefficients<scalar_t> q(cx, ce, sigma, b);
       const scalar_t ws = static_cast<scalar_t>(w);
       double sq = 0.0;  // the reduction in double keeps fp32 log-densities of 64x64x4 latents exact
       for (int64_t i = 0; i < d; ++i) {
         const scalar_t e = c ? u[o + i] + ws * (c[o + i] - u[o + i]) : u[o + i];
-        const scalar_t m = a * x[o + i] + k * e;
+        const scalar_t m = q.cx * x[o + i] + q.ce * e;
         const scalar_t n = noise[o + i];
         mean[o + i] = m;
-        prev[o + i] = m + s * n;
+        prev[o + i] = m + q.sigma * n;
         sq += static_cast<double>(n) * static_cast<double>(n);
       }
       logp[b] = sigma[b] > 0.0
@@ -80,19 +86,17 @@ void backward_kernel(const scalar_t* gp, const scalar_t* gm, const scalar_t* gl,
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * d;
-      const scalar_t a = static_cast<scalar_t>(cx[b]);
-      const scalar_t k = static_cast<scalar_t>(ce[b]);
-      const scalar_t s = static_cast<scalar_t>(sigma[b]);
+      const SampleCoefficients<scalar_t> q(cx, ce, sigma, b);
       const scalar_t l = sigma[b] > 0.0 ? gl[b] : scalar_t(0);
       const scalar_t wu = static_cast<scalar_t>(has_cond ? 1.0 - w : 1.0);
       const scalar_t wc = static_cast<scalar_t>(w);
       for (int64_t i = 0; i < d; ++i) {
         const scalar_t g = gp[o + i] + gm[o + i];  // prev = mean + sigma * noise
-        const scalar_t ge = k * g;
-        gx[o + i] = a * g;
+        const scalar_t ge = q.ce * g;
+        gx[o + i] = q.cx * g;
         gu[o + i] = wu * ge;
         if (has_cond) gc[o + i] = wc * ge;
-        gn[o + i] = s * gp[o + i] - l * noise[o + i];
+        gn[o + i] = q.sigma * gp[o + i] - l * noise[o + i];
       }
     }
   });
