@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Quick start, part 1: set up ./.venv (scripts/setup.sh) and fine-tune the embedded default model
+# with RLR on CPU (the `demo` preset, a few minutes on 2 cores). Extra arguments go to
+# `rlr-fast finetune`, e.g. `bash scripts/demo.sh --set train_steps=10`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+rlr-fast finetune --preset demo "$@"
