@@ -1,0 +1,32 @@
+"""Smoke test of bench/gradient_quality.py: its --quick run, whose table must still tell a biased
+estimator from unbiased ones and the one-step sweep's memory from the one-graph backprop's."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import gradient_quality  # noqa: E402
+
+COLUMNS = ["setting", "T", "B", "N", "estimator", "bias_max_abs_z", "trace_var", "cos_mean_to_exact",
+           "mean_cos_single", "model_fwd", "model_bwd", "peak_saved_bytes", "sec_per_estimate"]
+
+
+def test_quick_run_table():
+    rows = gradient_quality.main(["--quick"])
+    assert list(dict.fromkeys(k for row in rows for k in row)) == COLUMNS  # write_results' column order
+    table = {(row["setting"], row["estimator"]): row for row in rows}
+    expected = [label for label, _, _ in gradient_quality.ESTIMATORS] + ["naive_backprop (one graph)"]
+    for setting in ("toy SD1.4", "toy TOY_SCHEDULE", "unet"):
+        assert [e for s, e in table if s == setting] == expected
+    for setting in ("toy SD1.4", "toy TOY_SCHEDULE"):  # exact gradient in closed form, N = 60
+        assert table[setting, "full_bp"]["bias_max_abs_z"] < 4
+        assert table[setting, "rlr h=2 loo"]["bias_max_abs_z"] < 4
+        assert table[setting, "truncated_bp k=1"]["bias_max_abs_z"] > 40
+        assert table[setting, "ddpo"]["bias_max_abs_z"] is None  # another objective's scale: cosines only
+    unet = {e: row for (s, e), row in table.items() if s == "unet"}
+    # one step resident: RLR's peak is full_bp's, and the one-graph backprop holds all T = 5 steps
+    assert unet["rlr h=2 loo"]["peak_saved_bytes"] <= 1.1 * unet["full_bp"]["peak_saved_bytes"]
+    assert unet["naive_backprop (one graph)"]["peak_saved_bytes"] > 3 * unet["full_bp"]["peak_saved_bytes"]
+    assert unet["full_bp"]["model_fwd"] == unet["full_bp"]["model_bwd"] == 5
+    assert all(row["sec_per_estimate"] > 0 for row in rows)
