@@ -250,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                  unet_steps=args.unet_steps, unet_batch=args.unet_batch, ref_factor=args.ref_factor,
                  timing=dict(warmup=1, repeats=9))
     if args.quick:
-        sizes.update(n=60, toy_steps=5, unet_n=2, unet_steps=5, ref_factor=1, timing=dict(warmup=0, repeats=1))
+        sizes.update(n=40, toy_steps=5, unet_n=2, unet_steps=5, ref_factor=1, timing=dict(warmup=0, repeats=1))
     start = time.perf_counter()
     rows, notes = run(**sizes)
     device = current_device(force_cpu=True)

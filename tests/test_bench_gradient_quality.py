@@ -19,7 +19,7 @@ def test_quick_run_table():
     expected = [label for label, _, _ in gradient_quality.ESTIMATORS] + ["naive_backprop (one graph)"]
     for setting in ("toy SD1.4", "toy TOY_SCHEDULE", "unet"):
         assert [e for s, e in table if s == setting] == expected
-    for setting in ("toy SD1.4", "toy TOY_SCHEDULE"):  # exact gradient in closed form, N = 60
+    for setting in ("toy SD1.4", "toy TOY_SCHEDULE"):  # exact gradient in closed form, N = 40
         assert table[setting, "full_bp"]["bias_max_abs_z"] < 4
         assert table[setting, "rlr h=2 loo"]["bias_max_abs_z"] < 4
         assert table[setting, "truncated_bp k=1"]["bias_max_abs_z"] > 40
