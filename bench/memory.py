@@ -1,0 +1,229 @@
+"""Peak memory of one update, per estimator and for a naive one-graph implementation, over T and h.
+
+    python bench/memory.py           # on a GPU: measured (torch.cuda.max_memory_allocated), SD1.4
+    python bench/memory.py --cpu     # on a CPU: estimated for SD1.4 + measured on the tiny SD
+
+On a CPU, SD1.4's numbers are ESTIMATES from rlr_fast.plan (meta-device measurements of the real
+architecture; no GPU figure is invented), and the tiny SD's are measured live tensor bytes of a
+real update (rlr_fast.plan.measure on real CPU tensors) — they show how each estimator's memory
+grows with T. On a GPU the SD1.4 numbers are measured. The last line printed is
+`peak_gib=<value>` for the SD1.4 RLR update of the issue (512 px, T = 50, CFG, batch 2, LoRA
+rank 4, h = 4, fp16 weights) under the plan for a 6 GiB budget.
+
+Results: bench/results/memory_<device>.md and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (build_models, current_device, latent_reward_fn, naive_rlr_update,  # noqa: E402
+                          peak_memory, write_results, zero_grads)
+from rlr_fast import estimate, rollout  # noqa: E402
+
+planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
+
+GIB = 2**30
+METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo")
+CASE = dict(model="sd14", resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5, method="rlr",
+            first_order_steps=1, h=4, lora_rank=4, precision="half", reward="aesthetic")
+BUDGET_GIB = 6.0
+
+
+def estimator_options(method: str, h: int) -> dict:
+    return {"rlr": dict(first_order_steps=1, h=h), "truncated_bp": dict(k=1)}.get(method, {})
+
+
+def naive_estimate_bytes(p: planner.Plan, table: planner.MeasurementTable) -> int:
+    """The naive one-graph RLR update: the resident bytes, every one of the T steps' saved
+    activations (nothing is freed before the single backward), and the VAE + reward graph."""
+    cfg = p.config
+    hw = cfg.latent_hw()
+    cfg_mode = "together" if cfg.cfg else "none"
+    per_step = table.unet_phase(cfg.model, cfg.batch_size, hw, precision=cfg.precision, attention=cfg.attention,
+                                lora_rank=cfg.lora_rank, cfg_mode=cfg_mode, grad="input", checkpoint=False, saved=True)
+    reward = table.reward_phase(cfg.reward, cfg.batch_size, cfg.batch_size, hw, precision=cfg.precision,
+                                attention=cfg.attention, grad=True, checkpoint_vae=False)
+    resident = sum(v for k, v in p.breakdown.items() if k in ("parameters", "optimizer_state", "trajectory"))
+    return resident + cfg.num_steps * per_step + reward
+
+
+def sweep_cases(quick: bool):
+    steps = (10, 50) if quick else (10, 20, 50)
+    hs = (1, 4) if quick else (1, 2, 4, 8)
+    for T in steps:
+        for method in METHODS:
+            for h in (hs if method == "rlr" else (None,)):
+                yield T, method, h
+
+
+def estimated_rows(quick: bool) -> list[dict]:
+    """SD1.4, estimated by the planner: the plan for the budget (or the smallest plan) and the fastest plan."""
+    table = planner.default_table()
+    rows = []
+    for T, method, h in sweep_cases(quick):
+        case = dict(CASE, num_steps=T, method=method, h=h or CASE["h"])
+        fastest = planner.plan(case, table=table)
+        try:
+            budget = planner.plan(case, max_memory_gb=BUDGET_GIB, table=table)
+        except planner.PlanError as e:
+            budget = e.smallest
+        row = dict(source="estimated", model="SD1.4", method=method, T=T, h=h,
+                   peak_gib_budget_plan=budget.peak_bytes / GIB, plan_phase=budget.peak_phase,
+                   plan_options=_short(budget.options), peak_gib_fastest_plan=fastest.peak_bytes / GIB)
+        if method == "rlr":
+            row["naive_one_graph_gib"] = naive_estimate_bytes(fastest, table) / GIB
+        rows.append(row)
+    return rows
+
+
+def _short(options: dict) -> str:
+    names = {"max_batch": "mb", "checkpoint_unet": "ckU", "checkpoint_vae": "ckV", "decode_chunk": "dc",
+             "split_cfg": "split", "free_text_encoder": "freeTE"}
+    return " ".join(f"{names[k]}={int(v) if isinstance(v, bool) else v}" for k, v in options.items())
+
+
+def tiny_measured_rows(quick: bool) -> list[dict]:
+    """The tiny SD on the CPU: live tensor bytes of one real update (rollout + reward + estimate)."""
+    device = current_device(force_cpu=True)
+    models = build_models(device, tiny=True, dtype=torch.float32)
+    batch, rows = 2, []
+    cond = torch.randn(1, 77, models.cond_dim)
+    negative = torch.zeros(1, 77, models.cond_dim)
+    state = [t for m in (models.unet, models.vae, models.reward) for t in list(m.parameters()) + list(m.buffers())]
+    for T in ((4, 8) if quick else (4, 8, 16)):
+        x_T = torch.randn(batch, 4, models.latent_size, models.latent_size, generator=torch.Generator().manual_seed(0))
+        kw = dict(num_steps=T, eta=1.0, encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
+                  guidance_scale=7.5)
+        reward_fn = latent_reward_fn(models, batch, decode_chunk=1, checkpoint_vae=True)
+        for method in METHODS + ("naive_one_graph_rlr",):
+            zero_grads(models.unet)
+            if method == "naive_one_graph_rlr":
+                def update():
+                    naive_rlr_update(models.unet, models.scheduler, x_T, reward_fn, j=1, h=2, cond=cond,
+                                     negative=negative, guidance_scale=7.5, num_steps=T, eta=1.0,
+                                     generator=torch.Generator().manual_seed(1))
+            else:
+                def update(method=method):
+                    traj = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(1), **kw)
+                    # one step per likelihood-ratio call: the engine's smallest setting
+                    estimate(models.unet, traj, reward_fn, method=method, generator=torch.Generator().manual_seed(2),
+                             max_batch=batch, **estimator_options(method, 2))
+            m = planner.measure(update, existing=state + [x_T, cond, negative], precision="float32")
+            rows.append(dict(source="measured (CPU, live tensor bytes)", model="tiny SD", method=method, T=T,
+                             h=2 if "rlr" in method else None, peak_mib=m.peak_bytes / 2**20))
+    return rows
+
+
+def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
+    """SD1.4 with random weights on the GPU: torch.cuda.max_memory_allocated of one whole update
+    (rollout, reward, estimate, AdamW step) with the options of the 6 GiB plan."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rlr_fast.models import sd14_config
+
+    device = current_device()
+    models = build_models(device, tiny=False, dtype=torch.float16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**sd14_config()["text_encoder"])).to(device.torch_device, torch.float16)
+    optimizer = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad], lr=1e-4)
+    batch, rows, case_peak = CASE["batch_size"], [], None
+    cond = torch.randn(batch, 77, models.cond_dim, device=device.torch_device, dtype=torch.float16)
+    negative = torch.randn(batch, 77, models.cond_dim, device=device.torch_device, dtype=torch.float16)
+    total = torch.cuda.get_device_properties(0).total_memory
+    for T, method, h in sweep_cases(quick):
+        case = dict(CASE, num_steps=T, method=method, h=h or CASE["h"])
+        try:
+            chosen = planner.plan(case, max_memory_gb=BUDGET_GIB)
+        except planner.PlanError as e:
+            chosen = e.smallest
+        options = chosen.options
+        if options["free_text_encoder"] and text_encoder is not None:
+            text_encoder = None  # what train.py does after encoding the prompts
+        x_T = torch.randn(batch, 4, 64, 64, device=device.torch_device, dtype=torch.float16)
+        reward_fn = latent_reward_fn(models, batch, decode_chunk=options["decode_chunk"],
+                                     checkpoint_vae=options["checkpoint_vae"])
+
+        def update():
+            traj = rollout(models.unet, models.scheduler, x_T, num_steps=T, eta=1.0, encoder_hidden_states=cond,
+                           negative_encoder_hidden_states=negative, guidance_scale=7.5,
+                           split_cfg=options["split_cfg"])
+            estimate(models.unet, traj, reward_fn, method=method, **chosen.estimate_kwargs(),
+                     **estimator_options(method, h or CASE["h"]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        row = dict(source="measured (GPU, max_memory_allocated)", model="SD1.4 random weights", method=method, T=T,
+                   h=h, plan_options=_short(options), estimated_gib=chosen.peak_bytes / GIB)
+        try:
+            row["peak_gib"] = peak_memory(update, device) / GIB
+        except torch.cuda.OutOfMemoryError:
+            row["peak_gib"] = "OOM"
+        torch.cuda.empty_cache()
+        if method == "rlr" and T == CASE["num_steps"] and h == CASE["h"]:
+            case_peak = row["peak_gib"]
+        rows.append(row)
+        if method == "rlr":
+            naive = naive_estimate_bytes(planner.plan(case), planner.default_table())
+            row = dict(source="measured (GPU, max_memory_allocated)", model="SD1.4 random weights",
+                       method="naive_one_graph_rlr", T=T, h=h, estimated_gib=naive / GIB)
+            if naive > 0.9 * total:
+                row["peak_gib"] = f"not run: estimated {naive / GIB:.1f} GiB > device memory"
+            else:
+                def naive_update():
+                    naive_rlr_update(models.unet, models.scheduler, x_T, reward_fn, j=1, h=h, cond=cond,
+                                     negative=negative, guidance_scale=7.5, num_steps=T, eta=1.0)
+                    optimizer.zero_grad(set_to_none=True)
+                try:
+                    row["peak_gib"] = peak_memory(naive_update, device) / GIB
+                except torch.cuda.OutOfMemoryError:
+                    row["peak_gib"] = "OOM"
+                torch.cuda.empty_cache()
+            rows.append(row)
+    return rows, case_peak
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="estimate SD1.4, measure the tiny SD (default without a GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer T and h values")
+    args = parser.parse_args(argv)
+    device = current_device(force_cpu=args.cpu)
+    case_plan = planner.plan(CASE, max_memory_gb=BUDGET_GIB)
+    header = [f"# Peak memory of one update — {device.name}", "",
+              f"torch {torch.__version__}; SD1.4 case: 512 px, batch 2, CFG 7.5, LoRA rank 4, fp16 weights "
+              f"(precision '{CASE['precision']}'), aesthetic reward (CLIP-L/14), plan for {BUDGET_GIB:g} GiB.", ""]
+    if device.is_cuda:
+        rows, case_peak = gpu_measured_rows(args.quick)
+        header.append("GPU rows are measured with torch.cuda.max_memory_allocated (weights included).")
+        source = "measured"
+    else:
+        rows = estimated_rows(args.quick) + tiny_measured_rows(args.quick)
+        case_peak = case_plan.peak_bytes / GIB
+        header += ["No GPU in this session: SD1.4 rows are ESTIMATES from rlr_fast.plan (meta-device measurements",
+                   "of the real architecture, tensor bytes only); GPU peak memory: not measured: no GPU in this",
+                   "session. Tiny-SD rows are measured live tensor bytes of real CPU updates."]
+        source = "estimated"
+    header += ["", "Plan for the SD1.4 RLR case (T = 50, h = 4):", "", case_plan.table()]
+    csv_path, md_path = write_results(f"memory_{device.label}", rows, "\n".join(header))
+    for row in rows:
+        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"wrote {md_path} and {csv_path}")
+    target = 6.0
+    if isinstance(case_peak, float):
+        verdict = "pass" if case_peak <= target else f"MISS by {case_peak - target:.2f} GiB"
+        print(f"target peak memory <= {target:g} GiB ({source}): {case_peak:.2f} GiB -> {verdict}")
+        print(f"peak_gib={case_peak:.3f}")
+    else:
+        print(f"target peak memory <= {target:g} GiB ({source}): {case_peak}")
+        print(f"peak_gib={case_peak}")
+
+
+if __name__ == "__main__":
+    main()
