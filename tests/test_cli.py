@@ -86,7 +86,7 @@ def test_evaluate_prints_reward_statistics(run_dir, tmp_path, capsys):
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--lora", str(run_dir), "--prompts", str(prompts), "--seeds", "0,1",
-                 "--out", str(out)]) == 0
+                 "--reward", "color_match", "--out", str(out)]) == 0
     stats = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == stats
     assert stats["n"] == 4 and stats["reward"] == "color_match" and len(stats["per_prompt"]) == 2
