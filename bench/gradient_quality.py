@@ -20,7 +20,6 @@ Results: bench/results/gradient_quality.md and .csv.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

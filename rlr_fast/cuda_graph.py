@@ -33,9 +33,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step, step_coefficients
+from .ddim import ddim_step, log_density_dtype, step_coefficients
 from .profiling import nvtx_range
-from .rollout import Trajectory, _batch_cond, _check_latents, check_scheduler, model_key, predict
+from .rollout import Trajectory, check_rollout_args, check_scheduler, model_key, predict
 
 # max |graph - eager| / max |eager| over the stored latents, by dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -165,22 +165,9 @@ class GraphedRollout:
             raise RuntimeError(f"CUDA-graph rollouts need latents on a CUDA device, got {where} "
                                f"(CUDA available: {torch.cuda.is_available()}); use rlr_fast.rollout, or "
                                "GraphedRollout(..., capture=False) to run the same step without a graph")
-        _check_latents(self.model, latents)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-            raise TypeError(f"num_steps must be an int, got {num_steps!r}")
-        n_train = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_steps <= n_train:
-            raise ValueError(f"num_steps must be in [1, {n_train}] (num_train_timesteps), got {num_steps}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if guidance_scale != 1.0 and negative_encoder_hidden_states is None:
-            raise ValueError(f"guidance_scale={guidance_scale} needs negative_encoder_hidden_states "
-                             "(the unconditional / negative-prompt embeddings)")
+        cond, negative = check_rollout_args(self.model, self.scheduler, latents, num_steps, eta, guidance_scale,
+                                            encoder_hidden_states, negative_encoder_hidden_states)
         batch, device, dtype = latents.shape[0], latents.device, latents.dtype
-        cond = _batch_cond("encoder_hidden_states", encoder_hidden_states, batch)
-        negative = _batch_cond("negative_encoder_hidden_states", negative_encoder_hidden_states, batch)
-        if negative is not None and cond is None:
-            raise ValueError("negative_encoder_hidden_states given without encoder_hidden_states")
         if guidance_scale == 1.0:
             negative_for_step = None  # predict() ignores it without guidance; keep the graph smaller
         else:
@@ -193,7 +180,7 @@ class GraphedRollout:
                              device=device if generator is None else generator.device, dtype=dtype).to(device)
         timesteps, c_x, c_e, sigmas = (v.to(device) for v in (coef.timesteps, coef.c_x, coef.c_e, coef.sigmas))
         xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
-        log_probs = latents.new_empty((num_steps, batch))
+        log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
         xs[0] = latents
 
         with nvtx_range("graphed rollout"):

@@ -158,18 +158,29 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(table.items()))
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over the bare byte alphabet (no merges), built offline.
+def write_byte_tokenizer(folder: Path) -> int:
+    """Write a CLIP tokenizer's files (vocab.json, merges.txt) over the bare byte alphabet.
 
-    Every byte is a token, so any prompt tokenizes; only the vocabulary is tiny (514 ids). It is
-    loaded with `from_pretrained` on files we write because that is the constructor path that
-    behaves the same across transformers versions.
+    Every byte is a token (also with the `</w>` word-end suffix), no merges: any prompt
+    tokenizes, offline. Returns the vocabulary size (514).
     """
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return len(tokens)
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over the bare byte alphabet (`write_byte_tokenizer`), built offline.
+
+    Loaded with `from_pretrained` on files we write because that is the constructor path that
+    behaves the same across transformers versions.
+    """
     with tempfile.TemporaryDirectory(prefix="rlr_tiny_tokenizer_") as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        write_byte_tokenizer(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
 
 

@@ -131,16 +131,9 @@ def _check_latents(model, latents: torch.Tensor) -> None:
         raise ValueError(f"latents must have a batch dimension, got shape {tuple(latents.shape)}")
 
 
-@torch.no_grad()
-def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
-            guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-            progress: bool = False, split_cfg: bool = False, backend: str = "auto") -> Trajectory:
-    """Sample x_T -> x_0 with DDIM under no grad and store the chain.
-
-    `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
-    `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
-    """
-    check_scheduler(scheduler)
+def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale, encoder_hidden_states,
+                       negative_encoder_hidden_states):
+    """Validate a rollout's arguments; returns the conditioning broadcast to the batch."""
     _check_latents(model, latents)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int):
         raise TypeError(f"num_steps must be an int, got {num_steps!r}")
@@ -157,6 +150,22 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     negative = _batch_cond("negative_encoder_hidden_states", negative_encoder_hidden_states, batch)
     if negative is not None and cond is None:
         raise ValueError("negative_encoder_hidden_states given without encoder_hidden_states")
+    return cond, negative
+
+
+@torch.no_grad()
+def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
+            guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
+            progress: bool = False, split_cfg: bool = False, backend: str = "auto") -> Trajectory:
+    """Sample x_T -> x_0 with DDIM under no grad and store the chain.
+
+    `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
+    `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
+    """
+    check_scheduler(scheduler)
+    cond, negative = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
+                                        encoder_hidden_states, negative_encoder_hidden_states)
+    batch = latents.shape[0]
 
     scheduler.set_timesteps(num_steps)
     coef = step_coefficients(scheduler, eta)

@@ -45,3 +45,13 @@ def unet():
 @pytest.fixture
 def scheduler():
     return make_scheduler()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny SD1.4-shaped pipeline saved as a diffusers folder."""
+    from rlr_fast.models import tiny_sd
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    tiny_sd(seed=0).save_pretrained(path)
+    return path

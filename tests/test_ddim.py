@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_scheduler
 
-from rlr_fast.ddim import (check_scheduler, ddim_step, ddim_step_reference, resolve_backend,
+from rlr_fast.ddim import (check_scheduler, ddim_step, resolve_backend,
                            step_coefficients)
 
 # dtype -> (atol, rtol) for compiled vs reference, forward and backward.

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import rlr_fast.rewards as rewards
 from rlr_fast import demo_data
+from rlr_fast.models import write_byte_tokenizer
 from rlr_fast.rewards import available_rewards, get_reward, latent_reward, register_reward
 from rlr_fast.rewards.clip_models import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                           preprocess)
@@ -214,29 +215,11 @@ def test_color_match_prefers_the_true_caption_of_demo_images():
 # --------------------------------------------------------------------------- tiny local weights
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte alphabet: printable bytes stand for themselves, the others move past U+00FF."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in keep}
-    for offset, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + offset)
-    return table
-
-
-def write_clip_tokenizer(folder: Path) -> int:
-    """Byte-level CLIP vocabulary with no merges; returns the vocabulary size."""
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return len(tokens)
-
-
 def tiny_clip(folder: Path, seed: int) -> "transformers.CLIPModel":  # noqa: F821
     from transformers import CLIPConfig, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_clip_tokenizer(folder)
+    vocab_size = write_byte_tokenizer(folder)
     special = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     layers = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     config = CLIPConfig(text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, **layers, **special),

@@ -8,24 +8,7 @@ import safetensors.torch
 import torch
 
 from rlr_fast.config import Config
-from rlr_fast.models import tiny_sd
 from rlr_fast.train import NonFiniteError, _resolve_config, finetune
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded on a shared machine (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sd")
-    tiny_sd(seed=0).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
