@@ -2,7 +2,7 @@
 
 `color_match` scores how well an image shows its prompt's colours: the shape colour in the image
 centre and the background colour along the border. Demo shapes are drawn centred within the
-middle 30% of the frame with a radius of 20-32% of its size, so a well-formed image has the
+middle 30% of the frame with a radius of 18-28% of its size, so a well-formed image has the
 shape colour on the central box and the background on the outer ring. `brightness` is the
 simplest differentiable reward there is, for tests and smoke runs.
 """
