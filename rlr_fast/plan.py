@@ -95,13 +95,14 @@ class Measurement:
 class LiveBytes(TorchDispatchMode):
     """Running total and maximum of the bytes of tensor storages created while active.
 
-    Storages that existed before (parameters, inputs) are never counted. A storage is released
-    when its last tensor dies (a weakref finalizer on the storage object, which PyTorch keeps
-    alive exactly as long as the storage itself).
+    Storages of `existing` tensors (parameters, inputs; they must stay alive throughout) are never
+    counted, nor are views of them. A storage is released when its last tensor dies (a weakref
+    finalizer on the storage object, which PyTorch keeps alive exactly as long as the storage).
     """
 
-    def __init__(self):
+    def __init__(self, existing: Sequence[torch.Tensor] = ()):
         super().__init__()
+        self._existing = {t.untyped_storage()._cdata for t in existing}
         self.created: set[int] = set()  # storage ids created inside and still alive
         self.current = 0
         self.peak = 0
@@ -116,7 +117,7 @@ class LiveBytes(TorchDispatchMode):
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.created or key in self._seen_before:
+        if key in self.created or key in self._existing:
             return
         self.created.add(key)
         nbytes = storage.nbytes()
@@ -128,11 +129,6 @@ class LiveBytes(TorchDispatchMode):
         self.created.discard(key)
         self.current -= nbytes
 
-    def exclude(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Storages (of views, too) that existed before and must not count when ops return them."""
-        self._seen_before = {t.untyped_storage()._cdata for t in tensors}
-
-    _seen_before: set = frozenset()
 
 
 @contextlib.contextmanager
@@ -220,8 +216,7 @@ def measure(run: Callable[[], Any], *, existing: Sequence[torch.Tensor] = (), at
             precision: str = "autocast") -> Measurement:
     """Peak live bytes and saved-for-backward bytes of `run()`, excluding the storages of `existing`
     (parameters, buffers, inputs). Works on real tensors too (tests compare)."""
-    live = LiveBytes()
-    live.exclude(existing)
+    live = LiveBytes(existing)
     with gpu_like_execution(attention, precision), live, count_saved_bytes(live) as saved:
         run()
     return Measurement(peak_bytes=live.peak, saved_bytes=saved[0])
@@ -241,18 +236,17 @@ def count_flops(run: Callable[[], Any]) -> int:
 # The measured phases, on rlr_fast's own code paths
 
 
-def _quiet_diffusers():
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning about casting whole models with .to(dtype) (we mean it)."""
     from diffusers.utils import logging as dlogging
 
-    @contextlib.contextmanager
-    def quiet():
-        level = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            dlogging.set_verbosity(level)
-    return quiet()
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _module_state(module: nn.Module) -> list[torch.Tensor]:
@@ -692,15 +686,16 @@ class PlanConfig:
     def cfg(self) -> bool:
         return self.guidance_scale != 1.0
 
-    def latent_hw(self, latent_channels_scale: int = 8) -> tuple[int, int]:
+    def latent_hw(self, vae_scale: int = 8) -> tuple[int, int]:
+        """Latent (height, width): the image resolution over the VAE's downsampling factor."""
         if self.resolution is None:
             size = _unet_sample_size(self.model)
             return (size, size)
         hw = (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
-        if len(hw) != 2 or any(not isinstance(v, int) or v <= 0 or v % latent_channels_scale for v in hw):
-            raise ValueError(f"resolution must be pixels divisible by {latent_channels_scale} (an int or (height, "
-                             f"width)), got {self.resolution!r}")
-        return (hw[0] // latent_channels_scale, hw[1] // latent_channels_scale)
+        if len(hw) != 2 or any(not isinstance(v, int) or v <= 0 or v % vae_scale for v in hw):
+            raise ValueError(f"resolution must be pixels divisible by {vae_scale} (an int or (height, width)), "
+                             f"got {self.resolution!r}")
+        return (hw[0] // vae_scale, hw[1] // vae_scale)
 
     @classmethod
     def from_any(cls, source: Union[None, dict, "PlanConfig", Any] = None, **overrides) -> "PlanConfig":
@@ -836,8 +831,8 @@ def _evaluate(cfg: PlanConfig, options: dict, table: MeasurementTable, counts: S
     if not options["free_text_encoder"]:
         parameters += weights("text_encoder")
     latent = 4 * hw[0] * hw[1] * (2 if cfg.precision == "half" else 4)  # bytes of one sample's latents
-    cond_dim = table._unet(cfg.model, cfg.precision, cfg.lora_rank).config.cross_attention_dim \
-        if not isinstance(cfg.model, str) else 768
+    cond_dim = 768 if isinstance(cfg.model, str) else \
+        table._unet(cfg.model, cfg.precision, cfg.lora_rank).config.cross_attention_dim  # SD1.4: CLIP-L, 768
     trajectory = (B * latent * (2 * T + 1)  # x_T .. x_0 and T noises
                   + B * T * 4  # log-densities
                   + B * PROMPT_TOKENS * cond_dim * 2 * (2 if cfg.cfg else 1)  # prompt embeddings (fp16)

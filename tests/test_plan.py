@@ -23,8 +23,9 @@ SD14_CASE = dict(model="sd14", resolution=512, batch_size=2, num_steps=50, guida
 
 
 def _tiny_unet(device: str) -> torch.nn.Module:
+    """conftest's tiny UNet with LoRA, on the CPU (real weights) or on meta (no weights)."""
     unet = make_unet() if device == "cpu" else P.meta_unet(make_unet().config, dtype=torch.float32, lora_rank=None)
-    unet = add_lora(unet, rank=4, alpha=4, seed=0) if device == "cpu" else add_lora(unet, rank=4, alpha=4)
+    add_lora(unet, rank=4, alpha=4, seed=0 if device == "cpu" else None)
     for p in unet.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -183,3 +184,18 @@ def test_bad_settings_are_named():
         P.plan(dict(SD14_CASE, reward="pickscore"))
     with pytest.raises(ValueError, match="exceeds num_steps"):
         P.plan(dict(SD14_CASE, num_steps=4))
+
+
+def test_measurements_are_taken_on_demand_and_cached(tmp_path):
+    """A model the cache does not know is measured when first planned (here conftest's tiny UNet,
+    its config as train.py passes it), and the table written by save() gives the same plan back."""
+    config = dict(make_unet().config)
+    case = dict(model=config, resolution=64, batch_size=2, num_steps=6, guidance_scale=1.0, h=2,
+                precision="float32", reward="pixels")
+    table = P.MeasurementTable(path=None)
+    first = P.plan(case, table=table)
+    assert any(key.startswith("unet|config:") for key in table.data["entries"])
+    saved = table.save(tmp_path / "measurements.json")
+    again = P.plan(case, table=P.MeasurementTable(saved))
+    assert (again.peak_bytes, again.options) == (first.peak_bytes, first.options)
+    assert first.phases["unet_step"] > 0 and first.phases["lr_chunk"] > first.phases["unet_step"] / 2
