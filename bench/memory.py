@@ -189,6 +189,19 @@ def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
     return rows, case_peak
 
 
+def _autocast_line() -> str:
+    """The same case as train.py runs it today: fp16 weights under CUDA autocast."""
+    case = dict(CASE, precision="autocast")
+    try:
+        p = planner.plan(case, max_memory_gb=BUDGET_GIB)
+        return f"Under CUDA autocast (train.py's precision) the {BUDGET_GIB:g} GiB plan estimates {p.peak_gib:.2f} GiB."
+    except planner.PlanError as e:
+        phases = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.smallest.phases.items())
+        return (f"Under CUDA autocast (train.py's precision) nothing fits {BUDGET_GIB:g} GiB: the smallest estimated "
+                f"peak is {e.smallest.peak_gib:.2f} GiB (phases, GiB: {phases}); autocast keeps group_norm / "
+                "layer_norm outputs in fp32, which nearly doubles the VAE decoder's backward.")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="estimate SD1.4, measure the tiny SD (default without a GPU)")
@@ -210,7 +223,7 @@ def main(argv=None) -> None:
                    "of the real architecture, tensor bytes only); GPU peak memory: not measured: no GPU in this",
                    "session. Tiny-SD rows are measured live tensor bytes of real CPU updates."]
         source = "estimated"
-    header += ["", "Plan for the SD1.4 RLR case (T = 50, h = 4):", "", case_plan.table()]
+    header += ["", "Plan for the SD1.4 RLR case (T = 50, h = 4):", "", case_plan.table(), "", _autocast_line()]
     csv_path, md_path = write_results(f"memory_{device.label}", rows, "\n".join(header))
     for row in rows:
         print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
