@@ -78,7 +78,8 @@ def _model_output(model, sample, timestep, encoder_hidden_states) -> torch.Tenso
             "the model must return a tensor (or an object with .sample) shaped like its input "
             f"{tuple(sample.shape)}, got {getattr(out, 'shape', type(out).__name__)}"
         )
-    return out
+    # under autocast the UNet answers in fp16/bf16 while the chain is kept in the latents' dtype
+    return out.to(sample.dtype)
 
 
 def predict(model, sample, timestep, cond, negative=None, guidance_scale=1.0, split_cfg=False):

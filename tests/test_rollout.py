@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_scheduler
+from conftest import make_scheduler, make_unet
 
 import rlr_fast
 from rlr_fast.rollout import recompute_steps
@@ -107,6 +107,18 @@ def test_plain_callable_model(scheduler):
 
     traj = rlr_fast.rollout(Linear(), scheduler, torch.randn(2, 3), num_steps=4, eta=1.0)
     assert traj.latents.shape == (5, 2, 3)
+
+
+def test_rollout_and_estimate_under_autocast(unet, scheduler):
+    """Autocast makes the UNet answer in bf16; the chain stays in the latents' fp32."""
+    lora_unet = make_unet()
+    rlr_fast.models.add_lora(lora_unet, rank=2, alpha=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traj, _ = _run(lora_unet, scheduler, 1.0, cfg=True, steps=4)
+        stats = rlr_fast.estimate(lora_unet, traj, lambda x0: -x0.float().pow(2).flatten(1).mean(1), h=2)
+    assert traj.latents.dtype == torch.float32 and torch.isfinite(traj.latents).all()
+    assert stats["unet_backward"] > 0
+    assert all(p.grad is not None for p in rlr_fast.models.lora_parameters(lora_unet))
 
 
 # ---- bad input: one test each, each naming the bad value ------------------------------------
