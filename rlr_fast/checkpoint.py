@@ -120,7 +120,8 @@ def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torc
     meta = json.loads(json.dumps({  # as it reads back, so the checksum is of what a reader sees
         "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "lora_names": names,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
-        "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(python_state), gauss],
+        "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+                "python": [version, list(python_state), gauss],
                 "generators": sorted(rng["generators"]), "cuda_devices": len(rng.get("cuda", []))},
         "counters": counters,
     }))

@@ -296,8 +296,9 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
     then the YAML file's keys, then the `--set key=value` overrides."""
     data = read_yaml(path) if path is not None else {}
     if "overwrite" in data and coerce("overwrite", data["overwrite"], bool):
-        raise ValueError(f"config file {path} sets overwrite: {data['overwrite']}; deleting an earlier run is asked for "
-                         "on the command line only (--set overwrite=true), so a reused file never deletes one")
+        raise ValueError(f"config file {path} sets overwrite: {data['overwrite']}; deleting an earlier run is "
+                         "asked for on the command line only (--set overwrite=true), so a reused file never "
+                         "deletes one")
     name = preset or data.pop("preset", None)
     data.pop("preset", None)
     if base is not None and name is None:

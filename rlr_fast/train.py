@@ -46,7 +46,7 @@ from .config import PRESETS, Config, load_config, load_prompts
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
-from .models import add_lora, lora_parameters, save_lora
+from .models import SDModels, add_lora, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
@@ -181,26 +181,65 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     prompts = load_prompts(cfg.prompts)
     check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
     with RunLock(out), StopSignals() as stops:
-        return _run(cfg, device, checkpoint, records, prompts, out, stops, callback)
+        run = _load(cfg, device, checkpoint, prompts, out)
+        return _train(run, records, checkpoint is not None, stops, callback)
 
 
-def _run(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], records: list[dict],
-         prompts: list[str], out: Path, stops: StopSignals, callback) -> Result:
-    dtype = DTYPES[cfg.dtype]
+@dataclass
+class _Run:
+    """What a run trains with: loaded and checked before its out_dir changes."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    models: SDModels
+    reward: Reward
+    bank: PromptBank
+    params: list
+    optimizer: torch.optim.Optimizer
+    generators: dict
+    rollout: TrainingRollout
+    start: int
+    counters: dict
+    plan_table: Optional[str]
+    grids: list[Path] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.dtype]
+
+    def sample_grid(self, step: int) -> None:
+        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
+        cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
+        if not prompts or not cfg.sample_seeds:
+            return
+        with nvtx_range("sample grid"):
+            images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
+                                     num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                                     dtype=self.dtype, desc=f"sample grid (step {step})")
+        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
+                                    self.out / "samples" / f"step_{step:06d}.png"))
+
+    def checkpoint(self, step: int, rng: dict) -> Path:
+        return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
+                               cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
+                               counters=self.counters)
+
+
+def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path) -> _Run:
+    """Reward, model, LoRA, optimizer and RNGs of a run (restored from `checkpoint` when resuming)."""
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, dtype)
-    unet = models.unet
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
     plan_table = None
     if cfg.max_memory_gb is not None:
-        cfg, plan_table = plan_memory(cfg, unet)
-    add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    params = lora_parameters(unet)
+        cfg, plan_table = plan_memory(cfg, models.unet)
+    add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
     bank = PromptBank(models, prompts, cfg.negative_prompt)
-    grid_prompts = list(range(min(cfg.sample_prompts, len(prompts))))
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()
@@ -211,62 +250,53 @@ def _run(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], re
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
     if checkpoint is not None:
-        restore_rng(restore_checkpoint(checkpoint, unet, optimizer), generators)
+        restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
         print(f"resuming {out} at step {start} from {checkpoint.path}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
-    rollout_fn = TrainingRollout(cfg, models, device)
+    return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
+                optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
+                counters=counters, plan_table=plan_table)
 
+
+def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
+    """The loop, from the run's start to `train_steps`, and the run's final outputs."""
+    cfg, out, counters = run.cfg, run.out, run.counters
     # Everything is loaded and checked: only now does the out_dir change.
-    if checkpoint is None:
+    if not resumed:
         start_afresh(out)
     clear_leftovers(out)
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(cfg.as_run().to_yaml(), encoding="utf-8"))
-    if plan_table is not None:
-        atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(plan_table, encoding="utf-8"))
+    if run.plan_table is not None:
+        atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
     log = MetricsLog(out, records, tensorboard=cfg.tensorboard)
-    grids: list[Path] = []
-
-    def sample_grid(step: int) -> None:
-        if not grid_prompts or not cfg.sample_seeds:
-            return
-        with nvtx_range("sample grid"):
-            images = generate_images(models, bank.cond[grid_prompts], bank.negative, cfg.sample_seeds,
-                                     num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                     dtype=dtype, desc=f"sample grid (step {step})")
-        grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(grid_prompts),
-                               out / "samples" / f"step_{step:06d}.png"))
-
-    def write_checkpoint(step: int, rng: dict) -> Path:
-        return save_checkpoint(out / "checkpoints" / f"step_{step:06d}.safetensors", step=step, cfg=cfg.as_run(),
-                               unet=unet, optimizer=optimizer, rng=rng, counters=counters)
-
-    if checkpoint is None:
-        sample_grid(0)
-    rng_after_step = capture_rng(generators)  # the RNG state at the last step boundary
-    step, checkpoint_step = start, start if checkpoint is not None else None
+    if not resumed:
+        run.sample_grid(0)
+    rng_after_step = capture_rng(run.generators)  # the RNG state at the last step boundary
+    step, checkpoint_step = run.start, run.start if resumed else None
     stopped = None
     t_run = time.perf_counter()
-    bar = progress(cfg.train_steps, "finetune", "step", initial=start, leave=True)
+    bar = progress(cfg.train_steps, "finetune", "step", initial=step, leave=True)
     try:
         while step < cfg.train_steps:
             t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            grads = gradients(cfg, models, bank, reward, rollout_fn, params, generators, device, dtype)
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
+                              run.device, run.dtype)
             with stops.deferred():  # the update is applied, logged and its RNG state kept as one
-                record = apply(cfg, step, grads, optimizer)
+                record = apply(cfg, step, grads, run.optimizer)
                 step += 1
                 seconds = time.perf_counter() - t0
                 counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0
                 counters["seconds"] += seconds
-                record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(device), rollout=rollout_fn.kind,
-                              nonfinite_in_a_row=counters["consecutive_nonfinite"])
+                record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(run.device),
+                              rollout=run.rollout.kind, nonfinite_in_a_row=counters["consecutive_nonfinite"])
                 log.write(record)
-                rng_after_step = capture_rng(generators)
+                rng_after_step = capture_rng(run.generators)
             bar.update(1)
             bar.set_postfix(reward=record["reward_mean"], skipped=sum(1 for r in log.records if r["skipped"]))
             if counters["consecutive_nonfinite"] >= cfg.max_nonfinite:
@@ -276,32 +306,34 @@ def _run(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], re
                     f"in those steps. Check the reward, or lower lr (now {cfg.lr}); metrics in {log.path}")
                 break
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.train_steps:
-                sample_grid(step)
+                run.sample_grid(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                write_checkpoint(step, rng_after_step)
+                run.checkpoint(step, rng_after_step)
                 checkpoint_step = step
             if callback is not None:
                 callback(step, record)
     except KeyboardInterrupt as stop:
         bar.close()
         with stops.deferred():  # a second signal waits until the checkpoint is written and the way back said
-            path = write_checkpoint(step, rng_after_step)
+            path = run.checkpoint(step, rng_after_step)
             why = f"stopped by {stop}" if isinstance(stop, StopRequested) else "interrupted"
-            print(f"\n{why} after step {step}/{cfg.train_steps}; checkpoint written to {path}.\nResume with: rlr-fast finetune --resume {out}   "
-                  f"(Python: rlr_fast.finetune(resume={str(out)!r}))", file=sys.stderr)
+            print(f"\n{why} after step {step}/{cfg.train_steps}; checkpoint written to {path}.\n"
+                  f"Resume with: rlr-fast finetune --resume {out}   (Python: rlr_fast.finetune(resume={str(out)!r}))",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()
         log.close()
 
+    # The end, or a stop for non-finite updates: nothing trained so far may be lost.
     if checkpoint_step != step:
-        write_checkpoint(step, rng_after_step)
-    sample_grid(step)
-    lora_path = save_lora(unet, out)
+        run.checkpoint(step, rng_after_step)
+    run.sample_grid(step)
+    lora_path = save_lora(run.models.unet, out)
     curve = draw_reward_curve(log.records, out / "reward_curve.png")
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
-                        "rollout": {"kind": rollout_fn.kind, "reason": rollout_fn.reason}})
+                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason}})
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
@@ -312,5 +344,4 @@ def _run(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], re
                              f"({listing})")
     print(f"done: {step} steps; outputs in {out}: {listing}", file=sys.stderr)
     return Result(out_dir=out, lora_path=lora_path, config_path=out / "config.yaml", metrics_path=log.path,
-                  curve_path=curve, checkpoint_path=last_checkpoint, grid_paths=grids, metrics=summary)
-
+                  curve_path=curve, checkpoint_path=last_checkpoint, grid_paths=run.grids, metrics=summary)

@@ -79,7 +79,8 @@ class TrainingRollout:
                 return self.graphed(x_T, generator=generator, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the graph path falls back to the eager one
                 first_line = (str(e).splitlines() or [""])[0]
-                self.graphed, self.kind, self.reason = None, "eager", f"CUDA graph failed: {type(e).__name__}: {first_line}"
+                self.graphed, self.kind = None, "eager"
+                self.reason = f"CUDA graph failed: {type(e).__name__}: {first_line}"
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
                 generator.set_state(state)
         return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,

@@ -193,7 +193,8 @@ def test_sigterm_and_a_second_run_from_the_command_line(tiny_folder, tmp_path, c
     assert main(argv) == 128 + signal.SIGTERM
     watcher.join()
     err = capsys.readouterr().err
-    assert second == [2] and f"rlr-fast finetune: error: out_dir {out} is in use by another run (PID {os.getpid()})" in err
+    assert second == [2]
+    assert f"rlr-fast finetune: error: out_dir {out} is in use by another run (PID {os.getpid()})" in err
     assert "Traceback" not in err and f"Resume with: rlr-fast finetune --resume {out}" in err
     steps = len((out / "metrics.jsonl").read_text().splitlines())
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{steps:06d}.safetensors"]

@@ -17,7 +17,8 @@ def models():
 def test_a_gpu_preset_on_the_cpu_runs_in_float32_and_says_so(capsys):
     device, cfg = resolve_device(Config.from_preset("sd14", device="cpu"))
     assert device == torch.device("cpu") and cfg.dtype == "float32" and cfg.num_steps == 50
-    assert capsys.readouterr().err.strip() == "note: dtype=float16 is for GPUs (autocast); running in float32 on the CPU"
+    note = "note: dtype=float16 is for GPUs (autocast); running in float32 on the CPU"
+    assert capsys.readouterr().err.strip() == note
     assert resolve_device(Config.from_preset("demo"))[1] == Config.from_preset("demo")  # nothing to change, no note
     assert capsys.readouterr().err == ""
 

@@ -51,7 +51,8 @@ def test_an_out_dir_that_cannot_be_a_directory(tmp_path, kind):
 
 def test_an_unwritable_out_dir_is_one_clear_error(tmp_path):
     out = unwritable_dir(tmp_path) / "rlr_fast_run"
-    with pytest.raises(ValueError, match=rf"(out_dir {out} is not writable|cannot create out_dir {out}).*choose another"):
+    refused = rf"(out_dir {out} is not writable|cannot create out_dir {out}).*choose another"
+    with pytest.raises(ValueError, match=refused):
         check_out_dir(out, resuming=False, overwrite=False)  # from the permission bits
         with RunLock(out):  # what the bits do not tell (root, read-only file systems): the first write
             pass
@@ -82,7 +83,8 @@ def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
             "os.write(fd, str(os.getpid()).encode())\n"
             "print('locked', flush=True)\n"
             "os.kill(os.getpid(), 9)\n")
-    killed = subprocess.run([sys.executable, "-c", code, str(out / LOCK_NAME)], capture_output=True, text=True, timeout=60)
+    killed = subprocess.run([sys.executable, "-c", code, str(out / LOCK_NAME)], capture_output=True, text=True,
+                            timeout=60)
     assert killed.returncode == -signal.SIGKILL and killed.stdout == "locked\n"
     assert (out / LOCK_NAME).read_text().strip().isdigit()  # the stale lock file is there
     with RunLock(out):

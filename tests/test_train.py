@@ -271,8 +271,8 @@ def test_bad_values_never_touch_an_existing_run(straight, tiny, tmp_path):
 def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(straight, tiny, tmp_path):
     run = copy_of(straight.out_dir, tmp_path)
     before = snapshot(run)
-    with pytest.raises(ValueError, match=r"holds a run \(checkpoints/step_000004.safetensors, .*"
-                                         r"pytorch_lora_weights.safetensors\); continue it with --resume .*overwrite=true"):
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoints/step_000004.safetensors, .*pytorch_lora_weights"
+                                         r".safetensors\); continue it with --resume .*overwrite=true"):
         finetune(Config.from_preset("demo", **tiny), out_dir=str(run))  # as `rlr-fast finetune --preset demo` reruns it
     assert snapshot(run) == before
     finetune(out_dir=str(run), overwrite=True, train_steps=1, **tiny)

@@ -52,6 +52,24 @@ def test_a_failing_cuda_graph_falls_back_to_the_same_eager_chain(models, capsys)
         assert torch.equal(traj.latents, eager.latents) and torch.equal(traj.log_probs, eager.log_probs)
 
 
+def test_the_fallback_redraws_from_the_generator_state_the_graph_started_with(models, capsys):
+    """A graph that fails after drawing its chain's noise (as a failed capture on a GPU does)."""
+    chosen = TrainingRollout(Config(rollout="cuda_graph"), models, torch.device("cpu"))
+
+    def capture_fails(x_T, *, generator, **kwargs):
+        torch.randn(3, *x_T.shape, generator=generator)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    chosen.graphed = capture_fails
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_steps=3, eta=1.0, encoder_hidden_states=models.encode_prompts(["a", "b"]))
+    traj = chosen(x_T, generator=torch.Generator().manual_seed(1), **kw)
+    eager = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(traj.latents, eager.latents)
+    assert capsys.readouterr().err == ("rollout: eager from now on (CUDA graph failed: RuntimeError: operation not "
+                                       "permitted when stream is capturing)\n")
+
+
 def test_gradients_change_nothing_until_applied(models):
     """A step stopped after `gradients` leaves weights and optimizer state as they were."""
     cfg = Config(num_steps=3, batch_size=2, images_per_prompt=2, lr=1e-2)
