@@ -19,8 +19,8 @@ import errno
 import fcntl
 import os
 import shutil
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -38,8 +38,8 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     temporary file a kill leaves)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's permissions, as a plain write
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -51,9 +51,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
 
 def kept_work(out: Path) -> list[str]:
     """What in `out` a fresh start would destroy: its checkpoints and its final LoRA."""
-    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors"))
-    kept = [f"checkpoints/{name}" for name in kept[-1:]] + ([f"{len(kept) - 1} earlier checkpoints"]
-                                                            if len(kept) > 1 else [])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors"))
+    kept = [f"checkpoints/{name}" for name in checkpoints[-1:]]
+    if len(checkpoints) > 1:
+        kept.append(f"{len(checkpoints) - 1} earlier checkpoint" + ("s" if len(checkpoints) > 2 else ""))
     if (out / "pytorch_lora_weights.safetensors").is_file():
         kept.append("pytorch_lora_weights.safetensors")
     return kept

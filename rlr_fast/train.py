@@ -176,10 +176,10 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         check_compatible(checkpoint.config, cfg, checkpoint.path)
         cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
         records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
-    out = Path(cfg.out_dir)
-    check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
     prompts = load_prompts(cfg.prompts)
     check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
+    out = Path(cfg.out_dir)
+    check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
     with RunLock(out), StopSignals() as stops:
         run = _load(cfg, device, checkpoint, prompts, out)
         return _train(run, records, checkpoint is not None, stops, callback)

@@ -23,12 +23,18 @@ def finished_run(out):
 
 def test_a_run_with_checkpoints_is_refused_without_overwrite_or_resume(tmp_path):
     out = finished_run(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"holds a run \(checkpoints/step_000004.safetensors, 1 earlier checkpoints, "
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoints/step_000004.safetensors, 1 earlier checkpoint, "
                                          r"pytorch_lora_weights.safetensors\); continue it with --resume .*run.*"
                                          r"--set overwrite=true"):
         check_out_dir(out, resuming=False, overwrite=False)
     check_out_dir(out, resuming=True, overwrite=False)
     check_out_dir(out, resuming=False, overwrite=True)
+
+
+def test_a_final_lora_alone_is_kept_too(tmp_path):
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"x")  # checkpoints deleted to save space
+    with pytest.raises(ValueError, match=r"holds a run \(pytorch_lora_weights.safetensors\)"):
+        check_out_dir(tmp_path, resuming=False, overwrite=False)
 
 
 def test_what_a_failed_start_left_is_reusable(tmp_path):
@@ -121,3 +127,5 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     atomic_write(path, lambda tmp: tmp.write_text("new"))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    (tmp_path / "plain.txt").write_text("written in place")
+    assert path.stat().st_mode == (tmp_path / "plain.txt").stat().st_mode  # readable as any file the user writes
