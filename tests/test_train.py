@@ -351,6 +351,21 @@ def test_gpu_preset_without_a_gpu(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())  # failed before touching anything
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph(tiny, tmp_path):
+    result = finetune(out_dir=str(tmp_path), train_steps=2, device="cuda", dtype="float16", **tiny)
+    assert result.metrics["rollout"] == {"kind": "cuda_graph", "reason": None}
+    assert all(r["rollout"] == "cuda_graph" and np.isfinite(r["reward_mean"]) for r in records(tmp_path))
+
+
+def test_public_names():
+    import rlr_fast
+    from rlr_fast.train import Result
+
+    assert rlr_fast.finetune is finetune and rlr_fast.Result is Result
+    assert rlr_fast.checkpoint.find_checkpoint and rlr_fast.inference.generate_images  # lazily imported modules
+
+
 def test_no_arguments_means_the_demo_preset():
     assert _resolve_config(None, {}) == (Config.from_preset("demo"), None)
 
