@@ -8,8 +8,8 @@ Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `nois
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,7 +32,6 @@ class Trajectory:
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -231,9 +230,3 @@ def recompute_step(model, traj: Trajectory, k: int, sample: Optional[torch.Tenso
     if not 0 <= k < traj.num_steps:
         raise IndexError(f"step {k} outside the trajectory's {traj.num_steps} steps")
     return recompute_steps(model, traj, [k], None if sample is None else sample.unsqueeze(0), **kw)[0]
-
-
-def trajectory_summary(traj: Trajectory) -> dict[str, Any]:
-    """Shapes and schedule of a trajectory, for logs."""
-    return {"steps": traj.num_steps, "batch": traj.batch_size, "eta": traj.eta,
-            "guidance_scale": traj.guidance_scale, "deterministic_steps": int((traj.sigmas == 0).sum())}
