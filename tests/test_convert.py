@@ -24,6 +24,8 @@ from rlr_fast.rewards.convert import convert_hpsv2, convert_imagereward
 IMAGE_SIZE, PATCH = 32, 8
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+# Embeddings this small (variance ~1e-5) make the first LayerNorms' eps matter, so a wrong eps shows.
+TINY = 0.003
 PROMPTS = ["a red circle on a blue background", "a green triangle", "an orange square on a white background"]
 
 
@@ -94,13 +96,13 @@ def open_clip_state(vocab_size: int, seed: int = 0, text_width: int = 32, vision
     """open_clip's CLIP (ViT-H/14 layout: text tower at the top level, vision tower under `visual.`)."""
     rng = Random(seed)
     grid = IMAGE_SIZE // PATCH
-    state = {"token_embedding.weight": rng.normal(vocab_size, text_width, std=0.5),
-             "positional_embedding": rng.normal(context, text_width, std=0.1),
+    state = {"token_embedding.weight": rng.normal(vocab_size, text_width, std=TINY),
+             "positional_embedding": rng.normal(context, text_width, std=TINY),
              "text_projection": rng.normal(text_width, embed_dim, std=text_width ** -0.5),
              "logit_scale": torch.tensor(math.log(1 / 0.07)),
-             "visual.class_embedding": rng.normal(vision_width, std=0.5),
-             "visual.positional_embedding": rng.normal(grid * grid + 1, vision_width, std=0.1),
-             "visual.conv1.weight": rng.normal(vision_width, 3, PATCH, PATCH, std=(3 * PATCH * PATCH) ** -0.5),
+             "visual.class_embedding": rng.normal(vision_width, std=TINY),
+             "visual.positional_embedding": rng.normal(grid * grid + 1, vision_width, std=TINY),
+             "visual.conv1.weight": rng.normal(vision_width, 3, PATCH, PATCH, std=TINY / PATCH),
              "visual.proj": rng.normal(vision_width, embed_dim, std=vision_width ** -0.5)}
     put(state, "ln_final", rng.norm(text_width))
     put(state, "visual.ln_pre", rng.norm(vision_width))
@@ -174,7 +176,7 @@ def test_hpsv2_scores_equal_open_clip_forward_of_the_released_layout(tmp_path, c
         text_features = open_clip_encode_text(state, token_ids, heads=4)
     expected = F.cosine_similarity(image_features, text_features, dim=-1)  # HPSv2: diag(img @ txt.T), normalised
     torch.testing.assert_close(values.detach(), expected, rtol=0, atol=1e-5)
-    assert expected.std() > 0.05  # the scores differ by image and prompt: a wrong weight would show
+    assert expected.std() > 0.02  # the scores differ by image and prompt: a wrong weight would show
 
 
 # --------------------------------------------------------------------------- ImageReward: BLIP + BERT + MLP
@@ -204,13 +206,13 @@ def imagereward_state(vocab_size: int, seed: int = 0, vision_width: int = 48, te
     rng = Random(seed)
     vit, bert = "blip.visual_encoder", "blip.text_encoder"
     grid = IMAGE_SIZE // PATCH
-    state = {f"{vit}.cls_token": rng.normal(1, 1, vision_width, std=0.5),
-             f"{vit}.pos_embed": rng.normal(1, grid * grid + 1, vision_width, std=0.1),
-             f"{bert}.embeddings.word_embeddings.weight": rng.normal(vocab_size, text_width, std=0.5),
-             f"{bert}.embeddings.position_embeddings.weight": rng.normal(max_positions, text_width, std=0.1),
+    state = {f"{vit}.cls_token": rng.normal(1, 1, vision_width, std=TINY),
+             f"{vit}.pos_embed": rng.normal(1, grid * grid + 1, vision_width, std=TINY),
+             f"{bert}.embeddings.word_embeddings.weight": rng.normal(vocab_size, text_width, std=TINY),
+             f"{bert}.embeddings.position_embeddings.weight": rng.normal(max_positions, text_width, std=TINY),
              f"{bert}.embeddings.position_ids": torch.arange(max_positions)[None]}
-    put(state, f"{vit}.patch_embed.proj", (rng.normal(vision_width, 3, PATCH, PATCH, std=(3 * PATCH**2) ** -0.5),
-                                           rng.normal(vision_width, std=0.1)))
+    put(state, f"{vit}.patch_embed.proj", (rng.normal(vision_width, 3, PATCH, PATCH, std=TINY / PATCH),
+                                           rng.normal(vision_width, std=TINY)))
     put(state, f"{vit}.norm", rng.norm(vision_width))
     put(state, f"{bert}.embeddings.LayerNorm", rng.norm(text_width))
     for n in range(layers):

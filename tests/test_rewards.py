@@ -526,7 +526,7 @@ def test_vision_checkpointing_keeps_gradients_and_saves_fewer_bytes(build_reward
     assert plain_peak - checkpointed_peak > 0.5 * tower_peak
 
 
-def reference_photo(height: int = 96, width: int = 130) -> np.ndarray:
+def reference_photo(height: int = 96, width: int = 131) -> np.ndarray:
     """A deterministic uint8 image with smooth gradients, hard edges, fine stripes and noise."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
@@ -570,7 +570,7 @@ def test_clip_rewards_preprocess_as_clip_image_processor(build_reward, clip_fold
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=mean, image_std=std).save_pretrained(folder)
     reward, tower = build_reward(name, folder=folder)
-    photo = reference_photo()  # 96 x 130 -> 32 x 43: an odd excess of 11 columns to crop
+    photo = reference_photo()  # 96 x 131 -> 32 x int(43.67) = 43: an odd excess of 11 columns to crop
     reference = CLIPImageProcessor.from_pretrained(folder)(images=Image.fromarray(photo),
                                                            return_tensors="pt").pixel_values[0]
     levels = grey_levels(pixels_seen_by(tower, reward, photo), reference, std)
