@@ -195,25 +195,32 @@ class LaionAesthetic(Reward):
 class ClipSimilarity(Reward):
     """`scale * cos(image_embedding, text_embedding)` of a transformers CLIPModel (PickScore, HPSv2).
 
-    `use_logit_scale`: scale by the model's learned temperature exp(logit_scale) (PickScore) or by 1
-    (HPSv2). Prompts are tokenised to the text tower's length and encoded without gradients.
+    Subclasses set `use_logit_scale` (scale by the learned temperature exp(logit_scale), or by 1),
+    `default_folder` (under the weights directory) and `how_to_get(folder)`. Prompts are tokenised to
+    the text tower's length and encoded without gradients.
     """
 
     differentiable = True
+    WHAT = "CLIP similarity reward"
+    use_logit_scale = False
+    default_folder = ""
 
-    def __init__(self, path: PathLike, *, use_logit_scale: bool, what: str, how: str,
-                 dtype: Union[str, torch.dtype] = torch.float32, checkpoint_vision: bool = False,
-                 device: Union[str, torch.device] = "cpu"):
+    @staticmethod
+    def how_to_get(folder: Path) -> str:
+        raise NotImplementedError
+
+    def __init__(self, path: Optional[PathLike] = None, *, dtype: Union[str, torch.dtype] = torch.float32,
+                 checkpoint_vision: bool = False, device: Union[str, torch.device] = "cpu"):
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
-        path = Path(path)
-        require_model_folder(path, what, how)
-        require_tokenizer(path, CLIP_TOKENIZER_FILES, what, how)
-        self.model = load_pretrained(CLIPModel, path, "clip", ("",), reward_dtype(dtype), what, how)
+        path = Path(path) if path is not None else weights_dir() / self.default_folder
+        how = self.how_to_get(path)
+        require_model_folder(path, self.WHAT, how)
+        require_tokenizer(path, CLIP_TOKENIZER_FILES, self.WHAT, how)
+        self.model = load_pretrained(CLIPModel, path, "clip", ("",), reward_dtype(dtype), self.WHAT, how)
         self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         self.max_tokens = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        self.use_logit_scale = use_logit_scale
         self.image_size = self.model.config.vision_config.image_size
         self.mean, self.std = image_stats(path)
         if checkpoint_vision:
@@ -238,25 +245,32 @@ class ClipSimilarity(Reward):
 
 
 @register_reward("pickscore")
-def pickscore(path: Optional[PathLike] = None, *, dtype: Union[str, torch.dtype] = torch.float32,
-              checkpoint_vision: bool = False, device: Union[str, torch.device] = "cpu") -> ClipSimilarity:
+class PickScore(ClipSimilarity):
     """PickScore (Kirstain et al. 2023): exp(logit_scale) * cos, about 20 for typical images."""
-    path = Path(path) if path is not None else weights_dir() / "PickScore_v1"
-    how = ("Download the Hugging Face repo yuvalkirstain/PickScore_v1 (config.json, model.safetensors) into that "
-           "folder and add the tokenizer files (vocab.json, merges.txt, tokenizer_config.json, "
-           "special_tokens_map.json) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K. " + pass_paths("pickscore", path="folder"))
-    return ClipSimilarity(path, use_logit_scale=True, what="PickScore reward", how=how, dtype=dtype,
-                          checkpoint_vision=checkpoint_vision, device=device)
+
+    WHAT = "PickScore reward"
+    use_logit_scale = True
+    default_folder = "PickScore_v1"
+
+    @staticmethod
+    def how_to_get(folder: Path) -> str:
+        return ("Download the Hugging Face repo yuvalkirstain/PickScore_v1 (config.json, model.safetensors) into that "
+                "folder and add the tokenizer files (vocab.json, merges.txt, tokenizer_config.json, "
+                "special_tokens_map.json) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K. "
+                + pass_paths("pickscore", path="folder"))
 
 
 @register_reward("hpsv2")
-def hpsv2(path: Optional[PathLike] = None, *, dtype: Union[str, torch.dtype] = torch.float32,
-          checkpoint_vision: bool = False, device: Union[str, torch.device] = "cpu") -> ClipSimilarity:
+class HPSv2(ClipSimilarity):
     """HPSv2 (Wu et al. 2023): cos(image, text) of its fine-tuned ViT-H/14, about 0.25-0.3."""
-    path = Path(path) if path is not None else weights_dir() / "HPSv2"
-    how = ("Make it from HPSv2's open_clip checkpoint (HPS_v2.1_compressed.pt or HPS_v2_compressed.pt, Hub repo "
-           "xswu/HPSv2) and the tokenizer folder of laion/CLIP-ViT-H-14-laion2B-s32B-b79K: rlr-fast convert hpsv2 "
-           f"--checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14-laion2B-s32B-b79K --out {path}. "
-           + pass_paths("hpsv2", path="folder"))
-    return ClipSimilarity(path, use_logit_scale=False, what="HPSv2 reward", how=how, dtype=dtype,
-                          checkpoint_vision=checkpoint_vision, device=device)
+
+    WHAT = "HPSv2 reward"
+    use_logit_scale = False
+    default_folder = "HPSv2"
+
+    @staticmethod
+    def how_to_get(folder: Path) -> str:
+        return ("Make it from HPSv2's open_clip checkpoint (HPS_v2.1_compressed.pt or HPS_v2_compressed.pt, Hub repo "
+                "xswu/HPSv2) and the tokenizer folder of laion/CLIP-ViT-H-14-laion2B-s32B-b79K: rlr-fast convert "
+                f"hpsv2 --checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14-laion2B-s32B-b79K --out {folder}. "
+                + pass_paths("hpsv2", path="folder"))
