@@ -15,7 +15,7 @@ from rlr_fast.checkpoint import capture_rng, find_checkpoint, read_checkpoint, r
     save_checkpoint
 from rlr_fast.config import Config
 from rlr_fast.models import add_lora, lora_parameters
-from conftest import corrupt_tensor, make_unet
+from rlr_fast.testing import make_unet
 
 LORA = "lora/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"
 
@@ -58,7 +58,7 @@ def test_round_trip_restores_lora_optimizer_and_every_rng(saved):
                        torch.randn(4, generator=torch.Generator().manual_seed(7)))
 
 
-def test_a_flipped_exponent_bit_in_a_lora_tensor_is_detected(saved):
+def test_a_flipped_exponent_bit_in_a_lora_tensor_is_detected(saved, corrupt_tensor):
     path = saved[0]
     clean = safetensors.torch.load_file(str(path))[LORA].clone()  # load_file maps the file
     corrupt_tensor(path, LORA)
@@ -68,7 +68,7 @@ def test_a_flipped_exponent_bit_in_a_lora_tensor_is_detected(saved):
         read_checkpoint(path)
 
 
-def test_random_bytes_in_the_rng_state_are_one_clear_error(saved):
+def test_random_bytes_in_the_rng_state_are_one_clear_error(saved, corrupt_tensor):
     corrupt_tensor(saved[0], "rng/torch_cpu", how="random")
     with pytest.raises(ValueError, match=r"is corrupt: tensor 'rng/torch_cpu'") as error:
         read_checkpoint(saved[0])
@@ -92,7 +92,7 @@ def test_a_file_that_is_not_safetensors(tmp_path):
         read_checkpoint(path)
 
 
-def test_resume_falls_back_to_the_newest_readable_checkpoint(saved, capsys):
+def test_resume_falls_back_to_the_newest_readable_checkpoint(saved, capsys, corrupt_tensor):
     path = saved[0]
     newer = path.with_name("step_000005.safetensors")
     shutil.copy(path, newer)

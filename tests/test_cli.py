@@ -15,7 +15,6 @@ import torch
 
 from rlr_fast.cli import main, parse_seeds
 from rlr_fast.config import Config
-from conftest import corrupt_tensor, unwritable_dir
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -155,13 +154,13 @@ def test_bad_yaml_files_are_one_line(tmp_path, capsys):
     assert "asked for on the command line only (--set overwrite=true)" in one_error_line(capsys, "finetune")
 
 
-def test_an_unwritable_out_dir_is_one_line(tmp_path, capsys):
-    out = unwritable_dir(tmp_path) / "run"
+def test_an_unwritable_out_dir_is_one_line(unwritable_dir, capsys):
+    out = unwritable_dir / "run"
     assert main(["finetune", "--out", str(out)]) == 2
     assert str(out) in one_error_line(capsys, "finetune")
 
 
-def test_resume_from_a_damaged_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+def test_resume_from_a_damaged_checkpoint_is_one_line(run_dir, tmp_path, capsys, corrupt_tensor):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     corrupt_tensor(copy / "checkpoints" / "step_000002.safetensors", "rng/torch_cpu", how="random")

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from rlr_fast.run_dir import LOCK_NAME, RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from conftest import unwritable_dir
 
 
 def finished_run(out):
@@ -55,8 +54,8 @@ def test_an_out_dir_that_cannot_be_a_directory(tmp_path, kind):
         check_out_dir(out, resuming=False, overwrite=False)
 
 
-def test_an_unwritable_out_dir_is_one_clear_error(tmp_path):
-    out = unwritable_dir(tmp_path) / "rlr_fast_run"
+def test_an_unwritable_out_dir_is_one_clear_error(unwritable_dir):
+    out = unwritable_dir / "rlr_fast_run"
     refused = rf"(out_dir {out} is not writable|cannot create out_dir {out}).*choose another"
     with pytest.raises(ValueError, match=refused):
         check_out_dir(out, resuming=False, overwrite=False)  # from the permission bits

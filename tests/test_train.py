@@ -14,7 +14,6 @@ import torch
 from rlr_fast.config import Config
 from rlr_fast.run_dir import RunLock
 from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, _resolve_config, finetune
-from conftest import corrupt_tensor
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +301,7 @@ def test_a_second_run_refuses_an_out_dir_in_use(tiny, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [".rlr_fast.lock"]
 
 
-def test_resume_skips_a_damaged_latest_checkpoint(straight, tmp_path, capsys):
+def test_resume_skips_a_damaged_latest_checkpoint(straight, tmp_path, capsys, corrupt_tensor):
     run = copy_of(straight.out_dir, tmp_path)
     corrupt_tensor(run / "checkpoints" / "step_000004.safetensors",
                    "lora/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight")
