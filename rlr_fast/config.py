@@ -25,6 +25,7 @@ from .options import (EstimatorOptions, check_choice, check_min, check_positive,
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 ROLLOUTS = ("auto", "cuda_graph", "eager")
+REPLAY_SAMPLINGS = ("uniform", "reward")
 # What one command asks for rather than what a run is: left out of the config a run records.
 INVOCATION_KEYS = {"overwrite": False, "resume": None}
 
@@ -96,6 +97,16 @@ class Config(EstimatorOptions):
     max_grad_norm: Optional[float] = option(1.0, "clip the gradient to this global norm (None: no clip)")
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps")
     train_steps: int = option(100, "optimizer steps of the run")
+
+    # --- sqdf's off-policy replay (rlr_fast.replay); the estimator's sqdf_* keys are above
+    replay_capacity: int = option(0, "sqdf: chains kept in the replay buffer, oldest replaced first (0: no buffer, "
+                                     "every update trains on its own fresh rollouts); at least batch_size x "
+                                     "grad_accum")
+    replay_ratio: int = option(1, "sqdf with a buffer: optimizer steps per fresh batch of batch_size x grad_accum "
+                                  "rollouts added to the buffer")
+    replay_sampling: str = option("uniform", "sqdf with a buffer: 'uniform' (distinct chains, each at a uniform "
+                                             "step of sqdf_steps) or 'reward' (chain and step drawn together with "
+                                             "probability ~ max(R, 0) * sqdf_gamma ** (steps after k))")
 
     # --- logging and checkpoints
     sample_every: int = option(0, "write a sample grid every N steps (0: only before and after training)")
@@ -198,11 +209,25 @@ class Config(EstimatorOptions):
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
             raise ValueError("baseline='loo_prompt' needs images_per_prompt >= 2 (a leave-one-out mean over "
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
+        self._check_replay()
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self
+
+    def _check_replay(self) -> None:
+        check_min("replay_capacity", self.replay_capacity, 0)
+        check_min("replay_ratio", self.replay_ratio, 1)
+        check_choice("replay_sampling", self.replay_sampling, REPLAY_SAMPLINGS)
+        if self.replay_capacity and self.method != "sqdf":
+            raise ValueError(f"replay_capacity is used by method='sqdf' only, not by method={self.method!r}; "
+                             "set replay_capacity=0")
+        chains = self.batch_size * self.grad_accum
+        if 0 < self.replay_capacity < chains:
+            raise ValueError(f"replay_capacity={self.replay_capacity} is smaller than one update's {chains} chains "
+                             f"(batch_size={self.batch_size} x grad_accum={self.grad_accum}), which each draw "
+                             "takes from the buffer")
 
     def estimator_options(self) -> EstimatorOptions:
         """The estimator's share of this config, for `estimate` and `plan`."""

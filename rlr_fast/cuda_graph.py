@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step, log_density_dtype, step_coefficients
+from .ddim import ddim_step, log_density_dtype, step_coefficients, x0_coefficients
 from .profiling import nvtx_range
 from .rollout import Trajectory, check_rollout_args, check_scheduler, model_key, predict
 
@@ -179,6 +179,7 @@ class GraphedRollout:
         noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                              device=device if generator is None else generator.device, dtype=dtype).to(device)
         timesteps, c_x, c_e, sigmas = (v.to(device) for v in (coef.timesteps, coef.c_x, coef.c_e, coef.sigmas))
+        d_x, d_e = (v.to(device) for v in x0_coefficients(self.scheduler))
         xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
         log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
         xs[0] = latents
@@ -199,7 +200,7 @@ class GraphedRollout:
         return Trajectory(latents=xs, noises=noises, timesteps=timesteps, sigmas=sigmas, c_x=c_x, c_e=c_e,
                           log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
                           negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                          model_key=model_key(self.model))
+                          model_key=model_key(self.model), d_x=d_x, d_e=d_e)
 
 
 def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,

@@ -12,7 +12,8 @@ which steps get which term, so all four are one `Terms` plan run by `_run_terms`
   F = {1..f}       pathwise from dR/dx_0 (sigma_t = 0 steps must be here or in H)
   H = {j+1..j+h}   likelihood ratio at step j+1, back-propagated through steps j+2..j+h
   C = the rest     likelihood ratio per step, optionally k of |C| with weight |C| / k
-DDPO (a clipped importance-ratio surrogate) is separate. This module builds the terms; the model
+DDPO (a clipped importance-ratio surrogate) and SQDF (rlr_fast.sqdf: a one-step gradient at one
+drawn step per sample, `estimate_states`) are separate. This module builds the terms; the model
 runs in rlr_fast.sweep, baselines and scales come from rlr_fast.baselines, and every option is
 validated by rlr_fast.options.
 """
@@ -29,8 +30,9 @@ from .baselines import ddpo_advantages, reward_baseline, reward_scale
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
-from .sweep import (CallCounter, GradTerms, SavedTensorMemory, gradient_checkpointing, likelihood_ratio,
-                    pathwise_sweep, ratio_surrogate, resident_tensors)
+from .sqdf import draw_steps, sqdf_gradient
+from .sweep import (CallCounter, GradTerms, SavedTensorMemory, StepStates, gradient_checkpointing,
+                    likelihood_ratio, pathwise_sweep, ratio_surrogate, resident_tensors)
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,20 +52,26 @@ class Terms:
 
 
 def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
-    """R(x_0) (B,) and, when `need_grad`, dR/dx_0; the reward's graph is freed before returning.
+    """R(x_0) (B,) of the chain and, when `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 
     Computing dR/dx_0 first (phase one) and sweeping the model afterwards (phase two) means the
     reward's activations and the model's are never alive together.
     """
-    x0 = traj.x0.detach().requires_grad_(need_grad)
+    return _score(reward_fn, traj.x0, need_grad)
+
+
+def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool):
+    """R(x0) (B,) of latents x0 and, when `need_grad`, dR/dx0 (see `_rewards`)."""
+    batch = x0.shape[0]
+    x0 = x0.detach().requires_grad_(need_grad)
     with nvtx_range("reward"), torch.set_grad_enabled(need_grad):
         r = reward_fn(x0)
-    if not torch.is_tensor(r) or r.shape != (traj.batch_size,):
-        raise ValueError(f"reward_fn must return a tensor of shape ({traj.batch_size},) (one reward "
+    if not torch.is_tensor(r) or r.shape != (batch,):
+        raise ValueError(f"reward_fn must return a tensor of shape ({batch},) (one reward "
                          f"per sample), got {getattr(r, 'shape', type(r).__name__)}")
     bad = int((~torch.isfinite(r.detach())).sum())
     if bad:
-        raise ValueError(f"{bad} of {traj.batch_size} rewards are not finite (NaN or Inf); "
+        raise ValueError(f"{bad} of {batch} rewards are not finite (NaN or Inf); "
                          "no gradient was applied")
     if not need_grad:
         return r.detach(), None
@@ -210,38 +218,54 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
 # The public entry point
 
 
+def _trainable(model) -> list:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False); "
+                         "add LoRA (rlr_fast.models.add_lora) or unfreeze some parameters")
+    return params
+
+
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
-             generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
+             generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None, reference=None,
              track_memory: bool = False, **overrides) -> dict:
-    """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b).
+    """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b) (for sqdf: of its
+    KL-regularised loss, docs/estimator.md §11).
 
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
                 names of EstimatorOptions (method="rlr", h=2, baseline="loo", truncated_bp_k=4, ...)
                 applied on top and validated with them
-    generator   draws j, the zeroth-order subsample and a random K; same state -> same estimate
+    generator   draws j, the zeroth-order subsample, a random K, and sqdf's steps and fresh noise;
+                same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
     advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
+    reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
     Returns stats: method, reward_mean/std, rewards, j, F/H/C (docs/estimator.md step indices),
-    zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, and for
-    ddpo clip_fraction.
+    zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, for
+    ddpo clip_fraction, and for sqdf those of `estimate_states` (its rewards are R(x_0) of the chain).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
         raise TypeError(f"traj must be a Trajectory from rlr_fast.rollout, got {type(traj).__name__}")
     options.check_chain(traj.num_steps, traj.eta)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False); "
-                         "add LoRA (rlr_fast.models.add_lora) or unfreeze some parameters")
+    params = _trainable(model)
     if traj.model_key and traj.model_key != model_key(model):
         raise ValueError("this trajectory was sampled by a model of another architecture "
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
     if advantages is not None and options.method != "ddpo":
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
+    if reference is not None and options.method != "sqdf":
+        raise ValueError(f"reference is used by method='sqdf' only, not by method={options.method!r}")
     if prompt_ids is not None:
         prompt_ids = torch.as_tensor(prompt_ids)
+    if options.method == "sqdf":
+        steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
+        rewards, _ = _rewards(reward_fn, traj, need_grad=False)  # the chain's own, for the record
+        stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
+                                reference=reference, track_memory=track_memory)
+        return dict(stats, **_reward_stats(rewards))
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
     rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
@@ -269,13 +293,53 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 peak_saved_bytes=None if memory is None else memory.peak, **extra)
 
 
+def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
+                    generator: Optional[torch.Generator] = None, reference=None, track_memory: bool = False,
+                    **overrides) -> dict:
+    """SQDF at given states, one step per sample (drawn by `estimate`, or replayed from a buffer):
+    accumulate into `.grad` the gradient of mean_b -(gamma^n_b Q_b - alpha KL_b) (docs/estimator.md §11).
+
+    The fresh noise of the reparameterised step is drawn from `generator`. Returns stats: method,
+    k (each sample's step, sampling order), q / kl (each sample's soft Q and KL), q_mean, kl_mean,
+    unet_forward, unet_backward, term_norms and peak_saved_bytes.
+    """
+    options = EstimatorOptions.build(options, **overrides)
+    if options.method != "sqdf":
+        raise ValueError(f"estimate_states runs method='sqdf', got method={options.method!r}; the other "
+                         "methods take a whole chain: use estimate")
+    if not isinstance(states, StepStates):
+        raise TypeError(f"states must be rlr_fast.sweep.StepStates, got {type(states).__name__}")
+    params = _trainable(model)
+    device = states.x.device if generator is None else generator.device
+    noise = torch.randn(states.x.shape, generator=generator, device=device, dtype=states.x.dtype).to(states.x.device)
+    cond = [states.encoder_hidden_states, states.negative_encoder_hidden_states]
+    memory = SavedTensorMemory(exclude=list(model.parameters()) + list(model.buffers()) + [states.x, noise]
+                               + [c for c in cond if c is not None]) if track_memory else None
+    counter, grads = CallCounter(), GradTerms(params)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(gradient_checkpointing(model, options.checkpoint_unet))
+        if memory is not None:
+            stack.enter_context(memory.track())
+        with grads.term("total"):
+            out = sqdf_gradient(model, states, noise, lambda x0: _score(reward_fn, x0, need_grad=True), options,
+                                counter, reference=reference)
+    return {"method": "sqdf", "k": states.steps.tolist(), "q": out["q"].tolist(), "kl": out["kl"].tolist(),
+            "q_mean": float(out["q"].mean()), "kl_mean": float(out["kl"].mean()), "unet_forward": counter.forward,
+            "unet_backward": counter.backward, "term_norms": grads.norms,
+            "peak_saved_bytes": None if memory is None else memory.peak}
+
+
+def _reward_stats(rewards: torch.Tensor) -> dict:
+    return {"reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "rewards": rewards.tolist()}
+
+
 def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
     j, h = (None, 0) if terms is None or terms.half_order is None else terms.half_order
     return {
         "method": method,
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "rewards": rewards.tolist(),
+        **_reward_stats(rewards),
         "j": j,
         "F": [] if terms is None else list(range(1, terms.first_order + 1)),
         "H": [] if j is None else list(range(j + 1, j + h + 1)),

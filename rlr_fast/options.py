@@ -21,11 +21,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
-METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo")
+METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo", "sqdf")
 BASELINES = ("none", "loo", "loo_prompt")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
 LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo")
@@ -208,6 +208,18 @@ class EstimatorOptions:
                                                   "slightly biased) or by a given positive scale")
     truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
     clip_range: float = option(1e-4, "ddpo: PPO clip range of the importance ratio")
+    sqdf_alpha: float = option(0.0, "sqdf: weight alpha of the KL of each trained step to the base model's, the KL "
+                                    "summed over the latent's D elements (the public SQDF code's alpha is "
+                                    "sqdf_alpha * D / 2; docs/estimator.md §11)")
+    sqdf_gamma: float = option(1.0, "sqdf: discount in (0, 1]: the reward term of step k is weighted "
+                                    "gamma ** (steps after k)")
+    sqdf_steps: Optional[tuple[int, int]] = option(None, "sqdf: the steps k drawn per sample, [first, stop) in "
+                                                         "sampling order (0 the noisiest) as range(first, stop); "
+                                                         "None: every step")
+    x0_estimator: Union[str, Callable] = option("tweedie", "sqdf: the one-step estimate of x_0 scored as the soft "
+                                                           "Q: 'tweedie' (the base model at the next step) or, from "
+                                                           "Python, a callable (reference, states) -> x0_hat, e.g. a "
+                                                           "consistency model (rlr_fast.sqdf)")
     max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (whole steps, at "
                                             "least one); None: one step's batch per call, so activation memory "
                                             "stays flat in T (larger values batch several steps per call: faster, "
@@ -247,6 +259,18 @@ class EstimatorOptions:
         if self.max_batch is not None:
             check_min("max_batch", self.max_batch, 1)
         check_positive("clip_range", self.clip_range)
+        if not (math.isfinite(self.sqdf_alpha) and self.sqdf_alpha >= 0):
+            raise ValueError(f"sqdf_alpha must be >= 0 (the weight of a KL penalty), got {self.sqdf_alpha}")
+        if not (math.isfinite(self.sqdf_gamma) and 0 < self.sqdf_gamma <= 1):
+            raise ValueError(f"sqdf_gamma must be in (0, 1], got {self.sqdf_gamma}")
+        if self.sqdf_steps is not None:
+            first, stop = self.sqdf_steps
+            check_min("sqdf_steps[0]", first, 0)
+            if stop <= first:
+                raise ValueError(f"sqdf_steps={list(self.sqdf_steps)} is an empty range: steps are drawn from "
+                                 f"[first, stop), so stop must exceed first")
+        if isinstance(self.x0_estimator, str):
+            check_choice("x0_estimator", self.x0_estimator, ("tweedie",))
         if not isinstance(self.normalize, bool) and not (math.isfinite(self.normalize) and self.normalize > 0):
             raise ValueError(f"normalize must be true/false or a positive scale, got {self.normalize}")
         return self
@@ -272,6 +296,13 @@ class EstimatorOptions:
             raise ValueError(f"zo_steps={self.zo_steps} must be in 1..num_steps={T}, or None")
         if self.method == "truncated_bp" and isinstance(self.truncated_bp_k, int) and not self.truncated_bp_k <= T:
             raise ValueError(f"truncated_bp_k={self.truncated_bp_k} must be in 1..num_steps={T}")
+        if self.method == "sqdf":
+            if self.sqdf_steps is not None and self.sqdf_steps[1] > T:
+                raise ValueError(f"sqdf_steps={list(self.sqdf_steps)} reaches past the chain: stop must be <= "
+                                 f"num_steps={T}")
+            if eta == 0:
+                raise ValueError("method='sqdf' takes a reparameterised step with fresh noise and a KL between "
+                                 "Gaussians of std sigma: eta must be > 0, got eta=0")
         if self.method in LIKELIHOOD_RATIO_METHODS and eta == 0 and not (
                 self.method == "rlr" and self.first_order_steps == T):
             raise ValueError(f"method={self.method!r} uses likelihood ratios, which need noise: eta must be > 0, "

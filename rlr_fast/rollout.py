@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ddim import check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients
+from .ddim import (check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients,
+                   x0_coefficients)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Trajectory:
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
+    d_x: Optional[torch.Tensor] = None  # (T,) float64, Tweedie x0_hat = d_x * x_t + d_e * model_output
+    d_e: Optional[torch.Tensor] = None  # (T,) float64 (both None for a chain built without a scheduler)
 
     @property
     def num_steps(self) -> int:
@@ -174,6 +177,7 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                          device=device if generator is None else generator.device, dtype=dtype).to(device)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
+    d_x, d_e = x0_coefficients(scheduler)
     xs[0] = latents
     steps = range(num_steps)
     if progress:
@@ -191,7 +195,7 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
                       sigmas=coef.sigmas.to(device), c_x=coef.c_x.to(device), c_e=coef.c_e.to(device),
                       log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
                       negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                      model_key=model_key(model))
+                      model_key=model_key(model), d_x=d_x.to(device), d_e=d_e.to(device))
 
 
 def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):

@@ -16,6 +16,7 @@ conditional passes run and back-propagate one after the other, and only one half
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .options import EstimatorOptions
+from .ddim import ddim_step
 from .profiling import nvtx_range
 from .rollout import Trajectory, predict, recompute_steps, stacked_inputs
 
@@ -136,7 +138,8 @@ def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
                 mean = recompute_steps(model, traj, ks, sample, split_cfg=True, backend=options.backend)
             counter.forward += 2
             cotangent = cotangent(mean)
-        _split_guidance_backward(model, traj, ks, sample, cotangent, counter)
+        x, t, cond, negative, (c_x, c_e, _) = stacked_inputs(traj, ks, sample)
+        _split_guidance_backward(model, x, t, cond, negative, traj.guidance_scale, c_x, c_e, cotangent, counter)
         return
     mean = recompute_steps(model, traj, ks, sample, backend=options.backend)
     counter.forward += 1
@@ -146,21 +149,20 @@ def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
     counter.backward += 1
 
 
-def _split_guidance_backward(model, traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor],
-                             cotangent: torch.Tensor, counter: CallCounter) -> None:
-    """The VJP of mean = c_x x + c_e ((1 - w) e_u + w e_c), one model output at a time."""
-    x, t, cond, negative, (c_x, c_e, _) = stacked_inputs(traj, ks, sample)
+def _split_guidance_backward(model, x: torch.Tensor, t: torch.Tensor, cond, negative, w: float, a_x: torch.Tensor,
+                             a_e: torch.Tensor, cotangent: torch.Tensor, counter: CallCounter) -> None:
+    """The VJP of a_x x + a_e ((1 - w) e_u + w e_c), one model output at a time: the step's mean
+    (a = c_x, c_e) or its Tweedie x0_hat (a = d_x, d_e), both linear in the two outputs."""
     per_sample = (-1,) + (1,) * (x.dim() - 1)
     g = cotangent.reshape(x.shape)
-    w = traj.guidance_scale
     for conditioning, share in ((negative, 1.0 - w), (cond, w)):
         out, _ = predict(model, x, t, conditioning)
         counter.forward += 1
-        torch.autograd.backward(out, g * (share * c_e).to(g.dtype).reshape(per_sample))
+        torch.autograd.backward(out, g * (share * a_e).to(g.dtype).reshape(per_sample))
         counter.backward += 1
         del out  # freed before the other half runs
-    if x.requires_grad:  # the mean's direct dependence on x_t
-        torch.autograd.backward(x, g * c_x.to(g.dtype).reshape(per_sample))
+    if x.requires_grad:  # the direct dependence on x
+        torch.autograd.backward(x, g * a_x.to(g.dtype).reshape(per_sample))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +239,109 @@ def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate) -> Callable
         return g
 
     return cotangent
+
+
+# ----------------------------------------------------------------------------------------------
+# One step per sample, each its own (SQDF's drawn steps, states replayed from a buffer)
+
+
+@dataclass
+class StepStates:
+    """Per sample b: `x[b]`, the input of step `steps[b]` (scheduler order, 0 the noisiest) of a chain,
+    and what recomputing that step needs: the schedule's per-step tensors and the sample's conditioning.
+    """
+
+    x: torch.Tensor  # (B, ...)
+    steps: torch.Tensor  # (B,) int64
+    timesteps: torch.Tensor  # (T,) int64, and the rest as in Trajectory
+    c_x: torch.Tensor
+    c_e: torch.Tensor
+    sigmas: torch.Tensor
+    d_x: torch.Tensor
+    d_e: torch.Tensor
+    encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D)
+    negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def of(cls, traj: Trajectory, steps: torch.Tensor) -> "StepStates":
+        """Sample b of `traj` at step steps[b]."""
+        if traj.d_x is None or traj.d_e is None:
+            raise ValueError("this trajectory holds no Tweedie coefficients (d_x, d_e); roll it out with "
+                             "rlr_fast.rollout")
+        steps = torch.as_tensor(steps, dtype=torch.int64, device=traj.latents.device)
+        x = traj.latents[steps, torch.arange(traj.batch_size, device=steps.device)]
+        return cls(x, steps, traj.timesteps, traj.c_x, traj.c_e, traj.sigmas, traj.d_x, traj.d_e,
+                   traj.encoder_hidden_states, traj.negative_encoder_hidden_states, traj.guidance_scale)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.negative_encoder_hidden_states is not None and self.guidance_scale != 1.0
+
+    def select(self, rows: torch.Tensor) -> "StepStates":
+        """The samples `rows` (a boolean mask or indices)."""
+        pick = (lambda c: None if c is None else c[rows])
+        return dataclasses.replace(self, x=self.x[rows], steps=self.steps[rows],
+                                   encoder_hidden_states=pick(self.encoder_hidden_states),
+                                   negative_encoder_hidden_states=pick(self.negative_encoder_hidden_states))
+
+    def per_sample(self, *tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each (T,) table at every sample's step: (B,) each."""
+        return tuple(v[self.steps] for v in tables)
+
+
+def _guided(out: torch.Tensor, out_cond: Optional[torch.Tensor], w: float) -> torch.Tensor:
+    return out if out_cond is None else out + w * (out_cond - out)
+
+
+def state_step(model, states: StepStates, noise: Optional[torch.Tensor] = None, *, split_cfg: bool = False,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, mean) of every sample's own step, x_next = mean + sigma * noise (noise 0 if None),
+    in the current grad mode."""
+    t, c_x, c_e, sigma = states.per_sample(states.timesteps, states.c_x, states.c_e, states.sigmas)
+    out, out_cond = predict(model, states.x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
+                            states.guidance_scale, split_cfg)
+    noise = torch.zeros_like(states.x) if noise is None else noise
+    prev, mean, _ = ddim_step(states.x, out, noise, c_x, c_e, sigma, model_output_cond=out_cond,
+                              guidance_scale=states.guidance_scale, backend=backend)
+    return prev, mean
+
+
+def state_tweedie(model, states: StepStates, *, split_cfg: bool = False) -> torch.Tensor:
+    """x0_hat = d_x x + d_e e of every sample's own step (e the guided model output), in the current grad mode."""
+    t, d_x, d_e = states.per_sample(states.timesteps, states.d_x, states.d_e)
+    out, out_cond = predict(model, states.x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
+                            states.guidance_scale, split_cfg)
+    per_sample = (-1,) + (1,) * (states.x.dim() - 1)
+    e = _guided(out, out_cond, states.guidance_scale)
+    return d_x.to(e.dtype).reshape(per_sample) * states.x + d_e.to(e.dtype).reshape(per_sample) * e
+
+
+def state_backward(model, states: StepStates, cotangent: torch.Tensor, options: EstimatorOptions,
+                   counter: CallCounter, *, tweedie: bool = False) -> Optional[torch.Tensor]:
+    """Back-propagate `cotangent` on every sample's step mean (or, with `tweedie`, its x0_hat):
+    parameter gradients accumulate in `.grad` of whatever requires grad; returns d/dx of the states
+    when `states.x` requires grad (None otherwise). Split guidance runs the halves one at a time."""
+    x = states.x
+    if options.split_cfg and states.uses_cfg:
+        t, a_x, a_e = states.per_sample(states.timesteps, *((states.d_x, states.d_e) if tweedie else
+                                                            (states.c_x, states.c_e)))
+        _split_guidance_backward(model, x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
+                                 states.guidance_scale, a_x, a_e, cotangent, counter)
+    else:
+        out = state_tweedie(model, states) if tweedie else state_step(model, states, backend=options.backend)[1]
+        counter.forward += 1
+        torch.autograd.backward(out, cotangent)
+        counter.backward += 1
+    return x.grad if x.requires_grad else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""SQDF: a reparameterised one-step gradient of a training-free soft Q, KL-regularised to the base model.
+
+docs/estimator.md §11. Per sample b, at a stored state x_k of a chain (a fresh rollout, or a chain
+replayed from `rlr_fast.replay`), with k drawn from `sqdf_steps`:
+
+    x'     = mu_theta(x_k) + sigma_k e,   e ~ N(0, I) fresh                   (reparameterised)
+    Q      = R(x0_hat(x')): the base model's Tweedie estimate at step k+1, x' itself at the last step
+    KL     = ||mu_theta(x_k) - mu_ref(x_k)||^2 / (2 sigma_k^2)                  (summed over elements)
+    loss   = mean_b -(gamma^n_b Q_b - alpha KL_b),   n_b = T - 1 - k_b
+
+The base model is the same UNet with its LoRA adapters switched off (no second copy of the weights).
+The update runs in phases whose activations are never alive together, so its peak is the largest of
+one UNet step, the VAE and reward, and it does not depend on T:
+
+  1. no grad: mu_theta(x_k), mu_ref(x_k), x', x0_hat
+  2. the reward phase: Q and dQ/dx0_hat (VAE decode and reward, forward and backward)
+  3. the base model's step at k+1 with grad to its input only: dQ/dx'
+  4. the policy's step at k with grad: the cotangent -(gamma^n dQ/dx' - alpha (mu_theta - mu_ref) / sigma^2) / B
+     on mu_theta, back-propagated into the LoRA
+
+Steps 1 and 3 recompute what the other computed once more (one more forward each) instead of keeping
+a graph alive through the reward phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .options import EstimatorOptions
+from .profiling import nvtx_range
+from .sweep import CallCounter, StepStates, state_backward, state_step, state_tweedie
+
+# x0_estimator(reference, states) -> x0_hat (B, ...): an estimate of x_0 from states.x, the input of
+# step states.steps[b] of the chain, differentiable in states.x. `reference` is the base model.
+X0Estimator = Callable[[torch.nn.Module, StepStates], torch.Tensor]
+# score(x0_hat) -> (Q (B,), dQ/dx0_hat): the reward phase, its graph freed before it returns.
+Score = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def reference_policy(model: torch.nn.Module, reference: Optional[torch.nn.Module] = None
+                     ) -> Iterator[torch.nn.Module]:
+    """The base model: `reference` when given (its parameters must be frozen), else `model` with its
+    LoRA adapters switched off for the duration (every requires_grad flag restored afterwards)."""
+    if reference is not None:
+        if any(p.requires_grad for p in reference.parameters()):
+            raise ValueError("reference must be frozen (requires_grad=False on every parameter): SQDF "
+                             "back-propagates through its input only")
+        yield reference
+        return
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError(f"method='sqdf' compares the policy with the base model: {type(model).__name__} has no "
+                         "LoRA adapters to switch off (add them with rlr_fast.models.add_lora), and no "
+                         "reference= module was given")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.disable_adapters()  # peft also sets requires_grad=False on the adapters while they are off
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def step_range(options: EstimatorOptions, num_steps: int) -> tuple[int, int]:
+    """[first, stop) of the steps SQDF draws from (every step when `sqdf_steps` is None)."""
+    first, stop = options.sqdf_steps if options.sqdf_steps is not None else (0, num_steps)
+    if stop > num_steps:
+        raise ValueError(f"sqdf_steps={[first, stop]} reaches past the chain's {num_steps} steps")
+    return first, stop
+
+
+def check_stochastic(sigmas: torch.Tensor, first: int, stop: int) -> None:
+    """Every step of [first, stop) has sigma > 0: its KL and its reparameterised step need noise."""
+    flat = [k for k in range(first, stop) if float(sigmas[k]) == 0.0]
+    if flat:
+        raise ValueError(f"sqdf needs sigma > 0 at every step it draws, but steps k={flat} of sqdf_steps="
+                         f"{[first, stop]} are deterministic; narrow sqdf_steps or raise eta")
+
+
+def draw_steps(options: EstimatorOptions, sigmas: torch.Tensor, batch: int,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One step k per sample, uniform on `sqdf_steps` (drawn on the CPU from `generator`)."""
+    first, stop = step_range(options, sigmas.shape[0])
+    check_stochastic(sigmas, first, stop)
+    return torch.randint(first, stop, (batch,), generator=generator)
+
+
+def _calls(options: EstimatorOptions, states: StepStates) -> int:
+    return 2 if options.split_cfg and states.uses_cfg else 1
+
+
+def _means(model, states: StepStates, noise: Optional[torch.Tensor], options: EstimatorOptions,
+           reference, counter: CallCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Without grad: (x', mu_theta, mu_ref) of every sample's step."""
+    with torch.no_grad():
+        moved, mean = state_step(model, states, noise, split_cfg=options.split_cfg, backend=options.backend)
+        with reference_policy(model, reference) as base:
+            _, mean_ref = state_step(base, states, split_cfg=options.split_cfg, backend=options.backend)
+    counter.forward += 2 * _calls(options, states)
+    return moved, mean, mean_ref
+
+
+def _kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return (mean - mean_ref).double().flatten(1).pow(2).sum(1) / (2 * sigma.double() ** 2)
+
+
+def kl_to_base(model, states: StepStates, options: EstimatorOptions, *, reference=None,
+               counter: Optional[CallCounter] = None) -> torch.Tensor:
+    """KL(p_theta(. | x_k) || p_base(. | x_k)) of every sample's step, (B,) float64, without grad."""
+    sigma = states.per_sample(states.sigmas)[0]
+    _, mean, mean_ref = _means(model, states, None, options, reference, counter or CallCounter())
+    return _kl(mean, mean_ref, sigma)
+
+
+def _x0(reference, states: StepStates, estimator: Optional[X0Estimator], options: EstimatorOptions,
+        counter: CallCounter) -> torch.Tensor:
+    if estimator is not None:
+        return estimator(reference, states)
+    counter.forward += _calls(options, states)
+    return state_tweedie(reference, states, split_cfg=options.split_cfg)
+
+
+def _x0_input_gradient(reference, states: StepStates, cotangent: torch.Tensor, estimator: Optional[X0Estimator],
+                       options: EstimatorOptions, counter: CallCounter) -> torch.Tensor:
+    """The VJP of x0_hat(states.x) with `cotangent`, with respect to states.x only."""
+    x = states.x.detach().requires_grad_()
+    states = dataclasses.replace(states, x=x)
+    with torch.enable_grad():
+        if estimator is None:  # the Tweedie step, its guidance halves one at a time with split_cfg
+            return state_backward(reference, states, cotangent, options, counter, tweedie=True)
+        (grad,) = torch.autograd.grad(estimator(reference, states), x, cotangent)
+    return grad
+
+
+def sqdf_gradient(model, states: StepStates, noise: torch.Tensor, score: Score, options: EstimatorOptions,
+                  counter: CallCounter, *, reference=None) -> dict:
+    """Accumulate into `.grad` the gradient of loss = mean_b -(gamma^n_b Q_b - alpha KL_b) at the given
+    states and fresh noise (B, ...); returns Q, KL and the discount weight of every sample, (B,) each."""
+    batch, last_step = states.batch_size, states.num_steps - 1
+    sigma = states.per_sample(states.sigmas)[0]
+    if bool((sigma == 0).any()):
+        raise ValueError(f"sqdf needs sigma > 0 at every drawn step; steps {states.steps[sigma == 0].tolist()} are "
+                         "deterministic")
+    estimator = None if options.x0_estimator == "tweedie" else options.x0_estimator
+    with nvtx_range("sqdf: means"):
+        moved, mean, mean_ref = _means(model, states, noise, options, reference, counter)
+    inner = states.steps < last_step  # these take x0_hat from the next step; the last step's x' is x_0
+    after = dataclasses.replace(states.select(inner), x=moved[inner], steps=states.steps[inner] + 1)
+    x0 = moved.clone()
+    if after.batch_size:
+        with torch.no_grad(), reference_policy(model, reference) as base, nvtx_range("sqdf: x0 estimate"):
+            x0[inner] = _x0(base, after, estimator, options, counter).to(x0.dtype)
+    with nvtx_range("sqdf: reward"):
+        q, dq = score(x0)
+    grad_moved = dq.clone()
+    if after.batch_size:
+        with reference_policy(model, reference) as base, nvtx_range("sqdf: x0 estimate backward"):
+            grad_moved[inner] = _x0_input_gradient(base, after, dq[inner], estimator, options, counter)
+    per_sample = (-1,) + (1,) * (moved.dim() - 1)
+    weight = options.sqdf_gamma ** (last_step - states.steps).double()
+    s2 = (sigma.double() ** 2).reshape(per_sample)
+    cotangent = (-weight.reshape(per_sample) * grad_moved + options.sqdf_alpha * (mean - mean_ref) / s2) / batch
+    with nvtx_range("sqdf: policy step backward"):
+        state_backward(model, dataclasses.replace(states, x=states.x.detach()), cotangent.to(moved.dtype), options,
+                       counter)
+    return {"q": q, "kl": _kl(mean, mean_ref, sigma), "weight": weight}
