@@ -40,6 +40,7 @@ ANIMALS = [
 PROMPT_SETS: dict[str, list[str]] = {
     "demo": list(DEMO_PROMPTS),
     "animals": [f"a photo of a {animal}" for animal in ANIMALS],
+    "simple_animals": list(ANIMALS),  # bare names, as the DDPO and SQDF code's simple_animals prompts
 }
 
 
@@ -268,6 +269,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=3, train_steps=200,
         warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25, sample_prompts=4,
         checkpoint_unet=True, checkpoint_vae=True, decode_chunk=1, free_text_encoder=True,
+    ),
+    # SQDF on SD1.4 as the public aesthetic script runs it (github.com/Shin-woocheol/SQDF,
+    # T2I/aesthetic.sh, its first, uncommented command, and T2I/config/alignprop_config.py for what it
+    # leaves at the default). Their names -> ours: sample_num_steps=50 -> num_steps, sample_eta=1.0 ->
+    # eta, sample_guidance_scale=5.0 -> guidance_scale, sqdf_gamma=0.9, sqdf_alpha=2.0 -> sqdf_alpha =
+    # 2.0 x 2 / D = 2.44140625e-4 (their KL is the per-element mean, ours the sum over D = 4 x 64 x 64
+    # latent elements; docs/estimator.md §11.3), sqdf_step_min=0 / sqdf_step_max=50 -> sqdf_steps
+    # (all steps), reward_fn='aesthetic', prompt_fn='simple_animals' (our list of bare animal names),
+    # train_batch_size=4 -> batch_size, use_buffer=True / buffer_size=1024 / replay_ratio=1 /
+    # buffer_method='random' -> replay_capacity / replay_ratio / replay_sampling='uniform',
+    # train_learning_rate=1e-3 -> lr, Adam betas (0.9, 0.999), weight decay 1e-4, eps 1e-8,
+    # train_max_grad_norm=1.0, lora_rank=4, mixed_precision='fp16', num_epochs=2000 -> train_steps
+    # (one optimizer step each with replay_ratio 1), seed=0, the empty negative prompt.
+    # Differences, all because we run one GPU and ship no consistency model: their
+    # train_gradient_accumulation_steps=8 on 2 GPUs is 64 samples per optimizer step and 64 fresh
+    # chains per buffer refresh, here grad_accum=16 on one; their x0_hat comes from LCM-LoRA
+    # (use_consistency_model=True), ours from the base model's Tweedie estimate (x0_estimator takes a
+    # callable); their model is SD1.5 (runwayml), ours SD1.4; their prompts are drawn independently,
+    # ours 2 images per prompt so that the diversity metric has pairs; their LoRA starts from a gaussian
+    # B (peft's init_lora_weights="gaussian"), ours from B = 0 (the base model). Memory options as sd14.
+    "sqdf": dict(
+        model="stable-diffusion-v1-4", device="cuda", dtype="float16", out_dir="out/sqdf", seed=0,
+        prompts="simple_animals", reward="aesthetic", num_steps=50, eta=1.0, guidance_scale=5.0,
+        negative_prompt="", batch_size=4, images_per_prompt=2, grad_accum=16, method="sqdf",
+        sqdf_alpha=2.0 * 2 / (4 * 64 * 64), sqdf_gamma=0.9, sqdf_steps=None, x0_estimator="tweedie",
+        replay_capacity=1024, replay_ratio=1, replay_sampling="uniform",
+        lora_rank=4, lora_alpha=4.0, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, adam_eps=1e-8,
+        max_grad_norm=1.0, warmup_steps=0, train_steps=2000, sample_every=50, checkpoint_every=50,
+        sample_prompts=4, checkpoint_unet=True, checkpoint_vae=True, decode_chunk=1, free_text_encoder=True,
     ),
 }
 

@@ -87,6 +87,18 @@ def jsonable(value):
     return value
 
 
+def diversity(images: torch.Tensor, prompt_ids: torch.Tensor) -> Optional[float]:
+    """The mean pairwise RMS distance between images (B, C, H, W) in [0, 1] of the same prompt,
+    averaged over the prompts with at least two; None when no prompt has two."""
+    flat = images.detach().double().flatten(1)
+    per_prompt = []
+    for prompt in torch.unique(torch.as_tensor(prompt_ids)):
+        group = flat[torch.as_tensor(prompt_ids).to(flat.device) == prompt]
+        if len(group) >= 2:
+            per_prompt.append(torch.pdist(group).mean() / math.sqrt(flat.shape[1]))
+    return float(torch.stack(per_prompt).mean()) if per_prompt else None
+
+
 def peak_memory_bytes(device: torch.device) -> Optional[int]:
     """This step's peak GPU memory allocated, or on the CPU the process's peak resident set."""
     if device.type == "cuda":

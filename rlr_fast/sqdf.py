@@ -32,6 +32,7 @@ import torch
 
 from .options import EstimatorOptions
 from .profiling import nvtx_range
+from .rollout import Trajectory
 from .sweep import CallCounter, StepStates, state_backward, state_step, state_tweedie
 
 # x0_estimator(reference, states) -> x0_hat (B, ...): an estimate of x_0 from states.x, the input of
@@ -115,6 +116,18 @@ def kl_to_base(model, states: StepStates, options: EstimatorOptions, *, referenc
     sigma = states.per_sample(states.sigmas)[0]
     _, mean, mean_ref = _means(model, states, None, options, reference, counter or CallCounter())
     return _kl(mean, mean_ref, sigma)
+
+
+def chain_kl(model, traj: Trajectory, generator: torch.Generator, options: EstimatorOptions, *,
+             reference=None) -> torch.Tensor:
+    """Per sample, an unbiased estimate of KL(p_theta || p_base) of its whole chain, (B,) float64:
+    S KL_k(x_k) at one of the chain's S stochastic steps k drawn uniformly, since the chain's KL is
+    sum_k E[KL_k(x_k)] over them. Two UNet calls of B samples (policy and base model), no grad."""
+    stochastic = torch.nonzero(traj.sigmas > 0).flatten().cpu()
+    if not len(stochastic):
+        raise ValueError("every step of this chain is deterministic (sigma = 0): it has no KL to report")
+    steps = stochastic[torch.randint(len(stochastic), (traj.batch_size,), generator=generator)]
+    return len(stochastic) * kl_to_base(model, StepStates.of(traj, steps), options, reference=reference)
 
 
 def _x0(reference, states: StepStates, estimator: Optional[X0Estimator], options: EstimatorOptions,

@@ -101,7 +101,7 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
     reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
-    needs_dr = cfg.method in ("full_bp", "truncated_bp") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
+    needs_dr = cfg.method in ("full_bp", "truncated_bp", "sqdf") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
                          f"(first_order_steps={cfg.first_order_steps}) needs dR/dx0; use method='zo' or 'ddpo', "

@@ -78,3 +78,16 @@ def test_reward_curve_is_a_png_of_the_given_size(tmp_path):
     records = [{"step": s, "reward_mean": s * 0.1, "reward_std": 0.05} for s in range(1, 6)]
     path = draw_reward_curve(records + [{"step": 6, "reward_mean": None}], tmp_path / "curve.png", size=(300, 200))
     assert Image.open(path).size == (300, 200) and sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+def test_diversity_is_the_mean_pairwise_rms_distance_within_each_prompt():
+    import torch
+
+    from rlr_fast.metrics import diversity
+
+    base = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    images = torch.stack([base[0], base[0] + 0.1, base[1], base[1] + 0.3, base[1] + 0.1, base[0]])
+    # prompt 0: one pair at RMS 0.1; prompt 1: pairs at 0.3, 0.1, 0.2 (mean 0.2); prompt 2 alone
+    value = diversity(images, torch.tensor([0, 0, 1, 1, 1, 2]))
+    assert value == pytest.approx((0.1 + 0.2) / 2, rel=1e-6)
+    assert diversity(images[:3], torch.tensor([0, 1, 2])) is None

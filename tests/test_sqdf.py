@@ -18,7 +18,7 @@ from rlr_fast.estimators import estimate_states
 from rlr_fast.models import add_lora, lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.replay import ReplayBuffer
-from rlr_fast.sqdf import draw_steps, kl_to_base, sqdf_gradient
+from rlr_fast.sqdf import chain_kl, draw_steps, kl_to_base, sqdf_gradient
 from rlr_fast.sweep import CallCounter, StepStates
 from rlr_fast.testing import make_scheduler, make_unet
 
@@ -167,6 +167,24 @@ def test_kl_and_its_gradient_are_zero_with_the_lora_at_init():
     with_kl, out_kl = _sqdf(unet, states, noise, sqdf_alpha=100.0)
     assert out_kl["kl"].tolist() == [0.0, 0.0, 0.0]
     assert torch.equal(without, with_kl) and without.norm() > 0
+
+
+def test_chain_kl_is_the_number_of_steps_times_one_drawn_step():
+    """Its mean over the uniform step equals the sum of the steps' KLs: every value it returns is
+    S KL_k of a step k of its sample, and over draws every step appears."""
+    unet = _lora_unet()
+    traj = _traj(unet, 3, batch=2)
+    options = EstimatorOptions(method="sqdf")
+    per_step = torch.stack([3 * kl_to_base(unet, StepStates.of(traj, torch.full((2,), k)), options)
+                            for k in range(3)])  # (k, b)
+    seen = set()
+    for seed in range(30):
+        values = chain_kl(unet, traj, torch.Generator().manual_seed(seed), options)
+        for b in range(2):
+            k = int((per_step[:, b] - values[b]).abs().argmin())
+            assert values[b].item() == pytest.approx(per_step[k, b].item(), rel=1e-12)
+            seen.add((k, b))
+    assert len(seen) == 6 and (per_step > 0).all()
 
 
 def test_alpha_pulls_the_policy_towards_the_base():
