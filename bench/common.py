@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import platform
 import re
 import statistics
@@ -20,7 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# where write_results puts its files; RLR_FAST_BENCH_RESULTS moves them (the dry runs of gpu_check.sh)
+RESULTS = Path(os.environ.get("RLR_FAST_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 # Peak dense fp16/bf16 tensor-core throughput (TFLOP/s, without sparsity) and memory bandwidth
 # (GB/s), from NVIDIA's product datasheets:

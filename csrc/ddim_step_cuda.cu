@@ -15,8 +15,12 @@
 // The backward reads only the cotangents autograd gave and writes only the gradients it asked
 // for: null pointers, uniform over the grid, so the branches cost no divergence.
 //
-// Compiled here with nvcc 13 for sm_90, every dtype instantiated, against the CPU torch wheel's
-// headers; run on a GPU by bench/gpu_check.sh (tests/test_ddim.py's "cuda" backend).
+// Checked without a GPU by compiling every instantiation for sm_90 against a CPU torch wheel's headers:
+//   nvcc -c csrc/ddim_step_cuda.cu -o /tmp/ddim_step_cuda.o -std=c++17 -O3 --use_fast_math \
+//     -gencode arch=compute_90,code=sm_90 -Xptxas -v -DRLR_FAST_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+//     -I$TORCH/include -I$TORCH/include/torch/csrc/api/include -I$PYTHON_INCLUDE -I$STUB
+// where $STUB/c10/cuda/impl/cuda_cmake_macros.h is an empty stand-in for the header only a CUDA build of
+// torch ships. Run on a GPU by bench/gpu_check.sh (tests/test_compiled.py and test_ddim.py, backend "cuda").
 
 #include "ddim_step.h"
 

@@ -76,3 +76,45 @@ def check_step(fn, shape, dtype, device, cfg, inputs=None):
         if a is not None:
             assert_close(a, e, dtype)
     assert outs[2][0] == 0  # the deterministic sample has no density
+
+
+def with_backend(backend):
+    """rlr_fast.ddim.ddim_step on one backend, called as the others are."""
+    from rlr_fast.ddim import ddim_step
+
+    def step(*args, **kwargs):
+        return ddim_step(*args, **kwargs, backend=backend)
+    return step
+
+
+def transposed(inputs):
+    """step_inputs with sample, model outputs and noise as copies whose strides are not row-major."""
+    inputs = list(inputs)
+    for i in range(4):
+        if inputs[i] is not None:
+            inputs[i] = inputs[i].transpose(-1, -2).contiguous().transpose(-1, -2)
+            assert not inputs[i].is_contiguous()
+    return inputs
+
+
+def check_only_needed_gradients(fn, device, wanted, backward_calls):
+    """Only `wanted` of (sample, model_output, model_output_cond, noise) require grad: fn's backward
+    (recorded in `backward_calls` as (needs, gradients) by a spy) was asked for exactly those,
+    computed nothing else, and its gradients equal the reference's."""
+    shape = (3, 3, 5, 7)
+    x, u, c, noise, c_x, c_e, sigma = step_inputs(shape, torch.float32, device, cfg=True)
+    results = []
+    for step in (fn, ddim_step_reference):
+        ins = [t.clone().requires_grad_(w) for t, w in zip((x, u, c, noise), wanted)]
+        outs = step(ins[0], ins[1], ins[3], c_x, c_e, sigma, model_output_cond=ins[2], guidance_scale=2.0)
+        # the reference's log-density depends on the noise alone: without it, nothing to back-propagate
+        used = [(o, g) for o, g in zip(outs, cotangents(shape, torch.float32, device)) if o.requires_grad]
+        torch.autograd.backward(*zip(*used))
+        results.append([t.grad for t in ins])
+    (needs, grads), = backward_calls
+    assert tuple(needs) == tuple(wanted)
+    assert [g is not None for g in grads] == list(wanted)
+    for a, e in zip(*results):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert_close(a, e, torch.float32)

@@ -10,16 +10,11 @@ import torch
 
 from rlr_fast import _C, compiled
 from rlr_fast.ddim import ddim_step, ddim_step_reference
-from step_cases import ALL_DTYPES, assert_close, check_step, cotangents, run_step, step_inputs
+from step_cases import (ALL_DTYPES, check_only_needed_gradients, check_step, cotangents, run_step, step_inputs,
+                        transposed, with_backend)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [(1, 4, 8, 8), (3, 4, 8, 8), (7, 4, 8, 8), (3, 3, 5, 7), (1, 4, 64, 64), (3, 4, 64, 64)]
-
-
-def _compiled(device):
-    def step(*args, **kwargs):
-        return ddim_step(*args, **kwargs, backend=device)
-    return step
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -28,20 +23,17 @@ def _compiled(device):
 @pytest.mark.parametrize("cfg", [False, True])
 def test_compiled_matches_reference(device, dtype, shape, cfg):
     """fp16/bf16 computed in fp32 and rounded once; log-densities in fp32 (fp64 for fp64)."""
-    check_step(_compiled(device), shape, dtype, device, cfg)
+    check_step(with_backend(device), shape, dtype, device, cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_and_unaligned_inputs(device):
     shape = (3, 4, 8, 8)
-    inputs = list(step_inputs(shape, torch.float16, device, cfg=True))
-    for i in range(4):  # transposed copies: the same values with strides that are not row-major
-        inputs[i] = inputs[i].transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not inputs[i].is_contiguous()
-    check_step(_compiled(device), shape, torch.float16, device, True, inputs=inputs)
+    inputs = transposed(step_inputs(shape, torch.float16, device, cfg=True))
+    check_step(with_backend(device), shape, torch.float16, device, True, inputs=inputs)
     # a view one element into its storage: not 16-byte aligned, so the CUDA kernels' scalar path
     flat = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(shape) for t in inputs[:4]]
-    check_step(_compiled(device), shape, torch.float16, device, True, inputs=flat + inputs[4:])
+    check_step(with_backend(device), shape, torch.float16, device, True, inputs=flat + inputs[4:])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -84,22 +76,7 @@ def test_backward_computes_only_the_gradients_asked_for(device, monkeypatch, wan
         return out
 
     monkeypatch.setattr(compiled._C, "ddim_step_backward", spy)
-    shape = (3, 3, 5, 7)
-    x, u, c, noise, c_x, c_e, sigma = step_inputs(shape, torch.float32, device, cfg=True)
-    results = []
-    for fn in (_compiled(device), ddim_step_reference):
-        ins = [t.clone().requires_grad_(w) for t, w in zip((x, u, c, noise), wanted)]
-        outs = fn(ins[0], ins[1], ins[3], c_x, c_e, sigma, model_output_cond=ins[2], guidance_scale=2.0)
-        used = [(o, g) for o, g in zip(outs, cotangents(shape, torch.float32, device)) if o.requires_grad]
-        torch.autograd.backward(*zip(*used))
-        results.append([t.grad for t in ins])
-    (need, grads), = calls
-    assert tuple(need) == wanted
-    assert [g is not None for g in grads] == list(wanted)
-    for a, e in zip(*results):
-        assert (a is None) == (e is None)
-        if a is not None:
-            assert_close(a, e, torch.float32)
+    check_only_needed_gradients(with_backend(device), device, wanted, calls)
 
 
 @pytest.mark.parametrize("device", DEVICES)

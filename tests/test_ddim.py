@@ -19,7 +19,7 @@ from conftest import make_scheduler  # noqa: E402
 from rlr_fast import profiling  # noqa: E402
 from rlr_fast.ddim import (check_scheduler, ddim_step, gaussian_log_prob, gaussian_log_prob_reference,  # noqa: E402
                            log_density_dtype, resolve_backend, step_coefficients)
-from step_cases import ALL_DTYPES, assert_close, check_step, step_inputs  # noqa: E402
+from step_cases import ALL_DTYPES, assert_close, check_step, step_inputs, with_backend  # noqa: E402
 
 GPU = torch.cuda.is_available()
 # backend -> the device its tensors live on in these tests
@@ -31,12 +31,6 @@ BACKENDS_HERE = list(BACKEND_DEVICES)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
 
-def _step(backend):
-    def step(*args, **kwargs):
-        return ddim_step(*args, **kwargs, backend=backend)
-    return step
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_every_backend_keeps_the_log_density_contract(backend, dtype):
@@ -46,7 +40,7 @@ def test_every_backend_keeps_the_log_density_contract(backend, dtype):
     prev, mean, logp = ddim_step(x, u, noise, c_x, c_e, sigma, backend=backend)
     assert prev.dtype == mean.dtype == dtype
     assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) == log_density_dtype(dtype)
-    check_step(_step(backend), (3, 4, 8, 8), dtype, device, cfg=True)
+    check_step(with_backend(backend), (3, 4, 8, 8), dtype, device, cfg=True)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

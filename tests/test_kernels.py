@@ -23,8 +23,8 @@ import rlr_fast.kernels.utils as kernel_utils  # noqa: E402
 from rlr_fast.kernels.ddim_step import ddim_step  # noqa: E402
 from rlr_fast.kernels.gaussian_log_prob import gaussian_log_prob  # noqa: E402
 from rlr_fast.rollout import recompute_steps  # noqa: E402
-from step_cases import (assert_close, check_step, cotangents, leaves, run_step,  # noqa: E402
-                        step_inputs)
+from step_cases import (assert_close, check_only_needed_gradients, check_step, cotangents, leaves,  # noqa: E402
+                        run_step, step_inputs, transposed)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, C, H, W): batches 1, 3, 7; SD latents 4x64x64 (16 blocks, so a multi-partial reduction);
@@ -60,10 +60,7 @@ def test_ddim_step_float64_is_exact(device):
 
 def test_ddim_step_noncontiguous_inputs(device):
     shape = (3, 4, 8, 8)
-    inputs = list(step_inputs(shape, torch.float32, device, cfg=True))
-    for i in range(4):  # transposed copies: the same values with strides that are not row-major
-        inputs[i] = inputs[i].transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not inputs[i].is_contiguous()
+    inputs = transposed(step_inputs(shape, torch.float32, device, cfg=True))
     inputs[4] = torch.stack([inputs[4], inputs[4]], 1)[:, 0]  # a strided coefficient view
     assert not inputs[4].is_contiguous()
     cots = cotangents(shape, torch.float32, device)
@@ -116,23 +113,7 @@ def _spy(monkeypatch, module, name):
 def test_ddim_step_backward_computes_only_the_gradients_asked_for(device, monkeypatch, wanted):
     """Inputs that need no grad get none computed: the launcher is asked for exactly the needed
     gradients, returns None for the others, and the needed ones equal the reference's."""
-    calls = _spy(monkeypatch, triton_step_module, "ddim_step_backward")
-    shape = (3, 3, 5, 7)
-    x, u, c, noise, c_x, c_e, sigma = step_inputs(shape, torch.float32, device, cfg=True)
-    results = []
-    for fn in (ddim_step, ddim.ddim_step_reference):
-        ins = [t.clone().requires_grad_(w) for t, w in zip((x, u, c, noise), wanted)]
-        outs = fn(ins[0], ins[1], ins[3], c_x, c_e, sigma, model_output_cond=ins[2], guidance_scale=2.0)
-        used = [(o, g) for o, g in zip(outs, cotangents(shape, torch.float32, device)) if o.requires_grad]
-        torch.autograd.backward(*zip(*used))
-        results.append([t.grad for t in ins])
-    (need, grads), = calls
-    assert need == wanted
-    assert [g is not None for g in grads] == list(wanted)
-    for a, e in zip(*results):
-        assert (a is None) == (e is None)
-        if a is not None:
-            assert_close(a, e.float(), torch.float32)
+    check_only_needed_gradients(ddim_step, device, wanted, _spy(monkeypatch, triton_step_module, "ddim_step_backward"))
 
 
 @pytest.mark.parametrize("wanted", [(True, False), (False, True)])
