@@ -12,7 +12,7 @@
    UNet (prompt embeddings given, output_type="latent", so only the loop runs).
 3. update: one update (rollout + reward + gradient), batch 2: RLR through rlr_fast.estimate vs the
    naive one-graph implementation of the same estimator (bench/common.py; on a GPU at the largest T
-   that fits it) vs AlignProp-style truncated backprop (estimate(method="truncated_bp", k=1)) vs a
+   that fits it) vs AlignProp-style truncated backprop (estimate(method="truncated_bp", truncated_bp_k=1)) vs a
    DDPO-style update (estimate(method="ddpo")). Before timing, the naive and the engine's gradients
    are checked equal on the tiny SD.
 Achieved TFLOP/s: the FLOPs of one call (torch.utils.flop_counter) / its median time, and its
@@ -233,7 +233,7 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
             b.rows.append(dict(section="update", name="RLR, naive one-graph autograd", shapes=shapes, median_ms="OOM"))
             torch.cuda.empty_cache()
     if others:
-        for name, update in (("AlignProp-style truncated backprop (K = 1)", engine("truncated_bp", k=1)),
+        for name, update in (("AlignProp-style truncated backprop (K = 1)", engine("truncated_bp", truncated_bp_k=1)),
                              ("DDPO-style update", engine("ddpo"))):
             b.time("update", name, update, shapes=shapes, flops=flops_of(update))
     return result

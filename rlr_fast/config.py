@@ -11,20 +11,17 @@ field's type annotation; a bad key or value raises a ValueError/TypeError naming
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from .demo_data import PROMPTS as DEMO_PROMPTS
-from .estimators import METHODS
+from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
+                      field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
 
-BASELINES = ("none", "loo", "loo_prompt")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -42,16 +39,14 @@ PROMPT_SETS: dict[str, list[str]] = {
 }
 
 
-def option(default: Any, doc: str):
-    """A dataclass field with its documentation attached (read by `config_help`)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
 @dataclass
-class Config:
-    """One fine-tuning run. Defaults are neutral; the presets below set the runs we ship."""
+class Config(EstimatorOptions):
+    """One fine-tuning run. Defaults are neutral; the presets below set the runs we ship.
+
+    The estimator's keys (method, h, baseline, max_batch, ...) are inherited from
+    `rlr_fast.options.EstimatorOptions`, validated by its code, and handed to `estimate` and `plan`
+    as `cfg.estimator_options()`.
+    """
 
     # --- run
     preset: str = option("demo", "the preset these values started from (informational; choose a preset "
@@ -83,19 +78,6 @@ class Config:
                                                          "callable reward(images, prompts) -> (B,)")
     reward_kwargs: dict = option({}, "keyword arguments of the reward loader, e.g. local weight paths")
 
-    # --- estimator (rlr_math.md)
-    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}")
-    first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0")
-    h: int = option(2, "rlr: length of the half-order sub-chain")
-    j: Union[int, str] = option("uniform", "rlr: start j of the sub-chain, an int or 'uniform'")
-    zo_steps: Optional[int] = option(None, "rlr/zo: likelihood-ratio steps subsampled per update (None: all)")
-    baseline: Union[float, str] = option("loo_prompt", "reward baseline: none, loo (batch leave-one-out), "
-                                                       "loo_prompt (per prompt) or a number")
-    normalize: Union[bool, float] = option(False, "divide the estimate by the batch reward std (true; "
-                                                  "slightly biased) or by a given scale")
-    truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated, or 'random'")
-    clip_range: float = option(1e-4, "ddpo: PPO clip range of the importance ratio")
-
     # --- LoRA and optimizer
     lora_rank: int = option(4, "LoRA rank on the UNet attention projections")
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)")
@@ -121,11 +103,8 @@ class Config:
     # --- memory
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
-    max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (None: all)")
-    checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
     decode_chunk: int = option(1, "samples decoded by the VAE at a time in the reward")
-    split_cfg: bool = option(False, "guidance: run unconditional and conditional passes as two calls")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -170,46 +149,27 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ValueError/TypeError naming the first bad value; returns self."""
-        for key, tp in field_types().items():  # a Config built directly bypasses with_overrides
-            coerce(key, getattr(self, key), tp)
+        EstimatorOptions.validate(self)  # types of every field (a Config built directly bypasses parsing)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        _check_choice("method", self.method, METHODS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("dtype", self.dtype, DTYPES)
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        if isinstance(self.baseline, str):
-            _check_choice("baseline", self.baseline, BASELINES)
-        if isinstance(self.j, str):
-            _check_choice("j", self.j, ("uniform",))
-        if isinstance(self.truncated_bp_k, str):
-            _check_choice("truncated_bp_k", self.truncated_bp_k, ("random",))
         if not self.model:
             raise ValueError("model must be 'default' or the path of a diffusers Stable Diffusion folder, got ''")
         if not self.prompts:
             raise ValueError(f"prompts must name a built-in set ({', '.join(PROMPT_SETS)}) or a file, got ''")
 
-        _check_min("num_steps", self.num_steps, 1)
-        _check_min("batch_size", self.batch_size, 1)
-        _check_min("images_per_prompt", self.images_per_prompt, 1)
-        _check_min("first_order_steps", self.first_order_steps, 0)
-        _check_min("h", self.h, 1)
-        _check_min("lora_rank", self.lora_rank, 1)
-        _check_min("grad_accum", self.grad_accum, 1)
-        _check_min("warmup_steps", self.warmup_steps, 0)
-        _check_min("train_steps", self.train_steps, 1)
-        _check_min("sample_every", self.sample_every, 0)
-        _check_min("sample_prompts", self.sample_prompts, 0)
-        _check_min("checkpoint_every", self.checkpoint_every, 0)
-        _check_min("max_nonfinite", self.max_nonfinite, 1)
-        _check_min("decode_chunk", self.decode_chunk, 1)
-        if self.max_batch is not None:
-            _check_min("max_batch", self.max_batch, 1)
-        for name in ("lr", "lora_alpha", "adam_eps", "clip_range"):
-            _check_positive(name, getattr(self, name))
+        for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
+                          ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
+                          ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
+                          ("decode_chunk", 1)):
+            check_min(name, getattr(self, name), low)
+        for name in ("lr", "lora_alpha", "adam_eps"):
+            check_positive(name, getattr(self, name))
         for name in ("max_grad_norm", "max_memory_gb"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                check_positive(name, getattr(self, name))
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
@@ -218,8 +178,6 @@ class Config:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
-        if not isinstance(self.normalize, bool) and not self.normalize > 0:
-            raise ValueError(f"normalize must be true/false or a positive scale, got {self.normalize}")
 
         if self.batch_size % self.images_per_prompt:
             raise ValueError(f"images_per_prompt={self.images_per_prompt} must divide batch_size={self.batch_size}")
@@ -228,31 +186,12 @@ class Config:
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
-        self._check_steps()
+        self.check_chain(self.num_steps, self.eta)
         return self
 
-    def _check_steps(self) -> None:
-        """The estimator's step counts must fit in T = num_steps."""
-        T = self.num_steps
-        if self.method == "rlr":
-            f, h = self.first_order_steps, self.h
-            if f + h > T:
-                raise ValueError(f"h={h} is too large for num_steps={T}: rlr needs first_order_steps + h <= "
-                                 f"num_steps ({f} + {h} > {T})")
-            if isinstance(self.j, int) and not f <= self.j <= T - h:
-                raise ValueError(f"j={self.j} is outside first_order_steps..num_steps-h = {f}..{T - h}")
-            if self.zo_steps is not None and not 1 <= self.zo_steps <= max(T - f - h, 0):
-                raise ValueError(f"zo_steps={self.zo_steps} must be in 1..{T - f - h} (the steps outside F "
-                                 "and H), or None")
-        if self.method == "zo" and self.zo_steps is not None and not 1 <= self.zo_steps <= T:
-            raise ValueError(f"zo_steps={self.zo_steps} must be in 1..num_steps={T}, or None")
-        if self.method == "truncated_bp" and isinstance(self.truncated_bp_k, int) \
-                and not 1 <= self.truncated_bp_k <= T:
-            raise ValueError(f"truncated_bp_k={self.truncated_bp_k} must be in 1..num_steps={T}")
-        if self.method in ("rlr", "zo", "ddpo") and self.eta == 0 and not (
-                self.method == "rlr" and self.first_order_steps == T):
-            raise ValueError(f"method={self.method!r} uses likelihood ratios, which need noise: eta must be > 0, "
-                             "got eta=0")
+    def estimator_options(self) -> EstimatorOptions:
+        """The estimator's share of this config, for `estimate` and `plan`."""
+        return EstimatorOptions.of(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,132 +233,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing values by type
+# Keys and their types
 
 
 def field_types() -> dict[str, Any]:
-    """Field name -> resolved type annotation, in declaration order."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    """Config key -> resolved type annotation, in declaration order."""
+    return _field_types(Config)
 
 
 def unknown_key_message(key: str) -> str:
-    names = list(field_types())
-    # keys sharing the first word ("lr_rate" -> "lr") beat mere spelling similarity ("lora_rank")
-    same_head = [n for n in names if n.split("_")[0] == key.split("_")[0]]
-    close = difflib.get_close_matches(key, same_head or names, n=1, cutoff=0.0)
-    return f"unknown config key {key!r}; did you mean {close[0]!r}? (rlr-fast finetune --help lists every key)"
-
-
-def type_name(tp) -> str:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        inner = f"{type_name(args[0])}, ..." if len(args) == 2 and args[1] is Ellipsis else \
-            ", ".join(type_name(a) for a in args)
-        return f"tuple[{inner}]"
-    if tp is type(None):
-        return "None"
-    if typing.get_origin(tp) is not None and typing.get_origin(tp).__name__ == "Callable":
-        return "callable"
-    return getattr(tp, "__name__", str(tp))
-
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
-def coerce(key: str, value: Any, tp) -> Any:
-    """`value` as type `tp`: text (from --set or YAML) is parsed; other values must already fit.
-
-    Raises TypeError naming the key, the expected type and the value.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
-            return None
-        # bool before numbers so "true" stays a bool; numbers before str so "0.5" is a float
-        order = sorted((a for a in args if a is not type(None)), key=lambda a: [bool, int, float].index(a)
-                       if a in (bool, int, float) else 3)
-        for arg in order:
-            try:
-                return coerce(key, value, arg)
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(f"{key} must be of type {type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        return _coerce_tuple(key, value, typing.get_args(tp))
-    if origin is not None and origin.__name__ == "Callable":
-        if callable(value) and not isinstance(value, type):
-            return value
-        raise TypeError(f"{key} must be callable, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value) if value.strip() else {}
-            except yaml.YAMLError:
-                pass
-        if isinstance(value, dict):
-            return dict(value)
-    else:
-        raise TypeError(f"{key}: unsupported field type {tp!r}")
-    raise TypeError(f"{key} must be of type {type_name(tp)}, got {value!r}")
-
-
-def _coerce_tuple(key: str, value: Any, args: tuple) -> tuple:
-    if isinstance(value, str):  # "0.9,0.999" or "[0.9, 0.999]" or "(0, 1)"
-        text = value.strip().strip("[]()")
-        value = [v for v in (part.strip() for part in text.split(",")) if v] if text else []
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{key} must be a list like [a, b], got {value!r}")
-    variadic = len(args) == 2 and args[1] is Ellipsis
-    elem_types = [args[0]] * len(value) if variadic else list(args)
-    if len(value) != len(elem_types):
-        raise ValueError(f"{key} must have {len(elem_types)} elements, got {len(value)}: {value!r}")
-    return tuple(coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, elem_types)))
-
-
-def _check_choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), list(choices), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}{hint}")
-
-
-def _check_min(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ValueError(f"{key} must be >= {low}, got {value}")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be > 0, got {value}")
+    return _unknown_key(key, field_types())
 
 
 # ----------------------------------------------------------------------------------------------

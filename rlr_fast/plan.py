@@ -789,7 +789,7 @@ class Plan:
 
     def estimate_kwargs(self) -> dict:
         """The options under the names `rlr_fast.estimate` takes."""
-        return {"max_batch": self.options["max_batch"], "checkpoint": self.options["checkpoint_unet"],
+        return {"max_batch": self.options["max_batch"], "checkpoint_unet": self.options["checkpoint_unet"],
                 "split_cfg": self.options["split_cfg"]}
 
     def table(self) -> str:

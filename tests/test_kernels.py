@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from conftest import make_scheduler, make_unet  # noqa: E402
 
 import rlr_fast  # noqa: E402
 from rlr_fast import _C, ddim  # noqa: E402
@@ -23,6 +22,7 @@ import rlr_fast.kernels.utils as kernel_utils  # noqa: E402
 from rlr_fast.kernels.ddim_step import ddim_step  # noqa: E402
 from rlr_fast.kernels.gaussian_log_prob import gaussian_log_prob  # noqa: E402
 from rlr_fast.rollout import recompute_steps  # noqa: E402
+from rlr_fast.testing import make_scheduler, make_unet  # noqa: E402
 from step_cases import (assert_close, check_only_needed_gradients, check_step, cotangents, leaves,  # noqa: E402
                         run_step, step_inputs, transposed)
 

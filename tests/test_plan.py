@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_unet
 from rlr_fast.models import add_lora
+from rlr_fast.testing import make_unet
 
 # `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the submodule's name)
 P = importlib.import_module("rlr_fast.plan")
@@ -170,7 +170,7 @@ def test_peak_grows_with_the_batch():
 def test_options_map_onto_estimate_and_config():
     p = P.plan(SD14_CASE, max_memory_gb=6)
     assert set(p.options) == set(P.OPTION_NAMES)
-    assert p.estimate_kwargs() == {"max_batch": p.options["max_batch"], "checkpoint": p.options["checkpoint_unet"],
+    assert p.estimate_kwargs() == {"max_batch": p.options["max_batch"], "checkpoint_unet": p.options["checkpoint_unet"],
                                    "split_cfg": p.options["split_cfg"]}
     assert "| max_batch |" in p.table()
 

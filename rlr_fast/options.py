@@ -1,0 +1,303 @@
+"""Every knob of a gradient estimate in one validated dataclass, and the typed-field machinery
+that Config shares with it.
+
+    opts = EstimatorOptions(method="rlr", h=4, baseline="loo")    # validated on construction
+    opts = EstimatorOptions.build(opts, max_batch=8)              # a validated copy with overrides
+    opts.check_chain(num_steps=50, eta=1.0)                       # the checks that need T
+
+`estimate` and `plan` take an EstimatorOptions; `Config` inherits it, so the same keys are YAML and
+`--set` keys and are validated by the same code. Fields carry their documentation in
+`metadata["doc"]` (`rlr-fast finetune --help` prints it). Values given as text (YAML, `--set`)
+are parsed by the field's type annotation; a bad key or value raises a ValueError/TypeError
+naming it. The estimators are specified in docs/estimator.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo")
+BASELINES = ("none", "loo", "loo_prompt")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
+LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo")
+
+
+def option(default: Any, doc: str):
+    """A dataclass field with its documentation attached (read by --help)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed fields: parsing text by annotation, one-line errors
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a dataclass, in declaration order."""
+    return dict(_field_types(cls))
+
+
+def unknown_key_message(key: str, names, what: str = "config key", where: str = "rlr-fast finetune --help") -> str:
+    names = list(names)
+    # keys sharing the first word ("lr_rate" -> "lr") beat mere spelling similarity ("lora_rank")
+    same_head = [n for n in names if n.split("_")[0] == key.split("_")[0]]
+    close = difflib.get_close_matches(key, same_head or names, n=1, cutoff=0.0)
+    return f"unknown {what} {key!r}; did you mean {close[0]!r}? ({where} lists every key)"
+
+
+def type_name(tp) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        inner = f"{type_name(args[0])}, ..." if len(args) == 2 and args[1] is Ellipsis else \
+            ", ".join(type_name(a) for a in args)
+        return f"tuple[{inner}]"
+    if tp is type(None):
+        return "None"
+    if typing.get_origin(tp) is not None and typing.get_origin(tp).__name__ == "Callable":
+        return "callable"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+# Union members are tried in this order: bool before numbers so "true" stays a bool, numbers before
+# tuples and str so "0.5" is a float, tuples before str so "[0.2, 0.8]" is a list of weights.
+_UNION_ORDER = (bool, int, float, tuple)
+
+
+def _union_rank(tp) -> int:
+    base = typing.get_origin(tp) or tp
+    return _UNION_ORDER.index(base) if base in _UNION_ORDER else len(_UNION_ORDER)
+
+
+def coerce(key: str, value: Any, tp) -> Any:
+    """`value` as type `tp`: text (from --set or YAML) is parsed; other values must already fit.
+
+    Raises TypeError naming the key, the expected type and the value.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        for arg in sorted((a for a in args if a is not type(None)), key=_union_rank):
+            try:
+                return coerce(key, value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{key} must be of type {type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        return _coerce_tuple(key, value, typing.get_args(tp))
+    if origin is not None and origin.__name__ == "Callable":
+        if callable(value) and not isinstance(value, type):
+            return value
+        raise TypeError(f"{key} must be callable, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise TypeError(f"{key}: unsupported field type {tp!r}")
+    raise TypeError(f"{key} must be of type {type_name(tp)}, got {value!r}")
+
+
+def _coerce_tuple(key: str, value: Any, args: tuple) -> tuple:
+    if isinstance(value, str):  # "0.9,0.999" or "[0.9, 0.999]" or "(0, 1)"
+        text = value.strip().strip("[]()")
+        value = [v for v in (part.strip() for part in text.split(",")) if v] if text else []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{key} must be a list like [a, b], got {value!r}")
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    elem_types = [args[0]] * len(value) if variadic else list(args)
+    if len(value) != len(elem_types):
+        raise ValueError(f"{key} must have {len(elem_types)} elements, got {len(value)}: {value!r}")
+    return tuple(coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, elem_types)))
+
+
+def check_types(obj) -> None:
+    """Every field of a dataclass instance fits its annotation (a value built directly bypasses parsing)."""
+    for key, tp in _field_types(type(obj)):
+        coerce(key, getattr(obj, key), tp)
+
+
+def check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}{hint}")
+
+
+def check_min(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+
+
+def check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimator's options
+
+
+@dataclass
+class EstimatorOptions:
+    """How one gradient estimate is made (docs/estimator.md) and how its steps run (memory vs speed).
+
+    Defaults are the library's neutral ones; `rlr_fast.config` presets set the runs we ship.
+    """
+
+    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}")
+    first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0")
+    h: int = option(2, "rlr: length of the half-order sub-chain")
+    j: Union[int, str, tuple[float, ...]] = option(
+        "uniform", "rlr: start j of the sub-chain: an int, 'uniform', or a weight per j = 0, 1, ... (zero "
+                   "outside the valid range)")
+    zo_steps: Optional[int] = option(None, "rlr/zo: likelihood-ratio steps subsampled per update, each weighted "
+                                           "|C|/k (None: all)")
+    baseline: Union[float, str] = option("none", "reward baseline of likelihood-ratio terms: none, loo (batch "
+                                                 "leave-one-out), loo_prompt (per prompt) or a number")
+    normalize: Union[bool, float] = option(False, "divide the whole estimate by the batch reward std (true; "
+                                                  "slightly biased) or by a given positive scale")
+    truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
+    clip_range: float = option(1e-4, "ddpo: PPO clip range of the importance ratio")
+    max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (whole steps, at "
+                                            "least one); None: one step's batch per call, so activation memory "
+                                            "stays flat in T (larger values batch several steps per call: faster, "
+                                            "more memory)")
+    checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
+    split_cfg: bool = option(False, "guidance: run the unconditional and conditional passes as two calls "
+                                    "(and back-propagate them one at a time)")
+    backend: str = option("auto", f"fused DDIM step backend: {', '.join(BACKENDS)}")
+
+    def __post_init__(self):
+        # a subclass (Config) is validated as a whole by its own validate(), which calls this one
+        if type(self) is EstimatorOptions:
+            self.validate()
+
+    def validate(self):
+        """Raise ValueError/TypeError naming the first bad estimator value; returns self."""
+        check_types(self)
+        check_choice("method", self.method, METHODS)
+        check_choice("backend", self.backend, BACKENDS)
+        if isinstance(self.baseline, str):
+            check_choice("baseline", self.baseline, BASELINES)
+        if isinstance(self.j, str):
+            check_choice("j", self.j, ("uniform",))
+        elif isinstance(self.j, tuple):
+            if not self.j or any(not (math.isfinite(w) and w >= 0) for w in self.j) or sum(self.j) <= 0:
+                raise ValueError(f"j weights must be finite, >= 0 and positive somewhere, got {list(self.j)}")
+        else:
+            check_min("j", self.j, 0)
+        if isinstance(self.truncated_bp_k, str):
+            check_choice("truncated_bp_k", self.truncated_bp_k, ("random",))
+        else:
+            check_min("truncated_bp_k", self.truncated_bp_k, 1)
+        check_min("first_order_steps", self.first_order_steps, 0)
+        check_min("h", self.h, 1)
+        if self.zo_steps is not None:
+            check_min("zo_steps", self.zo_steps, 1)
+        if self.max_batch is not None:
+            check_min("max_batch", self.max_batch, 1)
+        check_positive("clip_range", self.clip_range)
+        if not isinstance(self.normalize, bool) and not (math.isfinite(self.normalize) and self.normalize > 0):
+            raise ValueError(f"normalize must be true/false or a positive scale, got {self.normalize}")
+        return self
+
+    def check_chain(self, num_steps: int, eta: float) -> None:
+        """The checks that need the chain: step counts fit in T, likelihood ratios have noise.
+
+        Deterministic steps inside a stochastic chain (e.g. a final sigma = 0 step) are checked
+        against the trajectory itself by the estimator.
+        """
+        T = num_steps
+        if self.method == "rlr":
+            f, h = self.first_order_steps, self.h
+            if f + h > T:
+                raise ValueError(f"h={h} is too large for num_steps={T}: rlr needs first_order_steps + h <= "
+                                 f"num_steps ({f} + {h} > {T})")
+            if isinstance(self.j, int) and not f <= self.j <= T - h:
+                raise ValueError(f"j={self.j} is outside first_order_steps..num_steps-h = {f}..{T - h}")
+            if self.zo_steps is not None and not self.zo_steps <= max(T - f - h, 0):
+                raise ValueError(f"zo_steps={self.zo_steps} must be in 1..{T - f - h} (the steps outside F "
+                                 "and H), or None")
+        if self.method == "zo" and self.zo_steps is not None and not self.zo_steps <= T:
+            raise ValueError(f"zo_steps={self.zo_steps} must be in 1..num_steps={T}, or None")
+        if self.method == "truncated_bp" and isinstance(self.truncated_bp_k, int) and not self.truncated_bp_k <= T:
+            raise ValueError(f"truncated_bp_k={self.truncated_bp_k} must be in 1..num_steps={T}")
+        if self.method in LIKELIHOOD_RATIO_METHODS and eta == 0 and not (
+                self.method == "rlr" and self.first_order_steps == T):
+            raise ValueError(f"method={self.method!r} uses likelihood ratios, which need noise: eta must be > 0, "
+                             "got eta=0")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(EstimatorOptions))
+
+    @classmethod
+    def of(cls, source) -> "EstimatorOptions":
+        """The estimator options held by `source` (an EstimatorOptions or a subclass such as Config)."""
+        if not isinstance(source, EstimatorOptions):
+            raise TypeError(f"expected EstimatorOptions (or a Config), got {type(source).__name__}")
+        if type(source) is EstimatorOptions:
+            return source
+        return EstimatorOptions(**{n: getattr(source, n) for n in cls.names()})
+
+    @classmethod
+    def build(cls, options: Optional["EstimatorOptions"] = None, **overrides) -> "EstimatorOptions":
+        """`options` (or the defaults) with `overrides` parsed by type and validated."""
+        base = EstimatorOptions() if options is None else cls.of(options)
+        types_ = field_types(EstimatorOptions)
+        for key in overrides:
+            if key not in types_:
+                raise TypeError(unknown_key_message(key, types_, "estimator option",
+                                                    "rlr_fast.options.EstimatorOptions"))
+        changes = {k: coerce(k, v, types_[k]) for k, v in overrides.items()}
+        return dataclasses.replace(base, **changes)
