@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (build_models, current_device, flops_of, latent_reward_fn, lora_grads,  # noqa: E402
-                          max_rel_diff, median, naive_rlr_update, time_it, write_results, zero_grads)
+                          max_rel_diff, median, naive_rlr_update, time_it, unfused_ddim_step, write_results,
+                          zero_grads)
 from rlr_fast import _C, estimate, rollout  # noqa: E402
 from rlr_fast.ddim import _triton_available, ddim_step, resolve_backend  # noqa: E402
-from rlr_fast.kernels.reference import HALF_LOG_2PI  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 GUIDANCE = 7.5
@@ -85,18 +85,6 @@ class Bench:
 
 # ----------------------------------------------------------------------------------------------
 # 1. The fused DDIM step
-
-
-def unfused_ddim_step(x, u, noise, c_x, c_e, sigma, c, w):
-    """The step as plain PyTorch ops in the inputs' dtype, one kernel per op (the way a scheduler's
-    step and a separate log-density compute it): the baseline of the fused kernels."""
-    def col(v):
-        return v.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-    e = u + w * (c - u)
-    mean = col(c_x) * x + col(c_e) * e
-    prev = mean + col(sigma) * noise
-    logp = -0.5 * noise.float().pow(2).flatten(1).sum(1) - noise[0].numel() * (sigma.float().log() + HALF_LOG_2PI)
-    return prev, mean, logp
 
 
 def fused_backends(device) -> list[str]:

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh and its report: the dry run on the CPU (the same stages and Python entry points
-as the GPU run, tiny shapes), the budget and failure handling, and the report's reading of results."""
+as the GPU run, tiny shapes), the budget and failure handling, the report's reading of results, and
+the unfused baseline bench/speed.py times the fused kernels against."""
 
 import os
 import subprocess
@@ -7,10 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from step_cases import step_inputs
+
+from rlr_fast.ddim import ddim_step_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import gpu_report  # noqa: E402
+from bench.common import unfused_ddim_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -86,3 +92,12 @@ def test_memory_flatness_reads_measured_peaks_over_estimates(tmp_path):
                                                                                                      (50, 5.5))])
     assert gpu_report.memory_flatness(path) == [
         "RLR peak over T (h = 4, ESTIMATED by the planner): T = 10: 5.000 GiB, T = 50: 5.500 GiB; last / first = 1.100"]
+
+
+def test_unfused_baseline_computes_the_fused_step():
+    """bench/speed.py times the fused kernels against this baseline: it must compute the same op."""
+    x, u, c, noise, c_x, c_e, sigma = step_inputs((3, 4, 8, 8), torch.float32, "cpu", cfg=True)
+    sigma[0] = 0.7  # the baseline, like a scheduler, has no sigma == 0 special case
+    expected = ddim_step_reference(x, u, noise, c_x, c_e, sigma, model_output_cond=c, guidance_scale=7.5)
+    for a, e in zip(unfused_ddim_step(x, u, noise, c_x, c_e, sigma, c, 7.5), expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
