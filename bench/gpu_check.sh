@@ -17,7 +17,8 @@
 #           print build_info() and fail unless the CUDA kernels and Triton are there
 #   tests   the GPU tests natively (TRITON_INTERPRET unset): Triton compiled and _C's CUDA kernels vs
 #           the reference in every dtype (fp32 log-densities for fp16/bf16 inputs), the contract on
-#           every backend, CUDA-graph rollout vs eager, NVTX ranges reaching a real backend.
+#           every backend, CUDA-graph rollout vs eager, finetune replaying its rollouts from a CUDA
+#           graph, NVTX ranges reaching a real backend.
 #           RLR_FAST_REQUIRE_GPU=1 makes a missing GPU, CUDA build or compiled Triton a failure, not skips
 #   ncu     Nsight Compute on the fused forward kernels (Triton and CUDA), selected by the dispatcher's
 #           NVTX range "ddim_step"
@@ -49,7 +50,8 @@ done
 BUDGET_S=${BUDGET_S:-470}  # the whole run; the device tool's call allows 600 s, its session 15 minutes
 REPORT_S=15                # kept back for the report
 declare -A LIMIT=([setup]=40 [build]=180 [tests]=150 [ncu]=60 [memory]=110 [speed]=200)
-GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py tests/test_profiling.py"
+GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py tests/test_profiling.py
+ tests/test_train.py::test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph"
 PY=${PYTHON:-python3}
 SITE=/tmp/rlr_fast_site
 mkdir -p "$RESULTS"
