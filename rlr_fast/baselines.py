@@ -1,4 +1,5 @@
-"""What a likelihood-ratio term multiplies the score by: the reward baseline b, the scale s, DDPO's advantages.
+"""What a likelihood-ratio term multiplies the score by: the reward baseline b, the scale s, DDPO's advantages
+(within a batch, or from each prompt's recent rewards as DDPO's training loop keeps them).
 
 A likelihood-ratio term of a sample weighs its score by (R - b) / s. Any b computed without that
 sample's own noise keeps the estimate unbiased (the score has mean zero given everything else);
@@ -10,7 +11,8 @@ Every baseline is a function (rewards (B,), options, prompt_ids) -> b (B,), one 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -75,3 +77,42 @@ def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = 
         std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
         advantages[g] = (r - r.mean()) / (std + 1e-8)
     return advantages
+
+
+@dataclass(frozen=True)
+class PromptRewardHistory:
+    """DDPO's per-prompt reward statistics: each prompt's `size` most recent rewards, across epochs.
+
+    Immutable: `advantages` returns the history with the new rewards added, so a training step that
+    is abandoned leaves the committed history as it was. `buffers` maps prompt text to its rewards
+    (oldest first) and is what a checkpoint stores (JSON: Python floats round-trip exactly).
+    """
+
+    size: int
+    min_count: int
+    buffers: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.size < 1 or not 1 <= self.min_count <= self.size:
+            raise ValueError(f"ddpo per-prompt statistics need 1 <= min_count <= buffer size, got min_count="
+                             f"{self.min_count}, size={self.size} (a larger min_count is never reached)")
+
+    def advantages(self, prompts: Sequence[str], rewards: torch.Tensor) -> tuple[torch.Tensor, "PromptRewardHistory"]:
+        """(R - mean) / (std + 1e-6) per sample, float64, and the history with `rewards` added.
+
+        Each prompt's statistics are those of its buffer once it holds `min_count` rewards (this
+        epoch's included); until then the whole batch's, as DDPO's stat tracker does. Standard
+        deviations are population ones (ddof = 0).
+        """
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"got {len(prompts)} prompts for {rewards.numel()} rewards")
+        values = rewards.detach().double().cpu()
+        buffers = dict(self.buffers)
+        advantages = torch.empty_like(values)
+        for prompt in dict.fromkeys(prompts):
+            mine = torch.tensor([p == prompt for p in prompts])
+            buffers[prompt] = (buffers.get(prompt, ()) + tuple(values[mine].tolist()))[-self.size:]
+            reference = torch.tensor(buffers[prompt], dtype=torch.float64) \
+                if len(buffers[prompt]) >= self.min_count else values
+            advantages[mine] = (values[mine] - reference.mean()) / (reference.std(correction=0) + 1e-6)
+        return advantages.to(rewards.device), PromptRewardHistory(self.size, self.min_count, buffers)

@@ -1,8 +1,9 @@
 """Checkpoints of a run: written atomically, verified by checksums on load, resumed bit-exactly.
 
 A checkpoint (out_dir/checkpoints/step_NNNNNN.safetensors) holds the LoRA weights, the AdamW state,
-every RNG state the run reads, the step (which fixes the LR schedule), the run's counters and its
-config: tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and
+every RNG state the run reads, the step (which fixes the LR schedule), the run's counters, its
+config and the state its method keeps across steps (rlr_fast.update.MethodState, e.g. DDPO's
+stored epoch): tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and
 the JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
 bytes are caught as "corrupt" instead of resuming silently or failing deep inside torch; a run
 resumes from its newest checkpoint that verifies, saying which it skipped.
@@ -16,6 +17,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import safetensors
@@ -50,6 +52,13 @@ class Checkpoint:
     @property
     def config(self) -> dict:
         return self.meta["config"]
+
+    def method_state(self) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+        """The tensors and JSON of the method's state (StepMethod.load_state reads them), or None."""
+        if self.meta.get("method_state") is None:
+            return None
+        tensors = {k[len("method/"):]: v for k, v in self.tensors.items() if k.startswith("method/")}
+        return tensors, self.meta["method_state"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +105,9 @@ def meta_checksum(meta: dict) -> str:
 
 
 def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torch.optim.Optimizer,
-                    rng: dict, counters: dict) -> Path:
-    """LoRA weights, AdamW state, every RNG state, the step, the counters and the config, atomically."""
+                    rng: dict, counters: dict, method_state=None) -> Path:
+    """LoRA weights, AdamW state, every RNG state, the step, the counters, the config and the
+    method's state (a MethodState, or None), atomically."""
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     params = dict(unet.named_parameters())
     tensors = {f"lora/{n}": params[n].detach().cpu().contiguous() for n in names}
@@ -117,13 +127,17 @@ def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torc
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, python_state, gauss = rng["python"]
+    method_meta = None
+    if method_state is not None:
+        method_tensors, method_meta = method_state.to_checkpoint()
+        tensors.update({f"method/{k}": v.detach().cpu().contiguous() for k, v in method_tensors.items()})
     meta = json.loads(json.dumps({  # as it reads back, so the checksum is of what a reader sees
         "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "lora_names": names,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
         "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
                 "python": [version, list(python_state), gauss],
                 "generators": sorted(rng["generators"]), "cuda_devices": len(rng.get("cuda", []))},
-        "counters": counters,
+        "counters": counters, "method_state": method_meta,
     }))
     meta["checksums"] = {"meta": meta_checksum(meta), "tensors": {k: tensor_checksum(v) for k, v in tensors.items()}}
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(

@@ -99,6 +99,18 @@ class Config(EstimatorOptions):
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps")
     train_steps: int = option(100, "optimizer steps of the run")
 
+    # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo)
+    ddpo_rollout_batches: int = option(1, "ddpo: rollout batches of batch_size sampled per epoch; the epoch's "
+                                          "samples are then reused for several optimizer steps")
+    ddpo_inner_epochs: int = option(1, "ddpo: passes over each epoch's samples")
+    ddpo_minibatches: int = option(2, "ddpo: minibatches each pass is split into (shuffled); grad_accum of "
+                                      "them make one optimizer step, so every step after an epoch's first is "
+                                      "off-policy and the clip range acts")
+    ddpo_adv_clip: float = option(5.0, "ddpo: advantages are clipped to [-ddpo_adv_clip, ddpo_adv_clip]")
+    ddpo_buffer_size: int = option(16, "ddpo: rewards kept per prompt for its advantage statistics")
+    ddpo_min_count: int = option(16, "ddpo: rewards a prompt needs in its buffer before its own statistics "
+                                     "replace the epoch's")
+
     # --- sqdf's off-policy replay (rlr_fast.replay); the estimator's sqdf_* keys are above
     replay_capacity: int = option(0, "sqdf: chains kept in the replay buffer, oldest replaced first (0: no buffer, "
                                      "every update trains on its own fresh rollouts); at least batch_size x "
@@ -189,9 +201,10 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1)):
+                          ("decode_chunk", 1), ("ddpo_rollout_batches", 1), ("ddpo_inner_epochs", 1),
+                          ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1), ("ddpo_min_count", 1)):
             check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "adam_eps"):
+        for name in ("lr", "lora_alpha", "adam_eps", "ddpo_adv_clip"):
             check_positive(name, getattr(self, name))
         for name in ("max_grad_norm", "max_memory_gb"):
             if getattr(self, name) is not None:
@@ -210,12 +223,26 @@ class Config(EstimatorOptions):
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
             raise ValueError("baseline='loo_prompt' needs images_per_prompt >= 2 (a leave-one-out mean over "
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
+        if self.method == "ddpo":
+            self._check_ddpo()
         self._check_replay()
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self
+
+    def _check_ddpo(self) -> None:
+        samples = self.ddpo_rollout_batches * self.batch_size
+        if samples % self.ddpo_minibatches:
+            raise ValueError(f"ddpo_minibatches={self.ddpo_minibatches} must divide the {samples} samples of an epoch "
+                             f"(ddpo_rollout_batches={self.ddpo_rollout_batches} x batch_size={self.batch_size})")
+        if self.ddpo_minibatches % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must divide ddpo_minibatches={self.ddpo_minibatches}: with "
+                             "ddpo an optimizer step accumulates grad_accum minibatches of one pass")
+        if self.ddpo_min_count > self.ddpo_buffer_size:
+            raise ValueError(f"ddpo_min_count={self.ddpo_min_count} must be <= ddpo_buffer_size="
+                             f"{self.ddpo_buffer_size}, or a prompt's own statistics are never used")
 
     def _check_replay(self) -> None:
         check_min("replay_capacity", self.replay_capacity, 0)

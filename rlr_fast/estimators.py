@@ -203,15 +203,21 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
         raise ValueError("ddpo needs stochastic steps: every step of this trajectory has sigma = 0")
     eps, count = options.clip_range, len(ks) * traj.batch_size
     a = advantages.double()[None, :]
-    clipped = []
+    clipped, squared, deviation = [], [], []
 
     def surrogate(log_ratio: torch.Tensor) -> torch.Tensor:
         ratio = log_ratio.exp()
-        clipped.append(((ratio.detach() - 1).abs() > eps).sum())
+        off = (ratio.detach() - 1).abs()
+        clipped.append((off > eps).sum())
+        deviation.append(off.max())
+        squared.append(log_ratio.detach().square().sum())
         return torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps)).sum() / count
 
     ratio_surrogate(model, traj, ks, surrogate, options, counter)
-    return {"clip_fraction": float(torch.stack(clipped).sum()) / count}
+    # approx_kl as DDPO logs it: half the mean squared log-ratio
+    return {"clip_fraction": float(torch.stack(clipped).sum()) / count,
+            "ratio_max_deviation": float(torch.stack(deviation).max()),
+            "approx_kl": 0.5 * float(torch.stack(squared).sum()) / count}
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,13 +244,18 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     generator   draws j, the zeroth-order subsample, a random K, and sqdf's steps and fresh noise;
                 same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
-    advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
+    advantages  ddpo only: (B,) advantages instead of the rewards standardised within each prompt's
+                samples; the reward is then not evaluated and `reward_fn` may be None (a DDPO
+                minibatch of samples whose rewards were taken when they were drawn)
     reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std, rewards, j, F/H/C (docs/estimator.md step indices),
-    zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, for
-    ddpo clip_fraction, and for sqdf those of `estimate_states` (its rewards are R(x_0) of the chain).
+    Returns stats: method, reward_mean/std, rewards (None when not evaluated), j, F/H/C
+    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls),
+    unet_forward_samples, unet_backward_samples (sample-steps, docs/estimator.md §7), reward_queries
+    (images the reward scored), term_norms, peak_saved_bytes, for ddpo clip_fraction,
+    ratio_max_deviation (max |r - 1|) and approx_kl, and for sqdf those of `estimate_states` (its
+    rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
@@ -265,15 +276,18 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         rewards, _ = _rewards(reward_fn, traj, need_grad=False)  # the chain's own, for the record
         stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
                                 reference=reference, track_memory=track_memory)
-        return dict(stats, **_reward_stats(rewards))
+        return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size)
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
-    rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
-    if options.method == "ddpo":
-        advantages = ddpo_advantages(rewards, prompt_ids) if advantages is None else \
-            torch.as_tensor(advantages, dtype=rewards.dtype, device=rewards.device)
-        if advantages.shape != rewards.shape:
-            raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
+    rewards = dr = None
+    if options.method == "ddpo" and advantages is not None:
+        advantages = torch.as_tensor(advantages, dtype=torch.float64, device=traj.latents.device)
+        if advantages.shape != (traj.batch_size,):
+            raise ValueError(f"advantages must have shape ({traj.batch_size},), got {tuple(advantages.shape)}")
+    else:
+        rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
+        if options.method == "ddpo":
+            advantages = ddpo_advantages(rewards, prompt_ids)
     memory = SavedTensorMemory(exclude=resident_tensors(model, traj)) if track_memory else None
     counter, grads, extra = CallCounter(), GradTerms(params), {}
     with contextlib.ExitStack() as stack:
@@ -289,7 +303,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
             with grads.term("total"):
                 _run_terms(model, traj, terms, dr, adv, options, counter, grads)
     return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
-                unet_backward=counter.backward, term_norms=grads.norms,
+                unet_backward=counter.backward, unet_forward_samples=counter.forward_samples,
+                unet_backward_samples=counter.backward_samples,
+                reward_queries=0 if rewards is None else rewards.numel(), term_norms=grads.norms,
                 peak_saved_bytes=None if memory is None else memory.peak, **extra)
 
 
@@ -301,7 +317,8 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
 
     The fresh noise of the reparameterised step is drawn from `generator`. Returns stats: method,
     k (each sample's step, sampling order), q / kl (each sample's soft Q and KL), q_mean, kl_mean,
-    unet_forward, unet_backward, term_norms and peak_saved_bytes.
+    unet_forward, unet_backward, unet_forward_samples, unet_backward_samples, reward_queries,
+    term_norms and peak_saved_bytes.
     """
     options = EstimatorOptions.build(options, **overrides)
     if options.method != "sqdf":
@@ -325,17 +342,20 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
                                 counter, reference=reference)
     return {"method": "sqdf", "k": states.steps.tolist(), "q": out["q"].tolist(), "kl": out["kl"].tolist(),
             "q_mean": float(out["q"].mean()), "kl_mean": float(out["kl"].mean()), "unet_forward": counter.forward,
-            "unet_backward": counter.backward, "term_norms": grads.norms,
-            "peak_saved_bytes": None if memory is None else memory.peak}
+            "unet_backward": counter.backward, "unet_forward_samples": counter.forward_samples,
+            "unet_backward_samples": counter.backward_samples, "reward_queries": states.batch_size,
+            "term_norms": grads.norms, "peak_saved_bytes": None if memory is None else memory.peak}
 
 
-def _reward_stats(rewards: torch.Tensor) -> dict:
+def _reward_stats(rewards: Optional[torch.Tensor]) -> dict:
+    if rewards is None:
+        return {"reward_mean": None, "reward_std": None, "rewards": None}
     return {"reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "rewards": rewards.tolist()}
 
 
-def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
+def _stats(method: str, rewards: Optional[torch.Tensor], terms: Optional[Terms]) -> dict:
     j, h = (None, 0) if terms is None or terms.half_order is None else terms.half_order
     return {
         "method": method,

@@ -7,6 +7,7 @@ Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `nois
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -59,6 +60,55 @@ class Trajectory:
     def step_index(self, t: int) -> int:
         """The step k of the `rlr_math.md` index t."""
         return self.num_steps - t
+
+
+# Where each tensor field of a Trajectory keeps its samples; the other tensor fields are per step
+# and shared by every sample. A new field must be added to one of the two (tests check).
+PER_SAMPLE_DIM = {"latents": 1, "noises": 1, "log_probs": 1, "encoder_hidden_states": 0,
+                  "negative_encoder_hidden_states": 0}
+PER_STEP = ("timesteps", "sigmas", "c_x", "c_e", "d_x", "d_e")
+
+
+def select_samples(traj: Trajectory, index: torch.Tensor) -> Trajectory:
+    """The chains of samples `index` (a 1-D index tensor) of `traj`, as a Trajectory of their own."""
+    index = torch.as_tensor(index, device=traj.latents.device)
+    picked = {name: None if getattr(traj, name) is None else getattr(traj, name).index_select(dim, index)
+              for name, dim in PER_SAMPLE_DIM.items()}
+    return dataclasses.replace(traj, **picked)
+
+
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
+
+
+def concat_samples(trajs: Sequence[Trajectory]) -> Trajectory:
+    """One Trajectory holding the samples of `trajs` (same schedule, model and guidance) side by side."""
+    first = trajs[0]
+    for other in trajs[1:]:
+        same = (other.eta == first.eta and other.guidance_scale == first.guidance_scale
+                and other.model_key == first.model_key
+                and all(_same(getattr(other, name), getattr(first, name)) for name in PER_STEP))
+        if not same:
+            raise ValueError("concat_samples needs trajectories of one schedule, eta, guidance scale and model")
+    joined = {}
+    for name, dim in PER_SAMPLE_DIM.items():
+        parts = [getattr(t, name) for t in trajs]
+        if any(p is None for p in parts) and not all(p is None for p in parts):
+            raise ValueError(f"concat_samples: {name} is set in some trajectories and not in others")
+        joined[name] = None if parts[0] is None else torch.cat(parts, dim)
+    return dataclasses.replace(first, **joined)
+
+
+def trajectory_tensors(traj: Trajectory) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Trajectory as named tensors and JSON-ready values (for checkpoints); `trajectory_from` reverses it."""
+    names = tuple(PER_SAMPLE_DIM) + PER_STEP
+    tensors = {n: getattr(traj, n).detach().cpu().contiguous() for n in names if getattr(traj, n) is not None}
+    return tensors, {"eta": traj.eta, "guidance_scale": traj.guidance_scale, "model_key": traj.model_key}
+
+
+def trajectory_from(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device | str = "cpu") -> Trajectory:
+    names = tuple(PER_SAMPLE_DIM) + PER_STEP
+    return Trajectory(**{n: tensors[n].to(device) if n in tensors else None for n in names}, **meta)
 
 
 def model_key(model: torch.nn.Module) -> str:

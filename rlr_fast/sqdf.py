@@ -103,6 +103,7 @@ def _means(model, states: StepStates, noise: Optional[torch.Tensor], options: Es
         with reference_policy(model, reference) as base:
             _, mean_ref = state_step(base, states, split_cfg=options.split_cfg, backend=options.backend)
     counter.forward += 2 * _calls(options, states)
+    counter.forward_samples += 2 * states.batch_size
     return moved, mean, mean_ref
 
 
@@ -135,6 +136,7 @@ def _x0(reference, states: StepStates, estimator: Optional[X0Estimator], options
     if estimator is not None:
         return estimator(reference, states)
     counter.forward += _calls(options, states)
+    counter.forward_samples += states.batch_size
     return state_tweedie(reference, states, split_cfg=options.split_cfg)
 
 

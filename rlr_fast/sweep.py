@@ -35,10 +35,13 @@ Cotangent = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class CallCounter:
-    """Model forward and backward passes (one per call on any batch)."""
+    """Model calls (one per call on any batch), and the work they did in sample-steps: one sample
+    through one step's model evaluation, both guidance passes included (docs/estimator.md §7)."""
 
     forward: int = 0
     backward: int = 0
+    forward_samples: int = 0
+    backward_samples: int = 0
 
 
 class SavedTensorMemory:
@@ -132,11 +135,15 @@ def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
                     cotangent: Cotangent, options: EstimatorOptions, counter: CallCounter) -> None:
     """Recompute the means of steps `ks` (from `sample` (n, B, ...), else the stored inputs) and
     back-propagate `cotangent` on them into `.grad` (and into `sample` when it requires grad)."""
+    samples = len(ks) * traj.batch_size
+    counter.forward_samples += samples
+    counter.backward_samples += samples
     if options.split_cfg and traj.uses_cfg:
         if callable(cotangent):  # its value needs the mean: a forward without graph first
             with torch.no_grad():
                 mean = recompute_steps(model, traj, ks, sample, split_cfg=True, backend=options.backend)
             counter.forward += 2
+            counter.forward_samples += samples
             cotangent = cotangent(mean)
         x, t, cond, negative, (c_x, c_e, _) = stacked_inputs(traj, ks, sample)
         _split_guidance_backward(model, x, t, cond, negative, traj.guidance_scale, c_x, c_e, cotangent, counter)
@@ -331,6 +338,8 @@ def state_backward(model, states: StepStates, cotangent: torch.Tensor, options: 
     parameter gradients accumulate in `.grad` of whatever requires grad; returns d/dx of the states
     when `states.x` requires grad (None otherwise). Split guidance runs the halves one at a time."""
     x = states.x
+    counter.forward_samples += states.batch_size
+    counter.backward_samples += states.batch_size
     if options.split_cfg and states.uses_cfg:
         t, a_x, a_e = states.per_sample(states.timesteps, *((states.d_x, states.d_e) if tweedie else
                                                             (states.c_x, states.c_e)))

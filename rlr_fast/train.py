@@ -5,6 +5,10 @@ One update:
     x_T -> rollout (no grad) -> reward via the VAE -> estimate(...) accumulates .grad
         -> (grad accumulation) -> clip -> AdamW with warm-up -> log, sample grid, checkpoint
 
+The loop does not know which method it runs: the run's StepMethod (rlr_fast.update) makes each
+step's gradient and may take several steps per sampled batch (ddpo), keeping a state that is
+committed with each step and stored in checkpoints.
+
 Everything random draws from two CPU generators seeded by `config.seed` (one for prompts and
 sampling noise, one for the estimator's j and subsampling), so a run is reproducible and a
 checkpoint that stores their states (and every global RNG) resumes bit-exactly on the CPU.
@@ -50,7 +54,7 @@ from .models import SDModels, add_lora, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from .update import PromptBank, TrainingRollout, apply, gradients
+from .update import PromptBank, StepContext, StepMethod, TrainingRollout, apply, step_method
 
 
 class NonFiniteError(RuntimeError):
@@ -198,7 +202,8 @@ class _Run:
     params: list
     optimizer: torch.optim.Optimizer
     generators: dict
-    rollout: TrainingRollout
+    method: StepMethod
+    method_state: object  # the method's state as of the last committed step
     start: int
     counters: dict
     plan_table: Optional[str]
@@ -207,6 +212,10 @@ class _Run:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.cfg.dtype]
+
+    @property
+    def rollout(self) -> TrainingRollout:
+        return self.method.ctx.rollout
 
     def sample_grid(self, step: int) -> None:
         """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
@@ -223,7 +232,7 @@ class _Run:
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
                                cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
-                               counters=self.counters)
+                               counters=self.counters, method_state=self.method_state)
 
 
 def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path) -> _Run:
@@ -248,17 +257,21 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
-    start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
+    method = step_method(StepContext(cfg, models, bank, reward, TrainingRollout(cfg, models, device), params,
+                                     generators, device, DTYPES[cfg.dtype]))
+    start, counters, state = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}, method.initial_state()
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
+        if checkpoint.method_state() is not None:
+            state = method.load_state(*checkpoint.method_state())
         print(f"resuming {out} at step {start} from {checkpoint.path}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
-                optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
+                optimizer=optimizer, generators=generators, method=method, method_state=state, start=start,
                 counters=counters, plan_table=plan_table)
 
 
@@ -285,10 +298,10 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
-                              run.device, run.dtype)
-            with stops.deferred():  # the update is applied, logged and its RNG state kept as one
+            grads = run.method.gradients(run.method_state)
+            with stops.deferred():  # the update is applied, logged and its RNG and method state kept as one
                 record = apply(cfg, step, grads, run.optimizer)
+                run.method_state = grads.state
                 step += 1
                 seconds = time.perf_counter() - t0
                 counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0

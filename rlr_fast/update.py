@@ -1,15 +1,29 @@
-"""One optimizer step of fine-tuning: prompts and noise drawn, a rollout (replayed from a CUDA
-graph on a GPU), the reward through the VAE, the gradient estimate accumulated over micro-batches
-and clipped, then AdamW with warm-up. `gradients` changes nothing but .grad and the generators, so
-a step stopped there leaves no trace; `apply` commits it.
+"""One optimizer step of fine-tuning, and how a method may take several steps per sampled batch.
+
+A step: prompts and noise drawn, a rollout (replayed from a CUDA graph on a GPU), the reward
+through the VAE, the gradient estimate accumulated over micro-batches and clipped, then AdamW with
+warm-up. The loop (rlr_fast.train) does not know which method it runs; it asks the run's
+`StepMethod` for each step's gradient, given the method's state as of the last committed step:
+
+    grads = method.gradients(state)      # changes nothing but .grad and the generators
+    record = apply(cfg, step, grads, optimizer)
+    state = grads.state                  # committed with the update; checkpoints store it
+
+so a step stopped before `apply` leaves no trace. `OnPolicy` (every method but ddpo) samples fresh
+batches for every step and has no state. A method that takes several optimizer steps per sampled
+batch, or keeps anything across steps (DDPO's stored epoch and per-prompt reward history,
+rlr_fast.ddpo; a replay buffer), subclasses `StepMethod` and is named in `step_method`. Its state
+is a `MethodState`: never changed in place (a step returns a new one, sharing unchanged tensors),
+and written to checkpoints as tensors + JSON (`to_checkpoint`, read back by `load_state`), so a run
+resumes bit-exactly at any step, mid-epoch included.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +36,7 @@ from .metrics import jsonable
 from .models import SDModels
 from .profiling import nvtx_range
 from .rewards import Reward, latent_reward
-from .rollout import rollout
+from .rollout import Trajectory, rollout
 
 
 class PromptBank:
@@ -87,14 +101,28 @@ class TrainingRollout:
                        backend=self.backend, **kwargs)
 
 
+# What a step costs, in the units of docs/estimator.md §7: images the reward scored, and model
+# evaluations of one sample at one step (forward; backward), the rollouts' included.
+COST_KEYS = ("reward_queries", "unet_forward_samples", "unet_backward_samples")
+
+
 @dataclass
 class Gradients:
-    """What the micro-batches of one update produced: .grad is accumulated on the LoRA parameters."""
+    """What one optimizer step produced: .grad is accumulated on the LoRA parameters."""
 
-    rewards: list[float]
-    stats: dict
+    rewards: list[float]  # rewards of the samples this step drew (none when it reused stored samples)
+    stats: dict  # the last estimate's stats, model-call counts summed over the step's estimates
     skipped: Optional[str]  # "reward" or "gradient" when the update must not be applied
     grad_norm: Optional[float]
+    state: Any = None  # the method's state after this step (committed with it)
+    cost: dict = field(default_factory=lambda: dict.fromkeys(COST_KEYS, 0))
+
+
+class MethodState(Protocol):
+    """State a method keeps across optimizer steps. Never changed in place: a step returns a new one."""
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON-ready values that `StepMethod.load_state` turns back into this state."""
 
 
 class _WatchedReward:
@@ -110,43 +138,110 @@ class _WatchedReward:
         return values
 
 
-def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
-               params: list, generators: dict, device: torch.device, dtype: torch.dtype) -> Gradients:
-    """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
+@dataclass
+class StepContext:
+    """What every method's optimizer step reads: the run's config, models, prompts, reward, rollout,
+    trainable parameters, generators ("sampling": prompts and noise; "estimator": the estimator's
+    own draws), device and dtype."""
 
-    Changes nothing but .grad and the generators, so a step abandoned here leaves no trace in a
-    checkpoint. A NaN/Inf reward or gradient marks the update skipped.
-    """
-    for p in params:
-        p.grad = None
-    rewards: list[float] = []
-    stats: dict = {}
-    for _ in range(cfg.grad_accum):
-        ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device)
-        with nvtx_range("rollout"), autocast(device, dtype):
-            traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generators["sampling"],
-                              **bank.batch(ids, cfg.guidance_scale))
-        reward_fn = _WatchedReward(latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
+    cfg: Config
+    models: SDModels
+    bank: PromptBank
+    reward: Reward
+    rollout: TrainingRollout
+    params: list
+    generators: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    def sample(self, cost: dict) -> tuple[torch.Tensor, Trajectory, _WatchedReward]:
+        """One rollout batch: its prompt ids, its chain and its reward (x0 latents -> (B,)); the
+        rollout's model evaluations are added to `cost`."""
+        cfg = self.cfg
+        ids = draw_prompt_ids(len(self.bank.prompts), cfg.batch_size, cfg.images_per_prompt, self.generators["sampling"])
+        x_T = initial_noise(self.models.unet, cfg.batch_size, self.generators["sampling"], self.device)
+        with nvtx_range("rollout"), autocast(self.device, self.dtype):
+            traj = self.rollout(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=self.generators["sampling"],
+                                **self.bank.batch(ids, cfg.guidance_scale))
+        cost["unet_forward_samples"] += traj.num_steps * traj.batch_size
+        reward_fn = _WatchedReward(latent_reward(self.models.vae, self.reward, [self.bank.prompts[i] for i in ids],
                                                  decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
-        try:
-            with nvtx_range("estimate"), autocast(device, dtype):
-                micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
-                                 generator=generators["estimator"], prompt_ids=ids)
-        except ValueError:
-            if not reward_fn.nonfinite:
-                raise
-            return Gradients(rewards, stats, "reward", None)
-        rewards += micro["rewards"]
-        for key in ("unet_forward", "unet_backward"):  # counts add up over micro-batches
+        return ids, traj, reward_fn
+
+    def estimate(self, traj: Trajectory, reward_fn, cost: dict, stats: dict, **kwargs) -> dict:
+        """`estimate` on `traj` into .grad; its counts are added to `cost` and to the step's `stats`."""
+        with nvtx_range("estimate"), autocast(self.device, self.dtype):
+            micro = estimate(self.models.unet, traj, reward_fn, self.cfg.estimator_options(),
+                             generator=self.generators["estimator"], **kwargs)
+        for key in COST_KEYS:
+            cost[key] += micro[key]
+        for key in ("unet_forward", "unet_backward"):  # model calls add up over the step's estimates
             micro[key] += stats.get(key, 0)
-        stats = micro
-    for p in params:
-        if p.grad is not None:
-            p.grad /= cfg.grad_accum
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm)
+        return micro
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def average_and_clip(self, estimates: int) -> float:
+        """The accumulated .grad divided by the number of `estimates`, clipped to max_grad_norm; its norm."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad /= estimates
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+
+class StepMethod:
+    """Makes each optimizer step's gradient for the loop; see the module docstring."""
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+
+    def initial_state(self) -> Optional[MethodState]:
+        return None
+
+    def gradients(self, state: Optional[MethodState]) -> Gradients:
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> Optional[MethodState]:
+        """The state a checkpoint stored (`MethodState.to_checkpoint`)."""
+        return None
+
+
+class OnPolicy(StepMethod):
+    """Every optimizer step samples `grad_accum` fresh batches and averages their estimates; no state."""
+
+    def gradients(self, state: None = None) -> Gradients:
+        """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
+
+        A NaN/Inf reward or gradient marks the update skipped.
+        """
+        ctx = self.ctx
+        ctx.zero_grad()
+        rewards: list[float] = []
+        stats: dict = {}
+        cost = dict.fromkeys(COST_KEYS, 0)
+        for _ in range(ctx.cfg.grad_accum):
+            ids, traj, reward_fn = ctx.sample(cost)
+            try:
+                stats = ctx.estimate(traj, reward_fn, cost, stats, prompt_ids=ids)
+            except ValueError:
+                if not reward_fn.nonfinite:
+                    raise
+                return Gradients(rewards, stats, "reward", None, cost=cost)
+            rewards += stats["rewards"]
+        grad_norm = ctx.average_and_clip(ctx.cfg.grad_accum)
+        return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, cost=cost)
+
+
+def step_method(ctx: StepContext) -> StepMethod:
+    """The StepMethod of the run's `method`: OnPolicy unless the method keeps state across steps."""
+    if ctx.cfg.method == "ddpo":
+        from .ddpo import DDPOSteps  # ddpo builds on this module
+
+        return DDPOSteps(ctx)
+    return OnPolicy(ctx)
 
 
 def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
@@ -159,11 +254,11 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     values = np.array(grads.rewards) if grads.rewards and not grads.skipped else None
-    estimator = {k: v for k, v in grads.stats.items() if k not in ("rewards", "reward_mean", "reward_std")}
+    estimator = {k: v for k, v in grads.stats.items() if k not in ("rewards", "reward_mean", "reward_std") + COST_KEYS}
     return jsonable({
         "step": step + 1,
         "reward_mean": None if values is None else float(values.mean()),
         "reward_std": None if values is None else float(values.std(ddof=1)) if len(values) > 1 else 0.0,
         "grad_norm": grads.grad_norm, "lr": lr,
-        "skipped": grads.skipped or False, "estimator": estimator,
+        "skipped": grads.skipped or False, **grads.cost, "estimator": estimator,
     })

@@ -4,7 +4,7 @@ an estimate is tested in test_estimators.py)."""
 import pytest
 import torch
 
-from rlr_fast.baselines import ddpo_advantages, reward_baseline, reward_scale
+from rlr_fast.baselines import PromptRewardHistory, ddpo_advantages, reward_baseline, reward_scale
 from rlr_fast.options import EstimatorOptions
 
 R = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
@@ -49,3 +49,22 @@ def test_ddpo_advantages_are_standardised_per_prompt():
     torch.testing.assert_close(per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
     whole = ddpo_advantages(R)
     torch.testing.assert_close(whole, (R - 3.5) / 7 ** 0.5, rtol=1e-6, atol=0)
+
+
+def test_prompt_reward_history_by_hand():
+    """DDPO's stat tracker: the epoch's statistics until a prompt holds min_count rewards, then the
+    prompt's own FIFO buffer (this epoch's rewards included); population standard deviations."""
+    empty = PromptRewardHistory(size=3, min_count=2)
+    adv, first = empty.advantages(["a", "b", "b"], torch.tensor([1.0, 2.0, 6.0]))
+    # "a" has 1 reward (< 2): the epoch's mean 3 and std sqrt(14/3); "b" has 2: its own, mean 4, std 2
+    epoch_std = (14 / 3) ** 0.5
+    torch.testing.assert_close(adv, torch.tensor([-2 / (epoch_std + 1e-6), -2 / (2 + 1e-6), 2 / (2 + 1e-6)],
+                                                 dtype=torch.float64), rtol=1e-12, atol=0)
+    assert first.buffers == {"a": (1.0,), "b": (2.0, 6.0)} and empty.buffers == {}  # the old history is unchanged
+    adv, second = first.advantages(["b", "b"], torch.tensor([10.0, 4.0]))
+    assert second.buffers["b"] == (6.0, 10.0, 4.0)  # FIFO of 3: the oldest reward (2) dropped
+    mean, std = 20 / 3, 56 ** 0.5 / 3  # deviations -2/3, 10/3, -8/3
+    torch.testing.assert_close(adv, torch.tensor([(10 - mean) / (std + 1e-6), (4 - mean) / (std + 1e-6)],
+                                                 dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="min_count <= buffer size, got min_count=4, size=3"):
+        PromptRewardHistory(size=3, min_count=4)

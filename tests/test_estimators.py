@@ -172,6 +172,9 @@ def test_rlr_partitions_steps_and_counts_calls():
         assert sorted(stats["F"] + stats["H"] + stats["C"]) == list(range(1, 11))
         # 2 + 3 pathwise steps, |C| = 5 likelihood-ratio steps at 2 steps (8 samples) per call
         assert stats["unet_forward"] == stats["unet_backward"] == 5 + 3
+        # work in sample-steps: every one of the 10 steps recomputed once for each of the 4 samples
+        assert stats["unet_forward_samples"] == stats["unet_backward_samples"] == 10 * 4
+        assert stats["reward_queries"] == 4
 
 
 # ---- DDPO ---------------------------------------------------------------------------------------
@@ -210,7 +213,10 @@ def test_ddpo_on_policy_is_likelihood_ratio_with_advantages():
     traj = rlr_fast.rollout(model, sched, torch.randn(4, 3, dtype=torch.float64), num_steps=4, eta=1.0,
                             generator=torch.Generator().manual_seed(6))
     adv = torch.tensor([1.0, -2.0, 0.5, 0.25], dtype=torch.float64)
-    rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method="ddpo", advantages=adv)
+    # with its advantages given, DDPO never evaluates the reward (a minibatch of stored samples)
+    stats = rlr_fast.estimate(model, traj, None, method="ddpo", advantages=adv)
+    assert stats["reward_queries"] == 0 and stats["rewards"] is None and stats["clip_fraction"] == 0
+    assert stats["ratio_max_deviation"] < 1e-12
     ddpo = _grad_vector(model).clone()
     for p in model.parameters():
         p.grad = None

@@ -171,3 +171,31 @@ def test_non_ddim_scheduler(unet):
 
     with pytest.raises(TypeError, match="DDIMScheduler"):
         rlr_fast.rollout(unet, PNDMScheduler(), _x(), num_steps=2, eta=0.0, encoder_hidden_states=_cond(2))
+
+
+def test_samples_selected_joined_and_stored_as_tensors(unet, scheduler):
+    """A subset of a trajectory's samples is the trajectory of those samples (the chain each one
+    drew, step by step, under its own conditioning); joining subsets and a round trip through
+    tensors + JSON (as checkpoints store trajectories) give back the original exactly."""
+    import dataclasses
+
+    from rlr_fast.rollout import (PER_SAMPLE_DIM, PER_STEP, Trajectory, concat_samples, select_samples,
+                                  trajectory_from, trajectory_tensors)
+
+    traj, _ = _run(unet, scheduler, 1.0, cfg=True, steps=3, batch=4)
+    scalars = {"eta", "guidance_scale", "model_key"}
+    assert {f.name for f in dataclasses.fields(Trajectory)} == set(PER_SAMPLE_DIM) | set(PER_STEP) | scalars
+    pick = select_samples(traj, torch.tensor([2, 0]))
+    assert pick.batch_size == 2 and torch.equal(pick.latents, traj.latents[:, [2, 0]])
+    assert torch.equal(pick.noises[:, 0], traj.noises[:, 2]) and torch.equal(pick.log_probs, traj.log_probs[:, [2, 0]])
+    assert torch.equal(pick.negative_encoder_hidden_states[1], traj.negative_encoder_hidden_states[0])
+    mean = recompute_steps(unet, pick, [1])[0].detach()  # sample 0 of `pick` is sample 2 of `traj`
+    torch.testing.assert_close(mean[0], recompute_steps(unet, traj, [1])[0, 2].detach())
+    joined = concat_samples([select_samples(traj, torch.tensor([0, 1])), select_samples(traj, torch.tensor([2, 3]))])
+    stored = trajectory_from(*trajectory_tensors(joined))
+    for name in PER_SAMPLE_DIM:
+        assert torch.equal(getattr(stored, name), getattr(traj, name)), name
+    assert (stored.eta, stored.guidance_scale, stored.model_key) == (traj.eta, traj.guidance_scale, traj.model_key)
+    other, _ = _run(unet, scheduler, 0.5, cfg=True, steps=3, batch=4)
+    with pytest.raises(ValueError, match="one schedule, eta, guidance scale and model"):
+        concat_samples([traj, other])

@@ -8,7 +8,7 @@ from rlr_fast.config import Config
 from rlr_fast.models import add_lora, lora_parameters, tiny_sd
 from rlr_fast.rewards import get_reward
 from rlr_fast.rollout import rollout
-from rlr_fast.update import PromptBank, TrainingRollout, apply, draw_prompt_ids, gradients
+from rlr_fast.update import OnPolicy, PromptBank, StepContext, TrainingRollout, apply, draw_prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,9 @@ def test_gradients_change_nothing_until_applied(models):
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
-    grads = gradients(cfg, run, PromptBank(run, ["a red circle", "a blue square"], ""), get_reward("brightness"),
-                      TrainingRollout(cfg, run, torch.device("cpu")), params, generators, torch.device("cpu"),
-                      torch.float32)
+    grads = OnPolicy(StepContext(cfg, run, PromptBank(run, ["a red circle", "a blue square"], ""),
+                                 get_reward("brightness"), TrainingRollout(cfg, run, torch.device("cpu")), params,
+                                 generators, torch.device("cpu"), torch.float32)).gradients()
     assert grads.skipped is None and grads.grad_norm > 0 and len(grads.rewards) == 2
     assert all(torch.equal(a, p) for a, p in zip(before, params)) and not optimizer.state
     record = apply(cfg, 0, grads, optimizer)
