@@ -1,4 +1,5 @@
-"""SQDF's off-policy replay buffer of sampled chains (docs/estimator.md §11).
+"""SQDF's off-policy replay buffer of sampled chains, and the StepMethod that trains from it
+(docs/estimator.md §11.4).
 
 The buffer keeps the last `capacity` chains (first in, first out), on the CPU. Of each chain it
 stores only what SQDF reads: the inputs x_k of the steps it draws from (`sqdf_steps`, [first, stop)),
@@ -24,13 +25,19 @@ tensors and JSON and back, bit-exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .estimators import _rewards, estimate_states
+from .inference import autocast
+from .profiling import nvtx_range
 from .rollout import Trajectory
+from .sqdf import step_range
 from .sweep import StepStates
+from .update import COST_KEYS, Gradients, StepMethod
 
 SAMPLINGS = ("uniform", "reward")
 _SCHEDULE = ("timesteps", "c_x", "c_e", "sigmas", "d_x", "d_e")
@@ -175,3 +182,79 @@ class ReplayBuffer:
         for name in _PER_CHAIN:
             getattr(storage, name)[:size] = tensors[name]
         return dataclasses.replace(buffer, storage=storage, size=size)
+
+
+# ----------------------------------------------------------------------------------------------
+# method="sqdf" with replay_capacity > 0
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """SQDF with a buffer between optimizer steps: the buffer and the optimizer steps taken."""
+
+    buffer: ReplayBuffer
+    updates: int = 0
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = self.buffer.to_checkpoint()
+        return tensors, {"buffer": meta, "updates": self.updates}
+
+
+class SQDFReplay(StepMethod):
+    """Every `replay_ratio`-th optimizer step adds batch_size x grad_accum fresh chains (their x_0
+    scored once: the step's rewards); every step draws as many (chain, step) pairs from the buffer
+    and accumulates SQDF's gradient over them in grad_accum micro-batches (docs/estimator.md §11.4)."""
+
+    def initial_state(self) -> ReplayState:
+        cfg = self.ctx.cfg
+        steps = step_range(cfg, cfg.num_steps)
+        return ReplayState(ReplayBuffer(cfg.replay_capacity, steps, cfg.batch_size * cfg.grad_accum,
+                                        cfg.replay_sampling, cfg.sqdf_gamma))
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> ReplayState:
+        return ReplayState(ReplayBuffer.from_checkpoint(tensors, meta["buffer"]), meta["updates"])
+
+    def gradients(self, state: ReplayState) -> Gradients:
+        """A NaN/Inf reward of a fresh chain skips the step and adds none of its chains (the next step
+        samples afresh); one of a soft Q skips the step and keeps the fresh chains."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        ctx.zero_grad()
+        cost = dict.fromkeys(COST_KEYS, 0)
+        buffer, rewards = state.buffer, []
+        if state.updates % cfg.replay_ratio == 0:
+            for _ in range(cfg.grad_accum):
+                ids, traj, reward_fn = ctx.sample(cost)
+                cost["reward_queries"] += traj.batch_size
+                try:
+                    with autocast(ctx.device, ctx.dtype):
+                        values, _ = _rewards(reward_fn, traj, need_grad=False)
+                except ValueError:
+                    if not reward_fn.nonfinite:
+                        raise
+                    return Gradients([], {}, "reward", None, state=state, cost=cost)
+                buffer = buffer.added(traj, values, ids, state.updates)
+                rewards += values.tolist()
+        after = ReplayState(buffer, state.updates + 1)
+        batch = cfg.batch_size
+        chains, steps = buffer.sample(batch * cfg.grad_accum, ctx.generators["estimator"])
+        stats: dict = {}
+        for rows in torch.arange(len(chains)).split(batch):
+            ids = buffer.chains("prompt_ids", chains[rows])
+            conditioning = ctx.bank.batch(ids, cfg.guidance_scale)
+            states = buffer.states(chains[rows], steps[rows], ctx.device, conditioning["encoder_hidden_states"],
+                                   conditioning["negative_encoder_hidden_states"])
+            reward_fn = ctx.reward_fn(ids)
+            try:
+                with nvtx_range("estimate"), autocast(ctx.device, ctx.dtype):
+                    micro = estimate_states(ctx.models.unet, states, reward_fn, cfg.estimator_options(),
+                                            generator=ctx.generators["estimator"])
+            except ValueError:
+                if not reward_fn.nonfinite:
+                    raise
+                return Gradients(rewards, stats, "reward", None, state=after, cost=cost)
+            stats = ctx.count(micro, cost, stats)
+        ages = state.updates - buffer.chains("added_at", chains)
+        stats.update(replay_size=len(buffer), replay_age_mean=float(ages.double().mean()))
+        grad_norm = ctx.average_and_clip(cfg.grad_accum)
+        return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, state=after,
+                         cost=cost)

@@ -298,7 +298,7 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = run.method.gradients(run.method_state)
+            grads = run.method.step(run.method_state)
             with stops.deferred():  # the update is applied, logged and its RNG and method state kept as one
                 record = apply(cfg, step, grads, run.optimizer)
                 run.method_state = grads.state

@@ -5,14 +5,17 @@ through the VAE, the gradient estimate accumulated over micro-batches and clippe
 warm-up. The loop (rlr_fast.train) does not know which method it runs; it asks the run's
 `StepMethod` for each step's gradient, given the method's state as of the last committed step:
 
-    grads = method.gradients(state)      # changes nothing but .grad and the generators
+    grads = method.step(state)           # changes nothing but .grad and the generators
     record = apply(cfg, step, grads, optimizer)
     state = grads.state                  # committed with the update; checkpoints store it
 
-so a step stopped before `apply` leaves no trace. `OnPolicy` (every method but ddpo) samples fresh
-batches for every step and has no state. A method that takes several optimizer steps per sampled
-batch, or keeps anything across steps (DDPO's stored epoch and per-prompt reward history,
-rlr_fast.ddpo; a replay buffer), subclasses `StepMethod` and is named in `step_method`. Its state
+so a step stopped before `apply` leaves no trace. `step` is the method's `gradients` plus the policy
+metrics of what it sampled (`StepContext.policy_metrics`: the chains' KL to the base model and the
+images' diversity within a prompt, logged next to the reward for every method). `OnPolicy` (every
+method but ddpo, and sqdf with a replay buffer) samples fresh batches for every step and has no
+state. A method that takes several optimizer steps per sampled batch, or keeps anything across steps
+(DDPO's stored epoch and per-prompt reward history, rlr_fast.ddpo; SQDF's replay buffer,
+rlr_fast.replay), subclasses `StepMethod` and is named in `step_method`. Its state
 is a `MethodState`: never changed in place (a step returns a new one, sharing unchanged tensors),
 and written to checkpoints as tensors + JSON (`to_checkpoint`, read back by `load_state`), so a run
 resumes bit-exactly at any step, mid-epoch included.
@@ -20,6 +23,7 @@ resumes bit-exactly at any step, mid-epoch included.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -32,11 +36,12 @@ from .config import Config
 from .cuda_graph import GraphedRollout
 from .estimators import estimate
 from .inference import autocast, initial_noise
-from .metrics import jsonable
+from .metrics import diversity, jsonable
 from .models import SDModels
 from .profiling import nvtx_range
 from .rewards import Reward, latent_reward
 from .rollout import Trajectory, rollout
+from .sqdf import chain_kl
 
 
 class PromptBank:
@@ -116,6 +121,7 @@ class Gradients:
     grad_norm: Optional[float]
     state: Any = None  # the method's state after this step (committed with it)
     cost: dict = field(default_factory=lambda: dict.fromkeys(COST_KEYS, 0))
+    policy: dict = field(default_factory=dict)  # kl, diversity of what it sampled (StepContext.policy_metrics)
 
 
 class MethodState(Protocol):
@@ -123,6 +129,26 @@ class MethodState(Protocol):
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and JSON-ready values that `StepMethod.load_state` turns back into this state."""
+
+
+class _ImageTap(Reward):
+    """The image reward, keeping the diversity of the images of its first call: a batch's x_0, which
+    every method scores before anything else it scores (sqdf's soft Q included)."""
+
+    def __init__(self, reward: Reward, prompt_ids: torch.Tensor):
+        super().__init__()
+        self.inner, self.prompt_ids = reward, prompt_ids
+        self.diversity: Optional[float] = None
+        self.seen = False
+
+    @property
+    def differentiable(self) -> bool:
+        return self.inner.differentiable
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if not self.seen:
+            self.seen, self.diversity = True, diversity(images, self.prompt_ids)
+        return self.inner(images, prompts)
 
 
 class _WatchedReward:
@@ -153,10 +179,12 @@ class StepContext:
     generators: dict
     device: torch.device
     dtype: torch.dtype
+    # per batch sampled since the last `policy_metrics`: its chains' KL estimates and its image tap
+    sampled: list = field(default_factory=list)
 
     def sample(self, cost: dict) -> tuple[torch.Tensor, Trajectory, _WatchedReward]:
         """One rollout batch: its prompt ids, its chain and its reward (x0 latents -> (B,)); the
-        rollout's model evaluations are added to `cost`."""
+        rollout's model evaluations are added to `cost` (not the KL metric's two, `policy_metrics`)."""
         cfg = self.cfg
         ids = draw_prompt_ids(len(self.bank.prompts), cfg.batch_size, cfg.images_per_prompt, self.generators["sampling"])
         x_T = initial_noise(self.models.unet, cfg.batch_size, self.generators["sampling"], self.device)
@@ -164,15 +192,42 @@ class StepContext:
             traj = self.rollout(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=self.generators["sampling"],
                                 **self.bank.batch(ids, cfg.guidance_scale))
         cost["unet_forward_samples"] += traj.num_steps * traj.batch_size
-        reward_fn = _WatchedReward(latent_reward(self.models.vae, self.reward, [self.bank.prompts[i] for i in ids],
-                                                 decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
-        return ids, traj, reward_fn
+        tap = _ImageTap(self.reward, ids)
+        self.sampled.append((self._chain_kl(traj), tap))
+        return ids, traj, self.reward_fn(ids, tap)
+
+    def reward_fn(self, ids: torch.Tensor, reward: Optional[Reward] = None) -> _WatchedReward:
+        """The reward of prompts `ids` on x0 latents (decoded by the VAE): (B, ...) -> (B,)."""
+        return _WatchedReward(latent_reward(self.models.vae, reward or self.reward, [self.bank.prompts[i] for i in ids],
+                                            decode_chunk=self.cfg.decode_chunk, checkpoint_vae=self.cfg.checkpoint_vae))
+
+    def _chain_kl(self, traj: Trajectory) -> torch.Tensor:
+        """Each chain's KL to the base model (rlr_fast.sqdf.chain_kl), its step drawn by a generator seeded
+        from the sampling generator's state, so the metric moves no random stream of the run."""
+        state = self.generators["sampling"].get_state().numpy().tobytes()
+        seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
+        with nvtx_range("kl metric"), autocast(self.device, self.dtype):
+            return chain_kl(self.models.unet, traj, torch.Generator().manual_seed(seed), self.cfg.estimator_options())
+
+    def policy_metrics(self) -> dict:
+        """Of the batches sampled since the last call: `kl`, the mean over their chains of the estimated
+        KL(p_theta || p_base) of the whole chain, and `diversity`, the mean pairwise RMS distance of
+        their x_0 images within each prompt (rlr_fast.metrics.diversity); None where nothing was sampled."""
+        sampled, self.sampled = self.sampled, []
+        spread = [tap.diversity for _, tap in sampled if tap.diversity is not None]
+        return {"kl": float(torch.cat([kl for kl, _ in sampled]).mean()) if sampled else None,
+                "diversity": float(np.mean(spread)) if spread else None}
 
     def estimate(self, traj: Trajectory, reward_fn, cost: dict, stats: dict, **kwargs) -> dict:
         """`estimate` on `traj` into .grad; its counts are added to `cost` and to the step's `stats`."""
         with nvtx_range("estimate"), autocast(self.device, self.dtype):
             micro = estimate(self.models.unet, traj, reward_fn, self.cfg.estimator_options(),
                              generator=self.generators["estimator"], **kwargs)
+        return self.count(micro, cost, stats)
+
+    @staticmethod
+    def count(micro: dict, cost: dict, stats: dict) -> dict:
+        """An estimate's stats with its counts added to `cost` and its model calls to the step's `stats`'."""
         for key in COST_KEYS:
             cost[key] += micro[key]
         for key in ("unet_forward", "unet_backward"):  # model calls add up over the step's estimates
@@ -203,6 +258,12 @@ class StepMethod:
 
     def gradients(self, state: Optional[MethodState]) -> Gradients:
         raise NotImplementedError
+
+    def step(self, state: Optional[MethodState]) -> Gradients:
+        """`gradients(state)` with the policy metrics of the batches it sampled (before any update)."""
+        grads = self.gradients(state)
+        grads.policy = self.ctx.policy_metrics()
+        return grads
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> Optional[MethodState]:
         """The state a checkpoint stored (`MethodState.to_checkpoint`)."""
@@ -241,6 +302,10 @@ def step_method(ctx: StepContext) -> StepMethod:
         from .ddpo import DDPOSteps  # ddpo builds on this module
 
         return DDPOSteps(ctx)
+    if ctx.cfg.method == "sqdf" and ctx.cfg.replay_capacity:
+        from .replay import SQDFReplay  # so does the replay buffer
+
+        return SQDFReplay(ctx)
     return OnPolicy(ctx)
 
 
@@ -259,6 +324,7 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
         "step": step + 1,
         "reward_mean": None if values is None else float(values.mean()),
         "reward_std": None if values is None else float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "kl": grads.policy.get("kl"), "diversity": grads.policy.get("diversity"),
         "grad_norm": grads.grad_norm, "lr": lr,
         "skipped": grads.skipped or False, **grads.cost, "estimator": estimator,
     })

@@ -440,3 +440,75 @@ def test_the_base_model_must_be_had():
     rlr_fast.estimate(unet, traj, _reward, method="sqdf", reference=frozen)
     with pytest.raises(ValueError, match="reference is used by method='sqdf' only"):
         rlr_fast.estimate(unet, traj, _reward, method="full_bp", reference=frozen)
+
+
+# ---- finetune: method="sqdf", the replay buffer in checkpoints, kl and diversity in every record ----
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    """A run of a few seconds on the tiny SD: T = 3, one prompt x 2 images per micro-batch."""
+    return dict(model=str(tiny_folder), num_steps=3, batch_size=2, images_per_prompt=2, sample_prompts=1,
+                sample_seeds=(0,), tensorboard=False, lr=1e-2, reward="brightness", method="sqdf",
+                sqdf_alpha=0.01, sqdf_gamma=0.9)
+
+
+def _records(out_dir):
+    import json
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lora(out_dir):
+    return safetensors.torch.load_file(str(out_dir / "pytorch_lora_weights.safetensors"))
+
+
+REPLAY = dict(replay_capacity=6, replay_ratio=2, grad_accum=2, replay_sampling="reward")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    from rlr_fast.train import finetune
+    return finetune(out_dir=str(tmp_path_factory.mktemp("sqdf")), train_steps=5, checkpoint_every=2, **tiny, **REPLAY)
+
+
+def test_replay_run_logs_its_buffer_kl_and_diversity(straight):
+    rows = _records(straight.out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    # fresh chains (and their rewards) every replay_ratio = 2 steps: batch_size x grad_accum = 4 each
+    assert [r["estimator"]["replay_size"] for r in rows] == [4, 4, 6, 6, 6]
+    assert [r["reward_mean"] is not None for r in rows] == [True, False, True, False, True]
+    assert [r["reward_queries"] for r in rows] == [8, 4, 8, 4, 8]  # x_0 once per fresh chain, one Q per draw
+    assert rows[0]["kl"] == 0.0  # LoRA B = 0: the first rollouts are the base model's
+    assert rows[2]["kl"] > 0 and rows[1]["kl"] is None  # measured on each step's fresh chains
+    assert all(r["diversity"] > 0 for r in rows[::2])
+    assert rows[3]["estimator"]["replay_age_mean"] > 0
+
+
+def test_replay_run_resumes_bit_exactly_after_a_kill(straight, tiny, tmp_path):
+    """Killed at step 3, which added fresh chains; resumed from the step-2 checkpoint (a buffer of 4
+    chains, mid-ratio): the same draws, LoRA and metrics as the run that was never stopped."""
+    from rlr_fast.train import finetune
+
+    def kill_at_3(step, record):
+        if step == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        finetune(out_dir=str(tmp_path), train_steps=5, checkpoint_every=2, callback=kill_at_3, **tiny, **REPLAY)
+    result = finetune(resume=str(tmp_path))
+    a, b = _lora(straight.out_dir), _lora(result.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("reward_mean", "kl", "diversity", "grad_norm")
+    assert [[r[k] for k in keys] + [r["estimator"]["k"]] for r in _records(straight.out_dir)] == \
+           [[r[k] for k in keys] + [r["estimator"]["k"]] for r in _records(tmp_path)]
+
+
+def test_every_method_logs_kl_and_diversity(tiny, tmp_path):
+    from rlr_fast.train import finetune
+
+    for method in ("rlr", "sqdf"):
+        out = tmp_path / method
+        finetune(out_dir=str(out), train_steps=2, **dict(tiny, method=method))
+        rows = _records(out)
+        assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the base model, then one update away from it
+        assert all(r["diversity"] > 0 and r["reward_mean"] is not None for r in rows)
