@@ -485,22 +485,25 @@ def test_replay_run_logs_its_buffer_kl_and_diversity(straight):
 
 
 def test_replay_run_resumes_bit_exactly_after_a_kill(straight, tiny, tmp_path):
-    """Killed at step 3, which added fresh chains; resumed from the step-2 checkpoint (a buffer of 4
-    chains, mid-ratio): the same draws, LoRA and metrics as the run that was never stopped."""
+    """Killed at step 5, which added fresh chains; resumed from the step-3 checkpoint (a full buffer,
+    between two refreshes): the same draws, LoRA and metrics as the run that was never stopped."""
     from rlr_fast.train import finetune
 
-    def kill_at_3(step, record):
-        if step == 3:
+    def kill_at_5(step, record):
+        if step == 5:
             raise RuntimeError("simulated kill")
 
     with pytest.raises(RuntimeError, match="simulated kill"):
-        finetune(out_dir=str(tmp_path), train_steps=5, checkpoint_every=2, callback=kill_at_3, **tiny, **REPLAY)
+        finetune(out_dir=str(tmp_path), train_steps=5, checkpoint_every=3, callback=kill_at_5, **tiny, **REPLAY)
     result = finetune(resume=str(tmp_path))
     a, b = _lora(straight.out_dir), _lora(result.out_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    keys = ("reward_mean", "kl", "diversity", "grad_norm")
-    assert [[r[k] for k in keys] + [r["estimator"]["k"]] for r in _records(straight.out_dir)] == \
-           [[r[k] for k in keys] + [r["estimator"]["k"]] for r in _records(tmp_path)]
+
+    def numbers(out_dir):
+        return [[r[k] for k in ("reward_mean", "kl", "diversity", "grad_norm")] +
+                [r["estimator"][k] for k in ("k", "replay_age_mean")] for r in _records(out_dir)]
+
+    assert numbers(straight.out_dir) == numbers(tmp_path)
 
 
 def test_every_method_logs_kl_and_diversity(tiny, tmp_path):
@@ -512,3 +515,33 @@ def test_every_method_logs_kl_and_diversity(tiny, tmp_path):
         rows = _records(out)
         assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the base model, then one update away from it
         assert all(r["diversity"] > 0 and r["reward_mean"] is not None for r in rows)
+
+
+def test_the_sqdf_preset_converts_the_public_alpha():
+    """The public aesthetic script's alpha = 2.0 penalises the per-element mean of (mu_ref - mu)^2 /
+    sigma^2, (2 / D) KL: ours is 2.0 x 2 / D with D the SD1.4 latent's element count."""
+    from rlr_fast.models import sd14_config
+
+    unet = sd14_config()["unet"]
+    elements = unet["in_channels"] * unet["sample_size"] ** 2
+    cfg = Config.from_preset("sqdf")
+    assert cfg.sqdf_alpha == pytest.approx(2.0 * 2 / elements, rel=1e-15)
+    assert (cfg.method, cfg.sqdf_gamma, cfg.sqdf_steps, cfg.num_steps, cfg.eta, cfg.guidance_scale) == \
+           ("sqdf", 0.9, None, 50, 1.0, 5.0)
+    assert (cfg.replay_capacity, cfg.replay_ratio, cfg.replay_sampling) == (1024, 1, "uniform")
+    assert cfg.batch_size * cfg.grad_accum == 4 * 8 * 2  # their batch x accumulation x 2 GPUs per update
+
+
+def test_the_diversity_is_that_of_the_first_images_a_reward_scores():
+    """Every method scores a batch's x_0 first (sqdf before its soft Q), so that is what is measured."""
+    from rlr_fast.metrics import diversity
+    from rlr_fast.rewards import get_reward
+    from rlr_fast.update import _ImageTap
+
+    g = torch.Generator().manual_seed(0)
+    first, later = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g) * 0.1
+    ids = torch.tensor([0, 0, 1, 1])
+    tap = _ImageTap(get_reward("brightness"), ids)
+    tap(first, ["a"] * 4)
+    tap(later, ["a"] * 4)
+    assert tap.diversity == diversity(first, ids) != diversity(later, ids)
