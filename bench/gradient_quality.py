@@ -20,6 +20,7 @@ Results: bench/results/gradient_quality.md and .csv.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -55,10 +56,12 @@ ESTIMATORS = [
     ("truncated_bp k=1", "truncated_bp", dict(truncated_bp_k=1)),
     ("truncated_bp k=random", "truncated_bp", dict(truncated_bp_k="random")),
     ("ddpo", "ddpo", {}),
+    ("sqdf alpha=0 gamma=1", "sqdf", {}),
 ]
-# DDPO's update is the gradient of a surrogate with standardised advantages averaged over steps, a
-# different scale from grad -E[R]: only its direction is comparable.
-DIRECTION_ONLY = {"ddpo"}
+# DDPO's update is the gradient of a surrogate with standardised advantages averaged over steps, and
+# SQDF's that of a one-step soft-Q objective at a drawn step (docs/estimator.md §11): other objectives
+# and scales than grad -E[R], so only their direction is comparable.
+DIRECTION_ONLY = {"ddpo", "sqdf"}
 MEMORY_RUNS = 3  # estimates per estimator run with the saved-tensor hooks (they slow every op)
 
 
@@ -71,6 +74,7 @@ class Setting:
     exact: torch.Tensor  # flattened gradient of -E[R] over the trainable parameters
     exact_var: torch.Tensor  # variance of `exact` per coordinate (0 for a closed form)
     description: str
+    reference: Optional[torch.nn.Module] = None  # sqdf's base model where `model` has no LoRA to switch off
 
 
 def flat_grad(model) -> torch.Tensor:
@@ -102,10 +106,11 @@ def toy_setting(schedule: str, steps: int, batch: int) -> Setting:
         x_T = torch.randn(batch, 3, generator=g, dtype=torch.float64)
         return rlr_fast.rollout(model, sched, x_T, num_steps=steps, eta=ETA, generator=g)
 
+    base = copy.deepcopy(model).requires_grad_(False)
     return Setting(f"toy {schedule}", model, sample, quadratic_reward(target), exact, torch.zeros_like(exact),
                    f"rlr_fast.testing.LinearEps (dim 3, 12 parameters, float64), R = -|x0 - target|^2, "
                    f"{schedule} schedule, T = {steps}, eta = {ETA:g}, B = {batch}; exact gradient in closed form "
-                   "(rlr_fast.testing.exact_loss_gradient)")
+                   "(rlr_fast.testing.exact_loss_gradient)", reference=base)
 
 
 def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
@@ -157,6 +162,8 @@ def estimator_rows(setting: Setting, n: int, timing: dict, seed: int = 1) -> lis
     rows = []
     for index, (label, method, options) in enumerate(ESTIMATORS):
         draws = torch.Generator().manual_seed(100 + index)  # j, k and the zo subsample
+        if method == "sqdf":
+            options = dict(options, reference=setting.reference)
         est = torch.empty(n, setting.exact.numel(), dtype=torch.float64)
         forward = backward = peak = 0
         for i, traj in enumerate(trajs):

@@ -213,9 +213,9 @@ class EstimatorOptions:
                                     "sqdf_alpha * D / 2; docs/estimator.md §11)")
     sqdf_gamma: float = option(1.0, "sqdf: discount in (0, 1]: the reward term of step k is weighted "
                                     "gamma ** (steps after k)")
-    sqdf_steps: Optional[tuple[int, int]] = option(None, "sqdf: the steps k drawn per sample, [first, stop) in "
-                                                         "sampling order (0 the noisiest) as range(first, stop); "
-                                                         "None: every step")
+    sqdf_steps: Optional[tuple[int, int]] = option(None, "sqdf: the steps k drawn per sample, uniformly among the "
+                                                         "stochastic ones of [first, stop) in sampling order (0 "
+                                                         "the noisiest), as range(first, stop); None: every step")
     x0_estimator: Union[str, Callable] = option("tweedie", "sqdf: the one-step estimate of x_0 scored as the soft "
                                                            "Q: 'tweedie' (the base model at the next step) or, from "
                                                            "Python, a callable (reference, states) -> x0_hat, e.g. a "

@@ -16,10 +16,10 @@ Sampling (`sample`) draws from a generator in the chains' age order, so the same
 generator state give the same draw; `to_checkpoint` / `from_checkpoint` turn the buffer into
 tensors and JSON and back, bit-exactly.
 
-    uniform  n distinct chains uniformly, each at a step uniform on [first, stop)
+    uniform  n distinct chains uniformly, each at a step uniform on the stochastic steps of [first, stop)
     reward   n (chain, step) pairs with replacement, with probability proportional to
-             max(R, 0) * gamma ** (steps after k): the public SQDF code's reward-and-discount
-             prioritised replay
+             max(R, 0) * gamma ** (steps after k) over those steps: the public SQDF code's
+             reward-and-discount prioritised replay
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .estimators import _rewards, estimate_states
 from .inference import autocast
 from .profiling import nvtx_range
 from .rollout import Trajectory
-from .sqdf import step_range
+from .sqdf import step_range, stochastic_steps
 from .sweep import StepStates
 from .update import COST_KEYS, Gradients, StepMethod
 
@@ -125,20 +125,21 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("cannot draw from an empty replay buffer")
         first, stop = self.steps
+        steps = stochastic_steps(self.storage.schedule["sigmas"], first, stop)
         if self.sampling == "uniform":
             if n > self.size:
                 raise ValueError(f"cannot draw {n} distinct chains from a replay buffer holding {self.size} "
                                  f"(capacity {self.capacity})")
             chains = torch.randperm(self.size, generator=generator)[:n]
-            return chains, torch.randint(first, stop, (n,), generator=generator)
+            return chains, steps[torch.randint(len(steps), (n,), generator=generator)]
         num_steps = self.storage.schedule["timesteps"].shape[0]
-        discount = self.gamma ** (num_steps - 1 - torch.arange(first, stop, dtype=torch.float64))
+        discount = self.gamma ** (num_steps - 1 - steps.double())
         weights = self.storage.rewards[self.slots].clamp(min=0)[:, None] * discount[None, :]
         if not weights.sum() > 0:
             raise ValueError("replay_sampling='reward' draws chains with probability proportional to max(R, 0), but "
                              "every reward in the buffer is <= 0; use replay_sampling='uniform'")
         pairs = torch.multinomial(weights.flatten(), n, replacement=True, generator=generator)
-        return pairs // (stop - first), first + pairs % (stop - first)
+        return pairs // len(steps), steps[pairs % len(steps)]
 
     def chains(self, name: str, chains: torch.Tensor) -> torch.Tensor:
         """A per-chain value ("rewards", "prompt_ids" or "added_at") of the chains drawn by `sample`."""

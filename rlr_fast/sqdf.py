@@ -75,20 +75,22 @@ def step_range(options: EstimatorOptions, num_steps: int) -> tuple[int, int]:
     return first, stop
 
 
-def check_stochastic(sigmas: torch.Tensor, first: int, stop: int) -> None:
-    """Every step of [first, stop) has sigma > 0: its KL and its reparameterised step need noise."""
-    flat = [k for k in range(first, stop) if float(sigmas[k]) == 0.0]
-    if flat:
-        raise ValueError(f"sqdf needs sigma > 0 at every step it draws, but steps k={flat} of sqdf_steps="
-                         f"{[first, stop]} are deterministic; narrow sqdf_steps or raise eta")
+def stochastic_steps(sigmas: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    """The steps of [first, stop) with sigma > 0, the ones SQDF draws (a deterministic step has no
+    reparameterised noise and no KL); an error naming the range when there are none."""
+    steps = torch.arange(first, stop)[sigmas[first:stop].cpu() > 0]
+    if not len(steps):
+        raise ValueError(f"sqdf_steps={[first, stop]} holds no stochastic step (sigma > 0), and sqdf draws only "
+                         "those: widen sqdf_steps or raise eta")
+    return steps
 
 
 def draw_steps(options: EstimatorOptions, sigmas: torch.Tensor, batch: int,
                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One step k per sample, uniform on `sqdf_steps` (drawn on the CPU from `generator`)."""
-    first, stop = step_range(options, sigmas.shape[0])
-    check_stochastic(sigmas, first, stop)
-    return torch.randint(first, stop, (batch,), generator=generator)
+    """One step k per sample, uniform on the stochastic steps of `sqdf_steps` (drawn on the CPU from
+    `generator`)."""
+    steps = stochastic_steps(sigmas, *step_range(options, sigmas.shape[0]))
+    return steps[torch.randint(len(steps), (batch,), generator=generator)]
 
 
 def _calls(options: EstimatorOptions, states: StepStates) -> int:

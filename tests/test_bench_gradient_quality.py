@@ -19,9 +19,13 @@ def test_quick_run_table():
         assert table[setting, "rlr h=2 loo"]["bias_max_abs_z"] < 4
         assert table[setting, "truncated_bp k=1"]["bias_max_abs_z"] > 40
         assert table[setting, "ddpo"]["bias_max_abs_z"] is None  # another objective's scale: cosines only
+        assert table[setting, "sqdf alpha=0 gamma=1"]["bias_max_abs_z"] is None  # so is sqdf's soft-Q step
     unet = {e: row for (s, e), row in table.items() if s == "unet"}
     # one step resident: RLR's peak is full_bp's, and the one-graph backprop holds all T = 5 steps
     assert unet["rlr h=2 loo"]["peak_saved_bytes"] <= 1.1 * unet["full_bp"]["peak_saved_bytes"]
     assert unet["naive_backprop (one graph)"]["peak_saved_bytes"] > 3 * unet["full_bp"]["peak_saved_bytes"]
     assert unet["full_bp"]["model_fwd"] == unet["full_bp"]["model_bwd"] == 5
+    # sqdf: one UNet step resident too, in 5 forwards and 2 backwards whatever T
+    assert unet["sqdf alpha=0 gamma=1"]["peak_saved_bytes"] <= 1.1 * unet["full_bp"]["peak_saved_bytes"]
+    assert (unet["sqdf alpha=0 gamma=1"]["model_fwd"], unet["sqdf alpha=0 gamma=1"]["model_bwd"]) == (5, 2)
     assert all(row["sec_per_estimate"] > 0 for row in rows)

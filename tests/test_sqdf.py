@@ -419,12 +419,22 @@ def test_bad_config_values():
         Config(method="rlr", replay_capacity=8).validate()
 
 
-def test_deterministic_steps_in_the_range_are_refused():
+def test_deterministic_steps_are_never_drawn():
+    """A deterministic step (sigma = 0: here the last, with set_alpha_to_one) has no noise to
+    reparameterise and no KL: the draws skip it, a range of nothing else is an error, and so is a
+    replayed or given state at it."""
+    sigmas = make_scheduler(set_alpha_to_one=True)
     unet = _lora_unet(torch.float32)
-    traj = _traj(unet, 4, batch=2, scheduler=make_scheduler(set_alpha_to_one=True))  # last step: sigma = 0
-    with pytest.raises(ValueError, match=r"steps k=\[3\] of sqdf_steps=\[0, 4\] are deterministic"):
-        rlr_fast.estimate(unet, traj, _reward, method="sqdf")
-    rlr_fast.estimate(unet, traj, _reward, method="sqdf", sqdf_steps=(0, 3))  # fine without it
+    traj = _traj(unet, 4, batch=2, scheduler=sigmas)
+    assert float(traj.sigmas[3]) == 0 and (traj.sigmas[:3] > 0).all()
+    ks = draw_steps(EstimatorOptions(method="sqdf"), traj.sigmas, 600, torch.Generator().manual_seed(0))
+    assert set(ks.tolist()) == {0, 1, 2}
+    buffer = ReplayBuffer(4, (0, 4), 2).added(traj, torch.ones(2), torch.arange(2), step=0)
+    assert set(buffer.sample(2, torch.Generator().manual_seed(1))[1].tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match=r"sqdf_steps=\[3, 4\] holds no stochastic step"):
+        rlr_fast.estimate(unet, traj, _reward, method="sqdf", sqdf_steps=(3, 4))
+    with pytest.raises(ValueError, match=r"steps \[3\] are deterministic"):
+        estimate_states(unet, StepStates.of(traj, torch.tensor([1, 3])), _reward, method="sqdf")
 
 
 def test_the_base_model_must_be_had():
