@@ -79,9 +79,10 @@ def _guided(model, x, t, cond, negative, w):
     return u + w * (c - u)
 
 
-def _written_loss(unet, base, traj, ks, noise, alpha, gamma):
+def _written_loss(unet, base, traj, ks, noise, alpha, gamma, x0_is_the_step=False):
     """mean_b -(gamma^(T-1-k) R(x0_hat) - alpha ||mu - mu_ref||^2 / (2 sigma^2)), one graph, computed
-    with diffusers' scheduler and the base UNet built afresh (no adapters involved)."""
+    with diffusers' scheduler and the base UNet built afresh (no adapters involved); x0_hat is the
+    base model's Tweedie estimate at the next step, or x' itself with `x0_is_the_step`."""
     sched, T, eta = make_scheduler(), traj.num_steps, traj.eta
     sched.set_timesteps(T)
     loss = 0
@@ -99,7 +100,7 @@ def _written_loss(unet, base, traj, ks, noise, alpha, gamma):
         prev = t - sched.config.num_train_timesteps // T
         a_prev = sched.alphas_cumprod[prev].double() if prev >= 0 else sched.final_alpha_cumprod.double()
         var = eta ** 2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-        if k == T - 1:
+        if k == T - 1 or x0_is_the_step:
             x0 = moved
         else:
             t_next = sched.timesteps[k + 1]
@@ -123,6 +124,26 @@ def test_gradient_is_autograd_of_the_written_objective(split_cfg):
     exact = _grads(unet)
     assert float((ours - exact).norm() / exact.norm()) < 1e-6
     assert exact.norm() > 0 and all(v > 0 for v in out["kl"].tolist())
+
+
+def test_a_custom_x0_estimator_is_differentiated_through_its_input():
+    """x0_estimator as a callable: one that is Tweedie written again gives the default's gradient (its
+    VJP by autograd instead of the split step), and the identity x0_hat = x' the written objective's."""
+    from rlr_fast.sweep import state_tweedie
+
+    unet, base = _lora_unet(), make_unet().to(torch.float64)
+    traj = _traj(unet, 5)
+    states = StepStates.of(traj, torch.tensor([0, 2, 4]))
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    default, _ = _sqdf(unet, states, noise, sqdf_alpha=0.05, split_cfg=True)
+    again, _ = _sqdf(unet, states, noise, sqdf_alpha=0.05, x0_estimator=lambda ref, s: state_tweedie(ref, s))
+    torch.testing.assert_close(again, default, rtol=1e-10, atol=1e-14)
+    identity, _ = _sqdf(unet, states, noise, sqdf_alpha=0.05, x0_estimator=lambda ref, s: s.x)
+    unet.zero_grad(set_to_none=True)
+    _written_loss(unet, base, traj, [0, 2, 4], noise, alpha=0.05, gamma=1.0, x0_is_the_step=True).backward()
+    exact = _grads(unet)
+    assert float((identity - exact).norm() / exact.norm()) < 1e-6
+    assert float((identity - default).norm() / default.norm()) > 1e-3
 
 
 def test_the_lora_is_back_on_and_trainable_afterwards():
