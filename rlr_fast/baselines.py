@@ -225,6 +225,11 @@ class ValueStatistics:
         for f in Moments.FIELDS:
             getattr(m, f)[ks] = getattr(new, f)
 
+    def copy(self) -> "ValueStatistics":
+        out = ValueStatistics()
+        out.load_state_dict(self.state_dict())
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.moments is None else {f: getattr(self.moments, f).clone() for f in Moments.FIELDS}
 

@@ -281,7 +281,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
     if prompt_ids is not None:
         prompt_ids = torch.as_tensor(prompt_ids)
-    running = options.method in ("rlr", "zo") and options.baseline == "value" and options.value_fit == "running"
+    running = options.needs_value_state
     if running and not isinstance(value_state, ValueStatistics):
         raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
                          f"(kept across estimates), got {type(value_state).__name__}")

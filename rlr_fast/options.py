@@ -289,6 +289,16 @@ class EstimatorOptions:
             raise ValueError(f"method={self.method!r} uses likelihood ratios, which need noise: eta must be > 0, "
                              "got eta=0")
 
+    @property
+    def needs_x0_hat(self) -> bool:
+        """The rollout must store each step's x0 estimate (`rollout(..., store_x0_hat=True)`)."""
+        return self.baseline == "value" and self.method in ("rlr", "zo")
+
+    @property
+    def needs_value_state(self) -> bool:
+        """`estimate` needs a `ValueStatistics` carried across estimates (`value_state=`)."""
+        return self.needs_x0_hat and self.value_fit == "running"
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(EstimatorOptions))
