@@ -281,11 +281,11 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
     if prompt_ids is not None:
         prompt_ids = torch.as_tensor(prompt_ids)
-    running = options.needs_value_state
-    if running and not isinstance(value_state, ValueStatistics):
+    needs_state = options.needs_value_state
+    if needs_state and not isinstance(value_state, ValueStatistics):
         raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
                          f"(kept across estimates), got {type(value_state).__name__}")
-    if value_state is not None and not running:
+    if value_state is not None and not needs_state:
         raise ValueError("value_state is used by baseline='value' with value_fit='running' (method rlr or zo) only; "
                          f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
 

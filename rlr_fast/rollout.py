@@ -179,9 +179,8 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                          device=device if generator is None else generator.device, dtype=dtype).to(device)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
-    x0_hat, (d_x, d_e) = None, x0_coefficients(scheduler)
-    if store_x0_hat:
-        x0_hat = torch.empty_like(xs[1:])
+    x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
+    d_x, d_e = x0_coefficients(scheduler)
     xs[0] = latents
     steps = range(num_steps)
     if progress:
@@ -196,8 +195,8 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
         xs[k + 1] = prev
         log_probs[k] = logp
         if x0_hat is not None:
-            # the guided prediction: it is the one the chain follows, so its x0_hat is where this
-            # step heads (any function of x_t keeps the baseline unbiased; this one tracks E[x_0 | x_t])
+            # the guided prediction, the one the chain follows: its x0_hat is where the sampled chain
+            # heads (any function of x_t keeps a baseline unbiased; the choice only moves the variance)
             e = out if out_cond is None else out + guidance_scale * (out_cond - out)
             x0_hat[k] = float(d_x[k]) * xs[k] + float(d_e[k]) * e
     return Trajectory(latents=xs, noises=noises, timesteps=coef.timesteps.to(device),
