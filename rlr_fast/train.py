@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 from .config import PRESETS, Config, load_config, load_prompts
 from .estimators import estimate
-from .models import SDModels, add_lora, load_lora, load_sd, lora_parameters, save_lora
+from .models import SDModels, add_lora, latent_size, load_lora, load_sd, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, latent_reward
 from .rollout import rollout
@@ -130,16 +130,15 @@ def prepare_out_dir(cfg: Config) -> Path:
     return out
 
 
-def plan_memory(cfg: Config, unet, out: Path) -> Config:
-    """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb`; the plan is
-    written to out/memory_plan.md. A budget nothing fits is a ValueError (plan.PlanError)."""
-    from .plan import REWARDS, plan
+def plan_memory(cfg: Config, out: Path) -> Config:
+    """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb` (for the
+    architectures in cfg.model's folder); the plan is written to out/memory_plan.md. A budget
+    nothing fits is a ValueError (plan.PlanError)."""
+    from .plan import plan
 
-    # The planner measures the known rewards; any other counts as a reward on pixels (no network).
-    chosen = plan(cfg, cfg.max_memory_gb, model=dict(unet.config),
-                  reward=cfg.reward if cfg.reward in REWARDS else "pixels")
+    chosen = plan(cfg)
     (out / "memory_plan.md").write_text(chosen.table(), encoding="utf-8")
-    return cfg.with_overrides(chosen.options)
+    return cfg.with_overrides(chosen.config_overrides())
 
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
@@ -181,9 +180,11 @@ def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
     return chosen.repeat_interleave(images_per_prompt)
 
 
-def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    side = unet.config.sample_size
-    return torch.randn((batch, unet.config.in_channels, side, side), generator=generator).to(device)
+def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
+                  latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """x_T in float32 (latent_hw None: the UNet's native size)."""
+    h, w = latent_hw or (unet.config.sample_size,) * 2
+    return torch.randn((batch, unet.config.in_channels, h, w), generator=generator).to(device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -202,8 +203,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
-                    num_steps: int, eta: float, guidance_scale: float,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
+                    latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
 
     Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
@@ -213,7 +214,7 @@ def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[tor
     images = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(int(seed))
-        x_T = initial_noise(models.unet, len(cond), generator, device)
+        x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw)
         with autocast(device, dtype):
             traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
                            encoder_hidden_states=cond, guidance_scale=guidance_scale,
@@ -560,7 +561,8 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     models = load_models(cfg.model, device, dtype)
     unet = models.unet
     if cfg.max_memory_gb is not None:
-        cfg = plan_memory(cfg, unet, out)
+        cfg = plan_memory(cfg, out)
+    latent_hw = latent_size(cfg.resolution, unet.config, models.vae.config)
     add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
@@ -596,7 +598,7 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         with nvtx_range("sample grid"):
             images = generate_images(models, bank.cond[grid_prompts], bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                     dtype=dtype)
+                                     dtype=dtype, latent_hw=latent_hw)
         # generate_images is seed-major; show prompts as rows and seeds as columns
         images = images.reshape(len(cfg.sample_seeds), len(grid_prompts), *images.shape[1:]).transpose(0, 1)
         grids.append(save_grid(images.reshape(-1, *images.shape[2:]), len(grid_prompts),
@@ -687,7 +689,8 @@ def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: 
     skipped = None
     for _ in range(cfg.grad_accum):
         ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device)
+        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device,
+                            latent_size(cfg.resolution, models.unet.config, models.vae.config))
         with nvtx_range("rollout"), autocast(device, dtype):
             traj = rollout(models.unet, models.scheduler, x_T, num_steps=cfg.num_steps, eta=cfg.eta,
                            generator=generators["sampling"], split_cfg=cfg.split_cfg,
