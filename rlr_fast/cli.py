@@ -1,10 +1,11 @@
-"""`rlr-fast` (also `python -m rlr_fast`): finetune, sample, evaluate.
+"""`rlr-fast` (also `python -m rlr_fast`): finetune, sample, evaluate, convert.
 
     rlr-fast finetune --preset demo
     rlr-fast finetune --config my.yaml --set lr=1e-3 --set train_steps=200
     rlr-fast finetune --resume out/demo
     rlr-fast sample --lora out/demo --prompt "a red circle on a blue background" --seeds 0-3
     rlr-fast evaluate --lora out/demo --seeds 0-7
+    rlr-fast convert hpsv2 --checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14 --out weights/HPSv2
 
 User errors (a bad key, value, path or file) print one line and exit with status 2.
 """
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="rlr-fast", description="Reward fine-tuning of Stable Diffusion with the RLR gradient estimator.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{finetune,sample,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{finetune,sample,evaluate,convert}")
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune a LoRA to raise a reward",
@@ -85,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keyword argument of the reward loader (repeatable), e.g. clip_path=/weights/clip")
     evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch (default: 16)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the JSON here")
+
+    convert = commands.add_parser("convert", help="convert a released HPSv2 or ImageReward checkpoint for its reward",
+                                  description="Convert a released reward checkpoint (offline) to the transformers "
+                                              "folder the reward of the same name loads.")
+    convert.add_argument("model", choices=["hpsv2", "imagereward"])
+    convert.add_argument("--checkpoint", required=True, metavar="FILE",
+                         help="HPS_v2.1_compressed.pt / HPS_v2_compressed.pt, or ImageReward.pt")
+    convert.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist yet), "
+                                                                      "e.g. weights/HPSv2 or weights/ImageReward")
+    convert.add_argument("--tokenizer", metavar="DIR", help="a local tokenizer folder to copy in: "
+                         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K's (hpsv2) or bert-base-uncased (imagereward)")
+    convert.add_argument("--heads", type=int, help="attention heads per layer where the tensors do not say "
+                         "(default 16: ViT-H/14's towers for hpsv2, the ViT-L/16 vision tower for imagereward)")
+    convert.add_argument("--med-config", metavar="FILE", help="imagereward: its med_config.json (default: the one "
+                         "beside the checkpoint, else the released values)")
     return parser
 
 
@@ -192,9 +208,18 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _run_convert(args) -> int:
+    from .rewards.convert import convert
+
+    print(convert(args.model, args.checkpoint, args.out, tokenizer=args.tokenizer, heads=args.heads,
+                  med_config=args.med_config))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"finetune": _run_finetune, "sample": _run_sample, "evaluate": _run_evaluate}[args.command]
+    run = {"finetune": _run_finetune, "sample": _run_sample, "evaluate": _run_evaluate,
+           "convert": _run_convert}[args.command]
     try:
         return run(args)
     except USER_ERRORS as e:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import Reward, register_reward
+from .base import Reward, register_reward
 
 JPEG_QUALITY = 95
 

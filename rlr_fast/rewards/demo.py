@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import demo_data
-from . import Reward, register_reward
+from .base import Reward, register_reward
 
 # Central box: the middle 20% of each side. Border ring: the outer 10% of each side.
 CENTRE_FRACTION = 0.2

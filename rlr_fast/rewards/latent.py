@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import Reward, check_prompts, get_reward
+from .base import Reward, check_prompts, get_reward
 
 
 class LatentReward:
