@@ -303,6 +303,8 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
     for name, config in component_configs("sd14").items():
         module = build(name, config)
         full = module.config.to_dict() if name == "text_encoder" else dict(module.config)
+        full.update(_diffusers_version="0.6.0", _name_or_path="CompVis/stable-diffusion-v1-4",
+                    **({"architectures": ["CLIPTextModel"], "torch_dtype": "float32"} if name == "text_encoder" else {}))
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(full, default=list))
     table = P.MeasurementTable()

@@ -26,16 +26,15 @@ changing a measured code path or the dependencies: `python -m rlr_fast.plan --me
 else (another resolution, LoRA rank or architecture) is measured in seconds when first asked for.
 """
 
-from .architectures import AestheticArchitecture, PixelReward, as_unchecked_reward
+from .architectures import PixelReward, aesthetic_architecture, as_unchecked_reward
 from .measure import GIB, LiveBytes, Measurement, count_flops, gpu_like_execution, measure
 from .phases import measure_decode_phase, measure_reward_network, measure_reward_phase, measure_unet_phase
 from .search import OPTION_NAMES, Plan, PlanError, Run, as_config, describe_run, plan, step_counts
 from .table import MEASUREMENTS_FILE, MeasurementTable, default_table, generate_measurements
 
 __all__ = [
-    "AestheticArchitecture", "GIB", "LiveBytes", "MEASUREMENTS_FILE", "Measurement", "MeasurementTable",
-    "OPTION_NAMES", "PixelReward", "Plan", "PlanError", "Run", "as_config", "as_unchecked_reward", "count_flops",
-    "default_table", "describe_run", "generate_measurements", "gpu_like_execution", "measure",
-    "measure_decode_phase", "measure_reward_network", "measure_reward_phase", "measure_unet_phase", "plan",
-    "step_counts",
+    "GIB", "LiveBytes", "MEASUREMENTS_FILE", "Measurement", "MeasurementTable", "OPTION_NAMES", "PixelReward", "Plan",
+    "PlanError", "Run", "aesthetic_architecture", "as_config", "as_unchecked_reward", "count_flops", "default_table",
+    "describe_run", "generate_measurements", "gpu_like_execution", "measure", "measure_decode_phase",
+    "measure_reward_network", "measure_reward_phase", "measure_unet_phase", "plan", "step_counts",
 ]

@@ -13,13 +13,13 @@ The rewards the planner knows: "aesthetic" (the LAION aesthetic predictor on CLI
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REWARDS = ("aesthetic", "pixels")
@@ -61,8 +61,13 @@ def component_configs(model: Model) -> dict[str, dict]:
     return {name: json.loads(f.read_text()) for name, f in files.items()}
 
 
+# Config entries that do not change the computation: file metadata, the stored dtype (the planner
+# sets its own), and the UNet's sample_size (every measurement's key holds the latent size).
+_NOT_ARCHITECTURE = ("sample_size", "architectures", "torch_dtype", "dtype", "transformers_version")
+
+
 def _canonical(config) -> dict:
-    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in ("sample_size",)}
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
 
 
 def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -83,12 +88,15 @@ def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> n
 
 
 def architecture_id(component: str, config: dict) -> str:
-    """A short hash of a component's full config (defaults filled in; sample_size left out: the
-    latent size is part of every measurement's key)."""
-    if component == "text_encoder":
-        full = {k: v for k, v in build(component, config).config.to_dict().items() if k != "transformers_version"}
-    else:
-        full = dict(build(component, config).config)
+    """A short hash of a component's full config, defaults filled in (see _NOT_ARCHITECTURE)."""
+    return _architecture_id(component, json.dumps(config, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture_id(component: str, config_json: str) -> str:
+    config = json.loads(config_json)
+    module = build(component, config)
+    full = module.config.to_dict() if component == "text_encoder" else dict(module.config)
     text = json.dumps(_canonical(full), sort_keys=True, default=str)
     return f"{component}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
@@ -108,44 +116,32 @@ def meta_unet(config: dict, *, dtype: torch.dtype, lora_rank: Optional[int]) -> 
     return unet
 
 
-class AestheticArchitecture(nn.Module):
-    """The LAION aesthetic reward's network (CLIP ViT-L/14 vision tower with projection + MLP head)
-    without its weights: the computation of rewards.clip_models.LaionAesthetic.score, for
-    measuring and for random-weight benchmarks. Call as reward(images, prompts).
+def aesthetic_architecture(checkpoint_vision: bool = False) -> nn.Module:
+    """rewards.clip_models.LaionAesthetic without its weights (CLIP ViT-L/14 vision tower, projection
+    and MLP head, built from openai/clip-vit-large-patch14's vision config in the current default
+    device and dtype): the reward's own scoring code, for measuring and for random-weight benchmarks.
+    `checkpoint_vision` as the reward's option."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    `checkpoint_vision` recomputes each vision layer in the backward, as the reward's own option does.
-    """
+    from ..rewards.base import Reward
+    from ..rewards.clip_models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LaionAesthetic, PreferenceHead
+    from ..rewards.loading import checkpoint_layers, freeze
 
-    differentiable = True
+    class AestheticArchitecture(LaionAesthetic):
+        def __init__(self):
+            Reward.__init__(self)
+            config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
+                                      hidden_act="quick_gelu", layer_norm_eps=1e-5)
+            clip = CLIPVisionModelWithProjection(config)
+            self.vision, self.projection = clip.vision_model, clip.visual_projection
+            self.head = PreferenceHead(config.projection_dim)
+            self.image_size, self.mean, self.std = config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+            if checkpoint_vision:
+                checkpoint_layers(self.vision.encoder.layers)
+            freeze(self)
 
-    def __init__(self, checkpoint_vision: bool = False):
-        super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        from ..rewards.clip_models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreferenceHead
-
-        # openai/clip-vit-large-patch14's vision config
-        config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
-                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
-        self.vision = CLIPVisionModelWithProjection(config)
-        self.head = PreferenceHead(config.projection_dim)
-        self.image_size = config.image_size
-        self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        self.requires_grad_(False).eval()
-        if checkpoint_vision:
-            from ..rewards.latent import _Checkpointed
-
-            for layer in self.vision.vision_model.encoder.layers:
-                layer.forward = _Checkpointed(layer.forward)
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from ..rewards.clip_models import preprocess
-
-        dtype = next(self.vision.parameters()).dtype
-        pixels = preprocess(images.to(dtype), self.image_size, self.mean, self.std)
-        embedding = F.normalize(self.vision(pixel_values=pixels).image_embeds.float(), dim=-1)
-        return self.head(embedding)
+    return AestheticArchitecture()
 
 
 class PixelReward(nn.Module):
@@ -160,7 +156,7 @@ class PixelReward(nn.Module):
 def as_unchecked_reward(module: nn.Module):
     """The module as an rlr_fast Reward whose call skips the value-range checks (which read values,
     impossible on meta)."""
-    from ..rewards import Reward
+    from ..rewards.base import Reward
 
     class Unchecked(Reward):
         differentiable = bool(getattr(module, "differentiable", True))
@@ -170,7 +166,7 @@ def as_unchecked_reward(module: nn.Module):
             self.inner = module
 
         def forward(self, images, prompts):
-            return self.inner(images, prompts)
+            return self.inner.score(images, prompts) if isinstance(self.inner, Reward) else self.inner(images, prompts)
 
     return Unchecked()
 
@@ -181,7 +177,7 @@ def meta_reward(reward: Union[str, nn.Module], *, dtype: torch.dtype, checkpoint
         return reward
     if reward == "aesthetic":
         with torch.device("meta"):
-            return AestheticArchitecture(checkpoint_vision=checkpoint).to(dtype)
+            return aesthetic_architecture(checkpoint_vision=checkpoint).to(dtype)
     if reward == "pixels":
         return PixelReward()
     raise ValueError(f"reward must be one of {REWARDS} or an nn.Module reward(images, prompts) built on the meta "

@@ -163,5 +163,5 @@ def forward_flops(module: nn.Module, part: str, latent_hw: tuple[int, int], imag
             return count_flops(lambda: module.decode(z))
         if part == "reward":
             images = torch.empty((1, 3) + tuple(image_hw), device="meta")
-            return count_flops(lambda: module(images, ["a prompt"]))
+            return count_flops(lambda: as_unchecked_reward(module)(images, ["a prompt"]))
     raise ValueError(f"part must be 'unet', 'vae_decode' or 'reward', got {part!r}")

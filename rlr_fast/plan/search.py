@@ -40,7 +40,6 @@ OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "
 ADAMW_STATE_PER_PARAM = 2
 # Rewards computed from the pixels alone (no network's weights or activations).
 NETWORK_FREE_REWARDS = ("brightness", "color_match", "jpeg_compressibility", "jpeg_incompressibility")
-_REWARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,9 @@ class Run:
     @property
     def reward_dtype(self) -> torch.dtype:
         """The reward network's precision: reward_kwargs' dtype, else the loaders' float32."""
-        value = self.config.reward_kwargs.get("dtype", "float32")
-        return _REWARD_DTYPES[str(value).removeprefix("torch.")] if not isinstance(value, torch.dtype) else value
+        from ..rewards.loading import reward_dtype
+
+        return reward_dtype(self.config.reward_kwargs.get("dtype", "float32"))
 
     @property
     def image_hw(self) -> tuple[int, int]:

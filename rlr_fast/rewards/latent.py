@@ -24,6 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .base import Reward, check_prompts, get_reward
+from .loading import _CheckpointedForward
 
 
 class LatentReward:
@@ -127,7 +128,7 @@ def checkpoint_blocks(decoder: Optional[torch.nn.Module]) -> Iterator[None]:
     blocks = [m for m in decoder.modules() if isinstance(m, (ResnetBlock2D, Attention, Upsample2D))]
     own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (hooks)
     for block in blocks:
-        block.forward = _Checkpointed(block.forward)
+        block.forward = _CheckpointedForward(block.forward)
     try:
         yield
     finally:
@@ -136,16 +137,6 @@ def checkpoint_blocks(decoder: Optional[torch.nn.Module]) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = forward
-
-
-class _Checkpointed:
-    def __init__(self, forward: Callable):
-        self.forward = forward
-
-    def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled():
-            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
-        return self.forward(*args, **kwargs)
 
 
 def latent_reward(vae: torch.nn.Module, reward: Union[str, Callable, Reward], prompts: Sequence[str], *,
