@@ -4,15 +4,15 @@
     python bench/gradient_quality.py --quick    # tiny sizes, prints only (the smoke test's run)
 
 Two settings, each estimator given the same N rollouts (its N estimates stay i.i.d.):
-  toy   rlr_fast.toy's linear-Gaussian chain, whose exact gradient is in closed form, under SD1.4's
-        schedule and under the coarse TOY_SCHEDULE of tests/test_estimators.py;
-  unet  the tests' tiny UNet2DConditionModel with random LoRA weights and a differentiable latent
+  toy   rlr_fast.testing's linear-Gaussian chain, whose exact gradient is in closed form, under SD1.4's
+        schedule and under its coarse TOY_SCHEDULE (the unbiasedness tests' schedule);
+  unet  rlr_fast.testing's tiny UNet2DConditionModel with random LoRA weights and a differentiable latent
         reward; its "exact" gradient is the mean of full_bp over ref_factor * N independent rollouts,
         and bias z combines the standard errors of both means.
-Per estimator (rlr_math.md section 6): max |z| over coordinates, z = (mean - exact) / se; trace of
-the covariance of one estimate (a batch of B); cosine of the mean estimate and mean cosine of one
-estimate to the exact gradient; model forward/backward calls of one estimate; peak bytes saved for
-backward; median seconds of one estimate.
+Per estimator (docs/estimator.md, checking an estimator): max |z| over coordinates,
+z = (mean - exact) / se; trace of the covariance of one estimate (a batch of B); cosine of the mean
+estimate and mean cosine of one estimate to the exact gradient; model forward/backward calls of one
+estimate; peak bytes saved for backward; median seconds of one estimate.
 
 Results: bench/results/gradient_quality.md and .csv.
 """
@@ -29,34 +29,31 @@ from typing import Callable, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the models and schedules the unbiasedness tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.common, a source tree
 
 from bench.common import current_device, median, time_it, write_results, zero_grads  # noqa: E402
-from conftest import make_scheduler, make_unet  # noqa: E402
-from test_estimators import TOY_SCHEDULE  # noqa: E402
 
 import rlr_fast  # noqa: E402
-from rlr_fast.estimators import naive_backprop  # noqa: E402
 from rlr_fast.models import add_lora, lora_parameters  # noqa: E402
-from rlr_fast.toy import LinearEps, exact_loss_gradient, quadratic_reward  # noqa: E402
+from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,  # noqa: E402
+                              naive_backprop, quadratic_reward)
 
 ETA = 1.0
 # (label, method, options). rlr keeps first_order_steps=1 and j uniform (the defaults). Likelihood-ratio
-# steps run one step (B samples) per model call, so that one step's activations are resident as in the
-# pathwise sweeps (rlr_math.md section 4); "all C in one call" shows the other end of that trade.
+# steps run one step (B samples) per model call by default, so that one step's activations are resident
+# as in the pathwise sweeps; "all C in one call" shows the other end of that trade.
+ALL_IN_ONE_CALL = 10**6  # max_batch above any T * B here
 ESTIMATORS = [
     ("rlr h=1 loo", "rlr", dict(h=1, baseline="loo")),
     ("rlr h=2", "rlr", dict(h=2)),
     ("rlr h=2 loo", "rlr", dict(h=2, baseline="loo")),
     ("rlr h=4 loo", "rlr", dict(h=4, baseline="loo")),
     ("rlr h=2 loo zo_steps=2", "rlr", dict(h=2, baseline="loo", zo_steps=2)),
-    ("rlr h=2 loo, all C in one call", "rlr", dict(h=2, baseline="loo", max_batch=None)),
+    ("rlr h=2 loo, all C in one call", "rlr", dict(h=2, baseline="loo", max_batch=ALL_IN_ONE_CALL)),
     ("zo loo", "zo", dict(baseline="loo")),
     ("full_bp", "full_bp", {}),
-    ("truncated_bp k=1", "truncated_bp", dict(k=1)),
-    ("truncated_bp k=random", "truncated_bp", dict(k="random")),
+    ("truncated_bp k=1", "truncated_bp", dict(truncated_bp_k=1)),
+    ("truncated_bp k=random", "truncated_bp", dict(truncated_bp_k="random")),
     ("ddpo", "ddpo", {}),
 ]
 # DDPO's update is the gradient of a surrogate with standardised advantages averaged over steps, a
@@ -106,9 +103,9 @@ def toy_setting(schedule: str, steps: int, batch: int) -> Setting:
         return rlr_fast.rollout(model, sched, x_T, num_steps=steps, eta=ETA, generator=g)
 
     return Setting(f"toy {schedule}", model, sample, quadratic_reward(target), exact, torch.zeros_like(exact),
-                   f"rlr_fast.toy.LinearEps (dim 3, 12 parameters, float64), R = -|x0 - target|^2, "
+                   f"rlr_fast.testing.LinearEps (dim 3, 12 parameters, float64), R = -|x0 - target|^2, "
                    f"{schedule} schedule, T = {steps}, eta = {ETA:g}, B = {batch}; exact gradient in closed form "
-                   "(rlr_fast.toy.exact_loss_gradient)")
+                   "(rlr_fast.testing.exact_loss_gradient)")
 
 
 def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
@@ -138,7 +135,7 @@ def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
     ref = torch.stack([full_bp(sample(ref_gen)) for _ in range(n_ref)])
     size = unet.config.sample_size
     return Setting("unet", unet, sample, reward, ref.mean(0), ref.var(0) / n_ref,
-                   f"the tests' make_unet (UNet2DConditionModel, block_out_channels "
+                   f"rlr_fast.testing.make_unet (UNet2DConditionModel, block_out_channels "
                    f"{tuple(unet.config.block_out_channels)}, {size}x{size}x4 latents, cross-attention on a fixed "
                    f"random {tuple(cond.shape)} context) + LoRA rank 2 on to_q/k/v/out.0 ({ref.shape[1]} trainable "
                    f"parameters, all set to N(0, 0.1^2)), float32; R = -mean((x0 - target)^2) over the latent, "
@@ -160,7 +157,6 @@ def estimator_rows(setting: Setting, n: int, timing: dict, seed: int = 1) -> lis
     rows = []
     for index, (label, method, options) in enumerate(ESTIMATORS):
         draws = torch.Generator().manual_seed(100 + index)  # j, k and the zo subsample
-        options = {"max_batch": base["B"], **options}
         est = torch.empty(n, setting.exact.numel(), dtype=torch.float64)
         forward = backward = peak = 0
         for i, traj in enumerate(trajs):

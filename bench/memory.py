@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (build_models, current_device, latent_reward_fn, naive_rlr_update,  # noqa: E402
                           peak_memory, write_results, zero_grads)
 from rlr_fast import estimate, rollout  # noqa: E402
+from rlr_fast.options import METHODS  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 
 GIB = 2**30
-METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo")
 # The case, on the sd14 preset (float16 weights, reward network in float16).
 CASE = dict(resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5, method="rlr", first_order_steps=1, h=4,
             lora_rank=4)
@@ -53,7 +53,7 @@ def sd14_plan(budget=None, **settings) -> "planner.Plan":
 
 
 def estimator_options(method: str, h: int) -> dict:
-    return {"rlr": dict(first_order_steps=1, h=h), "truncated_bp": dict(k=1)}.get(method, {})
+    return {"rlr": dict(first_order_steps=1, h=h), "truncated_bp": dict(truncated_bp_k=1)}.get(method, {})
 
 
 def naive_estimate_bytes(p: "planner.Plan", table: "planner.MeasurementTable") -> int:

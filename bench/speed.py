@@ -8,7 +8,7 @@
    (prompt embeddings given, output_type="latent", so only the loop runs).
 2. One update (rollout + reward + gradient), batch 2: RLR through rlr_fast.estimate vs the naive
    one-graph implementation of the same estimator (bench/common.py) vs AlignProp-style truncated
-   backprop (estimate(method="truncated_bp", k=1)) vs a DDPO-style update (estimate(method="ddpo"),
+   backprop (estimate(method="truncated_bp", truncated_bp_k=1)) vs a DDPO-style update (estimate(method="ddpo"),
    one inner epoch). Before timing, the naive and the engine's gradients are checked equal.
 3. Achieved fraction of the FLOP floor: FLOPs of each timed call (torch.utils.flop_counter),
    divided by its median time and by the device's peak dense fp16 FLOP/s (bench/common.py table).
@@ -160,7 +160,7 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
             b.rows.append(dict(section="update", name="RLR, naive one-graph autograd", shapes=shapes, median_ms="OOM"))
             torch.cuda.empty_cache()
     if others:
-        truncated = engine("truncated_bp", k=1)
+        truncated = engine("truncated_bp", truncated_bp_k=1)
         b.time("update", "AlignProp-style truncated backprop (K = 1)", truncated, shapes=shapes, flops_fn=truncated)
         ddpo = engine("ddpo")
         b.time("update", "DDPO-style update (1 inner epoch)", ddpo, shapes=shapes, flops_fn=ddpo)

@@ -231,7 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # warm-up, clipping at norm 1, and a 4 GiB update: micro-batches of 2 accumulated 9 times (the
     # paper's 18 samples per step), the reward network in fp16, and the options
     # `rlr_fast.plan(..., max_memory_gb=4)` chooses (tests/test_plan.py checks they agree):
-    # checkpointed UNet steps one at a time, the VAE decoded one sample at a time with every
+    # checkpointed UNet steps one per call, the VAE decoded one sample at a time with every
     # block checkpointed, text encoder freed. Estimated peak: 3.41 GiB of tensors.
     "sd14": dict(
         model="stable-diffusion-v1-4", device="cuda", dtype="float16", out_dir="out/sd14", seed=42,
@@ -239,7 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         guidance_scale=7.5, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
         first_order_steps=1, h=2, baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=9,
         train_steps=200, warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25,
-        sample_prompts=4, max_batch=2, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
+        sample_prompts=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
         free_text_encoder=True,
     ),
 }

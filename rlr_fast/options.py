@@ -208,9 +208,10 @@ class EstimatorOptions:
                                                   "slightly biased) or by a given positive scale")
     truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
     clip_range: float = option(1e-4, "ddpo: PPO clip range of the importance ratio")
-    max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks; None: one step's "
-                                            "batch per call, so activation memory stays flat in T (larger values "
-                                            "batch several steps per call: faster, more memory)")
+    max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (whole steps, at "
+                                            "least one); None: one step's batch per call, so activation memory "
+                                            "stays flat in T (larger values batch several steps per call: faster, "
+                                            "more memory)")
     checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     split_cfg: bool = option(False, "guidance: run the unconditional and conditional passes as two calls "
                                     "(and back-propagate them one at a time)")

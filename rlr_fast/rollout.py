@@ -8,8 +8,8 @@ Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `nois
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,7 +32,6 @@ class Trajectory:
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -195,6 +194,23 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
                       model_key=model_key(model))
 
 
+def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):
+    """What one model call on steps `ks` reads, stacked along the batch (per-sample timesteps).
+
+    Returns the inputs (n * B, ...) (`sample` (n, B, ...) in place of the stored ones), the
+    timesteps (n * B,), the conditioning and negative conditioning repeated per step (None where
+    absent) and the per-sample coefficients (c_x, c_e, sigma), each (n * B,).
+    """
+    n, b = len(ks), traj.batch_size
+    idx = torch.as_tensor(ks, device=traj.latents.device)
+    x = traj.latents[idx] if sample is None else sample
+    flat = x.reshape((n * b,) + tuple(x.shape[2:]))
+    repeat = (lambda c: None if c is None else c.repeat(n, 1, 1))
+    coefficients = tuple(v[idx].repeat_interleave(b) for v in (traj.c_x, traj.c_e, traj.sigmas))
+    return (flat, traj.timesteps[idx].repeat_interleave(b), repeat(traj.encoder_hidden_states),
+            repeat(traj.negative_encoder_hidden_states), coefficients)
+
+
 def recompute_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None,
                     *, split_cfg: bool = False, backend: str = "auto", with_log_prob: bool = False):
     """Recompute the means of steps `ks` in one model call, with grad enabled.
@@ -203,27 +219,21 @@ def recompute_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
     batch of B cost one call on n * B samples. `sample` (n, B, ...) replaces the stored inputs
     (pass a tensor that requires grad to back-propagate into it). Returns the means
     (n, B, ...) and, with `with_log_prob`, the log-density (n, B) of each stored output under
-    the recomputed mean (the DDPO ratio's numerator).
+    the recomputed mean.
     """
     ks = list(ks)
-    n, b = len(ks), traj.batch_size
+    flat, t, cond, negative, per = stacked_inputs(traj, ks, sample)
+    out, out_cond = predict(model, flat, t, cond, negative, traj.guidance_scale, split_cfg)
     idx = torch.as_tensor(ks, device=traj.latents.device)
-    x = traj.latents[idx] if sample is None else sample
-    flat = x.reshape((n * b,) + tuple(x.shape[2:]))
-    t = traj.timesteps[idx].repeat_interleave(b)
-    rep = (lambda c: None if c is None else c.repeat(n, 1, 1))
-    out, out_cond = predict(model, flat, t, rep(traj.encoder_hidden_states),
-                            rep(traj.negative_encoder_hidden_states), traj.guidance_scale, split_cfg)
-    per = [v[idx].repeat_interleave(b) for v in (traj.c_x, traj.c_e, traj.sigmas)]
     noise = traj.noises[idx].reshape(flat.shape)
     _, mean, _ = ddim_step(flat, out, noise, *per, model_output_cond=out_cond,
                            guidance_scale=traj.guidance_scale, backend=backend)
-    mean = mean.reshape(x.shape)
+    mean = mean.reshape((len(ks), traj.batch_size) + tuple(flat.shape[1:]))
     if not with_log_prob:
         return mean
     target = traj.latents[idx + 1]
     logp = gaussian_log_prob(target.reshape(flat.shape), mean.reshape(flat.shape), per[2], backend=backend)
-    return mean, logp.reshape(n, b)
+    return mean, logp.reshape(len(ks), traj.batch_size)
 
 
 def recompute_step(model, traj: Trajectory, k: int, sample: Optional[torch.Tensor] = None, **kw):
@@ -231,9 +241,3 @@ def recompute_step(model, traj: Trajectory, k: int, sample: Optional[torch.Tenso
     if not 0 <= k < traj.num_steps:
         raise IndexError(f"step {k} outside the trajectory's {traj.num_steps} steps")
     return recompute_steps(model, traj, [k], None if sample is None else sample.unsqueeze(0), **kw)[0]
-
-
-def trajectory_summary(traj: Trajectory) -> dict[str, Any]:
-    """Shapes and schedule of a trajectory, for logs."""
-    return {"steps": traj.num_steps, "batch": traj.batch_size, "eta": traj.eta,
-            "guidance_scale": traj.guidance_scale, "deterministic_steps": int((traj.sigmas == 0).sum())}

@@ -1,11 +1,16 @@
-"""Reverse sweeps over recomputed steps: the only place estimators run the model.
+"""Reverse sweeps and likelihood-ratio chunks over recomputed steps: the only place estimators run the model.
 
-`rlr_math.md` section 4: the rollout stored x_T .. x_0 and every step's noise, so a pathwise
-term never needs more than one step's activations. Start from a cotangent on one step's mean,
-recompute that step from its stored input with grad enabled, back-propagate (parameter
-gradients accumulate in `.grad`, the input's gradient becomes the next cotangent), free it,
-move one step back. Likelihood-ratio steps need no input gradient and are independent, so
-several run in one model call with per-sample timesteps, chunked by `max_batch`.
+The rollout stored x_T .. x_0 and every step's noise, so no term needs more than one step's
+activations (docs/estimator.md, the memory argument). A pathwise term starts from a cotangent on
+one step's mean, recomputes that step from its stored input with grad enabled, back-propagates
+(parameter gradients accumulate in `.grad`, the input's gradient becomes the next cotangent),
+frees it and moves one step back. Likelihood-ratio steps need no input gradient and are
+independent: each chunk of them runs in one model call with per-sample timesteps, one step's
+batch per call unless `max_batch` asks for more (activation memory then grows with the chunk).
+
+With guidance and `split_cfg`, the mean c_x x + c_e ((1 - w) e_u + w e_c) is linear in the two
+model outputs, so the cotangent of each is known before it is computed: the unconditional and
+conditional passes run and back-propagate one after the other, and only one half's graph is alive.
 """
 
 from __future__ import annotations
@@ -13,27 +18,17 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .options import EstimatorOptions
 from .profiling import nvtx_range
-from .rollout import Trajectory, recompute_steps
+from .rollout import Trajectory, predict, recompute_steps, stacked_inputs
 
-
-@dataclass
-class SweepOptions:
-    """How recomputed steps run: memory versus recomputation."""
-
-    max_batch: Optional[int] = None  # samples per model call in likelihood-ratio chunks (None: all)
-    checkpoint: bool = False  # gradient checkpointing inside the model (diffusers models)
-    split_cfg: bool = False  # guidance: unconditional and conditional passes as two calls
-    backend: str = "auto"  # fused DDIM step backend
-
-    def __post_init__(self):
-        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
-                                           or self.max_batch < 1):
-            raise ValueError(f"max_batch must be a positive int or None, got {self.max_batch!r}")
+# A cotangent on the recomputed means (n, B, ...), or a function of those means that returns it
+# (DDPO's surrogate depends on them).
+Cotangent = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -42,7 +37,6 @@ class CallCounter:
 
     forward: int = 0
     backward: int = 0
-    calls_per_step: int = 1  # 2 with split classifier-free guidance
 
 
 class SavedTensorMemory:
@@ -99,6 +93,13 @@ class _Saved:
         self.tensor = tensor
 
 
+def resident_tensors(model, traj: Trajectory) -> list:
+    """Tensors alive before and after an update: not activations, so not counted as such."""
+    cond = [traj.encoder_hidden_states, traj.negative_encoder_hidden_states]
+    return (list(model.parameters()) + list(model.buffers()) + [traj.latents, traj.noises]
+            + [c for c in cond if c is not None])
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model, enabled: bool):
     """Turn on the model's own (per-block) gradient checkpointing for the duration.
@@ -110,7 +111,7 @@ def gradient_checkpointing(model, enabled: bool):
         yield
         return
     if not hasattr(model, "enable_gradient_checkpointing"):
-        raise ValueError(f"checkpoint=True needs a model with enable_gradient_checkpointing() "
+        raise ValueError(f"checkpoint_unet=True needs a model with enable_gradient_checkpointing() "
                          f"(diffusers models have it); {type(model).__name__} has not")
     was = bool(getattr(model, "is_gradient_checkpointing", False))
     model.enable_gradient_checkpointing()
@@ -121,13 +122,53 @@ def gradient_checkpointing(model, enabled: bool):
             model.disable_gradient_checkpointing()
 
 
-def _steps_forward(model, traj, ks, sample, opts: SweepOptions, counter: CallCounter):
-    counter.forward += counter.calls_per_step
-    return recompute_steps(model, traj, ks, sample, split_cfg=opts.split_cfg, backend=opts.backend)
+# ----------------------------------------------------------------------------------------------
+# One model call (or two with split guidance) and its backward
+
+
+def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor],
+                    cotangent: Cotangent, options: EstimatorOptions, counter: CallCounter) -> None:
+    """Recompute the means of steps `ks` (from `sample` (n, B, ...), else the stored inputs) and
+    back-propagate `cotangent` on them into `.grad` (and into `sample` when it requires grad)."""
+    if options.split_cfg and traj.uses_cfg:
+        if callable(cotangent):  # its value needs the mean: a forward without graph first
+            with torch.no_grad():
+                mean = recompute_steps(model, traj, ks, sample, split_cfg=True, backend=options.backend)
+            counter.forward += 2
+            cotangent = cotangent(mean)
+        _split_guidance_backward(model, traj, ks, sample, cotangent, counter)
+        return
+    mean = recompute_steps(model, traj, ks, sample, backend=options.backend)
+    counter.forward += 1
+    if callable(cotangent):
+        cotangent = cotangent(mean.detach())
+    torch.autograd.backward(mean, cotangent)
+    counter.backward += 1
+
+
+def _split_guidance_backward(model, traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor],
+                             cotangent: torch.Tensor, counter: CallCounter) -> None:
+    """The VJP of mean = c_x x + c_e ((1 - w) e_u + w e_c), one model output at a time."""
+    x, t, cond, negative, (c_x, c_e, _) = stacked_inputs(traj, ks, sample)
+    per_sample = (-1,) + (1,) * (x.dim() - 1)
+    g = cotangent.reshape(x.shape)
+    w = traj.guidance_scale
+    for conditioning, share in ((negative, 1.0 - w), (cond, w)):
+        out, _ = predict(model, x, t, conditioning)
+        counter.forward += 1
+        torch.autograd.backward(out, g * (share * c_e).to(g.dtype).reshape(per_sample))
+        counter.backward += 1
+        del out  # freed before the other half runs
+    if x.requires_grad:  # the mean's direct dependence on x_t
+        torch.autograd.backward(x, g * c_x.to(g.dtype).reshape(per_sample))
+
+
+# ----------------------------------------------------------------------------------------------
+# What the estimators call
 
 
 def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: torch.Tensor,
-                   opts: SweepOptions, counter: CallCounter) -> None:
+                   options: EstimatorOptions, counter: CallCounter) -> None:
     """Back-propagate `cotangent`, given on the mean of step `last`, through steps last .. first.
 
     Steps are indices k (scheduler order), `first <= last`. The output of step k is
@@ -139,37 +180,72 @@ def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: to
         with nvtx_range(f"sweep step {k}"):
             needs_input = k > first
             x = traj.latents[k].detach().requires_grad_(needs_input)
-            mean = _steps_forward(model, traj, [k], x.unsqueeze(0), opts, counter)[0]
-            torch.autograd.backward(mean, g)
-            counter.backward += counter.calls_per_step
-            del mean
+            _backward_steps(model, traj, [k], x.unsqueeze(0), g.unsqueeze(0), options, counter)
             g = x.grad if needs_input else None
 
 
+def _chunks(ks: Sequence[int], batch: int, max_batch: Optional[int]) -> Iterator[tuple[slice, list[int]]]:
+    """(rows, steps) of each model call: max_batch // batch steps per call, one when max_batch is None."""
+    per_call = max(1, (max_batch or batch) // batch)
+    for start in range(0, len(ks), per_call):
+        yield slice(start, start + per_call), list(ks[start:start + per_call])
+
+
 def likelihood_ratio(model, traj: Trajectory, ks: Sequence[int], weights: torch.Tensor,
-                     opts: SweepOptions, counter: CallCounter) -> None:
+                     options: EstimatorOptions, counter: CallCounter) -> None:
     """Accumulate sum_k sum_b weights[i, b] * VJP(mean_k^b, noise_k^b / sigma_k) into `.grad`.
 
-    `weights` (len(ks), B) carries the reward, baseline, batch mean and any subsampling
-    weight. Steps run `max_batch // B` at a time in one model call.
+    `weights` (len(ks), B) carries the reward, baseline, batch mean and any subsampling weight.
     """
-    b = traj.batch_size
-    per_call = max(1, (opts.max_batch or len(ks) * b) // b)
-    for start in range(0, len(ks), per_call):
-        chunk = list(ks[start:start + per_call])
+    dtype = traj.noises.dtype
+    for rows, chunk in _chunks(ks, traj.batch_size, options.max_batch):
         with nvtx_range(f"likelihood ratio steps {chunk}"):
             idx = torch.as_tensor(chunk, device=traj.latents.device)
-            mean = _steps_forward(model, traj, chunk, None, opts, counter)
-            scale = weights[start:start + len(chunk)].to(mean.dtype) / traj.sigmas[idx].to(mean.dtype)[:, None]
-            cot = traj.noises[idx] * scale.reshape(scale.shape + (1,) * (mean.dim() - 2))
-            torch.autograd.backward(mean, cot)
-            counter.backward += counter.calls_per_step
-            del mean
+            scale = weights[rows].to(dtype) / traj.sigmas[idx].to(dtype)[:, None]
+            cotangent = traj.noises[idx] * scale.reshape(scale.shape + (1,) * (traj.noises.dim() - 2))
+            _backward_steps(model, traj, chunk, None, cotangent, options, counter)
+
+
+def ratio_surrogate(model, traj: Trajectory, ks: Sequence[int], surrogate: Callable[[torch.Tensor], torch.Tensor],
+                    options: EstimatorOptions, counter: CallCounter) -> None:
+    """Back-propagate `surrogate(log_ratio)`, chunk by chunk of the steps `ks`, into `.grad`.
+
+    log_ratio (n, B) = log p_theta(x_{t-1} | x_t) - log p_traj(x_{t-1} | x_t) of the chunk's stored
+    draws (the trajectory's policy in the denominator), float64. It is computed as -n.d - |d|^2 / 2
+    with d = (mean_traj - mean_theta) / sigma (the D log sigma terms cancel), which stays exact in
+    fp32 where differencing two summed log-densities of ~10^4 elements would not.
+    """
+    for _, chunk in _chunks(ks, traj.batch_size, options.max_batch):
+        with nvtx_range(f"ratio surrogate steps {chunk}"):
+            cotangent = _surrogate_cotangent(traj, chunk, surrogate)
+            _backward_steps(model, traj, chunk, None, cotangent, options, counter)
+
+
+def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gradient of `surrogate(log_ratio)` with respect to the recomputed means of steps `ks`."""
+    idx = torch.as_tensor(ks, device=traj.latents.device)
+    noise = traj.noises[idx]
+    sigma = traj.sigmas[idx].to(noise.dtype).reshape((-1,) + (1,) * (noise.dim() - 1))
+    mean_traj = traj.latents[idx + 1] - sigma * noise
+
+    def cotangent(mean: torch.Tensor) -> torch.Tensor:
+        mean = mean.detach().requires_grad_()
+        with torch.enable_grad():
+            d = (mean_traj - mean) / sigma
+            log_ratio = (-(noise * d) - 0.5 * d * d).double().flatten(2).sum(2)
+            (g,) = torch.autograd.grad(surrogate(log_ratio), mean)
+        return g
+
+    return cotangent
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-term gradient statistics
 
 
 @dataclass
 class GradTerms:
-    """Norms of what each named term added to the parameter gradients."""
+    """Norms of what each named term added to the parameter gradients (one host sync per term)."""
 
     params: list
     norms: dict = field(default_factory=dict)
@@ -178,9 +254,9 @@ class GradTerms:
     def term(self, name: str):
         before = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         yield
-        sq = 0.0
-        for p, b0 in zip(self.params, before):
-            if p.grad is not None:
-                d = p.grad.detach() if b0 is None else p.grad.detach() - b0
-                sq += float(d.double().pow(2).sum())
-        self.norms[name] = self.norms.get(name, 0.0) + sq ** 0.5
+        added = [p.grad.detach() if b is None else p.grad.detach() - b
+                 for p, b in zip(self.params, before) if p.grad is not None]
+        norm = 0.0
+        if added:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(added, 2, dtype=torch.float64))).item()
+        self.norms[name] = self.norms.get(name, 0.0) + norm

@@ -699,11 +699,8 @@ def _update(cfg: Config, step: int, models: SDModels, bank: PromptBank, reward: 
                                                  decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
-                micro = estimate(models.unet, traj, reward_fn, method=cfg.method, generator=generators["estimator"],
-                                 first_order_steps=cfg.first_order_steps, h=cfg.h, j=cfg.j, zo_steps=cfg.zo_steps,
-                                 baseline=cfg.baseline, prompt_ids=ids, normalize=cfg.normalize,
-                                 k=cfg.truncated_bp_k, clip_range=cfg.clip_range, max_batch=cfg.max_batch,
-                                 checkpoint=cfg.checkpoint_unet, split_cfg=cfg.split_cfg)
+                micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
+                                 generator=generators["estimator"], prompt_ids=ids)
         except ValueError:
             if not reward_fn.nonfinite:
                 raise

@@ -10,31 +10,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
+
+from rlr_fast.testing import make_scheduler, make_unet  # noqa: E402
 
 # The suite runs as 2 xdist workers on 2 cores; more threads per worker only spin and wait.
 torch.set_num_threads(1)
-
-
-def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8) -> UNet2DConditionModel:
-    """A small UNet2DConditionModel: the SD1.4 block types at toy width."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-            attention_head_dim=4, norm_num_groups=8,
-        )
-    return unet.eval().requires_grad_(False)
-
-
-def make_scheduler(**kw) -> DDIMScheduler:
-    """SD1.4's noise schedule as a DDIMScheduler."""
-    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                set_alpha_to_one=False, steps_offset=1)
-    base.update(kw)
-    return DDIMScheduler(**base)
 
 
 @pytest.fixture(scope="session")

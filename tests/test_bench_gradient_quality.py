@@ -1,12 +1,7 @@
 """Smoke test of bench/gradient_quality.py: its --quick run, whose table must still tell a biased
 estimator from unbiased ones and the one-step sweep's memory from the one-graph backprop's."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import gradient_quality  # noqa: E402
+from bench import gradient_quality  # the repository root is on sys.path: pyproject's pytest `pythonpath`
 
 COLUMNS = ["setting", "T", "B", "N", "estimator", "bias_max_abs_z", "trace_var", "cos_mean_to_exact",
            "mean_cos_single", "model_fwd", "model_bwd", "peak_saved_bytes", "sec_per_estimate"]

@@ -5,7 +5,7 @@ import torch
 
 from rlr_fast import rollout
 from rlr_fast.cuda_graph import TOLERANCE, GraphedRollout, rollout_cuda_graph
-from conftest import make_scheduler, make_unet
+from rlr_fast.testing import make_scheduler, make_unet
 
 
 def _inputs(batch=2, device="cpu", dtype=torch.float32, seed=0):

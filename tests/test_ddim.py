@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_scheduler
 
 from rlr_fast.ddim import (check_scheduler, ddim_step, resolve_backend,
                            step_coefficients)
+from rlr_fast.testing import make_scheduler
 
 # dtype -> (atol, rtol) for compiled vs reference, forward and backward.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}

@@ -1,24 +1,27 @@
-"""Estimators: unbiasedness against a closed form, exact-arithmetic identities, memory, errors.
+"""Estimators: unbiasedness against a closed form, exact-arithmetic identities, options, errors.
 
-The statistical tests use the linear-Gaussian toy (`rlr_fast.toy`), whose expected reward has
+The statistical tests use the linear-Gaussian toy (`rlr_fast.testing`), whose expected reward has
 an exact gradient. For N independent estimates (each over a batch of B), per coordinate
 z = (mean - exact) / (std / sqrt(N)); unbiased estimators keep max |z| < Z_MAX over the 12
 coordinates. Z_MAX = 4 gives a false alarm below 12 * 6.3e-5 < 1e-3 per configuration under
 the null. Power, checked by breaking the estimator on purpose (n = 3000, B = 4): dropping the
 |C|/k subsampling weight gives max |z| = 4.3, a half-order sweep one step short 5.0, a
 baseline that includes the sample's own reward 9.6; truncated backprop fails by orders of
-magnitude.
+magnitude. Memory, split guidance and per-term statistics are in test_sweep.py.
 """
 
 import math
 
 import pytest
 import torch
-from conftest import make_scheduler, make_unet
 
 import rlr_fast
-from rlr_fast.estimators import naive_backprop, valid_js
-from rlr_fast.toy import LinearEps, exact_loss_gradient, quadratic_reward
+from rlr_fast.config import Config
+from rlr_fast.estimators import Terms, _run_terms, valid_js
+from rlr_fast.options import EstimatorOptions
+from rlr_fast.sweep import CallCounter, GradTerms
+from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,
+                              naive_backprop, quadratic_reward)
 
 Z_MAX = 4.0
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
@@ -26,12 +29,6 @@ TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
 
 def _grad_vector(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-# A coarse schedule (80 training steps, linear betas up to 0.25): every step's sigma is a sizeable
-# fraction of the signal, so likelihood-ratio terms have moderate variance and the tests can
-# resolve small biases with a few thousand samples. SD's schedule is used elsewhere.
-TOY_SCHEDULE = dict(num_train_timesteps=80, beta_schedule="linear", beta_start=0.02, beta_end=0.25, steps_offset=0)
 
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -93,7 +90,7 @@ def test_normalized_estimate_is_of_scaled_gradient():
 
 
 def test_truncated_backprop_is_biased():
-    est, exact = _estimates("truncated_bp", n=300, k=1)
+    est, exact = _estimates("truncated_bp", n=300, truncated_bp_k=1)
     assert _max_z(est, exact) > 10 * Z_MAX
 
 
@@ -121,12 +118,9 @@ def test_half_order_term_equals_likelihood_ratio_through_subchain():
                             generator=torch.Generator().manual_seed(2))
     rewards = quadratic_reward(TARGET)(traj.x0)
     # ours: H alone (f = 0, and C emptied by hand-picking the plan)
-    from rlr_fast.estimators import Terms, _run_terms
-    from rlr_fast.sweep import CallCounter, GradTerms, SweepOptions
-
     adv = -rewards / traj.batch_size
     params = list(model.parameters())
-    _run_terms(model, traj, Terms(half_order=(j, h)), None, adv, SweepOptions(), CallCounter(), GradTerms(params))
+    _run_terms(model, traj, Terms(half_order=(j, h)), None, adv, EstimatorOptions(), CallCounter(), GradTerms(params))
     ours = _grad_vector(model).clone()
     for p in params:
         p.grad = None
@@ -140,6 +134,13 @@ def test_half_order_term_equals_likelihood_ratio_through_subchain():
     logp = torch.distributions.Normal(mean, traj.sigmas[k]).log_prob(traj.latents[k + 1]).sum(1)
     (adv * logp).sum().backward()
     torch.testing.assert_close(ours, _grad_vector(model), rtol=1e-9, atol=1e-12)
+
+
+def _unet_traj(unet, steps, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, 3, 16, generator=g)
+    return rlr_fast.rollout(unet, make_scheduler(), torch.randn(batch, 4, 8, 8, generator=g), num_steps=steps,
+                            eta=1.0, encoder_hidden_states=cond, generator=g)
 
 
 def test_seeded_estimate_is_bit_identical():
@@ -171,64 +172,6 @@ def test_rlr_partitions_steps_and_counts_calls():
         assert sorted(stats["F"] + stats["H"] + stats["C"]) == list(range(1, 11))
         # 2 + 3 pathwise steps, |C| = 5 likelihood-ratio steps at 2 steps (8 samples) per call
         assert stats["unet_forward"] == stats["unet_backward"] == 5 + 3
-
-
-# ---- memory: one step resident -----------------------------------------------------------------
-
-
-def _unet_traj(unet, steps, batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cond = torch.randn(batch, 3, 16, generator=g)
-    return rlr_fast.rollout(unet, make_scheduler(), torch.randn(batch, 4, 8, 8, generator=g), num_steps=steps,
-                            eta=1.0, encoder_hidden_states=cond, generator=g)
-
-
-@pytest.fixture(scope="module")
-def lora_unet():
-    unet = make_unet()
-    rlr_fast.models.add_lora(unet, rank=2, alpha=2)
-    return unet
-
-
-def _peak(unet, traj, method, **opts):
-    unet.zero_grad(set_to_none=True)
-    reward = lambda x0: -x0.pow(2).flatten(1).mean(1)
-    if method == "naive":
-        return naive_backprop(unet, traj, reward, track_memory=True)["peak_saved_bytes"]
-    return rlr_fast.estimate(unet, traj, reward, method=method, track_memory=True,
-                             generator=torch.Generator().manual_seed(0), **opts)["peak_saved_bytes"]
-
-
-def test_rlr_memory_is_flat_in_T_and_h(lora_unet):
-    peaks = {}
-    for steps in (10, 50, 100):
-        traj = _unet_traj(lora_unet, steps)
-        for h in (1, 4, 16):
-            if 1 + h <= steps:
-                peaks[steps, h] = _peak(lora_unet, traj, "rlr", h=h, zo_steps=1, max_batch=1)
-    lo, hi = min(peaks.values()), max(peaks.values())
-    assert hi <= 1.10 * lo, peaks
-
-
-def test_full_bp_sweep_is_flat_and_naive_graph_grows(lora_unet):
-    sweep, naive = {}, {}
-    for steps in (5, 10, 20):
-        traj = _unet_traj(lora_unet, steps)
-        sweep[steps] = _peak(lora_unet, traj, "full_bp")
-        naive[steps] = _peak(lora_unet, traj, "naive")
-    assert max(sweep.values()) <= 1.10 * min(sweep.values()), sweep
-    # linear growth: doubling T doubles the naive graph (within 10%), and it dwarfs the sweep
-    for a, b in ((5, 10), (10, 20)):
-        assert 1.8 <= naive[b] / naive[a] <= 2.2, naive
-    assert naive[20] > 10 * sweep[20]
-
-
-def test_checkpointing_lowers_the_step_peak(lora_unet):
-    traj = _unet_traj(lora_unet, 4)
-    plain = _peak(lora_unet, traj, "full_bp")
-    ckpt = _peak(lora_unet, traj, "full_bp", checkpoint=True)
-    assert ckpt < 0.7 * plain
-    assert not lora_unet.is_gradient_checkpointing  # restored afterwards
 
 
 # ---- DDPO ---------------------------------------------------------------------------------------
@@ -276,6 +219,42 @@ def test_ddpo_on_policy_is_likelihood_ratio_with_advantages():
     torch.testing.assert_close(ddpo, _grad_vector(model) / 4, rtol=1e-9, atol=1e-12)
 
 
+# ---- options: one validated EstimatorOptions, however it is given --------------------------------
+
+
+def test_options_object_config_and_overrides_give_the_same_estimate(toy):
+    model, traj, reward = toy
+    runs = {"overrides": ((), dict(method="rlr", h=3, zo_steps=1, baseline="loo")),
+            "options": ((EstimatorOptions(method="rlr", h=3, zo_steps=1, baseline="loo"),), {}),
+            "config": ((Config(method="rlr", h=3, zo_steps=1, baseline="loo", num_steps=6),), {}),
+            "options + override": ((EstimatorOptions(method="rlr", h=2, zo_steps=1, baseline="loo"),), dict(h=3))}
+    grads = {}
+    for name, (args, kwargs) in runs.items():
+        for p in model.parameters():
+            p.grad = None
+        stats = rlr_fast.estimate(model, traj, reward, *args, generator=torch.Generator().manual_seed(1), **kwargs)
+        assert len(stats["H"]) == 3 and len(stats["C"]) == 1, name
+        grads[name] = _grad_vector(model).clone()
+    assert all(torch.equal(g, grads["overrides"]) for g in grads.values())
+
+
+def test_unknown_option_names_the_closest(toy):
+    with pytest.raises(TypeError, match="unknown estimator option 'k'"):
+        rlr_fast.estimate(*toy, method="truncated_bp", k=2)
+    with pytest.raises(TypeError, match="unknown estimator option 'checkpoint'; did you mean 'checkpoint_unet'"):
+        rlr_fast.estimate(*toy, checkpoint=True)
+
+
+def test_truncated_bp_k_beyond_T(toy):
+    with pytest.raises(ValueError, match="truncated_bp_k=7 must be in 1..num_steps=6"):
+        rlr_fast.estimate(*toy, method="truncated_bp", truncated_bp_k=7)
+
+
+def test_advantages_only_for_ddpo(toy):
+    with pytest.raises(ValueError, match="advantages are used by method='ddpo' only, not by method='zo'"):
+        rlr_fast.estimate(*toy, method="zo", advantages=torch.ones(4))
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 
@@ -288,22 +267,22 @@ def toy():
 
 
 def test_h_below_one(toy):
-    with pytest.raises(ValueError, match="h must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="h must be >= 1, got 0"):
         rlr_fast.estimate(*toy, h=0)
 
 
 def test_f_plus_h_exceeds_T(toy):
-    with pytest.raises(ValueError, match=r"first_order_steps \+ h = 2 \+ 5 exceeds the 6 steps"):
+    with pytest.raises(ValueError, match=r"h=5 is too large for num_steps=6: .* \(2 \+ 5 > 6\)"):
         rlr_fast.estimate(*toy, first_order_steps=2, h=5)
 
 
 def test_j_out_of_range(toy):
-    with pytest.raises(ValueError, match="j=5 is outside the valid range 1..4"):
+    with pytest.raises(ValueError, match=r"j=5 is outside first_order_steps..num_steps-h = 1..4"):
         rlr_fast.estimate(*toy, h=2, j=5)
 
 
 def test_zo_steps_above_C(toy):
-    with pytest.raises(ValueError, match=r"zo_steps must be an int in 1..\|C\| = 1..3, got 4"):
+    with pytest.raises(ValueError, match=r"zo_steps=4 must be in 1..3"):
         rlr_fast.estimate(*toy, h=2, zo_steps=4)
 
 
@@ -358,5 +337,5 @@ def test_f0_with_deterministic_step_is_an_error():
 
 
 def test_unknown_method(toy):
-    with pytest.raises(ValueError, match="unknown method 'reinforce'"):
+    with pytest.raises(ValueError, match=r"method must be one of \[.*\], got 'reinforce'"):
         rlr_fast.estimate(*toy, method="reinforce")

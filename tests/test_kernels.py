@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from conftest import make_scheduler, make_unet  # noqa: E402
 
 import rlr_fast  # noqa: E402
 from rlr_fast import _C, ddim  # noqa: E402
@@ -24,6 +23,7 @@ import rlr_fast.kernels.gaussian_log_prob as triton_logp_module  # noqa: E402
 from rlr_fast.kernels.ddim_step import ddim_step  # noqa: E402
 from rlr_fast.kernels.gaussian_log_prob import gaussian_log_prob  # noqa: E402
 from rlr_fast.rollout import recompute_steps  # noqa: E402
+from rlr_fast.testing import make_scheduler, make_unet  # noqa: E402
 
 # dtype -> (atol, rtol) of a kernel output against the float64 reference rounded once to dtype.
 TOLERANCES = {

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import make_unet
 from rlr_fast.config import Config
 from rlr_fast.models import add_lora
 from rlr_fast.plan.architectures import component_configs, meta_unet
+from rlr_fast.testing import make_unet
 
 # `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the package's name)
 P = importlib.import_module("rlr_fast.plan")
@@ -173,6 +173,7 @@ def test_sd14_preset_fits_4_gib_with_its_own_options_in_the_loops_precision():
     assert chosen.run.autocast and preset.dtype == "float16"
     assert chosen.peak_bytes <= 4 * GIB
     assert preset.with_overrides(chosen.config_overrides()) == preset
+    assert chosen.estimator_options() == preset.estimator_options()
     # without a budget the planner runs faster (fewer calls, less recomputation) in more memory
     fastest = P.plan(preset, model="sd14")
     assert fastest.peak_bytes > 4 * GIB and fastest.extra_flops < chosen.extra_flops

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_scheduler, make_unet
 
 import rlr_fast
 from rlr_fast.rollout import recompute_steps
+from rlr_fast.testing import make_scheduler, make_unet
 
 
 def _cond(batch, seed=1, dim=16):

@@ -67,14 +67,16 @@ def measure_unet_phase(unet: nn.Module, samples: int, latent_hw: tuple[int, int]
     or "params" (a likelihood-ratio call over `samples` steps of one sample: LoRA gradient only).
     cfg_mode: "none", "together" (one call on 2 x samples) or "split" (`split_cfg`).
     """
+    from ..options import EstimatorOptions
     from ..rollout import rollout
-    from ..sweep import CallCounter, SweepOptions, gradient_checkpointing, likelihood_ratio, pathwise_sweep
+    from ..sweep import CallCounter, gradient_checkpointing, likelihood_ratio, pathwise_sweep
 
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
     if grad not in UNET_GRADS:
         raise ValueError(f"grad must be one of {UNET_GRADS}, got {grad!r}")
-    opts = SweepOptions(max_batch=samples, checkpoint=checkpoint, split_cfg=cfg_mode == "split", backend="reference")
+    opts = EstimatorOptions(max_batch=samples, checkpoint_unet=checkpoint, split_cfg=cfg_mode == "split",
+                            backend="reference")
     steps, batch = (samples, 1) if grad == "params" else (2, samples)
     traj = meta_trajectory(steps, batch, latent_hw, unet, cfg=cfg_mode != "none")
     weights = torch.empty((steps, batch), device="meta")

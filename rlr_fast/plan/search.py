@@ -254,7 +254,7 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
                                                **unet)
     steps_per_call = 0
     if counts.likelihood_ratio:
-        steps_per_call = options["max_batch"] // B
+        steps_per_call = (options["max_batch"] or B) // B
         phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, hw, grad="params",
                                               checkpoint=options["checkpoint_unet"], **unet)
     resident = _resident(run, options, table)
@@ -285,7 +285,7 @@ def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
     reward_ckpt = (True,) if run.config.reward_kwargs.get("checkpoint_vision") else \
         both if counts.reward_grad and run.reward != "pixels" else (False,)
     choices = {
-        "max_batch": [B * m for m in range(1, counts.likelihood_ratio + 1)] or [None],
+        "max_batch": [None] + [B * m for m in range(2, counts.likelihood_ratio + 1)],  # None: one step per call
         "checkpoint_unet": both if counts.pathwise or counts.likelihood_ratio else (False,),
         "split_cfg": both if run.guidance else (False,),
         "checkpoint_vae": both if counts.reward_grad else (False,),
