@@ -52,6 +52,11 @@ def sd14_plan(budget=None, **settings) -> "planner.Plan":
         return e.smallest
 
 
+def engine_options(p: "planner.Plan") -> dict:
+    """A plan's options as bench.common.latent_reward_fn and estimate(...) take them."""
+    return {k: p.options[k] for k in ("max_batch", "checkpoint_unet", "split_cfg", "decode_chunk", "checkpoint_vae")}
+
+
 def estimator_options(method: str, h: int) -> dict:
     return {"rlr": dict(first_order_steps=1, h=h), "truncated_bp": dict(truncated_bp_k=1)}.get(method, {})
 
@@ -132,7 +137,7 @@ def tiny_measured_rows(quick: bool) -> list[dict]:
                     # one step per likelihood-ratio call: the engine's smallest setting
                     estimate(models.unet, traj, reward_fn, method=method, generator=torch.Generator().manual_seed(2),
                              max_batch=batch, **estimator_options(method, 2))
-            m = planner.measure(update, existing=state + [x_T, cond, negative], precision="float32")
+            m = planner.measure(update, existing=state + [x_T, cond, negative])
             rows.append(dict(source="measured (CPU, live tensor bytes)", model="tiny SD", method=method, T=T,
                              h=2 if "rlr" in method else None, peak_mib=m.peak_bytes / 2**20))
     return rows
@@ -206,7 +211,8 @@ def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="estimate SD1.4, measure the tiny SD (default without a GPU)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="estimate SD1.4, measure the tiny SD (default without a GPU)")
     parser.add_argument("--quick", action="store_true", help="fewer T and h values")
     args = parser.parse_args(argv)
     device = current_device(force_cpu=args.cpu)

@@ -33,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (build_models, current_device, flops_of, latent_reward_fn, lora_grads,  # noqa: E402
                           max_rel_diff, median, naive_rlr_update, peak_memory, time_it, write_results, zero_grads)
+from bench.memory import engine_options, naive_estimate_bytes, sd14_plan  # noqa: E402
 from rlr_fast import estimate, rollout  # noqa: E402
 from rlr_fast.ddim import ddim_step, ddim_step_reference, resolve_backend  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 GUIDANCE = 7.5
 TARGETS = {"rollout_vs_diffusers_b1": 1.3, "update_vs_naive": 2.0, "kernel_bandwidth_fraction": 0.8,
-           "peak_memory_gib": 6.0}
+           "peak_memory_gib": 4.0}
 
 
 class Bench:
@@ -170,18 +171,19 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
 def peak_of_rlr_update(device, models, dtype, options: dict, *, steps: int = 50, batch: int = 2, h: int = 4) -> float:
     """GiB at the peak (torch.cuda.max_memory_allocated) of one engine RLR update with `options`."""
     dev = device.torch_device
-    x_T = torch.randn(batch, 4, models.latent_size, models.latent_size, device=dev, dtype=dtype)
+    x_T = torch.randn(batch, 4, models.latent_size, models.latent_size, device=dev)  # float32, as finetune draws it
     cond, negative = (torch.randn(batch, 77, models.cond_dim, device=dev, dtype=dtype) for _ in range(2))
     options = dict(options)
     reward_fn = latent_reward_fn(models, batch, decode_chunk=options.pop("decode_chunk"),
                                  checkpoint_vae=options.pop("checkpoint_vae"))
 
-    def update():
+    def update():  # in finetune's precision: the UNet under autocast (the decode leaves it), as planned
         zero_grads(models.unet)
-        traj = rollout(models.unet, models.scheduler, x_T, num_steps=steps, eta=1.0, encoder_hidden_states=cond,
-                       negative_encoder_hidden_states=negative, guidance_scale=GUIDANCE,
-                       split_cfg=options["split_cfg"])
-        estimate(models.unet, traj, reward_fn, method="rlr", first_order_steps=1, h=h, **options)
+        with torch.autocast("cuda", dtype=dtype):
+            traj = rollout(models.unet, models.scheduler, x_T, num_steps=steps, eta=1.0, encoder_hidden_states=cond,
+                           negative_encoder_hidden_states=negative, guidance_scale=GUIDANCE,
+                           split_cfg=options["split_cfg"])
+            estimate(models.unet, traj, reward_fn, method="rlr", first_order_steps=1, h=h, **options)
 
     torch.cuda.empty_cache()
     return peak_memory(update, device) / 2**30
@@ -190,10 +192,8 @@ def peak_of_rlr_update(device, models, dtype, options: dict, *, steps: int = 50,
 def naive_steps_that_fit(total_gib: float, steps: int) -> int:
     """The largest T (of steps, 20, 10, 5) whose naive one-graph update the planner estimates below 80%
     of the GPU's memory: the naive graph keeps all T steps, so at T = 50 it does not fit one GPU."""
-    from bench.memory import CASE, naive_estimate_bytes
-
     for T in (steps, 20, 10, 5):
-        fastest = planner.plan(dict(CASE, num_steps=T))
+        fastest = sd14_plan(num_steps=T)
         if naive_estimate_bytes(fastest, planner.default_table()) < 0.8 * total_gib * 2**30:
             return T
     return 5
@@ -292,30 +292,24 @@ def main(argv=None) -> None:
         # the engine with the fastest options that fit 80% of the GPU; the naive baseline at the
         # largest T that fits it, the engine timed again at that T for the ratio
         total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        chosen = planner.plan(dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half"),
-                              max_memory_gb=0.8 * total_gib)
-        options = dict(chosen.estimate_kwargs(), decode_chunk=chosen.options["decode_chunk"],
-                       checkpoint_vae=chosen.options["checkpoint_vae"])
+        options = engine_options(sd14_plan(0.8 * total_gib))
         update = update_section(b, models, steps=50, batch=2, h=4, estimate_options=options, naive=False,
                                 others=True)
         naive_steps = naive_steps_that_fit(total_gib, 50)
         update.update(update_section(b, models, steps=naive_steps, batch=2, h=4, estimate_options=options,
                                      naive=True, others=False))
-        six = planner.plan(dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half"),
-                           max_memory_gb=TARGETS["peak_memory_gib"])
-        update["peak_gib"] = peak_of_rlr_update(device, models, dtype, dict(
-            six.estimate_kwargs(), decode_chunk=six.options["decode_chunk"], checkpoint_vae=six.options["checkpoint_vae"]))
-        update["peak_estimated_gib"] = six.peak_gib
+        target_plan = sd14_plan(TARGETS["peak_memory_gib"])
+        update["peak_gib"] = peak_of_rlr_update(device, models, dtype, engine_options(target_plan))
+        update["peak_estimated_gib"] = target_plan.peak_gib
     kernel_fraction = kernel_section(b, elements=(1 << 22) if not device.is_cuda else (1 << 26))
 
     on_cpu = "" if device.is_cuda else " [CPU, tiny SD: the targets are for a GPU]"
     if device.is_cuda:
         peak = update.get("peak_gib")
-        peak_note = (f" (measured with the options of rlr_fast.plan's 6 GiB plan, which estimated "
-                     f"{update['peak_estimated_gib']:.2f} GiB including a text encoder this benchmark does not load)")
+        peak_note = (f" (measured with the options of rlr_fast.plan's {TARGETS['peak_memory_gib']:g} GiB plan, "
+                     f"which estimated {update['peak_estimated_gib']:.2f} GiB)")
     else:
-        case = dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half")
-        peak = planner.plan(case, max_memory_gb=6).peak_gib
+        peak = sd14_plan(TARGETS["peak_memory_gib"]).peak_gib
         peak_note = " (ESTIMATED by rlr_fast.plan for SD1.4; not measured: no GPU in this session)"
     lines = [verdict("rollout speed-up vs diffusers loop, batch 1", ratios.get(1), TARGETS["rollout_vs_diffusers_b1"],
                      True, "x", on_cpu),

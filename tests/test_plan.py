@@ -283,14 +283,15 @@ def test_resolution_and_architectures_of_the_default_model_are_measured_on_deman
     """The default model (configs read from its folder) is not in the cache: measured when first
     planned, more pixels need more memory, and the table written by save() gives the same plan back."""
     table = P.MeasurementTable(path=None)
-    native = P.plan("demo", table=table)
+    zo = dict(method="zo")  # likelihood ratios only: the fewest phases to measure
+    native = P.plan("demo", table=table, **zo)
     assert native.run.latent_hw == (8, 8) and native.config.resolution is None
     assert any(key.startswith("unet:") for key in table.data["entries"])
-    larger = P.plan("demo", table=table, resolution=64)
+    larger = P.plan("demo", table=table, resolution=64, **zo)
     assert larger.run.latent_hw == (16, 16)
     assert larger.phases["lr_chunk"] > 3 * native.phases["lr_chunk"]
     saved = table.save(tmp_path / "measurements.json")
-    again = P.plan("demo", table=P.MeasurementTable(saved))
+    again = P.plan("demo", table=P.MeasurementTable(saved), **zo)
     assert (again.peak_bytes, again.options) == (native.peak_bytes, native.options)
 
 
@@ -304,8 +305,9 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
     for name, config in component_configs("sd14").items():
         module = build(name, config)
         full = module.config.to_dict() if name == "text_encoder" else dict(module.config)
-        full.update(_diffusers_version="0.6.0", _name_or_path="CompVis/stable-diffusion-v1-4",
-                    **({"architectures": ["CLIPTextModel"], "torch_dtype": "float32"} if name == "text_encoder" else {}))
+        full.update(_diffusers_version="0.6.0", _name_or_path="CompVis/stable-diffusion-v1-4")
+        if name == "text_encoder":
+            full.update(architectures=["CLIPTextModel"], torch_dtype="float32")
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(full, default=list))
     table = P.MeasurementTable()
@@ -322,7 +324,8 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
 def test_finetune_plans_the_model_folder_it_trains_and_applies_the_plan(tiny_folder, tmp_path):
     from rlr_fast.train import plan_memory
 
-    cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=2, max_memory_gb=1.0)
+    cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=2, method="zo",
+                             max_memory_gb=1.0)
     planned = plan_memory(cfg, tmp_path)
     chosen = P.plan(cfg)  # from the same folder's configs
     assert chosen.run.components["unet"]["block_out_channels"] == [32, 64]

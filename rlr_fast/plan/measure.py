@@ -5,7 +5,8 @@
   (activations, saved tensors, gradients, temporaries; parameters and inputs made before the
   measurement are excluded). Allocator rounding, the CUDA context and cuDNN workspaces are not
   tensors and are not counted.
-* `count_saved_bytes` counts the bytes autograd saves for backward, deduplicated by storage.
+* `sweep.SavedTensorMemory` counts the bytes autograd keeps saved for backward, alive at once,
+  deduplicated by storage.
 
 Two things a meta run does differently from a GPU, and how `gpu_like_execution` puts them right:
 * Attention: scaled_dot_product_attention on meta picks the MATH path, which saves the
@@ -44,7 +45,7 @@ class Measurement:
     """Bytes of one measured run."""
 
     peak_bytes: int  # running maximum of live tensor bytes created inside the run
-    saved_bytes: int  # bytes saved for backward by the outermost autograd graph (0 without grad)
+    saved_bytes: int  # peak bytes saved for backward by the outermost graph, alive at once (0 without grad)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -83,24 +84,6 @@ class LiveBytes(TorchDispatchMode):
     def _release(self, key: int, nbytes: int) -> None:
         self.created.discard(key)
         self.current -= nbytes
-
-
-@contextlib.contextmanager
-def count_saved_bytes(live: LiveBytes) -> Iterator[list[int]]:
-    """Bytes autograd saves for backward in the outermost graph: storages created inside `live`,
-    each counted once however many ops save it. Yields a one-element list holding the total."""
-    total = [0]
-    seen: set[int] = set()
-
-    def pack(t: torch.Tensor):
-        key = t.untyped_storage()._cdata
-        if key in live.created and key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
 
 
 # The torch.nn.functional entry points CUDA autocast casts to float16 / float32 (from torch's
@@ -166,10 +149,12 @@ def measure(run: Callable[[], Any], *, existing: Sequence[torch.Tensor] = (), at
             autocast: bool = False) -> Measurement:
     """Peak live bytes and saved-for-backward bytes of `run()`, excluding the storages of `existing`
     (parameters, buffers, inputs). Works on real tensors too (tests compare)."""
-    live = LiveBytes(existing)
-    with gpu_like_execution(attention, autocast), live, count_saved_bytes(live) as saved:
+    from ..sweep import SavedTensorMemory
+
+    live, saved = LiveBytes(existing), SavedTensorMemory(exclude=existing)
+    with gpu_like_execution(attention, autocast), live, saved.track():
         run()
-    return Measurement(peak_bytes=live.peak, saved_bytes=saved[0])
+    return Measurement(peak_bytes=live.peak, saved_bytes=saved.peak)
 
 
 def count_flops(run: Callable[[], Any]) -> int:

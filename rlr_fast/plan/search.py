@@ -213,7 +213,8 @@ def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
     precision = "float32" if wd == torch.float32 else "half"
 
     def unet_params(trainable: bool):
-        return lambda: [p for p in table.unet(components["unet"], wd, rank).parameters() if p.requires_grad == trainable]
+        unet = table.unet(components["unet"], wd, rank)
+        return lambda: [p for p in unet.parameters() if p.requires_grad == trainable]
 
     lora = table.param_bytes(f"{run.ids['unet']}|lora{rank}", unet_params(True))
     parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{precision}", unet_params(False))
@@ -340,9 +341,11 @@ def _notes(run: Run) -> list[str]:
                  f"{dtype} weights; the UNet under CUDA autocast (group_norm / layer_norm outputs in float32); VAE "
                  f"decode outside autocast in {dtype}; LoRA + AdamW in float32")
     reward = "" if run.reward == "pixels" else f"; reward network in {str(run.reward_dtype).replace('torch.', '')}"
+    attention = ("flash / memory-efficient SDPA (no stored softmax)" if run.attention == "flash" else
+                 "MATH SDPA (stores the softmax)")
     return ["tensor bytes only (what torch.cuda.max_memory_allocated counts): the CUDA context (~0.3-0.5 GiB) "
             "and allocator caching come on top",
-            f"attention: {'flash / memory-efficient SDPA (no stored softmax)' if run.attention == 'flash' else 'MATH SDPA (stores the softmax)'}",
+            f"attention: {attention}",
             precision + reward,
             f"{run.config.batch_size} samples of {run.image_hw[0]}x{run.image_hw[1]} px, T = {run.config.num_steps}, "
             f"method {run.config.method}"] + list(run.notes)

@@ -176,7 +176,8 @@ def generate_measurements(path: Path = MEASUREMENTS_FILE, log: Callable[[str], N
     for cfg in candidate_runs():
         plan(cfg, model="sd14", table=table)
         log(f"{cfg.dtype} {cfg.resolution or 512} px {cfg.method} guidance={cfg.guidance_scale} {cfg.reward} "
-            f"(network in {cfg.reward_kwargs['dtype']}): {time.time() - start:.0f} s, {len(table.data['entries'])} entries")
+            f"(network in {cfg.reward_kwargs['dtype']}): {time.time() - start:.0f} s, "
+            f"{len(table.data['entries'])} entries")
     table.data["fit_checks"] = fit_checks(table)
     for c in table.data["fit_checks"]:
         log(f"fit check {c['what']}: relative error {c['rel_error']:.4f}")
@@ -196,8 +197,8 @@ def fit_checks(table: MeasurementTable) -> list[dict]:
                        "rel_error": abs(fitted - measured) / measured})
 
     unet = table.unet(configs["unet"], half, 4)
-    check("unet likelihood-ratio call on 4 samples, guidance together, autocast",
-          measure_unet_phase(unet, 4, hw, cfg_mode="together", grad="params", checkpoint=False, autocast=True).peak_bytes,
+    measured = measure_unet_phase(unet, 4, hw, cfg_mode="together", grad="params", checkpoint=False, autocast=True)
+    check("unet likelihood-ratio call on 4 samples, guidance together, autocast", measured.peak_bytes,
           table.unet_phase(unet_id, configs["unet"], 4, hw, autocast=True, attention="flash", lora_rank=4,
                            cfg_mode="together", grad="params", checkpoint=False))
     vae = table.vae(configs["vae"], half)
