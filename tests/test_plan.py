@@ -311,9 +311,9 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(full, default=list))
     table = P.MeasurementTable()
-    entries = len(table.data["entries"])
+    known = {part: len(table.data[part]) for part in ("entries", "params", "flops")}
     from_folder = P.plan("sd14", 4, model=str(tmp_path), table=table)
-    assert len(table.data["entries"]) == entries  # nothing had to be measured
+    assert {part: len(table.data[part]) for part in known} == known  # nothing had to be measured
     assert from_folder.peak_bytes == P.plan("sd14", 4, model="sd14", table=table).peak_bytes
 
 

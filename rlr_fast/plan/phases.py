@@ -11,8 +11,8 @@ The phases are never alive together (each frees its graph before the next starts
 The decode and the reward network are one phase in the loop, measured apart because they grow
 with different things (the decoder with `decode_chunk`, the network with the batch): while the
 network runs, what the decode saved for its backward is alive; while the decoder back-propagates,
-the network's graph is gone. `combined_reward_bytes` puts them together, and
-`measure_reward_phase` measures the whole LatentReward path to check that.
+the network's graph is gone. `reward_phase_parts` puts them together, and `measure_reward_phase`
+measures the whole LatentReward path to check that.
 """
 
 from __future__ import annotations
@@ -146,10 +146,14 @@ def measure_reward_network(reward: nn.Module, batch: int, image_hw: tuple[int, i
     return measure(run, existing=module_state(reward), attention=attention)
 
 
+def reward_phase_parts(decode: Measurement, network_peak: int) -> dict[str, int]:
+    """The reward phase's two peaks: the decoder's own, and the network's on top of what the decode
+    keeps for its backward. The phase peaks at the larger."""
+    return {"reward: decode": decode.peak_bytes, "reward: network": decode.saved_bytes + network_peak}
+
+
 def combined_reward_bytes(decode: Measurement, network_peak: int) -> int:
-    """Peak of the whole reward phase from its parts: the decoder's own peak, or the network's
-    peak on top of what the decode keeps for its backward, whichever is larger."""
-    return max(decode.peak_bytes, decode.saved_bytes + network_peak)
+    return max(reward_phase_parts(decode, network_peak).values())
 
 
 def forward_flops(module: nn.Module, part: str, latent_hw: tuple[int, int], image_hw: Optional[tuple] = None) -> int:

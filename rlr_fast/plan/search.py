@@ -29,7 +29,7 @@ from ..config import Config
 from ..options import EstimatorOptions, METHODS
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
-from .phases import PROMPT_TOKENS
+from .phases import PROMPT_TOKENS, reward_phase_parts
 from .table import MeasurementTable, dtype_name, default_table
 
 # The options the planner chooses; Config keys, except checkpoint_reward: the reward's
@@ -247,9 +247,8 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
                                 checkpoint_vae=options["checkpoint_vae"])
     network = table.reward_network(run.reward, B, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
                                    grad=counts.reward_grad, checkpoint=options["checkpoint_reward"])
-    # while the reward network runs, what the decode keeps for its backward is alive too
     phases = {"rollout": table.unet_phase(*unet_args, B, hw, grad="none", checkpoint=False, **unet),
-              "reward: decode": decode.peak_bytes, "reward: network": decode.saved_bytes + network}
+              **reward_phase_parts(decode, network)}
     if counts.pathwise:
         phases["unet_step"] = table.unet_phase(*unet_args, B, hw, grad="input", checkpoint=options["checkpoint_unet"],
                                                **unet)
