@@ -209,6 +209,13 @@ class Config(EstimatorOptions):
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
+        if self.needs_x0_hat and self.rollout == "cuda_graph":
+            raise ValueError("baseline='value' scores each step's x0 estimate, which rollout='cuda_graph' does not "
+                             "store; use rollout='auto' (eager with this baseline) or 'eager'")
+        if self.needs_x0_hat and self.value_fit == "loo" and self.batch_size < 5:
+            raise ValueError(f"baseline='value' with value_fit='loo' fits a slope on the other samples of a "
+                             f"micro-batch, which needs batch_size >= 5 (got {self.batch_size}); use "
+                             "value_fit='running', which adds earlier updates' samples")
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self

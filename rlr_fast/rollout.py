@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ddim import check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients
+from .ddim import (check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients,
+                   x0_coefficients)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Trajectory:
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
+    x0_hat: Optional[torch.Tensor] = None  # (T, B, ...) Tweedie estimate of x_0 at each step (store_x0_hat)
 
     @property
     def num_steps(self) -> int:
@@ -156,11 +158,14 @@ def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale
 @torch.no_grad()
 def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
             guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-            progress: bool = False, split_cfg: bool = False, backend: str = "auto") -> Trajectory:
+            progress: bool = False, split_cfg: bool = False, backend: str = "auto",
+            store_x0_hat: bool = False) -> Trajectory:
     """Sample x_T -> x_0 with DDIM under no grad and store the chain.
 
     `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
     `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
+    `store_x0_hat` also keeps each step's Tweedie estimate of x_0 (T more latents per sample), which
+    `baseline="value"` scores; it costs no model call.
     """
     check_scheduler(scheduler)
     cond, negative = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
@@ -174,6 +179,8 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                          device=device if generator is None else generator.device, dtype=dtype).to(device)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
+    x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
+    d_x, d_e = x0_coefficients(scheduler)
     xs[0] = latents
     steps = range(num_steps)
     if progress:
@@ -187,11 +194,16 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
                                   guidance_scale=guidance_scale, backend=backend)
         xs[k + 1] = prev
         log_probs[k] = logp
+        if x0_hat is not None:
+            # the guided prediction, the one the chain follows: its x0_hat is where the sampled chain
+            # heads (any function of x_t keeps a baseline unbiased; the choice only moves the variance)
+            e = out if out_cond is None else out + guidance_scale * (out_cond - out)
+            x0_hat[k] = float(d_x[k]) * xs[k] + float(d_e[k]) * e
     return Trajectory(latents=xs, noises=noises, timesteps=coef.timesteps.to(device),
                       sigmas=coef.sigmas.to(device), c_x=coef.c_x.to(device), c_e=coef.c_e.to(device),
                       log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
                       negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                      model_key=model_key(model))
+                      model_key=model_key(model), x0_hat=x0_hat)
 
 
 def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):

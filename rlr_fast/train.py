@@ -40,8 +40,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, restore_checkpoint,
-                         restore_rng, save_checkpoint)
+from .baselines import ValueStatistics
+from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_state, find_checkpoint,
+                         restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
@@ -201,6 +202,7 @@ class _Run:
     start: int
     counters: dict
     plan_table: Optional[str]
+    value_state: Optional[ValueStatistics]  # the running value fit, as of the last committed step
     grids: list[Path] = field(default_factory=list)
 
     @property
@@ -224,7 +226,8 @@ class _Run:
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
                                cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
-                               counters=self.counters)
+                               counters=self.counters,
+                               estimator_state=None if self.value_state is None else self.value_state.state_dict())
 
 
 def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path) -> _Run:
@@ -251,9 +254,12 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
+    value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
+        if value_state is not None:
+            value_state.load_state_dict(estimator_state(checkpoint))
         print(f"resuming {out} at step {start} from {checkpoint.path}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
@@ -261,7 +267,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
         random.seed(cfg.seed)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
-                counters=counters, plan_table=plan_table)
+                counters=counters, plan_table=plan_table, value_state=value_state)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
@@ -288,9 +294,10 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
             grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
-                              run.device, run.dtype)
-            with stops.deferred():  # the update is applied, logged and its RNG state kept as one
+                              run.device, run.dtype, run.value_state)
+            with stops.deferred():  # the update is applied, logged and its RNG and value-fit states kept as one
                 record = apply(cfg, step, grads, run.optimizer)
+                run.value_state = grads.value_state
                 step += 1
                 seconds = time.perf_counter() - t0
                 counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
 from .estimators import estimate
@@ -63,9 +64,12 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
+        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
+        elif self.store_x0_hat:  # Config refuses rollout='cuda_graph' with it
+            self.reason = "baseline='value' needs each step's x0 estimate, which the CUDA-graph rollout does not store"
         elif cfg.rollout == "auto" and device.type != "cuda":
             self.reason = f"device is {device.type} (CUDA graphs need a GPU)"
         else:
@@ -84,7 +88,11 @@ class TrainingRollout:
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
                 generator.set_state(state)
         return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,
-                       backend=self.backend, **kwargs)
+                       backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
+
+
+# estimate's stats that count work: summed over an update's micro-batches
+COUNTS = ("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward", "value_fallbacks")
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Gradients:
     stats: dict
     skipped: Optional[str]  # "reward" or "gradient" when the update must not be applied
     grad_norm: Optional[float]
+    value_state: Optional[ValueStatistics] = None  # the running value fit after these micro-batches
 
 
 class _WatchedReward:
@@ -111,16 +120,19 @@ class _WatchedReward:
 
 
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
-               params: list, generators: dict, device: torch.device, dtype: torch.dtype) -> Gradients:
+               params: list, generators: dict, device: torch.device, dtype: torch.dtype,
+               value_state: Optional[ValueStatistics] = None) -> Gradients:
     """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
 
     Changes nothing but .grad and the generators, so a step abandoned here leaves no trace in a
-    checkpoint. A NaN/Inf reward or gradient marks the update skipped.
+    checkpoint: the running value fit (`value_state`) is updated on a copy, returned for the caller
+    to keep when it commits the step. A NaN/Inf reward or gradient marks the update skipped.
     """
     for p in params:
         p.grad = None
     rewards: list[float] = []
     stats: dict = {}
+    value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
         ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
         x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device,
@@ -133,21 +145,22 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
-                                 generator=generators["estimator"], prompt_ids=ids)
+                                 generator=generators["estimator"], prompt_ids=ids, value_state=value_state)
         except ValueError:
             if not reward_fn.nonfinite:
                 raise
-            return Gradients(rewards, stats, "reward", None)
+            return Gradients(rewards, stats, "reward", None, value_state)
         rewards += micro["rewards"]
-        for key in ("unet_forward", "unet_backward"):  # counts add up over micro-batches
-            micro[key] += stats.get(key, 0)
+        for key in COUNTS:  # counts add up over micro-batches
+            if key in micro:
+                micro[key] += stats.get(key, 0)
         stats = micro
     for p in params:
         if p.grad is not None:
             p.grad /= cfg.grad_accum
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm)
+    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, value_state)
 
 
 def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
