@@ -11,6 +11,7 @@ except ImportError as e:  # the package is importable from a source tree without
         f"(after installing torch; see README). Original error: {e}"
     ) from e
 
+from .baselines import ValueStatistics
 from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference, step_coefficients
 from .estimators import estimate
 from .plan import plan  # binds the function over the submodule's name: rlr_fast.plan(config)

@@ -36,6 +36,7 @@ class Trajectory:
     model_key: str = ""  # fingerprint of the model architecture that made it
     d_x: Optional[torch.Tensor] = None  # (T,) float64, Tweedie x0_hat = d_x * x_t + d_e * model_output
     d_e: Optional[torch.Tensor] = None  # (T,) float64 (both None for a chain built without a scheduler)
+    x0_hat: Optional[torch.Tensor] = None  # (T, B, ...) Tweedie estimate of x_0 at each step (store_x0_hat)
 
     @property
     def num_steps(self) -> int:
@@ -64,7 +65,7 @@ class Trajectory:
 
 # Where each tensor field of a Trajectory keeps its samples; the other tensor fields are per step
 # and shared by every sample. A new field must be added to one of the two (tests check).
-PER_SAMPLE_DIM = {"latents": 1, "noises": 1, "log_probs": 1, "encoder_hidden_states": 0,
+PER_SAMPLE_DIM = {"latents": 1, "noises": 1, "log_probs": 1, "x0_hat": 1, "encoder_hidden_states": 0,
                   "negative_encoder_hidden_states": 0}
 PER_STEP = ("timesteps", "sigmas", "c_x", "c_e", "d_x", "d_e")
 
@@ -209,11 +210,14 @@ def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale
 @torch.no_grad()
 def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
             guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-            progress: bool = False, split_cfg: bool = False, backend: str = "auto") -> Trajectory:
+            progress: bool = False, split_cfg: bool = False, backend: str = "auto",
+            store_x0_hat: bool = False) -> Trajectory:
     """Sample x_T -> x_0 with DDIM under no grad and store the chain.
 
     `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
     `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
+    `store_x0_hat` also keeps each step's Tweedie estimate of x_0 (T more latents per sample), which
+    `baseline="value"` scores; it costs no model call.
     """
     check_scheduler(scheduler)
     cond, negative = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
@@ -227,6 +231,7 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
                          device=device if generator is None else generator.device, dtype=dtype).to(device)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
+    x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
     d_x, d_e = x0_coefficients(scheduler)
     xs[0] = latents
     steps = range(num_steps)
@@ -241,11 +246,16 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
                                   guidance_scale=guidance_scale, backend=backend)
         xs[k + 1] = prev
         log_probs[k] = logp
+        if x0_hat is not None:
+            # the guided prediction, the one the chain follows: its x0_hat is where the sampled chain
+            # heads (any function of x_t keeps a baseline unbiased; the choice only moves the variance)
+            e = out if out_cond is None else out + guidance_scale * (out_cond - out)
+            x0_hat[k] = float(d_x[k]) * xs[k] + float(d_e[k]) * e
     return Trajectory(latents=xs, noises=noises, timesteps=coef.timesteps.to(device),
                       sigmas=coef.sigmas.to(device), c_x=coef.c_x.to(device), c_e=coef.c_e.to(device),
                       log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
                       negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                      model_key=model_key(model), d_x=d_x.to(device), d_e=d_e.to(device))
+                      model_key=model_key(model), d_x=d_x.to(device), d_e=d_e.to(device), x0_hat=x0_hat)
 
 
 def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):

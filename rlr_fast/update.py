@@ -12,12 +12,13 @@ warm-up. The loop (rlr_fast.train) does not know which method it runs; it asks t
 so a step stopped before `apply` leaves no trace. `step` is the method's `gradients` plus the policy
 metrics of what it sampled (`StepContext.policy_metrics`: the chains' KL to the base model and the
 images' diversity within a prompt, logged next to the reward for every method). `OnPolicy` (every
-method but ddpo, and sqdf with a replay buffer) samples fresh batches for every step and has no
-state. A method that takes several optimizer steps per sampled batch, or keeps anything across steps
-(DDPO's stored epoch and per-prompt reward history, rlr_fast.ddpo; SQDF's replay buffer,
-rlr_fast.replay), subclasses `StepMethod` and is named in `step_method`. Its state
-is a `MethodState`: never changed in place (a step returns a new one, sharing unchanged tensors),
-and written to checkpoints as tensors + JSON (`to_checkpoint`, read back by `load_state`), so a run
+method but ddpo, and sqdf with a replay buffer) samples fresh batches for every step; its only state
+is the running value fit of baseline='value' (rlr_fast.baselines.ValueStatistics). A method that
+takes several optimizer steps per sampled batch, or keeps anything across steps (DDPO's stored epoch
+and per-prompt reward history, rlr_fast.ddpo; SQDF's replay buffer, rlr_fast.replay), subclasses
+`StepMethod` and is named in `step_method`. Its state is a `MethodState`: never changed in place (a
+step returns a new one, sharing unchanged tensors), and written to checkpoints as tensors + JSON
+(`to_checkpoint`, read back by `load_state`), so a run
 resumes bit-exactly at any step, mid-epoch included.
 """
 
@@ -32,12 +33,13 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
+from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
 from .estimators import estimate
 from .inference import autocast, initial_noise
 from .metrics import diversity, jsonable
-from .models import SDModels
+from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .rewards import Reward, latent_reward
 from .rollout import Trajectory, rollout
@@ -82,9 +84,12 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
+        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
+        elif self.store_x0_hat:  # Config refuses rollout='cuda_graph' with it
+            self.reason = "baseline='value' needs each step's x0 estimate, which the CUDA-graph rollout does not store"
         elif cfg.rollout == "auto" and device.type != "cuda":
             self.reason = f"device is {device.type} (CUDA graphs need a GPU)"
         else:
@@ -103,7 +108,11 @@ class TrainingRollout:
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
                 generator.set_state(state)
         return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,
-                       backend=self.backend, **kwargs)
+                       backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
+
+
+# estimate's stats that count work: summed over an update's micro-batches
+COUNTS = ("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward", "value_fallbacks")
 
 
 # What a step costs, in the units of docs/estimator.md §7: images the reward scored, and model
@@ -187,7 +196,8 @@ class StepContext:
         rollout's model evaluations are added to `cost` (not the KL metric's two, `policy_metrics`)."""
         cfg = self.cfg
         ids = draw_prompt_ids(len(self.bank.prompts), cfg.batch_size, cfg.images_per_prompt, self.generators["sampling"])
-        x_T = initial_noise(self.models.unet, cfg.batch_size, self.generators["sampling"], self.device)
+        x_T = initial_noise(self.models.unet, cfg.batch_size, self.generators["sampling"], self.device,
+                            latent_size(cfg.resolution, self.models.unet.config, self.models.vae.config))
         with nvtx_range("rollout"), autocast(self.device, self.dtype):
             traj = self.rollout(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=self.generators["sampling"],
                                 **self.bank.batch(ids, cfg.guidance_scale))
@@ -227,11 +237,12 @@ class StepContext:
 
     @staticmethod
     def count(micro: dict, cost: dict, stats: dict) -> dict:
-        """An estimate's stats with its counts added to `cost` and its model calls to the step's `stats`'."""
+        """An estimate's stats with its costs added to `cost` and its COUNTS to the step's `stats`'."""
         for key in COST_KEYS:
             cost[key] += micro[key]
-        for key in ("unet_forward", "unet_backward"):  # model calls add up over the step's estimates
-            micro[key] += stats.get(key, 0)
+        for key in COUNTS:  # work adds up over the step's estimates
+            if key in micro:
+                micro[key] += stats.get(key, 0)
         return micro
 
     def zero_grad(self) -> None:
@@ -271,29 +282,42 @@ class StepMethod:
 
 
 class OnPolicy(StepMethod):
-    """Every optimizer step samples `grad_accum` fresh batches and averages their estimates; no state."""
+    """Every optimizer step samples `grad_accum` fresh batches and averages their estimates. Its state
+    is the running value fit (baseline='value', value_fit='running'), None otherwise."""
 
-    def gradients(self, state: None = None) -> Gradients:
+    def initial_state(self) -> Optional[ValueStatistics]:
+        return ValueStatistics() if self.ctx.cfg.estimator_options().needs_value_state else None
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> Optional[ValueStatistics]:
+        state = self.initial_state()
+        if state is not None:
+            state.load_state_dict(tensors)
+        return state
+
+    def gradients(self, state: Optional[ValueStatistics] = None) -> Gradients:
         """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
 
-        A NaN/Inf reward or gradient marks the update skipped.
+        The running value fit is updated on a copy of `state`, returned as the step's state. A NaN/Inf
+        reward or gradient marks the update skipped.
         """
         ctx = self.ctx
         ctx.zero_grad()
         rewards: list[float] = []
         stats: dict = {}
         cost = dict.fromkeys(COST_KEYS, 0)
+        state = None if state is None else state.copy()
         for _ in range(ctx.cfg.grad_accum):
             ids, traj, reward_fn = ctx.sample(cost)
             try:
-                stats = ctx.estimate(traj, reward_fn, cost, stats, prompt_ids=ids)
+                stats = ctx.estimate(traj, reward_fn, cost, stats, prompt_ids=ids, value_state=state)
             except ValueError:
                 if not reward_fn.nonfinite:
                     raise
-                return Gradients(rewards, stats, "reward", None, cost=cost)
+                return Gradients(rewards, stats, "reward", None, state, cost=cost)
             rewards += stats["rewards"]
         grad_norm = ctx.average_and_clip(ctx.cfg.grad_accum)
-        return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, cost=cost)
+        return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, state,
+                         cost=cost)
 
 
 def step_method(ctx: StepContext) -> StepMethod:

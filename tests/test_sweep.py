@@ -159,6 +159,7 @@ def test_term_norms_of_an_estimate_match_each_term_run_alone(lora_unet):
     assert norms["total"] == pytest.approx(float(_grads(lora_unet).double().norm()), rel=1e-6)
     r = _reward(traj.x0)
     adv = -(r - (r.sum() - r) / (r.numel() - 1)) / r.numel()  # leave-one-out baseline, no scale
+    adv = adv.expand(traj.num_steps, -1)  # the same for every step
     j, h = stats["j"], len(stats["H"])
     alone = {"first_order": Terms(first_order=1), "half_order": Terms(half_order=(j, h)),
              "zeroth_order": Terms(zeroth_order=stats["C"])}
