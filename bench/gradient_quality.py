@@ -90,9 +90,12 @@ def sd14_reward_call_cost() -> float:
     """A reward call on the batch in UNet forwards as SD1.4 at 512 px prices it: a VAE decode per sample
     against a UNet forward per sample, both counted with torch.utils.flop_counter
     (rlr_fast/assets/plan_measurements.json). The reward network itself is not counted."""
+    from rlr_fast.plan.architectures import architecture_id, component_configs
+
     path = Path(rlr_fast.__file__).parent / "assets" / "plan_measurements.json"
     flops = json.loads(path.read_text())["flops"]
-    return flops["vae_decode|sd14|64x64"] / flops["unet|sd14|64x64"]
+    ids = {name: architecture_id(name, config) for name, config in component_configs("sd14").items()}
+    return flops[f"{ids['vae']}|64x64"] / flops[f"{ids['unet']}|64x64"]
 
 
 # A reward backward (a first-order term) costs two decodes: the decode again under checkpoint_vae and

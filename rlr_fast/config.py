@@ -335,16 +335,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (use_consistency_model=True), ours from the base model's Tweedie estimate (x0_estimator takes a
     # callable); their model is SD1.5 (runwayml), ours SD1.4; their prompts are drawn independently,
     # ours 2 images per prompt so that the diversity metric has pairs; their LoRA starts from a gaussian
-    # B (peft's init_lora_weights="gaussian"), ours from B = 0 (the base model). Memory options as sd14.
+    # B (peft's init_lora_weights="gaussian"), ours from B = 0 (the base model). Memory options: those
+    # `rlr_fast.plan(..., max_memory_gb=4)` chooses, as for sd14 (split_cfg too at this batch of 4):
+    # estimated peak 3.44 GiB of tensors (docs/estimator.md §11.2).
     "sqdf": dict(
         model="stable-diffusion-v1-4", device="cuda", dtype="float16", out_dir="out/sqdf", seed=0,
-        prompts="simple_animals", reward="aesthetic", num_steps=50, eta=1.0, guidance_scale=5.0,
+        prompts="simple_animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, num_steps=50, eta=1.0, guidance_scale=5.0,
         negative_prompt="", batch_size=4, images_per_prompt=2, grad_accum=16, method="sqdf",
         sqdf_alpha=2.0 * 2 / (4 * 64 * 64), sqdf_gamma=0.9, sqdf_steps=None, x0_estimator="tweedie",
         replay_capacity=1024, replay_ratio=1, replay_sampling="uniform",
         lora_rank=4, lora_alpha=4.0, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, adam_eps=1e-8,
         max_grad_norm=1.0, warmup_steps=0, train_steps=2000, sample_every=50, checkpoint_every=50,
-        sample_prompts=4, checkpoint_unet=True, checkpoint_vae=True, decode_chunk=1, free_text_encoder=True,
+        sample_prompts=4, checkpoint_unet=True, split_cfg=True, checkpoint_vae=True, decode_chunk=1,
+        free_text_encoder=True,
     ),
 }
 

@@ -32,8 +32,6 @@ from typing import Optional
 import torch
 
 from .baselines import PromptRewardHistory
-from .estimators import _rewards
-from .inference import autocast
 from .rollout import Trajectory, concat_samples, select_samples, trajectory_from, trajectory_tensors
 from .update import COST_KEYS, Gradients, StepMethod
 
@@ -109,16 +107,10 @@ class DDPOSteps(StepMethod):
         ctx, cfg = self.ctx, self.ctx.cfg
         trajs, prompts, values = [], [], []
         for _ in range(cfg.ddpo_rollout_batches):
-            ids, traj, reward_fn = ctx.sample(cost)
-            try:
-                with autocast(ctx.device, ctx.dtype):
-                    r, _ = _rewards(reward_fn, traj, need_grad=False)
-            except ValueError:
-                if not reward_fn.nonfinite:
-                    raise
+            scored = ctx.sample_scored(cost)
+            if scored is None:
                 return None
-            finally:
-                cost["reward_queries"] += traj.batch_size
+            ids, traj, r = scored
             trajs.append(traj)
             prompts += [ctx.bank.prompts[i] for i in ids]
             values.append(r)

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .estimators import _rewards, estimate_states
+from .estimators import estimate_states
 from .inference import autocast
 from .profiling import nvtx_range
 from .rollout import Trajectory
@@ -224,15 +224,10 @@ class SQDFReplay(StepMethod):
         buffer, rewards = state.buffer, []
         if state.updates % cfg.replay_ratio == 0:
             for _ in range(cfg.grad_accum):
-                ids, traj, reward_fn = ctx.sample(cost)
-                cost["reward_queries"] += traj.batch_size
-                try:
-                    with autocast(ctx.device, ctx.dtype):
-                        values, _ = _rewards(reward_fn, traj, need_grad=False)
-                except ValueError:
-                    if not reward_fn.nonfinite:
-                        raise
+                scored = ctx.sample_scored(cost)
+                if scored is None:
                     return Gradients([], {}, "reward", None, state=state, cost=cost)
+                ids, traj, values = scored
                 buffer = buffer.added(traj, values, ids, state.updates)
                 rewards += values.tolist()
         after = ReplayState(buffer, state.updates + 1)

@@ -36,7 +36,7 @@ import torch
 from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
-from .estimators import estimate
+from .estimators import _rewards, estimate
 from .inference import autocast, initial_noise
 from .metrics import diversity, jsonable
 from .models import SDModels, latent_size
@@ -205,6 +205,20 @@ class StepContext:
         tap = _ImageTap(self.reward, ids)
         self.sampled.append((self._chain_kl(traj), tap))
         return ids, traj, self.reward_fn(ids, tap)
+
+    def sample_scored(self, cost: dict) -> Optional[tuple[torch.Tensor, Trajectory, torch.Tensor]]:
+        """`sample` with the batch's rewards R(x_0), scored once without grad (added to `cost`); None
+        when a reward is NaN/Inf (the methods that store samples skip such a batch's step)."""
+        ids, traj, reward_fn = self.sample(cost)
+        cost["reward_queries"] += traj.batch_size
+        try:
+            with autocast(self.device, self.dtype):
+                rewards, _ = _rewards(reward_fn, traj, need_grad=False)
+        except ValueError:
+            if not reward_fn.nonfinite:
+                raise
+            return None
+        return ids, traj, rewards
 
     def reward_fn(self, ids: torch.Tensor, reward: Optional[Reward] = None) -> _WatchedReward:
         """The reward of prompts `ids` on x0 latents (decoded by the VAE): (B, ...) -> (B,)."""

@@ -164,11 +164,12 @@ def test_reward_phase_is_its_decode_and_network_parts_combined(checkpoint_vae):
 # Plans for SD1.4 (from the cached measurements: fast)
 
 
-def test_sd14_preset_fits_4_gib_with_its_own_options_in_the_loops_precision():
-    """The sd14 preset as finetune runs it on a GPU (float16 weights, UNet under autocast, decode
+@pytest.mark.parametrize("name", ["sd14", "sqdf"])
+def test_sd14_preset_fits_4_gib_with_its_own_options_in_the_loops_precision(name):
+    """The SD1.4 presets as finetune runs them on a GPU (float16 weights, UNet under autocast, decode
     outside it): the planner's estimate is within 4 GiB, and the options it picks for 4 GiB are
     the preset's, so the preset runs the plan by default."""
-    preset = Config.from_preset("sd14")
+    preset = Config.from_preset(name)
     chosen = P.plan(preset, max_memory_gb=4, model="sd14")
     assert chosen.run.autocast and preset.dtype == "float16"
     assert chosen.peak_bytes <= 4 * GIB
@@ -210,11 +211,24 @@ def test_decode_outside_autocast_with_block_checkpointing_is_what_brings_sd14_un
 
 def test_breakdown_sums_to_the_peak():
     for kwargs in (dict(), dict(max_memory_gb=6), dict(method="full_bp"), dict(guidance_scale=1.0),
-                   dict(method="ddpo"), dict(dtype="float32", reward_kwargs={"dtype": "float32"})):
+                   dict(method="ddpo", grad_accum=1), dict(method="sqdf"),  # ddpo: grad_accum divides its minibatches
+                   dict(dtype="float32", reward_kwargs={"dtype": "float32"})):
         p = sd14_plan(**kwargs)
         assert sum(p.breakdown.values()) == p.peak_bytes
         assert p.breakdown[p.peak_phase] == p.phases[p.peak_phase] == max(p.phases.values())
         assert set(p.breakdown) >= {"parameters", "optimizer_state", "trajectory"}
+
+
+def test_sqdf_plans_one_step_of_each_kind_whatever_T():
+    """SQDF (docs/estimator.md §11.2): the rollout, the reward phase with a gradient, the base model's
+    step with an input gradient and the policy's with a parameter gradient, at any T; five UNet calls
+    on top of the rollout's T (three of them without grad)."""
+    short, long = sd14_plan(method="sqdf", num_steps=10), sd14_plan(method="sqdf", num_steps=50)
+    assert set(long.phases) == {"rollout", "reward: decode", "reward: network", "unet_step", "lr_chunk"}
+    assert short.phases == long.phases and short.options == long.options
+    decodes = math.ceil(SD14_CASE["batch_size"] / long.options["decode_chunk"])
+    calls = 2 if long.options["split_cfg"] else 1
+    assert long.model_calls == calls * (50 + 5) + decodes and short.model_calls == calls * (10 + 5) + decodes
 
 
 def test_smaller_budget_fits_or_names_the_smallest_peak():

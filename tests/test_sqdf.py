@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 import rlr_fast
-from rlr_fast.config import Config
+from rlr_fast.config import Config, load_config
 from rlr_fast.estimators import estimate_states
 from rlr_fast.models import add_lora, lora_parameters
 from rlr_fast.options import EstimatorOptions
@@ -112,15 +112,18 @@ def _written_loss(unet, base, traj, ks, noise, alpha, gamma, x0_is_the_step=Fals
 
 
 @pytest.mark.parametrize("split_cfg", [False, True])
-def test_gradient_is_autograd_of_the_written_objective(split_cfg):
+@pytest.mark.parametrize("alpha, gamma, ks", [
+    (0.05, 0.8, [1, 3, 4]),  # inner steps and the last one (x0_hat = x' there)
+    (0.0, 1.0, [2, 2, 2]),  # no KL, one fixed inner step: the plain reparameterised one-step reward gradient
+])
+def test_gradient_is_autograd_of_the_written_objective(split_cfg, alpha, gamma, ks):
     unet, base = _lora_unet(), make_unet().to(torch.float64)
     traj = _traj(unet, 5)
-    ks = [1, 3, 4]  # inner steps and the last one (x0_hat = x' there)
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    ours, out = _sqdf(unet, StepStates.of(traj, torch.tensor(ks)), noise, sqdf_alpha=0.05, sqdf_gamma=0.8,
+    ours, out = _sqdf(unet, StepStates.of(traj, torch.tensor(ks)), noise, sqdf_alpha=alpha, sqdf_gamma=gamma,
                       split_cfg=split_cfg)
     unet.zero_grad(set_to_none=True)
-    _written_loss(unet, base, traj, ks, noise, alpha=0.05, gamma=0.8).backward()
+    _written_loss(unet, base, traj, ks, noise, alpha=alpha, gamma=gamma).backward()
     exact = _grads(unet)
     assert float((ours - exact).norm() / exact.norm()) < 1e-6
     assert exact.norm() > 0 and all(v > 0 for v in out["kl"].tolist())
@@ -438,6 +441,12 @@ def test_bad_config_values():
         Config(method="sqdf", replay_capacity=8, replay_sampling="prioritized").validate()
     with pytest.raises(ValueError, match="replay_capacity is used by method='sqdf'"):
         Config(method="rlr", replay_capacity=8).validate()
+    # as the CLI's --set parses them
+    with pytest.raises(ValueError, match="sqdf_alpha must be >= 0"):
+        load_config(sets=("method=sqdf", "sqdf_alpha=-1e-3"))
+    with pytest.raises(ValueError, match=r"sqdf_steps=\[4, 2\] is an empty range"):
+        load_config(sets=("method=sqdf", "sqdf_steps=[4, 2]"))
+    assert load_config(sets=("method=sqdf", "sqdf_gamma=0.5", "sqdf_steps=0,5")).sqdf_steps == (0, 5)
 
 
 def test_deterministic_steps_are_never_drawn():
