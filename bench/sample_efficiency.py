@@ -131,6 +131,8 @@ def steps_for(overrides: dict, budget: int) -> int:
     """Optimizer steps that spend exactly `budget` reward queries (a ValueError if none do)."""
     batch = overrides["batch_size"] * overrides.get("grad_accum", 1)
     per_step, steps_per = batch, 1
+    if overrides["method"] == "sqdf":  # each chain's x_0 for the record, and one soft Q per sample
+        per_step = 2 * batch
     if overrides["method"] == "ddpo":
         per_step = overrides["batch_size"] * overrides["ddpo_rollout_batches"]
         steps_per = overrides["ddpo_inner_epochs"] * overrides["ddpo_minibatches"] // overrides.get("grad_accum", 1)
