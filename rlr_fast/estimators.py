@@ -292,7 +292,8 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     unet_steps (steps recomputed with grad, each a forward and a backward of the batch), reward_forward
     (reward_fn calls on the batch: R(x_0) and, with baseline="value", one per likelihood-ratio step),
     reward_backward (0 or 1: dR/dx_0), unet_forward_samples, unet_backward_samples (sample-steps,
-    docs/estimator.md §7), reward_queries (images the reward scored), term_norms, peak_saved_bytes,
+    docs/estimator.md §7), reward_queries (images whose reward the objective takes: R(x_0), sqdf's soft
+    Q; the value baseline's proxy scores are counted in reward_forward only), term_norms, peak_saved_bytes,
     for ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl, with baseline="value"
     value_fallbacks (step-sample baselines that fell back to a mean reward: too few pairs or no
     spread of q), and for sqdf those of `estimate_states` (its rewards are R(x_0) of the chain,
@@ -355,7 +356,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
                 unet_backward=counter.backward, reward_backward=int(dr is not None),
                 unet_forward_samples=counter.forward_samples, unet_backward_samples=counter.backward_samples,
-                reward_queries=extra["reward_forward"] * traj.batch_size, term_norms=grads.norms,
+                reward_queries=0 if rewards is None else traj.batch_size, term_norms=grads.norms,
                 peak_saved_bytes=None if memory is None else memory.peak, **extra)
 
 
