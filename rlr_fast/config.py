@@ -65,6 +65,9 @@ class Config(EstimatorOptions):
                                     "for on the command line (--set overwrite=true) or from Python only, never "
                                     "from a YAML file or preset (an out_dir without checkpoints is reused anyway)")
     resume: Optional[str] = option(None, "continue the run in this out_dir (or from this checkpoint file)")
+    distributed_timeout: float = option(600.0, "torchrun runs: seconds a rank waits for the others at a collective "
+                                               "before stopping with an error (a rank died or hangs); it must cover "
+                                               "the longest work rank 0 does alone (sample grids, checkpoints)")
 
     # --- sampling
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
@@ -75,7 +78,9 @@ class Config(EstimatorOptions):
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
-    batch_size: int = option(4, "samples per micro-batch")
+    batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
+                                "rolls out batch_size / W of them (W must divide it), so a config is the same run "
+                                "at any world size")
     images_per_prompt: int = option(2, "samples of each prompt in a micro-batch (per-prompt baselines "
                                        "need >= 2); divides batch_size")
 
@@ -88,7 +93,8 @@ class Config(EstimatorOptions):
     # --- LoRA and optimizer
     lora_rank: int = option(4, "LoRA rank on the UNet attention projections")
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)")
-    lr: float = option(1e-3, "AdamW learning rate")
+    lr: float = option(1e-3, "AdamW learning rate, on the gradient of the mean reward over an optimizer step's "
+                             "batch_size x grad_accum samples (at any number of ranks)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -179,7 +185,7 @@ class Config(EstimatorOptions):
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
                           ("decode_chunk", 1)):
             check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "adam_eps"):
+        for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout"):
             check_positive(name, getattr(self, name))
         for name in ("max_grad_norm", "max_memory_gb"):
             if getattr(self, name) is not None:

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .baselines import ddpo_advantages, reward_baseline, reward_scale
+from .distributed import Ranks
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
@@ -49,11 +50,17 @@ class Terms:
 # Rewards
 
 
-def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
-    """R(x_0) (B,) and, when `need_grad`, dR/dx_0; the reward's graph is freed before returning.
+class NonFiniteRewards(ValueError):
+    """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
+
+
+def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks):
+    """R(x_0) (B,), the whole batch's rewards (all ranks' in rank order: `group.gather`) and, when
+    `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 
     Computing dR/dx_0 first (phase one) and sweeping the model afterwards (phase two) means the
-    reward's activations and the model's are never alive together.
+    reward's activations and the model's are never alive together. Finiteness is checked on the
+    whole batch, so every rank refuses the same batch.
     """
     x0 = traj.x0.detach().requires_grad_(need_grad)
     with nvtx_range("reward"), torch.set_grad_enabled(need_grad):
@@ -61,18 +68,19 @@ def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
     if not torch.is_tensor(r) or r.shape != (traj.batch_size,):
         raise ValueError(f"reward_fn must return a tensor of shape ({traj.batch_size},) (one reward "
                          f"per sample), got {getattr(r, 'shape', type(r).__name__)}")
-    bad = int((~torch.isfinite(r.detach())).sum())
+    everyone = group.gather(r.detach())
+    bad = int((~torch.isfinite(everyone)).sum())
     if bad:
-        raise ValueError(f"{bad} of {traj.batch_size} rewards are not finite (NaN or Inf); "
-                         "no gradient was applied")
+        raise NonFiniteRewards(f"{bad} of {everyone.numel()} rewards are not finite (NaN or Inf); "
+                               "no gradient was applied")
     if not need_grad:
-        return r.detach(), None
+        return r.detach(), everyone, None
     if r.grad_fn is None:
         raise ValueError("this estimator needs dR/dx0 but the reward is not differentiable "
                          "(its output has no gradient path to x0); use method='zo' or 'ddpo', "
                          "or method='rlr' with first_order_steps=0")
     (dr,) = torch.autograd.grad(r.sum(), x0)  # rewards are per sample: d(sum R)/dx0_b = dR_b/dx0_b
-    return r.detach(), dr
+    return r.detach(), everyone, dr
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +220,7 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
 
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
-             track_memory: bool = False, **overrides) -> dict:
+             group: Optional[Ranks] = None, track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b).
 
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
@@ -221,9 +229,13 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     generator   draws j, the zeroth-order subsample and a random K; same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
     advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
+    group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
+                of the batch: rewards and prompt ids are all-gathered, so baselines, normalize's
+                scale and ddpo's advantages are the whole batch's; each rank estimates from its own
+                samples, and the ranks' mean .grad is the whole batch's estimate
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std, rewards, j, F/H/C (docs/estimator.md step indices),
+    Returns stats: method, reward_mean/std, rewards (the whole batch's, with a group), j, F/H/C (docs/estimator.md step indices),
     zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, and for
     ddpo clip_fraction.
     """
@@ -240,13 +252,14 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
     if advantages is not None and options.method != "ddpo":
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
+    group = Ranks() if group is None else group
     if prompt_ids is not None:
-        prompt_ids = torch.as_tensor(prompt_ids)
+        prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
-    rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
+    rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
     if options.method == "ddpo":
-        advantages = ddpo_advantages(rewards, prompt_ids) if advantages is None else \
+        advantages = group.mine(ddpo_advantages(everyone, prompt_ids)) if advantages is None else \
             torch.as_tensor(advantages, dtype=rewards.dtype, device=rewards.device)
         if advantages.shape != rewards.shape:
             raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
@@ -259,12 +272,12 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
-            s, b = reward_scale(rewards, options), traj.batch_size
-            adv = -(rewards - reward_baseline(rewards, options, prompt_ids)) / (b * s)
+            s, b = reward_scale(everyone, options), traj.batch_size
+            adv = -(rewards - group.mine(reward_baseline(everyone, options, prompt_ids))) / (b * s)
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
                 _run_terms(model, traj, terms, dr, adv, options, counter, grads)
-    return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
+    return dict(_stats(options.method, everyone, terms), unet_forward=counter.forward,
                 unet_backward=counter.backward, term_norms=grads.norms,
                 peak_saved_bytes=None if memory is None else memory.peak, **extra)
 

@@ -90,11 +90,12 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
-def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False):
-    """A tqdm bar on stderr for a long phase."""
+def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False, enabled: bool = True):
+    """A tqdm bar on stderr for a long phase (one that shows nothing unless `enabled`)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                disable=not enabled)
 
 
 @torch.no_grad()
