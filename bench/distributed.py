@@ -1,7 +1,7 @@
 """Time per optimizer step of the same run at world size 1 and 2 (torchrun; gloo on the CPU).
 
     python bench/distributed.py                  # the demo preset on this machine's CPU
-    python bench/distributed.py --steps 20 --set batch_size=16
+    python bench/distributed.py --steps 20 --set batch_size=16 --runs 1x1 2x1
 
 Each row is a real `rlr-fast finetune` of one config (the demo preset unless --set changes it):
 world size 1 with 2 threads and with 1, and world size 2 under torchrun with 1 thread per rank
@@ -62,24 +62,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run")
+    parser.add_argument("--runs", nargs="+", default=["1x2", "1x1", "2x1"], metavar="WORLDxTHREADS",
+                        help="world size x threads per rank of each run; the first is the speed-up's base "
+                             "(default: 1x2 1x1 2x1)")
     args = parser.parse_args()
+    try:
+        runs = [tuple(int(n) for n in r.split("x")) for r in args.runs]
+    except ValueError:
+        raise SystemExit(f"--runs takes WORLDxTHREADS like 2x1, got {args.runs}") from None
     sets = [f"train_steps={args.steps}", "sample_every=0", "checkpoint_every=0", "sample_seeds=[0]",
             "tensorboard=false", "device=cpu", *args.sets]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world, threads in ((1, 2), (1, 1), (2, 1)):
+        for world, threads in runs:
             row = run(world, threads, sets, Path(tmp) / f"w{world}t{threads}")
             rows.append(row)
             print(json.dumps(row))
     base = rows[0]["median_s_per_step"]
     for row in rows:
-        row["speedup_vs_world1_2threads"] = base / row["median_s_per_step"]
+        row[f"speedup_vs_{args.runs[0]}"] = base / row["median_s_per_step"]
     header = (f"# Data parallel step time — CPU ({platform.machine()}, {os.cpu_count()} cores)\n\n"
               f"torch {torch.__version__}, gloo, float32; `rlr-fast finetune --preset demo` with "
               f"{' '.join(sets)}; median over steps {WARMUP_STEPS + 1}..{args.steps} (the first "
               f"{WARMUP_STEPS} are warm-up); {time.strftime('%Y-%m-%d')}.\n\n"
               "**CPU figures**: they show what gloo data parallelism does on this machine's cores, "
-              "nothing about GPUs (not measured). Peak memory is rank 0's resident set.")
+              "nothing about GPUs (not measured). Peak memory is rank 0's resident set. A load average "
+              "above the core count means a shared machine: there, two processes also win a bigger share of "
+              "the cores than one, and the speed-up mixes both effects.")
     csv_path, md_path = write_results("distributed_cpu", rows, header)
     print(f"wrote {md_path} and {csv_path}")
 
