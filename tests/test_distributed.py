@@ -222,8 +222,15 @@ def _killed_worker(rank: int, port: int, model, out) -> None:
 
 
 def _resume_worker(rank: int, port: int, out) -> None:
+    """A script that initialised its own process group: finetune uses it and leaves it initialised."""
     _as_rank(rank, port)
-    _report(out.parent / f"resumed{rank}.pt", lambda: finetune(resume=str(out)).out_dir)
+    torch.distributed.init_process_group("gloo")
+
+    def resume():
+        done = finetune(resume=str(out)).out_dir
+        return done, torch.distributed.is_initialized()
+
+    _report(out.parent / f"resumed{rank}.pt", resume)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +265,7 @@ def test_resume_at_the_same_world_size_is_bit_exact(killed, pair, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(killed[0], out)
     assert _spawn(_resume_worker, out) == [0, 0]
-    assert _read(tmp_path / "resumed1.pt") == out
+    assert _read(tmp_path / "resumed1.pt") == (out, True)
     assert _max_difference(_lora(out), _lora(pair[0])) == 0
     assert [r["reward_mean"] for r in _records(out)] == [r["reward_mean"] for r in _records(pair[0])]
 
