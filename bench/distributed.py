@@ -50,9 +50,10 @@ def run(world: int, threads: int, sets: list[str], out: Path) -> dict:
     seconds = [r["seconds"] for r in records[WARMUP_STEPS:]]
     config = yaml.safe_load((out / "config.yaml").read_text())
     step = statistics.median(seconds)
-    return {"world_size": world, "threads_per_rank": threads, "global_batch": config["batch_size"] * config["grad_accum"],
+    batch = config["batch_size"] * config["grad_accum"]
+    return {"world_size": world, "threads_per_rank": threads, "global_batch": batch,
             "steps_timed": len(seconds), "median_s_per_step": step, "min_s_per_step": min(seconds),
-            "samples_per_s": config["batch_size"] * config["grad_accum"] / step,
+            "samples_per_s": batch / step,
             "peak_rss_rank0_mib": records[-1]["peak_memory_bytes"] / 2**20, "wall_s": wall,
             "load_avg_1min": (load_before + os.getloadavg()[0]) / 2}
 

@@ -2,8 +2,9 @@
 
 A checkpoint (out_dir/checkpoints/step_NNNNNN.safetensors) holds the LoRA weights, the AdamW state,
 every RNG state the run reads, the step (which fixes the LR schedule), the run's counters, its
-config and the number of ranks that wrote it (rank 0 writes; the state is the same on every rank): tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and
-the JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
+config and the number of ranks that ran it (rank 0 writes; the state is the same on every rank):
+tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and the
+JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
 bytes are caught as "corrupt" instead of resuming silently or failing deep inside torch; a run
 resumes from its newest checkpoint that verifies, saying which it skipped.
 """

@@ -235,9 +235,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 samples, and the ranks' mean .grad is the whole batch's estimate
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std, rewards (the whole batch's, with a group), j, F/H/C (docs/estimator.md step indices),
-    zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, and for
-    ddpo clip_fraction.
+    Returns stats: method, reward_mean/std and rewards (the whole batch's, with a group), j, F/H/C
+    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls),
+    term_norms, peak_saved_bytes, and for ddpo clip_fraction.
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):

@@ -230,7 +230,8 @@ class _Run:
         return DTYPES[self.cfg.dtype]
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns); rank 0's job."""
+        """samples/step_NNNNNN.png (rank 0 draws it): the first `sample_prompts` prompts (rows) x
+        `sample_seeds` (columns)."""
         cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
         if not prompts or not cfg.sample_seeds or not self.ranks.main:
             return
