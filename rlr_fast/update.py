@@ -25,7 +25,7 @@ from .distributed import Ranks, sample_seeds
 from .estimators import NonFiniteRewards, estimate
 from .inference import autocast
 from .metrics import jsonable
-from .models import SDModels
+from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .rewards import Reward, latent_reward
 from .rollout import rollout
@@ -59,26 +59,28 @@ def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
     return chosen.repeat_interleave(images_per_prompt)
 
 
-def sample_noise(unet, num_steps: int, seeds: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_T (B, C, S, S) and every step's noise (T, B, C, S, S), sample b drawn on the CPU from a
-    generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others'."""
-    side, channels = unet.config.sample_size, unet.config.in_channels
+def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T (B, *shape) and every step's noise (T, B, *shape) in float32, sample b drawn on the CPU
+    from a generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others'."""
     x_T, noises = [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        x_T.append(torch.randn((channels, side, side), generator=generator))
-        noises.append(torch.randn((num_steps, channels, side, side), generator=generator))
+        x_T.append(torch.randn(shape, generator=generator))
+        noises.append(torch.randn((num_steps, *shape), generator=generator))
     return torch.stack(x_T).to(device), torch.stack(noises, dim=1).to(device)
 
 
-def draw_micro_batch(cfg: Config, num_prompts: int, unet, generator: torch.Generator, ranks: Ranks,
+def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator: torch.Generator, ranks: Ranks,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's share of a global micro-batch of `cfg.batch_size`: its prompt ids (b,), x_T and
-    step noises (`sample_noise`). `generator` advances the same on every rank and at any world size."""
+    step noises (`sample_noise`) at cfg.resolution. `generator` advances the same on every rank and
+    at any world size."""
     ids = draw_prompt_ids(num_prompts, cfg.batch_size, cfg.images_per_prompt, generator)
     seed = int(torch.randint(2**63 - 1, (), generator=generator))
     mine = ranks.share(cfg.batch_size)
-    x_T, noises = sample_noise(unet, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
+    shape = (models.unet.config.in_channels, *latent_size(cfg.resolution, models.unet.config, models.vae.config))
+    x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
     return ids[mine], x_T, noises
 
 
@@ -139,7 +141,7 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     rewards: list[float] = []
     stats: dict = {}
     for _ in range(cfg.grad_accum):
-        ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models.unet, generators["sampling"], ranks, device)
+        ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generators["sampling"], ranks, device)
         with nvtx_range("rollout"), autocast(device, dtype):
             traj = rollout_fn(x_T, noises, num_steps=cfg.num_steps, eta=cfg.eta, **bank.batch(ids, cfg.guidance_scale))
         reward_fn = latent_reward(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,

@@ -288,11 +288,11 @@ def test_resume_at_another_world_size_continues_the_same_run(killed, single, tmp
 
 def test_a_micro_batch_is_the_same_at_any_world_size():
     cfg = Config(num_steps=3, batch_size=8, images_per_prompt=2)
-    unet = tiny_sd(0).unet
+    models = tiny_sd(0)
 
     def draw(ranks):
         generator = torch.Generator().manual_seed(5)
-        batch = draw_micro_batch(cfg, len(PROMPTS), unet, generator, ranks, torch.device("cpu"))
+        batch = draw_micro_batch(cfg, len(PROMPTS), models, generator, ranks, torch.device("cpu"))
         return batch, generator.get_state()
 
     (ids, x_T, noises), state = draw(Ranks())
@@ -350,3 +350,16 @@ def test_a_rank_failure_is_one_line_from_the_cli(monkeypatch, capsys):
     assert main(["finetune", "--preset", "demo"]) == 1
     assert capsys.readouterr().err == ("rlr-fast finetune: rank 0 of 2: averaging the gradients failed: another rank "
                                        "died or stopped answering\n")
+
+
+def test_the_memory_plan_is_for_one_rank_s_share(tiny_folder):
+    import dataclasses
+
+    from rlr_fast.plan import plan
+    from rlr_fast.train import plan_memory
+
+    cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=4, method="zo",
+                             max_memory_gb=1.0)
+    planned, table = plan_memory(cfg, world=2)
+    assert table == plan(dataclasses.replace(cfg, batch_size=2)).table() != plan(cfg).table()
+    assert planned.batch_size == 4
