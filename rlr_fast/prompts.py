@@ -11,9 +11,9 @@ Step k = 0 .. T-1 (scheduler order, k = 0 the noisiest) takes the segment with
 from_step <= k / T < to_step. A base prompt's segments must cover [0, 1] exactly, without gaps or
 overlaps, and each must get at least one step at the run's T; base prompts without a schedule
 condition every step. `PromptSteps` turns a prompt list and a schedule into every distinct text
-(each encoded once) and a (base prompt, step) table of indices into them; `step_conditioning`
-picks a batch's rows as rollout's `encoder_hidden_states` (one embedding per distinct prompt) and
-`prompt_index` (T, B).
+and a (base prompt, step) table of indices into them; `PromptBank` encodes each text once, and
+its `batch(ids)` / `step_conditioning` give rollout's `encoder_hidden_states` (one embedding per
+distinct prompt of the batch) and `prompt_index` (T, B).
 """
 
 from __future__ import annotations
@@ -170,6 +170,14 @@ def _segments(source: str, base: str, items, num_steps: Optional[int]) -> list[S
     return segs
 
 
+def schedule_value(value, num_steps: Optional[int] = None) -> Optional[dict]:
+    """A `prompt_schedule` config value (mapping, YAML text or file path; None, '' or 'none' for no
+    schedule) as the plain mapping it holds, so a run records the schedule, not a path to a file."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return PromptSchedule.load(value, num_steps).to_dict()
+
+
 class PromptSteps:
     """Every distinct text of a prompt list and its schedule, and which one each step uses.
 
@@ -185,7 +193,7 @@ class PromptSteps:
             return
         if num_steps is None:
             raise ValueError("a prompt schedule needs num_steps (the steps it is resolved to)")
-        schedule = PromptSchedule.load(schedule, num_steps).check(num_steps, prompts)
+        schedule = PromptSchedule.load(schedule, num_steps).check(num_steps)
         where: dict[str, int] = {}
         for i, text in enumerate(self.texts):
             where.setdefault(text, i)
@@ -213,3 +221,35 @@ def step_conditioning(embeddings: torch.Tensor, step_ids: Optional[torch.Tensor]
         return dict(encoder_hidden_states=embeddings[ids])
     used, index = torch.unique(step_ids.to(embeddings.device)[ids].T, return_inverse=True)
     return dict(encoder_hidden_states=embeddings[used], prompt_index=index)
+
+
+class PromptBank:
+    """Every text embedding a prompt set needs, each computed once: its prompts' and, with a
+    schedule, the scheduled prompts', and the negative prompt's.
+
+    `models` has `encode_prompts(list[str]) -> (n, L, D)` (rlr_fast.models.SDModels).
+    """
+
+    def __init__(self, models, prompts: list[str], negative_prompt: str, schedule=None,
+                 num_steps: Optional[int] = None, chunk: int = 32):
+        self.prompts = prompts
+        self.steps = PromptSteps(prompts, schedule, num_steps)
+        texts = self.steps.texts
+        self.embeddings = torch.cat([models.encode_prompts(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
+        self.negative = models.encode_prompts([negative_prompt])
+
+    @property
+    def scheduled(self) -> int:
+        """How many of the prompts change with the step."""
+        if self.steps.step_ids is None:
+            return 0
+        return int((self.steps.step_ids != torch.arange(len(self.prompts))[:, None]).any(1).sum())
+
+    def conditioning(self, ids: torch.Tensor) -> dict:
+        """rollout's encoder_hidden_states (and prompt_index under a schedule) for prompts `ids`."""
+        return step_conditioning(self.embeddings, self.steps.step_ids, ids)
+
+    def batch(self, ids: torch.Tensor, guidance_scale: float) -> dict:
+        """rollout's conditioning keywords for prompts `ids`, guidance included."""
+        negative = self.negative.expand(len(ids), -1, -1) if guidance_scale != 1.0 else None
+        return dict(self.conditioning(ids), negative_encoder_hidden_states=negative, guidance_scale=guidance_scale)

@@ -1,10 +1,12 @@
 """Prompt schedules: parsing, which step gets which prompt, the distinct-text table, and bad schedules."""
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from rlr_fast.prompts import PromptSchedule, PromptSteps, Segment, step_conditioning
+from rlr_fast.prompts import PromptBank, PromptSchedule, PromptSteps, Segment, step_conditioning
 
 BASE = "a red circle on a blue background"
 THREE = {BASE: [{"prompt": "a shape", "from_step": 0.0, "to_step": 0.3},
@@ -100,5 +102,146 @@ def test_segment_without_a_step_and_unknown_base_prompt():
         schedule.check(10)
     with pytest.raises(ValueError, match=r"base prompt\(s\) \['a red circle on a blue background'\] that are not in"):
         PromptSchedule.load(THREE).check(10, ["a red circle on a white background"])
-    with pytest.raises(ValueError, match="not in the prompt"):
-        PromptSteps(["a red circle on a white background"], THREE, num_steps=10)
+    # sampling prompts the schedule does not name is fine: they condition every step themselves
+    assert PromptSteps(["a red circle on a white background"], THREE, num_steps=10).step_ids.tolist() == [[0] * 10]
+
+
+# ---- in a run: config, PromptBank, finetune's sample grids, the CLI -------------------------------------
+
+
+class _CountingEncoder:
+    """encode_prompts that records every text it is asked for."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode_prompts(self, texts):
+        self.seen += texts
+        return torch.stack([torch.full((2, 3), float(len(t))) for t in texts])
+
+
+def test_prompt_bank_encodes_each_text_once():
+    encoder = _CountingEncoder()
+    prompts = [BASE, "a green square on a black background"]
+    bank = PromptBank(encoder, prompts, "", THREE, num_steps=10, chunk=3)
+    assert sorted(encoder.seen) == sorted(set(prompts) | {"a shape", "a circle", ""})  # each once, across chunks
+    assert bank.scheduled == 1
+    kw = bank.batch(torch.tensor([0, 0, 1]), guidance_scale=2.0)
+    assert kw["prompt_index"].shape == (10, 3) and kw["negative_encoder_hidden_states"].shape == (3, 2, 3)
+    plain = PromptBank(_CountingEncoder(), prompts, "").batch(torch.tensor([1, 0]), guidance_scale=1.0)
+    assert "prompt_index" not in plain and plain["encoder_hidden_states"].shape == (2, 2, 3)
+
+
+def _schedule_file(tmp_path, base="a red circle"):
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump({base: [{"prompt": "a shape", "from_step": 0.0, "to_step": 0.3},
+                                           {"prompt": base, "from_step": 0.3, "to_step": 1.0}]}))
+    return path
+
+
+def test_config_reads_a_schedule_file_and_records_its_contents(tmp_path):
+    from rlr_fast.config import Config, load_config
+
+    path = _schedule_file(tmp_path)
+    cfg = load_config(sets=(f"prompt_schedule={path}",))
+    assert cfg.prompt_schedule == yaml.safe_load(path.read_text())
+    assert Config.from_dict(yaml.safe_load(cfg.to_yaml())).prompt_schedule == cfg.prompt_schedule
+    inline = load_config(sets=("prompt_schedule={x: [{prompt: y, from_step: 0, to_step: 1}]}",))
+    assert inline.prompt_schedule == {"x": [{"prompt": "y", "from_step": 0.0, "to_step": 1.0}]}
+    assert load_config(sets=(f"prompt_schedule={path}", "prompt_schedule=none")).prompt_schedule is None
+    with pytest.raises(ValueError, match=r"\[0.5, 1.0\] \(steps 5..9 of num_steps=10\) is covered by no segment"):
+        load_config(sets=("prompt_schedule={x: [{prompt: y, from_step: 0, to_step: 0.5}]}",))  # demo: T = 10
+    with pytest.raises(ValueError, match=r"segment 'x' \[0.05, 1.0\) gets no step at num_steps=1\b"):
+        Config.from_preset("demo", num_steps=1, method="full_bp", prompt_schedule={
+            "x": [{"prompt": "y", "from_step": 0, "to_step": 0.05}, {"prompt": "x", "from_step": 0.05, "to_step": 1}]})
+
+
+def test_training_rollouts_follow_the_schedule(tmp_path):
+    """What one update's rollout is conditioned on, read back as texts per (step, sample)."""
+    from rlr_fast.config import Config
+    from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+    from rlr_fast.rewards import get_reward
+    from rlr_fast.rollout import rollout
+    from rlr_fast.update import gradients
+
+    models = tiny_sd(0)
+    add_lora(models.unet, seed=0)
+    cfg = Config(num_steps=3, batch_size=4, images_per_prompt=2, prompt_schedule=str(_schedule_file(tmp_path)))
+    bank = PromptBank(models, ["a red circle", "a blue square"], "", cfg.prompt_schedule, cfg.num_steps)
+    seen = []
+
+    def recording_rollout(x_T, *, generator, **kw):
+        seen.append(kw)
+        return rollout(models.unet, models.scheduler, x_T, generator=generator, **kw)
+
+    generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
+    gradients(cfg, models, bank, get_reward("brightness"), recording_rollout, lora_parameters(models.unet),
+              generators, torch.device("cpu"), torch.float32)
+    used = seen[0]["encoder_hidden_states"][seen[0]["prompt_index"]]  # (T, B, L, D)
+    texts = [[next(t for t, e in zip(bank.steps.texts, bank.embeddings) if torch.equal(e, used[k, b]))
+              for k in range(3)] for b in range(4)]
+    assert sorted(texts) == [["a blue square"] * 3] * 2 + [["a shape", "a red circle", "a red circle"]] * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_folder, tmp_path_factory):
+    """Overrides of a one-step finetune on the tiny model, two prompts of which the first is scheduled."""
+    tmp = tmp_path_factory.mktemp("schedule")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    return dict(model=str(tiny_folder), prompts=str(prompts), prompt_schedule=str(_schedule_file(tmp)), num_steps=3,
+                batch_size=2, images_per_prompt=2, sample_prompts=2, sample_seeds=(0,), tensorboard=False,
+                train_steps=1, guidance_scale=2.0)
+
+
+def test_finetune_samples_its_grid_under_the_schedule(tiny_run, tiny_folder, tmp_path):
+    """The step-0 grid (base model) equals images made with the conditioning written out by hand:
+    "a shape" at step 0 and "a red circle" at steps 1-2 for the first row, "a blue square" throughout."""
+    from rlr_fast.inference import generate_images, prompt_rows
+    from rlr_fast.models import load_sd
+    from rlr_fast.train import finetune
+
+    result = finetune(out_dir=str(tmp_path / "run"), **tiny_run)
+    assert yaml.safe_load(result.config_path.read_text())["prompt_schedule"]["a red circle"][0]["prompt"] == "a shape"
+    models = load_sd(tiny_folder)
+    emb = models.encode_prompts(["a shape", "a red circle", "a blue square"])
+    index = torch.tensor([[0, 2], [1, 2], [1, 2]])  # (T, images)
+    kw = dict(num_steps=3, eta=1.0, guidance_scale=2.0)
+    negative = models.encode_prompts([""])
+    want = prompt_rows(generate_images(models, emb, negative, [0], prompt_index=index, **kw), 1)
+    plain = prompt_rows(generate_images(models, emb[1:], negative, [0], **kw), 1)
+    grid = torch.from_numpy(np.array(Image.open(result.grid_paths[0]))).float() / 255
+    cell = grid[2:2 + 128:8, 2:2 + 128:8].permute(2, 0, 1)  # first row's image, back to 16 x 16 px
+
+    def pixels(image):
+        return (image.clamp(0, 1) * 255).round() / 255
+
+    assert torch.equal(cell, pixels(want[0])) and not torch.equal(cell, pixels(plain[0]))
+
+
+def test_finetune_refuses_a_schedule_for_a_prompt_not_in_the_set(tiny_run, tmp_path):
+    from rlr_fast.train import finetune
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"names base prompt\(s\) \['a green triangle'\] that are not in the prompt set"):
+        finetune(out_dir=str(out), **dict(tiny_run, prompt_schedule=str(_schedule_file(tmp_path, "a green triangle"))))
+    assert not out.exists()
+
+
+def test_cli_sample_follows_the_configs_schedule(tiny_run, tmp_path, capsys):
+    from rlr_fast.cli import main
+
+    settings = {k: v for k, v in tiny_run.items() if k in ("model", "num_steps", "guidance_scale")}
+    for name, extra in (("scheduled", {"prompt_schedule": tiny_run["prompt_schedule"]}), ("plain", {})):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({**settings, **extra}))
+        assert main(["sample", "--prompt", "a red circle", "--prompt", "a blue square", "--seeds", "0",
+                     "--config", str(config), "--out", str(tmp_path / name)]) == 0
+        said = "1 of the 2 prompts follow the config's prompt_schedule" in capsys.readouterr().err
+        assert said == (name == "scheduled")
+
+    def image(run, i):
+        return np.asarray(Image.open(tmp_path / run / f"prompt{i:03d}_seed0.png"))
+
+    assert not np.array_equal(image("scheduled", 0), image("plain", 0))
+    assert np.array_equal(image("scheduled", 1), image("plain", 1))
