@@ -182,8 +182,8 @@ def _run_sample(args) -> int:
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     cfg, models, dtype = _load(args, *_inference_config(args))
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
-    if bank.scheduled:
-        print(f"sample: {bank.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
+    if bank.steps.scheduled:
+        print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
               file=sys.stderr)
     cond = bank.conditioning(torch.arange(len(prompts)))
     images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,

@@ -189,11 +189,13 @@ class PromptSteps:
     def __init__(self, prompts: Sequence[str], schedule=None, num_steps: Optional[int] = None):
         self.texts = list(prompts)  # ids index prompts, so the base prompts keep their positions
         self.step_ids: Optional[torch.Tensor] = None
+        self.scheduled = 0  # how many of the prompts the schedule names
         if schedule is None:
             return
         if num_steps is None:
             raise ValueError("a prompt schedule needs num_steps (the steps it is resolved to)")
         schedule = PromptSchedule.load(schedule, num_steps).check(num_steps)
+        self.scheduled = sum(base in schedule.segments for base in prompts)
         where: dict[str, int] = {}
         for i, text in enumerate(self.texts):
             where.setdefault(text, i)
@@ -237,13 +239,6 @@ class PromptBank:
         texts = self.steps.texts
         self.embeddings = torch.cat([models.encode_prompts(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
         self.negative = models.encode_prompts([negative_prompt])
-
-    @property
-    def scheduled(self) -> int:
-        """How many of the prompts change with the step."""
-        if self.steps.step_ids is None:
-            return 0
-        return int((self.steps.step_ids != torch.arange(len(self.prompts))[:, None]).any(1).sum())
 
     def conditioning(self, ids: torch.Tensor) -> dict:
         """rollout's encoder_hidden_states (and prompt_index under a schedule) for prompts `ids`."""

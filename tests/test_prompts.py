@@ -125,7 +125,7 @@ def test_prompt_bank_encodes_each_text_once():
     prompts = [BASE, "a green square on a black background"]
     bank = PromptBank(encoder, prompts, "", THREE, num_steps=10, chunk=3)
     assert sorted(encoder.seen) == sorted(set(prompts) | {"a shape", "a circle", ""})  # each once, across chunks
-    assert bank.scheduled == 1
+    assert bank.steps.scheduled == 1
     kw = bank.batch(torch.tensor([0, 0, 1]), guidance_scale=2.0)
     assert kw["prompt_index"].shape == (10, 3) and kw["negative_encoder_hidden_states"].shape == (3, 2, 3)
     plain = PromptBank(_CountingEncoder(), prompts, "").batch(torch.tensor([1, 0]), guidance_scale=1.0)
@@ -183,6 +183,18 @@ def test_training_rollouts_follow_the_schedule(tmp_path):
     assert sorted(texts) == [["a blue square"] * 3] * 2 + [["a shape", "a red circle", "a red circle"]] * 2
 
 
+def test_shipped_schedule_config_fits_the_demo_prompts():
+    from pathlib import Path
+
+    import rlr_fast
+    from rlr_fast.config import load_config, load_prompts
+
+    cfg = load_config(path=Path(rlr_fast.__file__).parent / "configs" / "dcot_demo.yaml")
+    schedule = PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, load_prompts(cfg.prompts))
+    assert schedule.prompts_at("a red circle on a blue background", cfg.num_steps)[3:5] == [
+        "a red circle on a blue background", "a green circle on a blue background"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_folder, tmp_path_factory):
     """Overrides of a one-step finetune on the tiny model, two prompts of which the first is scheduled."""
@@ -223,8 +235,9 @@ def test_finetune_refuses_a_schedule_for_a_prompt_not_in_the_set(tiny_run, tmp_p
     from rlr_fast.train import finetune
 
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"names base prompt\(s\) \['a green triangle'\] that are not in the prompt set"):
-        finetune(out_dir=str(out), **dict(tiny_run, prompt_schedule=str(_schedule_file(tmp_path, "a green triangle"))))
+    elsewhere = str(_schedule_file(tmp_path, "a green triangle"))
+    with pytest.raises(ValueError, match=r"names base prompt\(s\) \['a green triangle'\] that are not in the prompt"):
+        finetune(out_dir=str(out), **dict(tiny_run, prompt_schedule=elsewhere))
     assert not out.exists()
 
 

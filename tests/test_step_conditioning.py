@@ -248,8 +248,9 @@ def test_estimators_stay_unbiased_with_per_step_conditioning(method, opts, n=600
     g = torch.Generator().manual_seed(0)
     est = torch.empty(n, exact.numel(), dtype=torch.float64)
     for i in range(n):
-        traj = rlr_fast.rollout(model, sched, torch.randn(3 * COPIES, 3, generator=g, dtype=torch.float64), num_steps=steps,
-                                eta=1.0, encoder_hidden_states=embeddings, prompt_index=index, generator=g)
+        x_T = torch.randn(3 * COPIES, 3, generator=g, dtype=torch.float64)
+        traj = rlr_fast.rollout(model, sched, x_T, num_steps=steps, eta=1.0, encoder_hidden_states=embeddings,
+                                prompt_index=index, generator=g)
         model.zero_grad(set_to_none=True)
         rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method=method, generator=g, **opts)
         est[i] = torch.cat([p.grad.flatten() for p in model.parameters()])
