@@ -114,6 +114,19 @@ def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
     return unet.eval().requires_grad_(False)
 
 
+def make_lora_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """`make_unet` in `dtype` with rank-2 LoRA whose weights are all random (peft zeroes lora_B, which
+    would leave half the LoRA parameters without a gradient)."""
+    from .models import add_lora, lora_parameters
+
+    unet = make_unet().to(dtype)
+    add_lora(unet, rank=2, alpha=2)
+    g = torch.Generator().manual_seed(3)
+    for p in lora_parameters(unet):
+        p.data = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return unet
+
+
 def make_scheduler(**overrides) -> DDIMScheduler:
     """SD1.4's noise schedule as a DDIMScheduler (keyword arguments override its config)."""
     config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,

@@ -13,11 +13,11 @@ import torch
 import rlr_fast
 from rlr_fast.cuda_graph import TOLERANCE, GraphedRollout
 from rlr_fast.ddim import ddim_step
-from rlr_fast.models import add_lora, lora_parameters
+from rlr_fast.models import lora_parameters
 from rlr_fast.prompts import PromptSteps, step_conditioning
 from rlr_fast.rollout import predict, recompute_steps
-from rlr_fast.testing import (TOY_SCHEDULE, ConditionedLinearEps, exact_loss_gradient, make_scheduler, make_unet,
-                              quadratic_reward)
+from rlr_fast.testing import (TOY_SCHEDULE, ConditionedLinearEps, exact_loss_gradient, make_lora_unet, make_scheduler,
+                              make_unet, quadratic_reward)
 
 T = 6
 PROMPTS = ["red circle", "green square", "blue triangle"]
@@ -133,18 +133,9 @@ def test_recompute_under_schedule_equals_rollout_step(unet, guidance, split_cfg)
 # in float64, so that the comparisons are tight and a recomputation that is merely close would show
 
 
-def _lora_unet():
-    unet = make_unet().double()
-    add_lora(unet, rank=2, alpha=2)
-    g = torch.Generator().manual_seed(3)
-    for p in lora_parameters(unet):  # peft zeroes lora_B: random weights give every coordinate a gradient
-        p.data = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def lora_unet():
-    return _lora_unet()
+    return make_lora_unet(torch.float64)
 
 
 def _reward(x0):
