@@ -7,8 +7,8 @@ The linear-Gaussian toy: with eps_theta(x, t) = (w + u s_t) * x + (b + v s_t), s
 (elementwise), every DDIM step is x_{t-1} = A_t x_t + B_t + sigma_t n_t, so x_0 is Gaussian with a mean
 and a diagonal variance that follow exactly from the schedule. For R(x_0) = -|x_0 - target|^2,
 E[R] = -sum((m_0 - target)^2 + v_0), and autograd through that recursion is the exact gradient every
-estimator must match in expectation. `ConditionedLinearEps` adds a * c_t, c_t the sample's conditioning
-at the step, (a c) x + d c, so that the gradient also tests which conditioning each step was recomputed with.
+estimator must match in expectation. `ConditionedLinearEps` adds (a c_t) x + d c_t, c_t the sample's
+conditioning at the step, so that the gradient also tests which conditioning each step was recomputed with.
 """
 
 from __future__ import annotations
