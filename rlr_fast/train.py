@@ -51,7 +51,8 @@ from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from .update import PromptBank, TrainingRollout, apply, gradients
+from .prompts import PromptBank, PromptSchedule
+from .update import TrainingRollout, apply, gradients
 
 
 class NonFiniteError(RuntimeError):
@@ -177,6 +178,8 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
         records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
     prompts = load_prompts(cfg.prompts)
+    if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
+        PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
     check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
     out = Path(cfg.out_dir)
     check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
@@ -211,16 +214,18 @@ class _Run:
 
     def sample_grid(self, step: int) -> None:
         """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
-        cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
+        cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
         if not prompts or not cfg.sample_seeds:
             return
+        cond = self.bank.conditioning(torch.arange(prompts))  # under the prompt schedule when there is one
         with nvtx_range("sample grid"):
-            images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
+            images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config))
-        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
+                                                           self.models.vae.config),
+                                     prompt_index=cond.get("prompt_index"))
+        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
                                     self.out / "samples" / f"step_{step:06d}.png"))
 
     def checkpoint(self, step: int, rng: dict) -> Path:
@@ -244,7 +249,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
-    bank = PromptBank(models, prompts, cfg.negative_prompt)
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()

@@ -22,24 +22,9 @@ from .inference import autocast, initial_noise
 from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
+from .prompts import PromptBank
 from .rewards import Reward, latent_reward
 from .rollout import rollout
-
-
-class PromptBank:
-    """Every prompt's text embedding, computed once, and the negative prompt's."""
-
-    def __init__(self, models: SDModels, prompts: list[str], negative_prompt: str, chunk: int = 32):
-        self.prompts = prompts
-        self.cond = torch.cat([models.encode_prompts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-        self.negative = models.encode_prompts([negative_prompt])
-
-    def batch(self, ids: torch.Tensor, guidance_scale: float) -> dict:
-        """rollout's conditioning keywords for prompts `ids`."""
-        cond = self.cond[ids.to(self.cond.device)]
-        negative = self.negative.expand(len(ids), -1, -1) if guidance_scale != 1.0 else None
-        return dict(encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
-                    guidance_scale=guidance_scale)
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
