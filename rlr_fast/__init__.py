@@ -11,6 +11,7 @@ except ImportError as e:  # the package is importable from a source tree without
         f"(after installing torch; see README). Original error: {e}"
     ) from e
 
+from .baselines import ValueStatistics
 from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference, step_coefficients
 from .estimators import estimate
 from .plan import plan  # binds the function over the submodule's name: rlr_fast.plan(config)
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 # Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
 _LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
-         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update")
+         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts")
 
 
 _LAZY_NAMES = {"finetune": "train", "Result": "train", "Config": "config"}

@@ -174,8 +174,11 @@ def _load(args, cfg, source: str):
 
 
 def _run_sample(args) -> int:
+    import torch
+
     from .config import load_prompts
     from .inference import generate_images, prompt_rows, save_grid
+    from .prompts import PromptBank
 
     prompts = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
@@ -185,9 +188,14 @@ def _run_sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     cfg, models, dtype = _load(args, *_inference_config(args))
-    images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
-                             seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                             dtype=dtype, desc="sample")
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
+    if bank.steps.scheduled:
+        print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
+              file=sys.stderr)
+    cond = bank.conditioning(torch.arange(len(prompts)))
+    images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
+                             eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
+                             prompt_index=cond.get("prompt_index"))
     images = prompt_rows(images, len(seeds))
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
@@ -219,7 +227,7 @@ def _run_evaluate(args) -> int:
     reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
     stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
                             guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, prompt_schedule=cfg.prompt_schedule)
     stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, "settings": source, **stats}
     text = json.dumps(stats, indent=2)
     if args.out is not None:

@@ -21,6 +21,7 @@ import yaml
 from .demo_data import PROMPTS as DEMO_PROMPTS
 from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
                       field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
+from .prompts import PromptSchedule, schedule_value
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -82,6 +83,11 @@ class Config(EstimatorOptions):
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
+    prompt_schedule: Optional[dict] = option(
+        None, "prompts that change with the step (diffusive chain of thought): per base prompt of the set, "
+              "segments {prompt, from_step, to_step} covering [0, 1], fractions of the chain (0 its first, "
+              "noisiest step; step k of T takes the segment holding k/T). A mapping in YAML, or the path of "
+              "a YAML file of one (recorded in the run as its contents); README, 'Prompt schedules'")
     batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
                                 "rolls out batch_size / W of them (W must divide it), so a config is the same run "
                                 "at any world size")
@@ -145,7 +151,10 @@ class Config(EstimatorOptions):
         for key, value in overrides.items():
             if key not in types_:
                 raise ValueError(unknown_key_message(key))
-            changes[key] = coerce(key, value, types_[key])
+            changes[key] = value if key == "prompt_schedule" else coerce(key, value, types_[key])
+        if "prompt_schedule" in changes:  # a file path becomes the schedule it holds; errors name the steps
+            changes["prompt_schedule"] = schedule_value(changes["prompt_schedule"],
+                                                        changes.get("num_steps", self.num_steps))
         new = dataclasses.replace(self, **changes)
         return new.validate() if validate else new
 
@@ -215,6 +224,15 @@ class Config(EstimatorOptions):
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
+        if self.needs_x0_hat and self.rollout == "cuda_graph":
+            raise ValueError("baseline='value' scores each step's x0 estimate, which rollout='cuda_graph' does not "
+                             "store; use rollout='auto' (eager with this baseline) or 'eager'")
+        if self.needs_x0_hat and self.value_fit == "loo" and self.batch_size < 5:
+            raise ValueError(f"baseline='value' with value_fit='loo' fits a slope on the other samples of a "
+                             f"micro-batch, which needs batch_size >= 5 (got {self.batch_size}); use "
+                             "value_fit='running', which adds earlier updates' samples")
+        if self.prompt_schedule is not None:
+            PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self

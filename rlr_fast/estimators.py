@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .baselines import ddpo_advantages, reward_baseline, reward_scale
+from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
 from .distributed import Ranks
 from .options import EstimatorOptions
 from .profiling import nvtx_range
@@ -175,7 +175,7 @@ def _terms(traj: Trajectory, options: EstimatorOptions, generator) -> Terms:
 
 def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor], adv: torch.Tensor,
                options: EstimatorOptions, counter: CallCounter, grads: GradTerms) -> None:
-    """Accumulate F, H and C of `terms`: `adv` (B,) = -(R - b) / (B s), `dr` = -dR/dx_0 / (B s)."""
+    """Accumulate F, H and C of `terms`: `adv` (T, B) = -(R - b_k) / (B s) for step k, `dr` = -dR/dx_0 / (B s)."""
     if terms.first_order:
         with grads.term("first_order"), nvtx_range("first-order term"):
             pathwise_sweep(model, traj, traj.step_index(1), traj.step_index(terms.first_order), dr, options, counter)
@@ -184,14 +184,50 @@ def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor]
         k_close = traj.step_index(j + 1)  # the segment's last step: closed by its likelihood ratio
         sigma = traj.sigmas[k_close].to(traj.noises.dtype)
         per_sample = (-1,) + (1,) * (traj.noises.dim() - 2)
-        cot = traj.noises[k_close] * (adv.to(sigma.dtype) / sigma).reshape(per_sample)
+        cot = traj.noises[k_close] * (adv[k_close].to(sigma.dtype) / sigma).reshape(per_sample)
         with grads.term("half_order"), nvtx_range("half-order term"):
             pathwise_sweep(model, traj, k_close, traj.step_index(j + h), cot, options, counter)
     if terms.zeroth_order:
         ks = [traj.step_index(t) for t in terms.zeroth_order]
-        weights = (adv * terms.zo_weight).expand(len(ks), -1)
+        weights = adv[ks] * terms.zo_weight
         with grads.term("zeroth_order"), nvtx_range("zeroth-order terms"):
             likelihood_ratio(model, traj, ks, weights, options, counter)
+
+
+def likelihood_ratio_steps(traj: Trajectory, terms: Terms) -> list[int]:
+    """Steps k (ascending) that carry a likelihood ratio: C, and the closing step j+1 of H."""
+    ts = list(terms.zeroth_order) + ([terms.half_order[0] + 1] if terms.half_order is not None else [])
+    return sorted(traj.step_index(t) for t in ts)
+
+
+def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, everyone: torch.Tensor, options: EstimatorOptions,
+                prompt_ids, value_state: Optional[ValueStatistics], group: Ranks) -> tuple[torch.Tensor, dict]:
+    """-(R - b_k) / B per step k and sample of this rank's B, (T, B), and the baseline's stats.
+
+    Baselines are fitted on the whole batch: `everyone`'s rewards (all ranks') and, for the value
+    baseline, every rank's proxy rewards. Rows of steps without a likelihood ratio are NaN under the
+    value baseline, which computes b_k only where a term needs it.
+    """
+    T, B = traj.num_steps, traj.batch_size
+    rewards = group.mine(everyone)
+    if options.baseline != "value":
+        return (-(rewards - group.mine(reward_baseline(everyone, options, prompt_ids))) / B).expand(T, -1), {}
+    ks = likelihood_ratio_steps(traj, terms)
+    adv = torch.full((T, B), float("nan"), dtype=rewards.dtype, device=rewards.device)
+    if not ks:
+        return adv, {"value_fallbacks": 0, "reward_forward": 0}
+    if traj.x0_hat is None:
+        raise ValueError("baseline='value' scores each step's x0 estimate, which this trajectory does not hold: "
+                         "roll out with rlr_fast.rollout(..., store_x0_hat=True)")
+    with nvtx_range("value baseline"):
+        q = group.gather(proxy_rewards(reward_fn, traj.x0_hat, ks).T, "gathering the value baseline's proxy rewards").T
+        running = options.value_fit == "running"
+        history = value_state.history(T, ks) if running else None
+        b, fallbacks = value_baseline(q, everyone, history)
+        if running:  # after the fit: the batch enters the baselines of later estimates only
+            value_state.update(T, ks, q, everyone, options.value_decay)
+    adv[ks] = (-(rewards.double() - group.mine(b.T).T) / B).to(rewards.dtype)
+    return adv, {"value_fallbacks": fallbacks, "reward_forward": len(ks)}
 
 
 def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorOptions,
@@ -211,7 +247,7 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
         return torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps)).sum() / count
 
     ratio_surrogate(model, traj, ks, surrogate, options, counter)
-    return {"clip_fraction": float(torch.stack(clipped).sum()) / count}
+    return {"clip_fraction": float(torch.stack(clipped).sum()) / count, "unet_steps": len(ks)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,7 +256,8 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
 
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
-             group: Optional[Ranks] = None, track_memory: bool = False, **overrides) -> dict:
+             group: Optional[Ranks] = None, value_state: Optional[ValueStatistics] = None,
+             track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b).
 
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
@@ -230,14 +267,22 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
     advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
     group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
-                of the batch: rewards and prompt ids are all-gathered, so baselines, normalize's
-                scale and ddpo's advantages are the whole batch's; each rank estimates from its own
-                samples, and the ranks' mean .grad is the whole batch's estimate
+                of the batch: rewards, prompt ids and the value baseline's proxy rewards are
+                all-gathered, so baselines, value fits, normalize's scale and ddpo's advantages are
+                the whole batch's; each rank estimates from its own samples, and the ranks' mean
+                .grad is the whole batch's estimate
+    value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
+                used for this estimate's baselines and then updated with this batch (the whole
+                batch's, so it stays the same on every rank)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std and rewards (the whole batch's, with a group), j, F/H/C
-    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls),
-    term_norms, peak_saved_bytes, and for ddpo clip_fraction.
+    Returns stats: method, reward_mean/std, rewards (the whole batch's, with a group), j, F/H/C
+    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls), unet_steps
+    (steps recomputed with grad, each a forward and a backward of the batch), reward_forward (reward_fn
+    calls on the batch: R(x_0) and, with baseline="value", one per likelihood-ratio step),
+    reward_backward (0 or 1: dR/dx_0), term_norms, peak_saved_bytes, for ddpo clip_fraction and with
+    baseline="value" value_fallbacks (step-sample baselines that fell back to a mean reward: too few
+    pairs or no spread of q).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
@@ -255,6 +300,13 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     group = Ranks() if group is None else group
     if prompt_ids is not None:
         prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
+    needs_state = options.needs_value_state
+    if needs_state and not isinstance(value_state, ValueStatistics):
+        raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
+                         f"(kept across estimates), got {type(value_state).__name__}")
+    if value_state is not None and not needs_state:
+        raise ValueError("value_state is used by baseline='value' with value_fit='running' (method rlr or zo) only; "
+                         f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
     rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
@@ -272,14 +324,15 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
+            adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)
             s, b = reward_scale(everyone, options), traj.batch_size
-            adv = -(rewards - group.mine(reward_baseline(everyone, options, prompt_ids))) / (b * s)
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
-                _run_terms(model, traj, terms, dr, adv, options, counter, grads)
+                _run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
+    extra["reward_forward"] = 1 + extra.get("reward_forward", 0)
     return dict(_stats(options.method, everyone, terms), unet_forward=counter.forward,
-                unet_backward=counter.backward, term_norms=grads.norms,
-                peak_saved_bytes=None if memory is None else memory.peak, **extra)
+                unet_backward=counter.backward, reward_backward=int(dr is not None),
+                term_norms=grads.norms, peak_saved_bytes=None if memory is None else memory.peak, **extra)
 
 
 def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
@@ -294,4 +347,5 @@ def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
         "H": [] if j is None else list(range(j + 1, j + h + 1)),
         "C": [] if terms is None else list(terms.zeroth_order),
         "zo_weight": None if terms is None else terms.zo_weight,
+        "unet_steps": None if terms is None else terms.first_order + h + len(terms.zeroth_order),
     }

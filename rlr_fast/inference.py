@@ -18,6 +18,7 @@ from PIL import Image
 
 from .config import Config
 from .models import SDModels, check_sd_folder, load_lora, load_sd
+from .prompts import PromptBank
 from .rewards import Reward
 from .rollout import rollout
 from .run_dir import atomic_write
@@ -103,25 +104,28 @@ def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool 
 @torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
-                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None,
+                    prompt_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
 
-    Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
-    images of a fixed (prompt list, seed) never change between calls. With `desc`, a progress bar
-    counts the seeds.
+    Under a prompt schedule (`PromptBank.conditioning`), `cond` holds the distinct embeddings and
+    `prompt_index` (num_steps, P) which one each of the P images uses at each step. Each seed draws
+    x_T and the sampling noise of all P prompts from its own generator, so the images of a fixed
+    (prompt list, seed) never change between calls. With `desc`, a progress bar counts the seeds.
     """
     device = models.unet.device
+    batch = len(cond) if prompt_index is None else prompt_index.shape[1]
     images = []
     bar = progress(len(seeds), desc, "seed") if desc else contextlib.nullcontext()
     with bar:
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw)
+            x_T = initial_noise(models.unet, batch, generator, device, latent_hw)
             with autocast(device, dtype):
                 traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
-                               encoder_hidden_states=cond, guidance_scale=guidance_scale,
+                               encoder_hidden_states=cond, prompt_index=prompt_index, guidance_scale=guidance_scale,
                                negative_encoder_hidden_states=None if guidance_scale == 1.0 else
-                               negative.expand(len(cond), -1, -1), generator=generator)
+                               negative.expand(batch, -1, -1), generator=generator)
             images.append(decode_latents(models.vae, traj.x0).cpu())
             if desc:
                 bar.update(1)
@@ -152,18 +156,20 @@ def prompt_rows(images: torch.Tensor, seeds: int) -> torch.Tensor:
 
 def evaluate_reward(models: SDModels, reward: Reward, prompts: list[str], seeds, *, num_steps: int, eta: float,
                     guidance_scale: float, negative_prompt: str = "", dtype: torch.dtype = torch.float32,
-                    batch_size: int = 16) -> dict:
-    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means."""
-    negative = models.encode_prompts([negative_prompt])
+                    batch_size: int = 16, prompt_schedule=None) -> dict:
+    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means.
+    With `prompt_schedule` (rlr_fast.prompts), the prompts it names are sampled under it."""
     values = []  # (seed, prompt) order
     chunks = range(0, len(prompts), batch_size)
     with progress(len(chunks) * len(seeds), "evaluate", "batch") as bar:
         for start in chunks:
             chunk = prompts[start:start + batch_size]
-            cond = models.encode_prompts(chunk)
+            bank = PromptBank(models, chunk, negative_prompt, prompt_schedule, num_steps)
+            cond = bank.conditioning(torch.arange(len(chunk)))
             for seed in seeds:
-                images = generate_images(models, cond, negative, [seed], num_steps=num_steps, eta=eta,
-                                         guidance_scale=guidance_scale, dtype=dtype)
+                images = generate_images(models, cond["encoder_hidden_states"], bank.negative, [seed],
+                                         num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, dtype=dtype,
+                                         prompt_index=cond.get("prompt_index"))
                 with torch.no_grad():
                     r = reward(images.to(models.unet.device), chunk).float().cpu()
                 values += [(seed, p, float(v)) for p, v in zip(chunk, r)]

@@ -7,12 +7,14 @@ The linear-Gaussian toy: with eps_theta(x, t) = (w + u s_t) * x + (b + v s_t), s
 (elementwise), every DDIM step is x_{t-1} = A_t x_t + B_t + sigma_t n_t, so x_0 is Gaussian with a mean
 and a diagonal variance that follow exactly from the schedule. For R(x_0) = -|x_0 - target|^2,
 E[R] = -sum((m_0 - target)^2 + v_0), and autograd through that recursion is the exact gradient every
-estimator must match in expectation.
+estimator must match in expectation. `ConditionedLinearEps` adds (a c_t) x + d c_t, c_t the sample's
+conditioning at the step, so that the gradient also tests which conditioning each step was recomputed with.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -45,30 +47,57 @@ class LinearEps(torch.nn.Module):
         return (self.w + self.u * s) * sample + (self.b + self.v * s)
 
 
+class ConditionedLinearEps(LinearEps):
+    """eps = (w + u s_t + a c) * x + (b + v s_t + d c), c = encoder_hidden_states[:, 0] (B, dim): each
+    sample's conditioning at the step scales the step's input Jacobian and shifts its mean."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, dim: int = 3, seed: int = 0, scale: float = 0.1):
+        super().__init__(alphas_cumprod, dim, seed, scale)
+        g = torch.Generator().manual_seed(seed + 1)
+        init = lambda mean: torch.nn.Parameter(mean + scale * torch.randn(dim, generator=g, dtype=torch.float64))
+        self.a, self.d = init(0.2), init(0.5)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        if encoder_hidden_states is None or encoder_hidden_states.shape[::2] != (len(sample), self.a.numel()):
+            raise ValueError(f"ConditionedLinearEps needs encoder_hidden_states (batch, tokens, {self.a.numel()}), "
+                             f"got {getattr(encoder_hidden_states, 'shape', None)}")
+        c = encoder_hidden_states[:, 0].to(sample.dtype)
+        return super().forward(sample, timestep) + self.a * c * sample + self.d * c
+
+
 def quadratic_reward(target: torch.Tensor):
     """R(x_0) = -|x_0 - target|^2 per sample (differentiable)."""
     return lambda x0: -(x0 - target).pow(2).sum(1)
 
 
-def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, target: torch.Tensor):
-    """E[R(x_0)] in closed form, differentiable in the model's parameters."""
+def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, target: torch.Tensor,
+                    cond: Optional[torch.Tensor] = None):
+    """E[R(x_0)] in closed form, differentiable in the model's parameters.
+
+    `cond` (T, B, dim): for a `ConditionedLinearEps`, what step k of sample b is conditioned on;
+    the result is then the batch mean of E[R(x_0^b)].
+    """
     scheduler.set_timesteps(num_steps)
     coef = step_coefficients(scheduler, eta)
     m = torch.zeros_like(model.w)
     var = torch.ones_like(model.w)  # x_T ~ N(0, I)
     for k in range(num_steps):
         s = model.noise_scale[coef.timesteps[k]]
-        a = coef.c_x[k] + coef.c_e[k] * (model.w + model.u * s)
-        m = a * m + coef.c_e[k] * (model.b + model.v * s)
+        gain, shift = model.w + model.u * s, model.b + model.v * s
+        if cond is not None:
+            gain, shift = gain + model.a * cond[k], shift + model.d * cond[k]
+        a = coef.c_x[k] + coef.c_e[k] * gain
+        m = a * m + coef.c_e[k] * shift
         var = a * a * var + coef.sigmas[k] ** 2
-    return -((m - target) ** 2 + var).sum()
+    return -((m - target) ** 2 + var).sum(-1).mean()
 
 
 def exact_loss_gradient(model: LinearEps, scheduler, num_steps: int, eta: float,
-                        target: torch.Tensor) -> torch.Tensor:
-    """grad of -E[R] over the parameters, flattened in `model.parameters()` order."""
+                        target: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """grad of -E[R] (`cond` as for `expected_reward`) over the parameters, flattened in
+    `model.parameters()` order."""
     params = list(model.parameters())
-    grads = torch.autograd.grad(-expected_reward(model, scheduler, num_steps, eta, target), params)
+    grads = torch.autograd.grad(-expected_reward(model, scheduler, num_steps, eta, target, cond), params)
     return torch.cat([g.flatten() for g in grads])
 
 
@@ -83,6 +112,19 @@ def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
             attention_head_dim=4, norm_num_groups=8,
         )
     return unet.eval().requires_grad_(False)
+
+
+def make_lora_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """`make_unet` in `dtype` with rank-2 LoRA whose weights are all random (peft zeroes lora_B, which
+    would leave half the LoRA parameters without a gradient)."""
+    from .models import add_lora, lora_parameters
+
+    unet = make_unet().to(dtype)
+    add_lora(unet, rank=2, alpha=2)
+    g = torch.Generator().manual_seed(3)
+    for p in lora_parameters(unet):
+        p.data = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return unet
 
 
 def make_scheduler(**overrides) -> DDIMScheduler:

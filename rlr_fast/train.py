@@ -46,7 +46,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, meta_checksum,
+from .baselines import ValueStatistics
+from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_state, find_checkpoint, meta_checksum,
                          restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
 from .distributed import RankFailure, Ranks, process_group
@@ -57,7 +58,8 @@ from .models import LORA_WEIGHT_NAME, SDModels, add_lora, latent_size, lora_para
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from .update import PromptBank, TrainingRollout, apply, gradients
+from .prompts import PromptBank, PromptSchedule
+from .update import TrainingRollout, apply, gradients
 
 
 class NonFiniteError(RuntimeError):
@@ -189,6 +191,8 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
             if ranks.main:
                 records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
         prompts = load_prompts(cfg.prompts)
+        if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
+            PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
         check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
         out = Path(cfg.out_dir)
         with contextlib.ExitStack() as held:
@@ -219,6 +223,7 @@ class _Run:
     start: int
     counters: dict
     plan_table: Optional[str]
+    value_state: Optional[ValueStatistics]  # the running value fit, as of the last committed step
     ranks: Ranks = field(default_factory=Ranks)
     grids: list[Path] = field(default_factory=list)
 
@@ -229,16 +234,18 @@ class _Run:
     def sample_grid(self, step: int) -> None:
         """samples/step_NNNNNN.png (rank 0 draws it): the first `sample_prompts` prompts (rows) x
         `sample_seeds` (columns)."""
-        cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
+        cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
         if not prompts or not cfg.sample_seeds or not self.ranks.main:
             return
+        cond = self.bank.conditioning(torch.arange(prompts))  # under the prompt schedule when there is one
         with nvtx_range("sample grid"):
-            images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
+            images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config))
-        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
+                                                           self.models.vae.config),
+                                     prompt_index=cond.get("prompt_index"))
+        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
                                     self.out / "samples" / f"step_{step:06d}.png"))
 
     def checkpoint(self, step: int, rng: dict) -> Path:
@@ -247,7 +254,9 @@ class _Run:
         if not self.ranks.main:
             return path
         return save_checkpoint(path, step=step, cfg=self.cfg.as_run(), unet=self.models.unet,
-                               optimizer=self.optimizer, rng=rng, counters=self.counters, world_size=self.ranks.world)
+                               optimizer=self.optimizer, rng=rng, counters=self.counters,
+                               estimator_state=None if self.value_state is None else self.value_state.state_dict(),
+                               world_size=self.ranks.world)
 
 
 def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path,
@@ -266,7 +275,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
-    bank = PromptBank(models, prompts, cfg.negative_prompt)
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()
@@ -276,9 +285,12 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
+    value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
+        if value_state is not None:
+            value_state.load_state_dict(estimator_state(checkpoint))
         if ranks.main:
             written = checkpoint.meta.get("world_size", 1)
             print(f"resuming {out} at step {start} from {checkpoint.path}" + (
@@ -291,7 +303,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     ranks.broadcast_parameters(params)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
-                counters=counters, plan_table=plan_table, ranks=ranks)
+                counters=counters, plan_table=plan_table, value_state=value_state, ranks=ranks)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
@@ -319,9 +331,10 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
             grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
-                              run.device, run.dtype, run.ranks)
-            with stops.deferred():  # the update is applied, logged and its RNG state kept as one
+                              run.device, run.dtype, run.value_state, run.ranks)
+            with stops.deferred():  # the update is applied, logged and its RNG and value-fit states kept as one
                 record = apply(cfg, step, grads, run.optimizer)
+                run.value_state = grads.value_state
                 step += 1
                 seconds = time.perf_counter() - t0
                 counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
 from .distributed import Ranks, sample_seeds
@@ -27,24 +28,9 @@ from .inference import autocast
 from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
+from .prompts import PromptBank
 from .rewards import Reward, latent_reward
 from .rollout import rollout
-
-
-class PromptBank:
-    """Every prompt's text embedding, computed once, and the negative prompt's."""
-
-    def __init__(self, models: SDModels, prompts: list[str], negative_prompt: str, chunk: int = 32):
-        self.prompts = prompts
-        self.cond = torch.cat([models.encode_prompts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-        self.negative = models.encode_prompts([negative_prompt])
-
-    def batch(self, ids: torch.Tensor, guidance_scale: float) -> dict:
-        """rollout's conditioning keywords for prompts `ids`."""
-        cond = self.cond[ids.to(self.cond.device)]
-        negative = self.negative.expand(len(ids), -1, -1) if guidance_scale != 1.0 else None
-        return dict(encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
-                    guidance_scale=guidance_scale)
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
@@ -94,9 +80,12 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
+        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
+        elif self.store_x0_hat:  # Config refuses rollout='cuda_graph' with it
+            self.reason = "baseline='value' needs each step's x0 estimate, which the CUDA-graph rollout does not store"
         elif cfg.rollout == "auto" and device.type != "cuda":
             self.reason = f"device is {device.type} (CUDA graphs need a GPU)"
         else:
@@ -114,7 +103,11 @@ class TrainingRollout:
                 self.reason = f"CUDA graph failed: {type(e).__name__}: {first_line}"
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
         return rollout(self.models.unet, self.models.scheduler, x_T, noises=noises, split_cfg=self.split_cfg,
-                       backend=self.backend, **kwargs)
+                       backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
+
+
+# estimate's stats that count work: summed over an update's micro-batches
+COUNTS = ("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward", "value_fallbacks")
 
 
 @dataclass
@@ -125,21 +118,25 @@ class Gradients:
     stats: dict
     skipped: Optional[str]  # "reward" or "gradient" when the update must not be applied
     grad_norm: Optional[float]
+    value_state: Optional[ValueStatistics] = None  # the running value fit after these micro-batches
 
 
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
               params: list, generators: dict, device: torch.device, dtype: torch.dtype,
-              ranks: Ranks = Ranks()) -> Gradients:
+              value_state: Optional[ValueStatistics] = None, ranks: Ranks = Ranks()) -> Gradients:
     """The gradient of one optimizer step over `grad_accum` global micro-batches, averaged (over
     micro-batches and ranks) and clipped; this rank rolls out its share of each micro-batch.
 
     Changes nothing but .grad and the generators, so a step abandoned here leaves no trace in a
-    checkpoint. A NaN/Inf reward (on any rank) or gradient marks the update skipped on every rank.
+    checkpoint: the running value fit (`value_state`, fitted on the whole batch so the same on every
+    rank) is updated on a copy, returned for the caller to keep when it commits the step. A NaN/Inf
+    reward (on any rank) or gradient marks the update skipped on every rank.
     """
     for p in params:
         p.grad = None
     rewards: list[float] = []
     stats: dict = {}
+    value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
         ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generators["sampling"], ranks, device)
         with nvtx_range("rollout"), autocast(device, dtype):
@@ -149,12 +146,14 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
-                                 generator=generators["estimator"], prompt_ids=ids, group=ranks)
+                                 generator=generators["estimator"], prompt_ids=ids, group=ranks,
+                                 value_state=value_state)
         except NonFiniteRewards:
-            return Gradients(rewards, stats, "reward", None)
+            return Gradients(rewards, stats, "reward", None, value_state)
         rewards += micro["rewards"]
-        for key in ("unet_forward", "unet_backward"):  # counts add up over micro-batches
-            micro[key] += stats.get(key, 0)
+        for key in COUNTS:  # counts add up over micro-batches
+            if key in micro:
+                micro[key] += stats.get(key, 0)
         stats = micro
     ranks.average_gradients(params)
     for p in params:
@@ -162,7 +161,7 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
             p.grad /= cfg.grad_accum
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm)
+    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, value_state)
 
 
 def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
