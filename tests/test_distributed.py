@@ -228,6 +228,7 @@ def test_a_torchrun_run_equals_the_one_process_run(single, pair):
     assert _max_difference(_lora(out), _lora(single)) <= 1e-5
     assert json.loads(done.stdout)["out_dir"] == str(out)  # the result is printed once, by rank 0
     assert done.stderr.count("done: 4 steps") == 1
+    assert done.stderr.count("finetune:   0%|") == 1  # the progress bar too: rank 0's alone
 
 
 def _killed_worker(rank: int, port: int, model, out) -> None:
