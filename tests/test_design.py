@@ -25,7 +25,8 @@ from rlr_fast.design.pieces import Stacked, family_variances, record_pieces
 from rlr_fast.estimators import valid_js
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, pathwise_sweep
-from rlr_fast.testing import TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, quadratic_reward
+from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, make_unet, measure_design_grid,
+                              quadratic_reward)
 
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
 PROMPTS = torch.tensor([0, 1, 0, 1])
@@ -176,108 +177,15 @@ def test_every_candidate_runs_in_estimate():
 # The choice against an exhaustively measured grid
 
 
-class GroupedLinearEps(torch.nn.Module):
-    """M copies of a LinearEps's parameters; sample i of a batch of M * B uses copy (i mod M*B) // B, so one
-    sweep over M batches leaves each batch's gradient in its own parameter row."""
-
-    def __init__(self, base: LinearEps, groups: int, batch: int):
-        super().__init__()
-        self.register_buffer("noise_scale", base.noise_scale)
-        self.groups, self.batch = groups, batch
-        for name in ("w", "u", "b", "v"):
-            setattr(self, name, torch.nn.Parameter(getattr(base, name).detach().expand(groups, -1).clone()))
-
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        s = self.noise_scale[torch.as_tensor(timestep).long().reshape(-1)].to(sample.dtype).reshape(-1, 1)
-        g = (torch.arange(sample.shape[0]) % (self.groups * self.batch)) // self.batch
-        return (self.w[g] + self.u[g] * s) * sample + (self.b[g] + self.v[g] * s)
-
-    def take(self) -> torch.Tensor:
-        """(M, 12) per-batch gradients in LinearEps's parameter order; clears .grad."""
-        out = torch.cat([p.grad if p.grad is not None else torch.zeros_like(p) for p in (self.w, self.u, self.b, self.v)],
-                        1)
-        self.zero_grad(set_to_none=True)
-        return out
-
-
-def _grid(base, sched, steps, groups, batch, baselines, costs, seed):
-    """Every unbiased design -> (efficiency = mean over M batches of |g - g*|^2 plus subsampling variance, times
-    cost; per-batch values times cost (M,))."""
-    model = GroupedLinearEps(base, groups, batch)
-    g = torch.Generator().manual_seed(seed)
-    traj = rlr_fast.rollout(model, sched, torch.randn(groups * batch, 3, generator=g, dtype=torch.float64),
-                            num_steps=steps, eta=1.0, generator=g)
-    exact = exact_loss_gradient(base, sched, steps, 1.0, TARGET).detach()
-    x0 = traj.x0.detach().requires_grad_()
-    r = quadratic_reward(TARGET)(x0)
-    (dr,) = torch.autograd.grad(r.sum(), x0)
-    r = r.detach()
-    opts, calls, T = EstimatorOptions(), CallCounter(), steps
-    P = torch.zeros(T, groups, 12, dtype=torch.float64)
-    pathwise_sweep(model, traj, traj.step_index(1), traj.step_index(T), -dr / batch, opts, calls,
-                   after_step=lambda k: P.__setitem__(traj.math_step(k) - 1, model.take()))
-    sig = [float(traj.sigmas[traj.step_index(t)]) for t in range(1, T + 1)]
-    Q = {}
-    for b in baselines:
-        per_batch = r.reshape(groups, batch)
-        adv = -(r - torch.cat([reward_baseline(x, EstimatorOptions(baseline=b)) for x in per_batch])) / batch
-        Q[b] = torch.zeros(T, T, groups, 12, dtype=torch.float64)
-        for j in (j for j in range(T) if sig[j] > 0):
-            k_close = traj.step_index(j + 1)
-            pathwise_sweep(model, traj, k_close, 0, traj.noises[k_close] * (adv / sig[j])[:, None], opts, calls,
-                           after_step=lambda k, j=j, q=Q[b]: q.__setitem__((j, traj.math_step(k) - j - 1), model.take()))
-
-    def value(F, H, C):  # per batch: |sum - g*|^2 plus m^2 (1/k - 1/m) S^2 for every k = 1..m
-        m = len(C)
-        total = sum([P[t - 1] for t in F] + H + [Q[b][t - 1, 0] for t in C], torch.zeros(groups, 12, dtype=torch.float64))
-        error = (total - exact).pow(2).sum(-1)
-        if m < 2:
-            return {None: error}
-        s2 = torch.stack([Q[b][t - 1, 0] for t in C]).var(0).sum(-1)
-        return {(k if k < m else None): error + (m * m / k - m) * s2 for k in range(1, m + 1)}
-
-    def price(recomputed, reward_grad):
-        return sum(costs.update(T, recomputed, reward_grad, False))
-
-    det = [t for t in range(1, T + 1) if sig[t - 1] == 0]
-    grid = {("full_bp", T, 0, None, None, None): {"v": value(range(1, T + 1), [], [])[None], "cost": price(T, True)}}
-    for b in baselines:
-        f0 = max(det, default=0)
-        for k, v in value(range(1, f0 + 1), [], range(f0 + 1, T + 1)).items():
-            grid[("zo", f0, 0, None, k, b)] = {"v": v, "cost": price(f0 + (k or T - f0), f0 > 0)}
-        for f, h in ((f, h) for f in range(T) for h in range(1, T - f + 1)):
-            js = [j for j in range(f, T - h + 1) if sig[j] > 0 and all(t <= f or j + 1 <= t <= j + h for t in det)]
-            by_j = {}
-            for j in js:
-                C = [t for t in range(f + 1, T + 1) if not j + 1 <= t <= j + h]
-                by_j[j] = value(range(1, f + 1), [Q[b][j, i] for i in range(h)], C)
-                for k, v in by_j[j].items():
-                    grid[("rlr", f, h, j, k, b)] = {"v": v, "cost": price(f + h + (k or T - f - h), f > 0)}
-            for k in (by_j[js[0]] if js else []):  # j uniform: the mean over j of each batch's value
-                grid[("rlr", f, h, "uniform", k, b)] = {
-                    "v": torch.stack([by_j[j][k] for j in js]).mean(0), "cost": price(f + h + (k or T - f - h), f > 0)}
-    return grid
-
-
-def _key(candidate):
-    f = candidate.family
-    return (f.method, f.f, f.h, candidate.j, candidate.zo_steps, f.baseline)
-
-
 @pytest.fixture(scope="module")
 def measured_grid():
     """Every unbiased design on the toy (T = 6, B = 4), measured on 3000 batches independent of any pilots."""
     base, sched = _toy()
-    return _grid(base, sched, 6, 3000, 4, ("none", "loo"), CostModel(), seed=12345)
+    return measure_design_grid(base, sched, num_steps=6, batches=3000, batch_size=4, baselines=("none", "loo"),
+                               target=TARGET, seed=12345)
 
 
-def _paired_ratio(a, b) -> tuple[float, float]:
-    """variance x cost of design a over design b, and its standard error (delta method, paired by batch)."""
-    ratio = float(a["v"].mean() * a["cost"] / (b["v"].mean() * b["cost"]))
-    influence = a["v"] / a["v"].mean() - b["v"] / b["v"].mean()
-    return ratio, ratio * float(influence.std() / math.sqrt(len(influence)))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("recomputed_steps", [None, 3, 4], ids=["no-budget", "budget-3-steps", "budget-4-steps"])
 def test_chosen_design_is_within_20_percent_of_the_grid_best(recomputed_steps, measured_grid):
     """The design from 32 pilot batches, measured on the grid's 3000 batches: its variance x cost is at most
@@ -291,14 +199,13 @@ def test_chosen_design_is_within_20_percent_of_the_grid_best(recomputed_steps, m
     chosen = rlr_fast.design(base, _rollouts(base, sched, 32, steps=T, seed=11), quadratic_reward(TARGET),
                              budget=budget, max_h=T, baselines=("none", "loo"), progress=False).chosen
     assert budget is None or chosen.cost <= budget
-    affordable = {k: v for k, v in measured_grid.items() if budget is None or v["cost"] <= budget + 1e-9}
-    assert _key(chosen) in affordable
-    efficiency = {k: float(v["v"].mean() * v["cost"]) for k, v in affordable.items()}
-    best = sorted(efficiency, key=efficiency.get)[:5]
-    ratio, _ = _paired_ratio(affordable[_key(chosen)], affordable[best[0]])
-    se = max(_paired_ratio(affordable[_key(chosen)], affordable[k])[1] for k in best if k != _key(chosen))
+    affordable = {k: v for k, v in measured_grid.items() if budget is None or v.cost <= budget + 1e-9}
+    mine = affordable[chosen.key]
+    best = sorted(affordable.values(), key=lambda v: v.efficiency)[:5]
+    ratio, _ = mine.ratio(best[0])
+    se = max(mine.ratio(other)[1] for other in best if other is not mine)
     assert se < 0.05, se
-    assert ratio <= 1.2, (chosen.label(), best[0], ratio, se)
+    assert ratio <= 1.2, (chosen.label(), best[0].key, ratio, se)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +281,33 @@ def test_bad_input_is_named():
         rlr_fast.estimate(base, trajs[0], reward, method="auto")
 
 
+@pytest.mark.slow
+def test_memory_budget_on_a_diffusers_unet_keeps_only_designs_that_fit():
+    """The tiny UNet + LoRA (2496 values: gradients count-sketched to 1024), planned by rlr_fast.plan: the
+    smallest estimated peak of one update is 0.40 GiB with dR/dx_0 (SD1.4's VAE decode at 64 px) and
+    0.32 GiB without, so a 0.36 GiB budget leaves only f = 0 designs, and 0.3 GiB none."""
+    from rlr_fast.models import add_lora
+
+    unet = make_unet()
+    add_lora(unet, rank=2, alpha=2)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, 3, 16, generator=g)
+    trajs = [rlr_fast.rollout(unet, make_scheduler(), torch.randn(2, 4, 8, 8, generator=g), num_steps=4, eta=1.0,
+                              encoder_hidden_states=cond, generator=g) for _ in range(3)]
+    reward = lambda x0: -x0.pow(2).flatten(1).mean(1)  # noqa: E731
+    cfg = rlr_fast.Config.from_preset("demo", num_steps=4, batch_size=2, reward="brightness")
+    d = rlr_fast.design(unet, trajs, reward, max_memory_gb=0.36, config=cfg, max_h=2, baselines=("loo",),
+                        progress=False)
+    assert d.sketch == "count sketch of 2496 values into 1024"
+    assert {c.family.f for c in d.candidates} == {0}
+    assert all(c.memory_gib is not None and c.memory_gib <= 0.36 for c in d.candidates)
+    assert set(d.memory) >= {"checkpoint_vae", "decode_chunk", "free_text_encoder"}
+    assert cfg.with_overrides(d.config_overrides()).first_order_steps == 0 or d.options.method == "zo"
+    assert all(p.grad is None for p in unet.parameters())
+    with pytest.raises(ValueError, match="no unbiased design fits max_memory_gb=0.3"):
+        rlr_fast.design(unet, trajs, reward, max_memory_gb=0.3, config=cfg, max_h=1, progress=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # finetune(method="auto")
 
@@ -395,6 +329,7 @@ def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_auto_designs_reports_logs_and_counts(auto_run):
     out, records = auto_run.out_dir, _records(auto_run.out_dir)
     assert [("design" in r) for r in records] == [True, False, False, True]
@@ -414,6 +349,7 @@ def test_finetune_auto_designs_reports_logs_and_counts(auto_run):
     assert summary["design"]["method"] == records[3]["design"]["design"]["method"]
 
 
+@pytest.mark.slow
 def test_finetune_auto_resumes_with_its_design(auto, auto_run, tmp_path):
     """Stopped after update 3 (checkpoint at 2): the resumed update 3 runs the design the checkpoint holds,
     update 4 designs again from the same pilots; weights and metrics match the straight run bit for bit."""

@@ -111,6 +111,12 @@ class Candidate:
         return self.family.options(self.j, self.zo_steps, self.base)
 
     @property
+    def key(self) -> tuple:
+        """(method, f, h, j, zo_steps, baseline): the design, whatever its memory options."""
+        fam = self.family
+        return fam.method, fam.f, fam.h, self.j, self.zo_steps, fam.baseline
+
+    @property
     def cost(self) -> float:
         return self.unet_cost + self.reward_cost
 
