@@ -111,8 +111,9 @@ class Config(EstimatorOptions):
 
     # --- estimator design (method=auto)
     design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
-    design_pilots: int = option(8, "method=auto: pilot batches per design (each costs about T * (1 + 2.15 (1 + "
-                                   "baselines * design_max_h)) UNet forward-equivalents)")
+    design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
+                                    "baselines * design_max_h)) UNet forward-equivalents; fewer than about 32 can "
+                                    "pick a design several times worse: docs/estimator.md §13)")
     design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
     design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
                                                   "(rollout T and reward included); None: no limit")

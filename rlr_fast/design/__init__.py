@@ -1,6 +1,6 @@
 """Choosing the estimator from pilot rollouts: the design search of docs/estimator.md §13.
 
-    d = rlr_fast.design(model, sampler, reward_fn, budget=None, pilots=8)
+    d = rlr_fast.design(model, sampler, reward_fn, budget=None, pilots=16)
     d.options            # the chosen EstimatorOptions: concrete, `estimate` takes it
     print(d.table())     # per-step variances; candidates with variance, cost, variance x cost, memory
     d.save(out_dir)      # design.md and design.png

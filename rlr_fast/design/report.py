@@ -28,6 +28,18 @@ def _candidate_row(rank, c, best: float) -> str:
             f"{c.reward_cost:.3g} | {c.cost:.4g} | {_num(c.efficiency)} | {c.efficiency / best:.3g} | {memory} |")
 
 
+def _distinct(candidates) -> list:
+    """The candidates without repeats of one estimator: with h = 1 and no subsampling every j gives the same
+    estimate (the H-term is then step j+1's likelihood ratio, which C would carry anyway)."""
+    seen, out = set(), []
+    for c in candidates:
+        same = (c.family, c.zo_steps, round(c.variance, 12), round(c.cost, 12))
+        if same not in seen:
+            seen.add(same)
+            out.append(c)
+    return out
+
+
 def _references(d) -> list:
     """The named points of the space, where they were scored: full_bp, zo with every step, the spec's rlr."""
     def wanted(c) -> bool:
@@ -83,10 +95,12 @@ def markdown(d, top: int = 12) -> str:
     best = c.efficiency
     header = ["| rank | design | variance | s.e. | UNet fwd-eq | reward fwd-eq | cost | variance x cost | "
               "x chosen | memory GiB |", "|---" * 10 + "|"]
-    lines += ["", f"## Candidates ({len(d.candidates)} scored: per family and j, the best k within the budget)", "",
-              *header, *(_candidate_row(i + 1, x, best) for i, x in enumerate(d.candidates[:top]))]
-    rank = {id(x): i + 1 for i, x in enumerate(d.candidates)}
-    refs = [x for x in _references(d) if rank[id(x)] > top]
+    distinct = _distinct(d.candidates)
+    lines += ["", f"## Candidates ({len(d.candidates)} scored: per family and j, the best k within the budget; "
+                  f"{len(distinct)} distinct estimators)", "",
+              *header, *(_candidate_row(i + 1, x, best) for i, x in enumerate(distinct[:top]))]
+    rank = {id(x): i + 1 for i, x in enumerate(distinct)}
+    refs = [x for x in _references(d) if rank.get(id(x), 0) > top]
     if refs:
         lines += ["", "Reference points of the space (full_bp, zo with every step, rlr f=1 h=2 j uniform):", "",
                   *header, *(_candidate_row(rank[id(x)], x, best) for x in refs)]

@@ -162,7 +162,7 @@ class Design:
 
 
 def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Optional[float] = None,
-           max_memory_gb: Optional[float] = None, config=None, pilots: Optional[int] = 8,
+           max_memory_gb: Optional[float] = None, config=None, pilots: Optional[int] = 16,
            baselines: Optional[Sequence] = None, max_h: int = 4, options: Optional[EstimatorOptions] = None,
            costs: Optional[CostModel] = None, differentiable: Optional[bool] = None, sketch_dim: int = 1024,
            seed: int = 0, progress: bool = True) -> Design:
