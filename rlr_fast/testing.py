@@ -137,7 +137,8 @@ class GroupedLinearEps(torch.nn.Module):
 
     def take(self) -> torch.Tensor:
         """(groups, parameters) per-batch gradients in LinearEps's parameter order; clears .grad."""
-        out = torch.cat([torch.zeros_like(p) if p.grad is None else p.grad for p in (self.w, self.u, self.b, self.v)], 1)
+        params = (self.w, self.u, self.b, self.v)
+        out = torch.cat([torch.zeros_like(p) if p.grad is None else p.grad for p in params], 1)
         self.zero_grad(set_to_none=True)
         return out
 

@@ -19,12 +19,11 @@ import torch
 from PIL import Image
 
 import rlr_fast
-from rlr_fast.baselines import reward_baseline
 from rlr_fast.design import CostModel, GradSketch, Pilot, families
 from rlr_fast.design.pieces import Stacked, family_variances, record_pieces
 from rlr_fast.estimators import valid_js
 from rlr_fast.options import EstimatorOptions
-from rlr_fast.sweep import CallCounter, pathwise_sweep
+from rlr_fast.sweep import CallCounter
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, make_unet, measure_design_grid,
                               quadratic_reward)
 
@@ -262,10 +261,13 @@ def test_bad_input_is_named():
         (dict(sampler=[trajs[0], "x"]), TypeError, "pilot 1 is a str"),
         (dict(sampler=[trajs[0], _rollouts(base, sched, 1, steps=5)[0]]), ValueError, "another schedule"),
         (dict(baselines=("bogus",)), ValueError, "baseline"),
-        (dict(baselines=("loo_prompt",)), ValueError, "needs every pilot's prompt_ids"),
+        (dict(baselines=("loo_prompt",)), ValueError, "loo_prompt' needs prompt_ids"),
         (dict(baselines=()), ValueError, "at least one baseline"),
         (dict(budget=0), ValueError, "budget must be > 0"),
         (dict(budget=7.0), ValueError, "no unbiased design fits budget=7"),
+        (dict(reward_fn=lambda x0: (x0 > 0).double().sum(1)), ValueError, "differentiable=False"),
+        (dict(sampler=_rollouts(base, sched, 2, eta=0.0), differentiable=False), ValueError,
+         "no unbiased design exists for this chain"),
         (dict(max_memory_gb=4), ValueError, "max_memory_gb needs config="),
         (dict(max_h=0), ValueError, "max_h must be >= 1"),
         (dict(costs="cheap"), TypeError, "costs must be"),

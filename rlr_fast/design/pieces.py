@@ -91,7 +91,13 @@ def record_pieces(model, pilot: Pilot, reward_fn: RewardFn, baselines: Sequence,
     sweep of up to max_h steps closed at every stochastic step (sweep.pathwise_sweep runs them all)."""
     traj = pilot.traj
     T, d = traj.num_steps, sketch.dim
-    rewards, dr = _rewards(pilot.reward_fn or reward_fn, traj, need_grad=differentiable)
+    try:
+        rewards, dr = _rewards(pilot.reward_fn or reward_fn, traj, need_grad=differentiable)
+    except ValueError as e:
+        if differentiable and "not differentiable" in str(e):
+            raise ValueError("the reward is not differentiable (its output has no gradient path to x0); pass "
+                             "design(..., differentiable=False): only f = 0 designs are then candidates") from None
+        raise
     pathwise = None
     if dr is not None:
         pathwise = torch.zeros(T, d, dtype=torch.float64)

@@ -50,51 +50,53 @@ def _plan_memory(config, options: EstimatorOptions, max_memory_gb: float, model)
         return None
 
 
-def _collect(sampler, pilots: Optional[int], reward_fn: Optional[RewardFn]) -> list[Pilot]:
-    """The pilot batches, checked: Trajectories of one schedule, each with a reward."""
+def _pilots(sampler, pilots: Optional[int], reward_fn: Optional[RewardFn]) -> tuple[int, Iterator[Pilot]]:
+    """How many pilot batches there are, and the batches one at a time (a sampler's are drawn as they are
+    swept, so one is in memory at a time), each checked: a Trajectory with a reward, of pilot 0's schedule."""
     if callable(sampler) and not isinstance(sampler, Trajectory):
         if isinstance(pilots, bool) or not isinstance(pilots, int) or pilots < 2:
             raise ValueError(f"pilots must be an int >= 2 (pilot batches drawn from the sampler), got {pilots!r}")
-        items = [sampler() for _ in range(pilots)]
+        count, items = pilots, (sampler() for _ in range(pilots))
     elif isinstance(sampler, (list, tuple)):
-        items = list(sampler)
-        if len(items) < 2:
-            raise ValueError(f"design needs at least 2 pilot trajectories to estimate a variance, got {len(items)}")
+        if len(sampler) < 2:
+            raise ValueError(f"design needs at least 2 pilot trajectories to estimate a variance, got {len(sampler)}")
+        count, items = len(sampler), iter(sampler)
     else:
         raise TypeError("sampler must be a callable returning a Trajectory (or a Pilot), or a list of them; got "
                         f"{type(sampler).__name__}")
-    out = [item if isinstance(item, Pilot) else Pilot(item) for item in items]
-    for i, p in enumerate(out):
-        if not isinstance(p.traj, Trajectory):
-            raise TypeError(f"pilot {i} is a {type(p.traj).__name__}, not a Trajectory from rlr_fast.rollout")
-        if p.prompt_ids is not None:
-            p.prompt_ids = torch.as_tensor(p.prompt_ids)
-        if (p.reward_fn or reward_fn) is None:
-            raise ValueError(f"pilot {i} has no reward_fn and design was given none")
-    first = out[0].traj
-    for i, p in enumerate(out[1:], 1):
-        if p.traj.num_steps != first.num_steps or not torch.equal(p.traj.sigmas.cpu(), first.sigmas.cpu()):
-            raise ValueError(f"pilot {i} was sampled with another schedule than pilot 0 ({p.traj.num_steps} steps, "
-                             f"sigmas {p.traj.sigmas.tolist()} vs {first.num_steps}, {first.sigmas.tolist()})")
-    return out
+
+    def checked() -> Iterator[Pilot]:
+        first = None
+        for i, item in enumerate(items):
+            p = item if isinstance(item, Pilot) else Pilot(item)
+            if not isinstance(p.traj, Trajectory):
+                raise TypeError(f"pilot {i} is a {type(p.traj).__name__}, not a Trajectory from rlr_fast.rollout")
+            if (p.reward_fn or reward_fn) is None:
+                raise ValueError(f"pilot {i} has no reward_fn and design was given none")
+            first = first or p.traj
+            if p.traj.num_steps != first.num_steps or not torch.equal(p.traj.sigmas.cpu(), first.sigmas.cpu()):
+                raise ValueError(f"pilot {i} was sampled with another schedule than pilot 0 ({p.traj.num_steps} "
+                                 f"steps, sigmas {p.traj.sigmas.tolist()} vs {first.num_steps}, "
+                                 f"{first.sigmas.tolist()})")
+            yield Pilot(p.traj, p.reward_fn, None if p.prompt_ids is None else torch.as_tensor(p.prompt_ids))
+
+    return count, checked()
 
 
-def _default_baselines(pilots: list[Pilot]) -> tuple:
-    if pilots[0].traj.batch_size < 2:
-        return ("none",)
-    per_prompt = all(p.prompt_ids is not None and bool((torch.unique(p.prompt_ids, return_counts=True)[1] >= 2).all())
-                     for p in pilots)
-    return ("none", "loo") + (("loo_prompt",) if per_prompt else ())
-
-
-def _check_baselines(baselines, pilots: list[Pilot]) -> tuple:
+def _baselines(baselines: Optional[Sequence], pilot: Pilot) -> tuple:
+    """The baselines asked for, checked; by default none and loo, and loo_prompt when the (first) pilot
+    has two or more samples of every prompt."""
+    if baselines is None:
+        if pilot.traj.batch_size < 2:
+            return ("none",)
+        ids = pilot.prompt_ids
+        per_prompt = ids is not None and bool((torch.unique(ids, return_counts=True)[1] >= 2).all())
+        return ("none", "loo") + (("loo_prompt",) if per_prompt else ())
     baselines = tuple(baselines)
     if not baselines:
         raise ValueError("baselines must name at least one baseline")
     for b in baselines:
         EstimatorOptions(baseline=b)  # a ValueError/TypeError naming a bad one
-        if b == "loo_prompt" and any(p.prompt_ids is None for p in pilots):
-            raise ValueError("baseline 'loo_prompt' needs every pilot's prompt_ids (Pilot(traj, prompt_ids=...))")
     return baselines
 
 
@@ -131,13 +133,15 @@ class Design:
     def config_overrides(self) -> dict:
         """The chosen design (and its memory plan) as Config keys: `cfg.with_overrides(...)` runs it."""
         options = self.options
-        chosen = {name: getattr(options, name) for name in DESIGN_FIELDS + ("max_batch", "checkpoint_unet", "split_cfg")}
+        memory_fields = ("max_batch", "checkpoint_unet", "split_cfg")
+        chosen = {name: getattr(options, name) for name in DESIGN_FIELDS + memory_fields}
         return {**chosen, **(self.memory or {})}
 
     def summary(self) -> dict:
         """The choice and its figures, JSON-ready (what finetune logs)."""
         c = self.chosen
-        return {"design": {name: getattr(self.options, name) for name in DESIGN_FIELDS}, "label": c.label(),
+        used = {"full_bp": ("method",), "zo": ("method", "zo_steps", "baseline")}.get(c.family.method, DESIGN_FIELDS)
+        return {"design": {name: getattr(self.options, name) for name in used}, "label": c.label(),
                 "variance": c.variance, "variance_se": c.variance_se, "cost": c.cost,
                 "variance_x_cost": c.efficiency, "pilot_cost": dict(self.pilot_cost)}
 
@@ -206,16 +210,18 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     if differentiable is None:
         differentiable = bool(getattr(reward_fn, "differentiable", True))
 
-    found = _collect(sampler, pilots, reward_fn)
-    baselines = _check_baselines(_default_baselines(found) if baselines is None else baselines, found)
-    traj = found[0].traj
-    max_h = min(max_h, traj.num_steps)
+    count, batches = _pilots(sampler, pilots, reward_fn)
     sketch, counter = GradSketch(params, sketch_dim, seed), CallCounter()
-    saved = [p.grad for p in params]
+    saved, pieces = [p.grad for p in params], []
     try:
         with gradient_checkpointing(model, base.checkpoint_unet):
-            pieces = [record_pieces(model, p, reward_fn, baselines, max_h, sketch, base, counter, differentiable)
-                      for p in _progress(found, progress)]
+            for pilot in _progress(batches, count, progress):
+                if not pieces:
+                    traj = pilot.traj
+                    baselines = _baselines(baselines, pilot)
+                    max_h = min(max_h, traj.num_steps)
+                pieces.append(record_pieces(model, pilot, reward_fn, baselines, max_h, sketch, base, counter,
+                                            differentiable))
     finally:
         for p, g in zip(params, saved):
             p.grad = g
@@ -226,10 +232,14 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
         why = [] if budget is None else [f"budget={budget:g} forward-equivalents (the rollout alone costs "
                                          f"{traj.num_steps})"]
         why += [] if max_memory_gb is None else [f"max_memory_gb={max_memory_gb:g}"]
-        raise ValueError(f"no unbiased design fits {' and '.join(why) or 'this chain'}; raise the budget")
+        if not why:  # no candidate at all: every step deterministic and no dR/dx_0
+            raise ValueError("no unbiased design exists for this chain: its deterministic steps need dR/dx_0 (a "
+                             "differentiable reward) or noise (eta > 0)")
+        raise ValueError(f"no unbiased design fits {' and '.join(why)}; raise it")
     chosen = scored[0]
     planned = plans.get(_memory_kind(chosen.family))
-    rollouts, n = len(found) * traj.num_steps, len(found)
+    n = len(pieces)
+    rollouts = n * traj.num_steps
     pilot_cost = dict(pilots=n, rollout_forward_equivalents=rollouts, recomputed_steps=sketch.taken,
                       unet_forward=counter.forward, unet_backward=counter.backward, reward_forward=n,
                       reward_backward=n if differentiable else 0,
@@ -243,10 +253,10 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
                   {k: v for k, v in planned.options.items() if k not in ("max_batch", "checkpoint_unet", "split_cfg")})
 
 
-def _progress(items: list, enabled: bool):
+def _progress(items: Iterator, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc="design: pilot sweeps", unit="pilot", disable=not enabled, leave=False)
+    return tqdm(items, total=total, desc="design: pilot batches", unit="pilot", disable=not enabled, leave=False)
 
 
 def _check_budgets(budget, max_memory_gb, config, model) -> None:
