@@ -70,10 +70,12 @@ def load_for_inference(model: str, lora: Optional[str], device: torch.device, dt
     return models
 
 
-def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """x_T (batch, C, S, S) drawn on the CPU from `generator` (the same on every device)."""
-    side = unet.config.sample_size
-    return torch.randn((batch, unet.config.in_channels, side, side), generator=generator).to(device)
+def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
+                  latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """x_T (batch, C, h, w) in float32, drawn on the CPU from `generator` (the same on every device);
+    latent_hw None: the UNet's native size."""
+    h, w = latent_hw or (unet.config.sample_size,) * 2
+    return torch.randn((batch, unet.config.in_channels, h, w), generator=generator).to(device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -100,7 +102,7 @@ def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool 
 @torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
-                    desc: Optional[str] = None) -> torch.Tensor:
+                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
 
     Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
@@ -113,7 +115,7 @@ def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[tor
     with bar:
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, len(cond), generator, device)
+            x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw)
             with autocast(device, dtype):
                 traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
                                encoder_hidden_states=cond, guidance_scale=guidance_scale,

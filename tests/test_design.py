@@ -24,8 +24,7 @@ from rlr_fast.design.pieces import Stacked, family_variances, record_pieces
 from rlr_fast.estimators import valid_js
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter
-from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, make_unet, measure_design_grid,
-                              quadratic_reward)
+from rlr_fast.testing import TOY_SCHEDULE, LinearEps, make_scheduler, measure_design_grid, quadratic_reward
 
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
 PROMPTS = torch.tensor([0, 1, 0, 1])
@@ -284,30 +283,32 @@ def test_bad_input_is_named():
 
 
 @pytest.mark.slow
-def test_memory_budget_on_a_diffusers_unet_keeps_only_designs_that_fit():
-    """The tiny UNet + LoRA (2496 values: gradients count-sketched to 1024), planned by rlr_fast.plan: the
-    smallest estimated peak of one update is 0.40 GiB with dR/dx_0 (SD1.4's VAE decode at 64 px) and
-    0.32 GiB without, so a 0.36 GiB budget leaves only f = 0 designs, and 0.3 GiB none."""
-    from rlr_fast.models import add_lora
+def test_memory_budget_keeps_only_designs_whose_plan_fits(tiny_folder):
+    """The tiny SD of tiny_folder + LoRA (gradients count-sketched to 1024 values), planned by rlr_fast.plan
+    from the config's model folder: the smallest estimated peak of one update is 4,680,556 bytes with a
+    pathwise step (any rlr or full_bp) and 4,631,284 without (zo), so 0.00434 GiB leaves only zo, and
+    0.0043 GiB nothing."""
+    from rlr_fast.models import add_lora, lora_parameters, tiny_sd
 
-    unet = make_unet()
-    add_lora(unet, rank=2, alpha=2)
+    unet = tiny_sd(seed=0).unet
+    add_lora(unet, rank=4, alpha=4)
     g = torch.Generator().manual_seed(0)
-    cond = torch.randn(1, 3, 16, generator=g)
+    cond = torch.randn(1, 3, unet.config.cross_attention_dim, generator=g)
     trajs = [rlr_fast.rollout(unet, make_scheduler(), torch.randn(2, 4, 8, 8, generator=g), num_steps=4, eta=1.0,
                               encoder_hidden_states=cond, generator=g) for _ in range(3)]
     reward = lambda x0: -x0.pow(2).flatten(1).mean(1)  # noqa: E731
-    cfg = rlr_fast.Config.from_preset("demo", num_steps=4, batch_size=2, reward="brightness")
-    d = rlr_fast.design(unet, trajs, reward, max_memory_gb=0.36, config=cfg, max_h=2, baselines=("loo",),
+    cfg = rlr_fast.Config.from_preset("demo", model=str(tiny_folder), num_steps=4, batch_size=2, reward="brightness")
+    d = rlr_fast.design(unet, trajs, reward, max_memory_gb=0.00434, config=cfg, max_h=2, baselines=("loo",),
                         progress=False)
-    assert d.sketch == "count sketch of 2496 values into 1024"
-    assert {c.family.f for c in d.candidates} == {0}
-    assert all(c.memory_gib is not None and c.memory_gib <= 0.36 for c in d.candidates)
+    values = sum(p.numel() for p in lora_parameters(unet))
+    assert values > 1024 and d.sketch == f"count sketch of {values} values into 1024"
+    assert {c.family.method for c in d.candidates} == {"zo"} and d.options.method == "zo"
+    assert all(c.memory_gib is not None and c.memory_gib <= 0.00434 for c in d.candidates)
     assert set(d.memory) >= {"checkpoint_vae", "decode_chunk", "free_text_encoder"}
-    assert cfg.with_overrides(d.config_overrides()).first_order_steps == 0 or d.options.method == "zo"
+    assert cfg.with_overrides(d.config_overrides()).method == "zo"
     assert all(p.grad is None for p in unet.parameters())
-    with pytest.raises(ValueError, match="no unbiased design fits max_memory_gb=0.3"):
-        rlr_fast.design(unet, trajs, reward, max_memory_gb=0.3, config=cfg, max_h=1, progress=False)
+    with pytest.raises(ValueError, match="no unbiased design fits max_memory_gb=0.0043;"):
+        rlr_fast.design(unet, trajs, reward, max_memory_gb=0.0043, config=cfg, max_h=1, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,14 +38,12 @@ def _candidates(stacked: Stacked, family: Family, T: int, costs: CostModel, budg
                         unet[c], reward[c], base, memory_gib)
 
 
-def _plan_memory(config, options: EstimatorOptions, max_memory_gb: float, model):
-    """rlr_fast.plan for `config` running `options`: its Plan, or None when nothing fits the budget."""
-    from ..plan import REWARDS, PlanError, plan
+def _plan_memory(config, options: EstimatorOptions, max_memory_gb: float):
+    """rlr_fast.plan for the run `config` running `options`: its Plan, or None when nothing fits the budget."""
+    from ..plan import PlanError, plan
 
-    cfg = config.with_overrides({name: getattr(options, name) for name in DESIGN_FIELDS})
-    try:  # as train.plan_memory asks: the known rewards are measured, any other counts as one on pixels
-        return plan(cfg, max_memory_gb, model=dict(model.config), reward=cfg.reward if cfg.reward in REWARDS
-                    else "pixels")
+    try:
+        return plan(config.with_overrides({name: getattr(options, name) for name in DESIGN_FIELDS}), max_memory_gb)
     except PlanError:
         return None
 
@@ -178,9 +176,9 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     reward_fn   R(x_0) -> (B,), for pilots without their own
     budget      the most one update may cost, in UNet forward-equivalents of the batch (rollout and reward
                 included, priced by `costs`); None: no limit
-    max_memory_gb, config   a memory budget in GiB: `config`, the run's rlr_fast Config (for a diffusers
-                UNet), is planned by rlr_fast.plan for each kind of design, and designs that fit no plan
-                are left out; the chosen one's memory options come with it (`config_overrides()`)
+    max_memory_gb, config   a memory budget in GiB: `config`, the run's rlr_fast Config (its `model` names
+                the architectures), is planned by rlr_fast.plan for each kind of design, and designs that fit
+                no plan are left out; the chosen one's memory options come with it (`config_overrides()`)
     baselines   baselines to compare (default: none, loo, and loo_prompt when every pilot has prompt_ids
                 with at least two samples per prompt); each costs one half-order pass per pilot
     max_h       the longest half-order sub-chain tried; a pilot recomputes T + about T * max_h steps per
@@ -198,7 +196,7 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
-    _check_budgets(budget, max_memory_gb, config, model)
+    _check_budgets(budget, max_memory_gb, config)
     check_min("max_h", max_h, 1)
     check_min("sketch_dim", sketch_dim, 1)
     costs = CostModel() if costs is None else costs
@@ -226,7 +224,7 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
         for p, g in zip(params, saved):
             p.grad = g
     stacked = Stacked.of(pieces, traj)
-    plan_memory = None if max_memory_gb is None else (lambda opts: _plan_memory(config, opts, max_memory_gb, model))
+    plan_memory = None if max_memory_gb is None else (lambda opts: _plan_memory(config, opts, max_memory_gb))
     scored, plans = _score(stacked, traj, baselines, max_h, differentiable, costs, budget, base, plan_memory)
     if not scored:
         why = [] if budget is None else [f"budget={budget:g} forward-equivalents (the rollout alone costs "
@@ -249,8 +247,9 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
                   sigmas=[float(traj.sigmas[traj.step_index(t)]) for t in range(1, traj.num_steps + 1)],
                   num_pilots=n, batch_size=traj.batch_size, baselines=baselines, max_h=max_h,
                   sketch=sketch.describe(), budget=budget, max_memory_gb=max_memory_gb, costs=costs,
-                  pilot_cost=pilot_cost, memory=None if planned is None else
-                  {k: v for k, v in planned.options.items() if k not in ("max_batch", "checkpoint_unet", "split_cfg")})
+                  pilot_cost=pilot_cost, memory=None if planned is None else {
+                      k: v for k, v in planned.config_overrides().items()
+                      if k not in ("max_batch", "checkpoint_unet", "split_cfg")})
 
 
 def _progress(items: Iterator, total: int, enabled: bool):
@@ -259,14 +258,14 @@ def _progress(items: Iterator, total: int, enabled: bool):
     return tqdm(items, total=total, desc="design: pilot batches", unit="pilot", disable=not enabled, leave=False)
 
 
-def _check_budgets(budget, max_memory_gb, config, model) -> None:
+def _check_budgets(budget, max_memory_gb, config) -> None:
     if budget is not None:
         check_positive("budget", budget)
     if max_memory_gb is not None:
         check_positive("max_memory_gb", max_memory_gb)
-        if config is None or not hasattr(model, "config"):
-            raise ValueError("max_memory_gb needs config= (the run's rlr_fast Config) and a diffusers UNet: the "
-                             "planner measures that architecture")
+        if config is None:
+            raise ValueError("max_memory_gb needs config=, the run's rlr_fast Config: the planner measures the "
+                             "architectures of its model")
 
 
 def _memory_kind(family: Family) -> tuple:
