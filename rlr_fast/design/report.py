@@ -33,7 +33,7 @@ def _distinct(candidates) -> list:
     estimate (the H-term is then step j+1's likelihood ratio, which C would carry anyway)."""
     seen, out = set(), []
     for c in candidates:
-        same = (c.family, c.zo_steps, round(c.variance, 12), round(c.cost, 12))
+        same = (c.family, c.zo_steps, f"{c.variance:.9e}", c.cost)  # equal up to the summation order
         if same not in seen:
             seen.add(same)
             out.append(c)
