@@ -166,12 +166,14 @@ def _split_guidance_backward(model, traj: Trajectory, ks: Sequence[int], sample:
 
 
 def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: torch.Tensor,
-                   options: EstimatorOptions, counter: CallCounter) -> None:
+                   options: EstimatorOptions, counter: CallCounter,
+                   after_step: Optional[Callable[[int], None]] = None) -> None:
     """Back-propagate `cotangent`, given on the mean of step `last`, through steps last .. first.
 
     Steps are indices k (scheduler order), `first <= last`. The output of step k is
     mean_k + sigma_k * noise_k with the noise held fixed, so a cotangent on x_{k+1} is a
-    cotangent on mean_k. Parameter gradients accumulate into `.grad`.
+    cotangent on mean_k. Parameter gradients accumulate into `.grad`; `after_step(k)`, when
+    given, runs once step k's share is in `.grad` (rlr_fast.design reads each step's share there).
     """
     g = cotangent
     for k in range(last, first - 1, -1):
@@ -180,6 +182,8 @@ def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: to
             x = traj.latents[k].detach().requires_grad_(needs_input)
             _backward_steps(model, traj, [k], x.unsqueeze(0), g.unsqueeze(0), options, counter)
             g = x.grad if needs_input else None
+        if after_step is not None:
+            after_step(k)
 
 
 def _chunks(ks: Sequence[int], batch: int, max_batch: Optional[int]) -> Iterator[tuple[slice, list[int]]]:

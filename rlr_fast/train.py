@@ -18,7 +18,9 @@ Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
     samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
-    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
+    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step, config and counters (the current
+                                       estimator design with method=auto) (rlr_fast.checkpoint)
+    designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
 """
@@ -44,6 +46,7 @@ from .baselines import ValueStatistics
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_state, find_checkpoint,
                          restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
+from .design import Design
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
@@ -51,8 +54,9 @@ from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
+from .options import AUTO
 from .prompts import PromptBank, PromptSchedule
-from .update import TrainingRollout, apply, gradients
+from .update import TrainingRollout, apply, design_estimator, gradients
 
 
 class NonFiniteError(RuntimeError):
@@ -228,6 +232,29 @@ class _Run:
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
                                     self.out / "samples" / f"step_{step:06d}.png"))
 
+    def step_config(self, step: int) -> tuple[Config, Optional[Design]]:
+        """The config update `step` runs: with method='auto', the current design applied, and a new design
+        (from pilot batches) at the first update and every design_every updates; a new one is kept only
+        when its update commits (`commit_design`), so a stopped step designs again on resume."""
+        cfg = self.cfg
+        if cfg.method != AUTO:
+            return cfg, None
+        designed = None
+        if "design" not in self.counters or (cfg.design_every and step % cfg.design_every == 0):
+            designed = design_estimator(cfg, self.models, self.bank, self.reward, self.rollout,
+                                        self.generators["design"], self.device, self.dtype)
+        return cfg.with_overrides(designed.config_overrides() if designed else self.counters["design"]), designed
+
+    def commit_design(self, step: int, designed: Design) -> dict:
+        """Keep a design made for update `step` (counters, so checkpoints carry it; its report in
+        designs/step_NNNNNN.md and .png); returns its metrics entry."""
+        designed.save(self.out / "designs", f"step_{step:06d}")
+        self.counters["design"] = jsonable(designed.config_overrides())
+        self.counters["designs"] = self.counters.get("designs", 0) + 1
+        self.counters["design_forward_equivalents"] = (self.counters.get("design_forward_equivalents", 0.0)
+                                                      + designed.pilot_cost["forward_equivalents"])
+        return jsonable(designed.summary())
+
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
                                cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
@@ -243,7 +270,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     models = load_models(cfg.model, device, DTYPES[cfg.dtype])
     latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
     plan_table = None
-    if cfg.max_memory_gb is not None:
+    if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
@@ -258,6 +285,8 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
+    if cfg.method == AUTO:  # pilot batches: the training batches stay those of a fixed method
+        generators["design"] = torch.Generator().manual_seed(cfg.seed + 2)
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
     value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
     if checkpoint is not None:
@@ -298,7 +327,8 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
+            step_cfg, designed = run.step_config(step)
+            grads = gradients(step_cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
                               run.device, run.dtype, run.value_state)
             with stops.deferred():  # the update is applied, logged and its RNG and value-fit states kept as one
                 record = apply(cfg, step, grads, run.optimizer)
@@ -309,6 +339,8 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 counters["seconds"] += seconds
                 record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(run.device),
                               rollout=run.rollout.kind, nonfinite_in_a_row=counters["consecutive_nonfinite"])
+                if designed is not None:
+                    record["design"] = run.commit_design(step - 1, designed)
                 log.write(record)
                 rng_after_step = capture_rng(run.generators)
             bar.update(1)
@@ -347,11 +379,13 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     curve = draw_reward_curve(log.records, out / "reward_curve.png")
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
-                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason}})
+                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
+                        **({"design": {k: counters.get(k) for k in ("design", "designs", "design_forward_equivalents")}}
+                           if cfg.method == AUTO else {})})
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "tensorboard") if p.exists()]
+                           out / "designs", out / "tensorboard") if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "

@@ -166,3 +166,24 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
         "grad_norm": grads.grad_norm, "lr": lr,
         "skipped": grads.skipped or False, "estimator": estimator,
     })
+
+
+def design_estimator(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                     generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """method='auto': the estimator rlr_fast.design chooses from cfg.design_pilots pilot batches, drawn as
+    training batches are but from `generator` (the training batches stay those of any fixed method)."""
+    from .design import Pilot, design
+
+    def pilot() -> Pilot:
+        ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generator)
+        x_T = initial_noise(models.unet, cfg.batch_size, generator, device,
+                            latent_size(cfg.resolution, models.unet.config, models.vae.config))
+        with nvtx_range("design rollout"), autocast(device, dtype):
+            traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generator,
+                              **bank.batch(ids, cfg.guidance_scale))
+        return Pilot(traj, latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
+                                         decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae), ids)
+
+    with nvtx_range("design"), autocast(device, dtype):
+        return design(models.unet, pilot, pilots=cfg.design_pilots, budget=cfg.design_budget, max_h=cfg.design_max_h,
+                      max_memory_gb=cfg.max_memory_gb, config=cfg, differentiable=reward.differentiable, seed=cfg.seed)
