@@ -285,8 +285,7 @@ def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
         if hasattr(unet, "add_adapter"):
             unet.add_adapter(config, adapter_name=_ADAPTER)
         else:  # diffusers gives some UNets (UNet3DConditionModel) no peft mixin: the same peft layers, injected
-            inject_adapter_in_model(config, unet, adapter_name=_ADAPTER)
-            unet.peft_config = {_ADAPTER: config}
+            inject_adapter_in_model(config, unet, adapter_name=_ADAPTER)  # also sets unet.peft_config
     return unet
 
 

@@ -255,7 +255,8 @@ def _eps(unet, seed=0):
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_video_round_trips_the_saved_folder(folders, kind):
     loaded = video.load_video(folders[kind])
-    assert video.is_video_folder(folders[kind]) and loaded.pipeline_class == video._KINDS[kind]
+    pipeline = {"modelscope": "TextToVideoSDPipeline", "animatediff": "AnimateDiffPipeline"}[kind]
+    assert video.is_video_folder(folders[kind]) and loaded.pipeline_class == pipeline
     assert torch.equal(_eps(loaded.unet), _eps(video.tiny_video(kind).unet))
     assert all(not p.requires_grad for p in loaded.unet.parameters())
     assert loaded.initial_noise(2, 5).shape == (2, 4, 5, 8, 8)
@@ -284,6 +285,17 @@ def test_load_video_errors(folders, tmp_path):
         parts.save_pretrained(tmp_path / "x")
     with pytest.raises(ValueError, match="num_frames=40 exceeds this motion model's motion_max_seq_length"):
         video.tiny_video("animatediff").initial_noise(1, 40)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_lora_trains_only_lora_and_starts_as_a_no_op(kind):
+    unet = video.tiny_video_unet(kind)
+    base = _eps(unet)
+    models.add_lora(unet, rank=2, alpha=2, seed=0)
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)
+    assert any("temp_attentions" in n or "motion_modules" in n for n in names)  # the temporal layers too
+    assert torch.equal(_eps(unet), base)
 
 
 def test_animatediff_pipeline_loads_our_lora(folders, tmp_path):
