@@ -7,7 +7,8 @@
     rlr-fast evaluate --lora out/demo --seeds 0-7
     rlr-fast convert hpsv2 --checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14 --out weights/HPSv2
 
-User errors (a bad key, value, path or file) print one line and exit with status 2.
+User errors (a bad key, value, path or file) print one line and exit with status 2; a run stopped
+by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -35,7 +36,8 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
+    """The parser; `finetune --help` lists every config key with its value in `help_preset`."""
     from .config import PRESETS, config_help
 
     parser = argparse.ArgumentParser(
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a LoRA on the UNet to raise a reward. Values come from a preset, then a YAML "
                     "file, then --set overrides.",
-        epilog="config keys (for --set key=value and YAML files):\n" + config_help())
+        epilog=f"config keys (for --set key=value and YAML files), with their values in preset {help_preset}:\n"
+               + config_help(help_preset))
     finetune.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: demo, or with "
                                                                     "--resume the resumed run's config)")
     finetune.add_argument("--config", metavar="YAML", help="YAML file of config keys (may name a `preset:`)")
@@ -129,32 +132,44 @@ def _run_finetune(args) -> int:
 
 
 def _inference_config(args):
-    """The config whose model/sampling/reward settings `sample` and `evaluate` default to."""
+    """The config whose model/sampling/reward settings `sample` and `evaluate` use, said on stderr:
+    --config or --preset, else the LoRA run's config.yaml, else the preset made for the model
+    (demo for the embedded default model, sd14 for a Stable Diffusion folder); flags override."""
     from .config import Config, load_config
 
     if args.config is not None or args.preset is not None:
+        source = f"config {args.config}" if args.config is not None else f"preset {args.preset}"
         base = load_config(preset=args.preset, path=args.config)
     elif args.lora is not None and (Path(args.lora) / "config.yaml").is_file():
+        source = f"the LoRA run's {Path(args.lora) / 'config.yaml'}"
         base = load_config(path=Path(args.lora) / "config.yaml")
     else:
-        base = Config.from_preset("demo")
+        preset = "demo" if args.model in (None, "default") else "sd14"
+        source = f"preset {preset}"
+        base = Config.from_preset(preset)
     flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
              "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
-    return base.with_overrides({k: v for k, v in flags.items() if v is not None})
+    cfg = base.with_overrides({k: v for k, v in flags.items() if v is not None}, validate=False)
+    return cfg.validate(chain=False), source  # --steps may be fewer than the estimator's chain needs
 
 
-def _load(cfg, lora):
-    from .train import DTYPES, load_for_inference, resolve_device
+def _load(args, cfg, source: str):
+    """The model (with --lora) of `sample`/`evaluate` and the config it runs with, after saying on
+    stderr which settings they use."""
+    from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
-    device = resolve_device(cfg)
-    return load_for_inference(cfg.model, lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+    device, cfg = resolve_device(cfg)
+    check_model(cfg.model)
+    print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
+          f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
+          f"{cfg.dtype} on {device}", file=sys.stderr)
+    return cfg, load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
 
 
 def _run_sample(args) -> int:
     from .config import load_prompts
-    from .train import generate_images, save_grid
+    from .inference import generate_images, prompt_rows, save_grid
 
-    cfg = _inference_config(args)
     prompts = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("sample needs --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -162,12 +177,11 @@ def _run_sample(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
-    models, dtype = _load(cfg, args.lora)
+    cfg, models, dtype = _load(args, *_inference_config(args))
     images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
                              seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                             dtype=dtype)
-    # seed-major -> prompt rows, seed columns
-    images = images.reshape(len(seeds), len(prompts), *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
+                             dtype=dtype, desc="sample")
+    images = prompt_rows(images, len(seeds))
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
@@ -181,10 +195,10 @@ def _run_sample(args) -> int:
 
 def _run_evaluate(args) -> int:
     from .config import load_prompts, parse_set
+    from .inference import evaluate_reward
     from .rewards import get_reward
-    from .train import evaluate_reward
 
-    cfg = _inference_config(args)
+    cfg, source = _inference_config(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = load_prompts(args.prompts or cfg.prompts)
@@ -194,12 +208,12 @@ def _run_evaluate(args) -> int:
     reward_name = args.reward or cfg.reward
     reward_kwargs = {} if args.reward else dict(cfg.reward_kwargs)
     reward_kwargs.update(parse_set(text) for text in args.reward_arg)
-    models, dtype = _load(cfg, args.lora)
+    cfg, models, dtype = _load(args, cfg, source)
     reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
     stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
                             guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
                             batch_size=args.batch_size)
-    stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, **stats}
+    stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, "settings": source, **stats}
     text = json.dumps(stats, indent=2)
     if args.out is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -216,18 +230,37 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _help_preset(argv: list[str]) -> str:
+    """The preset `finetune --help` shows values of: --preset's, else the --config file's, else demo."""
+    from .config import PRESETS, read_yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    preset = known.preset
+    if preset is None and known.config is not None:
+        try:
+            preset = read_yaml(known.config).get("preset")
+        except (ValueError, OSError):
+            pass  # the run itself reports a bad file
+    return preset if preset in PRESETS else "demo"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_help_preset(argv) if "-h" in argv or "--help" in argv else "demo").parse_args(argv)
     run = {"finetune": _run_finetune, "sample": _run_sample, "evaluate": _run_evaluate,
            "convert": _run_convert}[args.command]
     try:
         return run(args)
     except USER_ERRORS as e:
-        print(f"rlr-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"rlr-fast {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a training loop has written a checkpoint and said how to resume
-        print(f"rlr-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a training loop has written a checkpoint and said how to resume
+        signum = getattr(e, "signum", 2)
+        print(f"rlr-fast {args.command}: stopped ({'SIGTERM' if signum == 15 else 'interrupted'})", file=sys.stderr)
+        return 128 + signum
     except RuntimeError as e:
         from .train import NonFiniteError
 

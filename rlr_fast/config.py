@@ -24,6 +24,9 @@ from .options import (EstimatorOptions, check_choice, check_min, check_positive,
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
+ROLLOUTS = ("auto", "cuda_graph", "eager")
+# What one command asks for rather than what a run is: left out of the config a run records.
+INVOCATION_KEYS = {"overwrite": False, "resume": None}
 
 # Common animal names, for prompts "a photo of a <animal>" in the style of DDPO's and the RLR
 # paper's aesthetic experiments (our own list).
@@ -58,13 +61,17 @@ class Config(EstimatorOptions):
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
     seed: int = option(0, "seeds LoRA init, prompts, initial noise, sampling noise and the estimator")
     out_dir: str = option("out/run", "directory for metrics, samples, checkpoints and the final LoRA")
-    overwrite: bool = option(False, "start afresh in an out_dir that already holds a run")
+    overwrite: bool = option(False, "delete the run (checkpoints, LoRA) an out_dir holds and start afresh; asked "
+                                    "for on the command line (--set overwrite=true) or from Python only, never "
+                                    "from a YAML file or preset (an out_dir without checkpoints is reused anyway)")
     resume: Optional[str] = option(None, "continue the run in this out_dir (or from this checkpoint file)")
 
     # --- sampling
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
                                   "prompt per line ('#' starts a comment)")
     num_steps: int = option(20, "DDIM sampling steps T")
+    rollout: str = option("auto", "training rollouts: 'auto' (replayed from a CUDA graph on a GPU, eager "
+                                  "elsewhere or when capture fails, with the reason), 'cuda_graph' or 'eager'")
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
@@ -147,12 +154,19 @@ class Config(EstimatorOptions):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> "Config":
-        """Raise ValueError/TypeError naming the first bad value; returns self."""
+    def as_run(self) -> "Config":
+        """This config without what one command asks for (overwrite, resume): what a run records in
+        its config.yaml and checkpoints, so reusing that file never deletes or resumes anything."""
+        return dataclasses.replace(self, **INVOCATION_KEYS)
+
+    def validate(self, chain: bool = True) -> "Config":
+        """Raise ValueError/TypeError naming the first bad value; returns self. chain=False skips the
+        estimator's checks against num_steps and eta (for sampling, which runs no estimator)."""
         EstimatorOptions.validate(self)  # types of every field (a Config built directly bypasses parsing)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("rollout", self.rollout, ROLLOUTS)
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
         if not self.model:
@@ -186,7 +200,8 @@ class Config(EstimatorOptions):
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
-        self.check_chain(self.num_steps, self.eta)
+        if chain:
+            self.check_chain(self.num_steps, self.eta)
         return self
 
     def estimator_options(self) -> EstimatorOptions:
@@ -201,10 +216,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded tiny model on the CPU: about a minute on 2 cores. The reward is `brightness`
     # (differentiable): the embedded model already follows its prompts' colours (color_match
     # near its maximum, so a colour demo has nothing left to raise), while brightness has headroom
-    # and rises by ~10 standard errors in 60 steps (measured; README). A demo is disposable, so
-    # running it again replaces out/demo (overwrite) instead of refusing.
+    # and rises by ~10 standard errors in 60 steps (measured; README). Like every run, a finished
+    # demo is continued with --resume or replaced with --set overwrite=true, never silently.
     "demo": dict(
-        model="default", device="cpu", dtype="float32", out_dir="out/demo", overwrite=True,
+        model="default", device="cpu", dtype="float32", out_dir="out/demo",
         prompts="demo", reward="brightness", num_steps=10, eta=1.0, guidance_scale=1.0,
         batch_size=8, images_per_prompt=2, method="rlr", first_order_steps=1, h=2,
         baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=3e-3, train_steps=60, warmup_steps=5,
@@ -265,7 +280,9 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -278,6 +295,10 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
     """The config of a run: `base` or a preset (argument, else the YAML's `preset:` key, else demo),
     then the YAML file's keys, then the `--set key=value` overrides."""
     data = read_yaml(path) if path is not None else {}
+    if "overwrite" in data and coerce("overwrite", data["overwrite"], bool):
+        raise ValueError(f"config file {path} sets overwrite: {data['overwrite']}; deleting an earlier run is "
+                         "asked for on the command line only (--set overwrite=true), so a reused file never "
+                         "deletes one")
     name = preset or data.pop("preset", None)
     data.pop("preset", None)
     if base is not None and name is None:
@@ -306,11 +327,11 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def config_help() -> str:
-    """Every config key with its type, its value in the demo preset and its documentation."""
-    demo = Config.from_preset("demo")
+def config_help(preset: str = "demo") -> str:
+    """Every config key with its type, its value in `preset` and its documentation."""
+    values = Config.from_preset(preset)
     rows = []
     for f in dataclasses.fields(Config):
         tp = type_name(field_types()[f.name])
-        rows.append(f"  {f.name} ({tp}, demo: {getattr(demo, f.name)!r})\n      {f.metadata['doc']}")
+        rows.append(f"  {f.name} ({tp}, {preset}: {getattr(values, f.name)!r})\n      {f.metadata['doc']}")
     return "\n".join(rows)

@@ -18,11 +18,13 @@ module), so it can be used on its own.
 """
 
 import json
+import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
+import safetensors
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The weight file names (without extension) diffusers and transformers save each model component as.
+_WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # The file name `StableDiffusionPipeline.load_lora_weights(dir)` looks for first.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # diffusers' default adapter name (`ModelMixin.add_adapter`); we keep one adapter per UNet.
@@ -96,22 +100,10 @@ def _check_components(components: tuple[str, ...] | list[str], allowed: tuple[st
         raise ValueError(f"unknown component(s) {unknown}; choose from {allowed}")
 
 
-def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-            components: tuple[str, ...] = COMPONENTS) -> SDModels:
-    """Load Stable Diffusion components from a local diffusers folder, frozen and in eval mode.
-
-    The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json plus
-    unet/, vae/, text_encoder/, tokenizer/, scheduler/). Every load passes `local_files_only=True`,
-    so a wrong path fails here instead of turning into a hub download.
-
-    The scheduler is always loaded as a `DDIMScheduler` from scheduler/scheduler_config.json: the RLR
-    estimator needs DDIM's Gaussian transition, and SD1.4 ships a PNDMScheduler config that
-    `DDIMScheduler.from_pretrained` converts (same betas; PNDM-only keys are ignored).
-    """
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
+def check_sd_folder(path: Path, components: tuple[str, ...] = COMPONENTS) -> None:
+    """Refuse a path that is not a diffusers Stable Diffusion folder with these components, naming
+    what is missing (cheap: reads no weights)."""
     _check_components(components, COMPONENTS)
-    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Stable Diffusion folder {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -123,14 +115,62 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         if not (path / name).is_dir():
             raise FileNotFoundError(f"component {name!r} is missing: no folder {path / name}")
 
+
+def _load_ddim(path: Path) -> DDIMScheduler:
+    """The folder's scheduler config as a DDIMScheduler that samples as Stable Diffusion does.
+
+    A config without `clip_sample` (diffusers writes PNDMScheduler configs, SD1.4's, without it)
+    would become DDIM's default clip_sample=True, which SD does not use; it becomes False, said
+    once. A config that sets clip_sample or thresholding is refused, naming the file and key.
+    """
+    file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text(encoding="utf-8"))
+    overrides = {}
+    if "clip_sample" not in config:
+        overrides["clip_sample"] = False
+        print(f"note: {file} has no clip_sample key ({config.get('_class_name', 'scheduler')} config); sampling "
+              "with DDIM and clip_sample=False, as Stable Diffusion does", file=sys.stderr)
+    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True, **overrides)
+    for key in ("clip_sample", "thresholding"):
+        if scheduler.config[key]:
+            raise ValueError(f"{file} sets {key}: true, which Stable Diffusion does not use and the likelihood "
+                             f"ratios cannot (a nonlinear step); set \"{key}\": false in that file")
+    return scheduler
+
+
+def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            components: tuple[str, ...] = COMPONENTS) -> SDModels:
+    """Load Stable Diffusion components from a local diffusers folder, frozen and in eval mode.
+
+    The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json plus
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/). Every load passes `local_files_only=True`,
+    so a wrong path fails here instead of turning into a hub download.
+
+    The scheduler is always loaded as a `DDIMScheduler` from scheduler/scheduler_config.json: the RLR
+    estimator needs DDIM's Gaussian transition, and SD1.4 ships a PNDMScheduler config that
+    `DDIMScheduler.from_pretrained` converts (same betas; PNDM-only keys are ignored; see `_load_ddim`
+    for clip_sample). Weights load from safetensors wherever a component has them.
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
+    path = Path(path)
+    check_sd_folder(path, components)
+
+    def weights(name: str) -> dict:
+        # safetensors only where the folder has them, so no pickle loading path is even tried
+        stem = path / name / _WEIGHTS_STEM[name]
+        has = any(Path(f"{stem}{ext}").is_file() for ext in (".safetensors", ".safetensors.index.json"))
+        return {"use_safetensors": True} if has else {}
+
     loaders = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
-                                                             local_files_only=True),
-        "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True),
+                                                             local_files_only=True, **weights("unet")),
+        "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                                     **weights("vae")),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                              local_files_only=True),
+                                                              local_files_only=True, **weights("text_encoder")),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-        "scheduler": lambda: DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
+        "scheduler": lambda: _load_ddim(path),
     }
     loaded = {}
     for name in components:
@@ -159,10 +199,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_byte_tokenizer(folder: Path) -> int:
-    """Write a CLIP tokenizer's files (vocab.json, merges.txt) over the bare byte alphabet.
+    """Write a CLIP tokenizer's files (vocab.json, merges.txt, tokenizer_config.json) over the bare
+    byte alphabet.
 
     Every byte is a token (also with the `</w>` word-end suffix), no merges: any prompt
-    tokenizes, offline. Returns the vocabulary size (514).
+    tokenizes, offline. The config sets CLIP's 77-token context, so padding to the tokenizer's
+    max length works (without it transformers reads ~1e30). Returns the vocabulary size (514).
     """
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
@@ -170,6 +212,7 @@ def write_byte_tokenizer(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}), encoding="utf-8")
     return len(tokens)
 
 
@@ -181,7 +224,7 @@ def _tiny_tokenizer() -> CLIPTokenizer:
     """
     with tempfile.TemporaryDirectory(prefix="rlr_tiny_tokenizer_") as tmp:
         write_byte_tokenizer(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 def tiny_sd(seed: int = 0, *, sample_size: int = 8, cross_attention_dim: int = 32) -> SDModels:
@@ -304,7 +347,8 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
 
     diffusers format (keys `unet.<module>.lora.down/up.weight`) with the peft LoraConfig in the
     safetensors metadata, so `StableDiffusionPipeline.load_lora_weights(directory)` restores the
-    exact scaling alpha / rank (without it, diffusers would assume alpha = rank).
+    exact scaling alpha / rank (without it, diffusers would assume alpha = rank). Written into a
+    hidden temporary folder and renamed, so a crash leaves the old file or the new one.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -315,10 +359,13 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
         raise ValueError("the UNet has no LoRA adapter to save; call add_lora first")
     peft_state = get_peft_model_state_dict(unet, adapter_name=_ADAPTER)
     state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=directory, unet_lora_layers=state, safe_serialization=True,
-        unet_lora_adapter_metadata=config.to_dict(),
-    )
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp", dir=directory) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=tmp, unet_lora_layers=state, safe_serialization=True,
+            unet_lora_adapter_metadata=config.to_dict(),
+        )
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, directory / LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
 
 
@@ -332,8 +379,12 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
     file = Path(directory) / LORA_WEIGHT_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no LoRA weights at {file} (save_lora writes {LORA_WEIGHT_NAME} into its directory)")
-    with safetensors.safe_open(file, framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:
+            header = f.metadata() or {}
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # e.g. a pickle under the safetensors name
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if _LORA_METADATA_KEY not in header:
         raise ValueError(f"{file} has no LoRA config in its metadata, so it was not written by save_lora; "
                          "load it with StableDiffusionPipeline.load_lora_weights")
@@ -348,7 +399,6 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
         raise ValueError(f"the UNet's LoRA (rank {config.r}, alpha {config.lora_alpha}) does not match {file} "
                          f"(rank {saved['r']}, alpha {saved['lora_alpha']})")
 
-    weights = safetensors.torch.load_file(file)
     peft_state = convert_unet_state_dict_to_peft(
         {k.removeprefix(_UNET_PREFIX): v for k, v in weights.items() if k.startswith(_UNET_PREFIX)})
     result = set_peft_model_state_dict(unet, peft_state, adapter_name=_ADAPTER)

@@ -35,3 +35,40 @@ def tiny_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd")
     tiny_sd(seed=0).save_pretrained(path)
     return path
+
+
+def _corrupt_tensor(path, name: str, how: str = "exponent") -> None:
+    """Damage tensor `name` of a safetensors file in place, leaving its header intact: flip the top
+    exponent bit of its first (little-endian float32) element, or overwrite all its bytes with random ones."""
+    import json
+
+    import numpy as np
+
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_len])[name]["data_offsets"]
+    start, end = start + 8 + header_len, end + 8 + header_len
+    if how == "exponent":
+        data[start + 3] ^= 0x40
+    else:
+        data[start:end] = np.random.default_rng(0).bytes(end - start)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def corrupt_tensor():
+    """`corrupt_tensor(path, name, how="exponent" | "random")`: damage one tensor of a safetensors file."""
+    return _corrupt_tensor
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot create entries in: one without write permission, or for root
+    (whom permissions do not bind) /sys, which refuses every new entry."""
+    from pathlib import Path
+
+    if os.geteuid() == 0:
+        return Path("/sys")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    return locked

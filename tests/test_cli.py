@@ -2,13 +2,27 @@
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
 from rlr_fast.cli import main, parse_seeds
 from rlr_fast.config import Config
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The one line of ours on stderr, an error (libraries may log lines of their own before it)."""
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("rlr-fast ")]
+    assert len(ours) == 1 and ours[0].startswith(f"rlr-fast {command}: error: ") and "Traceback" not in err, err
+    return ours[0]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +47,15 @@ def test_help_lists_every_config_key(capsys):
         assert f"\n  {f.name} (" in text, f.name
     for option in ("--preset", "--config", "--set", "--resume", "--out", "--profile"):
         assert option in text
+    assert "num_steps (int, demo: 10)" in text
+
+
+@pytest.mark.parametrize("argv", [["--preset", "sd14"], ["--config", "rlr_fast/configs/sd14.yaml"]])
+def test_help_shows_the_chosen_presets_values(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", *argv, "--help"])
+    text = capsys.readouterr().out
+    assert "values in preset sd14" in text and "num_steps (int, sd14: 50)" in text and "demo:" not in text
 
 
 def test_finetune_end_to_end(run_dir, capsys):
@@ -56,6 +79,8 @@ def test_sample_writes_images(run_dir, tmp_path, capsys):
     out = tmp_path / "samples"
     assert main(["sample", "--lora", str(run_dir), "--prompt", "a red circle on a blue background",
                  "--prompt", "a white circle on a black background", "--seeds", "0-1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"settings from the LoRA run's {run_dir / 'config.yaml'}" in err and "sample:" in err  # source; a bar
     from PIL import Image
 
     assert sorted(p.name for p in out.glob("*.png")) == [
@@ -70,7 +95,8 @@ def test_evaluate_prints_reward_statistics(run_dir, tmp_path, capsys):
     assert main(["evaluate", "--lora", str(run_dir), "--prompts", str(prompts), "--seeds", "0,1",
                  "--reward", "color_match", "--out", str(out)]) == 0
     stats = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == stats
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == stats and "evaluate:" in printed.err  # a progress bar
     assert stats["n"] == 4 and stats["reward"] == "color_match" and len(stats["per_prompt"]) == 2
     assert stats["stderr"] == pytest.approx(stats["std"] / 2)
     assert -1 <= stats["mean"] <= 0  # color_match lies in [-1, 0]
@@ -81,6 +107,7 @@ def test_evaluate_prints_reward_statistics(run_dir, tmp_path, capsys):
     (["finetune", "--set", "batch_size=0"], "batch_size must be >= 1, got 0"),
     (["finetune", "--set", "num_steps=4", "--set", "h=4"], "h=4 is too large for num_steps=4"),
     (["finetune", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["finetune", "--set", "rollout=graph"], "rollout must be one of ['auto', 'cuda_graph', 'eager']"),
     (["sample", "--seeds", "a-b", "--prompt", "x"], "--seeds expects integers"),
     (["sample"], "needs --prompt"),
     (["evaluate", "--prompts", "no_such_set"], "neither a built-in prompt set"),
@@ -89,6 +116,88 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith(f"rlr-fast {argv[0]}: error:")
+
+
+def test_evaluate_a_model_without_a_lora_uses_the_preset_made_for_it(tiny_folder, tmp_path, capsys):
+    """A Stable Diffusion folder without a run's config samples with the sd14 preset, and says so."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    argv = ["evaluate", "--model", str(tiny_folder), "--device", "cpu", "--steps", "2", "--seeds", "0",
+            "--prompts", str(prompts), "--reward", "brightness"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    stats = json.loads(printed.out)
+    assert stats["guidance_scale"] == 7.5 and stats["num_steps"] == 2 and stats["settings"] == "preset sd14"
+    assert (f"evaluate: model {tiny_folder} (no LoRA); settings from preset sd14 and flags: 2 steps, guidance 7.5, "
+            "eta 1.0, float32 on cpu") in printed.err
+    config = tmp_path / "mine.yaml"
+    config.write_text("preset: demo\nguidance_scale: 3.0\n")
+    assert main(argv + ["--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["guidance_scale"] == 3.0 and f"settings from config {config}" in printed.err
+
+
+def test_sample_with_a_pickle_as_the_lora_is_one_line(tiny_folder, tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    torch.save({"weights": torch.ones(2)}, tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert main(["sample", "--preset", "demo", "--model", str(tiny_folder), "--lora", str(tmp_path / "lora"),
+                 "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    assert "pytorch_lora_weights.safetensors is not a readable safetensors file" in one_error_line(capsys, "sample")
+
+
+def test_bad_yaml_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "syntax.yaml").write_text("lr: [1e-3,\nh: 2\nbatch_size: 4\n")
+    assert main(["finetune", "--config", str(tmp_path / "syntax.yaml")]) == 2
+    assert "syntax.yaml is not valid YAML" in one_error_line(capsys, "finetune")
+    (tmp_path / "deletes.yaml").write_text("overwrite: true\n")
+    assert main(["finetune", "--config", str(tmp_path / "deletes.yaml")]) == 2
+    assert "asked for on the command line only (--set overwrite=true)" in one_error_line(capsys, "finetune")
+
+
+def test_an_unwritable_out_dir_is_one_line(unwritable_dir, capsys):
+    out = unwritable_dir / "run"
+    assert main(["finetune", "--out", str(out)]) == 2
+    assert str(out) in one_error_line(capsys, "finetune")
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(run_dir, tmp_path, capsys, corrupt_tensor):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    corrupt_tensor(copy / "checkpoints" / "step_000002.safetensors", "rng/torch_cpu", how="random")
+    assert main(["finetune", "--resume", str(copy)]) == 2
+    assert "is corrupt: tensor 'rng/torch_cpu'" in one_error_line(capsys, "finetune")
+
+
+def test_sigterm_and_a_second_run_from_the_command_line(tiny_folder, tmp_path, capsys):
+    """While a run holds its out_dir a second one refuses in one line; SIGTERM then stops the first
+    with a checkpoint, exit status 143 and the resume command."""
+    config = tmp_path / "long.yaml"
+    config.write_text(f"model: {tiny_folder}\nnum_steps: 3\nbatch_size: 2\nsample_prompts: 0\ntensorboard: false\n"
+                      "train_steps: 500\ncheckpoint_every: 0\n")
+    out = tmp_path / "run"
+    argv = ["finetune", "--config", str(config), "--out", str(out)]
+    second = []
+
+    def when_running():
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        second.append(main(argv))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=when_running, daemon=True)
+    watcher.start()
+    assert main(argv) == 128 + signal.SIGTERM
+    watcher.join()
+    err = capsys.readouterr().err
+    assert second == [2]
+    assert f"rlr-fast finetune: error: out_dir {out} is in use by another run (PID {os.getpid()})" in err
+    assert "Traceback" not in err and f"Resume with: rlr-fast finetune --resume {out}" in err
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{steps:06d}.safetensors"]
+    assert not (out / ".rlr_fast.lock").exists()
 
 
 def test_module_entry_point_exits_2_without_traceback():

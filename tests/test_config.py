@@ -105,12 +105,39 @@ def test_yaml_file_preset_then_keys_then_sets(tmp_path):
     ("lr_rate: 0.1\n", ValueError, "did you mean 'lr'"),
     ("- a\n- b\n", ValueError, "must hold a mapping"),
     ("lr: [1\n", ValueError, "not valid YAML"),
+    ("lr: [1e-3,\nh: 2\nbatch_size: 4\n", ValueError, r"not valid YAML: .* at line 3, column \d+$"),
+    ("overwrite: yes\n", ValueError, r"sets overwrite: True; .*on the command line only \(--set overwrite=true\)"),
 ])
 def test_bad_yaml_files(tmp_path, text, error, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         load_config(path=path)
+    assert "\n" not in str(raised.value)  # one line, also for YAML syntax errors
+
+
+def test_a_run_records_its_config_without_what_one_command_asked_for(tmp_path):
+    cfg = Config.from_preset("demo", overwrite=True, resume="out/x", lr=2e-3)
+    recorded = cfg.as_run()
+    assert (recorded.overwrite, recorded.resume, recorded.lr) == (False, None, 2e-3)
+    path = tmp_path / "config.yaml"
+    path.write_text(recorded.to_yaml())
+    assert load_config(path=path) == recorded  # a run's config.yaml is a valid --config
+    assert not any(preset.get("overwrite") for preset in PRESETS.values())  # no preset deletes a run
+    load_config(path=path, sets=["overwrite=true"])  # the command line may ask for it
+
+
+def test_sd14_yaml_reads_reward_weights_from_rlr_fast_weights(tmp_path, monkeypatch):
+    """The shipped sd14.yaml pins no weight paths, so $RLR_FAST_WEIGHTS (README) decides where they are."""
+    from pathlib import Path
+
+    import rlr_fast
+    from rlr_fast.rewards import get_reward
+
+    cfg = load_config(path=Path(rlr_fast.__file__).parent / "configs" / "sd14.yaml")
+    monkeypatch.setenv("RLR_FAST_WEIGHTS", str(tmp_path / "my_weights"))
+    with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path / "my_weights" / "clip-vit-large-patch14")):
+        get_reward(cfg.reward, **cfg.reward_kwargs)
 
 
 def test_missing_yaml_file(tmp_path):
@@ -157,3 +184,11 @@ def test_help_documents_every_key():
     for f in dataclasses.fields(Config):
         assert f"  {f.name} (" in text and f.metadata["doc"] in text
     assert set(PRESETS) == {"demo", "sd14"}
+    assert "num_steps (int, demo: 10)" in text and "num_steps (int, sd14: 50)" in config_help("sd14")
+
+
+def test_sampling_settings_validate_without_the_estimators_chain():
+    cfg = Config.from_preset("demo").with_overrides({"num_steps": 2}, validate=False)
+    with pytest.raises(ValueError, match="h=2 is too large for num_steps=2"):
+        cfg.validate()
+    assert cfg.validate(chain=False) is cfg

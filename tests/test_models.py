@@ -98,6 +98,14 @@ def test_tokenizer_and_encode_prompts_work_offline():
     assert not torch.allclose(emb[0], emb[1])
 
 
+def test_byte_tokenizer_files_carry_clips_77_token_context(tmp_path):
+    """Loaded without arguments, the written tokenizer pads to 77 (transformers' default is ~1e30)."""
+    models.write_byte_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert tok.model_max_length == 77
+    assert len(tok(["a cat"], padding="max_length", max_length=tok.model_max_length).input_ids[0]) == 77
+
+
 # ---- save_pretrained / load_sd -------------------------------------------------------------------
 
 def test_save_then_load_sd_round_trips_exactly(tiny_dir):
@@ -128,16 +136,55 @@ def test_load_sd_subset_dtype_and_device(tiny_dir):
     assert {p.device.type for p in sd.unet.parameters()} == {"cpu"}
 
 
-def test_load_sd_turns_pndm_scheduler_config_into_ddim(tiny_dir, tmp_path):
-    """SD1.4 ships a PNDMScheduler config; load_sd must hand back DDIM with the same betas."""
+def test_load_sd_turns_pndm_scheduler_config_into_ddim(tiny_dir, tmp_path, capsys):
+    """SD1.4 ships a PNDMScheduler config, without clip_sample: load_sd must hand back DDIM with the
+    same betas and clip_sample=False (DDIM's default, True, is not how SD samples), and say so once."""
+    from rlr_fast.rollout import check_scheduler
+
     folder = tmp_path / "sd"
     models.tiny_sd(0).save_pretrained(folder)
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
                   skip_prk_steps=True, steps_offset=1).save_pretrained(folder / "scheduler")
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and "clip_sample" not in config
+    capsys.readouterr()
     sched = models.load_sd(folder, components=("scheduler",)).scheduler
-    assert isinstance(sched, DDIMScheduler)
+    assert isinstance(sched, DDIMScheduler) and sched.config.clip_sample is False
+    check_scheduler(sched)  # the rollout accepts it
     assert torch.equal(sched.alphas_cumprod, models.tiny_sd(0).scheduler.alphas_cumprod)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "clip_sample" in line]
+    assert len(notes) == 1 and "scheduler_config.json has no clip_sample key (PNDMScheduler config)" in notes[0]
+
+
+def test_load_sd_names_file_and_key_of_a_clipping_scheduler(tmp_path):
+    folder = tmp_path / "sd"
+    models.tiny_sd(0).save_pretrained(folder)
+    file = folder / "scheduler" / "scheduler_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "clip_sample": True}))
+    with pytest.raises(ValueError, match=rf'{re.escape(str(file))} sets clip_sample: true.*set "clip_sample": false'):
+        models.load_sd(folder, components=("scheduler",))
+
+
+def test_load_sd_reads_safetensors_only_where_a_component_has_them(tmp_path, monkeypatch):
+    """With safetensors present, no pickle path is tried (use_safetensors=True); a component saved
+    only as a pickle still loads the way diffusers loads it."""
+    folder = tmp_path / "sd"
+    sd = models.tiny_sd(0)
+    sd.save_pretrained(folder)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(sd.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.bin")
+    asked = {}
+    for cls, name in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _name=name, _original=original, **kwargs):
+            asked[_name] = kwargs.get("use_safetensors")
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    loaded = models.load_sd(folder)
+    assert asked == {"unet": True, "vae": None, "text_encoder": True}
+    assert torch.equal(_eps(loaded.unet), _eps(sd.unet))
 
 
 def test_save_pretrained_refuses_a_unet_with_lora(tmp_path):
@@ -288,6 +335,23 @@ def test_save_lora_onto_a_file_path(tmp_path):
 def test_save_lora_without_adapter(tmp_path):
     with pytest.raises(ValueError, match="add_lora"):
         models.save_lora(models.tiny_sd(0).unet, tmp_path)
+
+
+def test_load_lora_of_a_pickle_is_one_clear_error(tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / models.LORA_WEIGHT_NAME)
+    with pytest.raises(ValueError, match=r"is not a readable safetensors file \(SafetensorError") as error:
+        models.load_lora(models.tiny_sd(0).unet, tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_save_lora_replaces_the_file_and_leaves_no_temporary_folder(tmp_path):
+    unet = models.add_lora(models.tiny_sd(0).unet)
+    models.save_lora(unet, tmp_path)
+    _simulate_training(unet)
+    models.save_lora(unet, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [models.LORA_WEIGHT_NAME]
+    fresh = models.load_lora(models.tiny_sd(0).unet, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(models.lora_parameters(unet), models.lora_parameters(fresh)))
 
 
 def test_load_lora_missing_file(tmp_path):

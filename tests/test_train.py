@@ -1,6 +1,10 @@
-"""finetune on a tiny offline SD: outputs, bit-exact resume, Ctrl-C, non-finite updates, bad input."""
+"""finetune on a tiny offline SD: outputs, bit-exact resume (after kills, signals, damaged files),
+non-finite updates, bad input, and an out_dir that never loses a run."""
 
 import json
+import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -8,7 +12,8 @@ import safetensors.torch
 import torch
 
 from rlr_fast.config import Config
-from rlr_fast.train import NonFiniteError, _resolve_config, finetune
+from rlr_fast.run_dir import RunLock
+from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, _resolve_config, finetune
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +29,22 @@ def lora_tensors(out_dir):
 
 def records(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_of(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def same_lora(a, b):
+    a, b = lora_tensors(a), lora_tensors(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +87,8 @@ def test_lora_changes_the_unet_and_loads_in_a_stock_pipeline(straight, tiny_fold
     assert (tuned - base).abs().max() > 1e-6
 
 
-def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path):
+def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
+    """Killed at step 3 in the middle of writes: a torn metrics line and temporary files are left."""
     def kill_at_3(step, record):
         if step == 3:
             raise RuntimeError("simulated kill")
@@ -74,11 +96,55 @@ def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path):
     with pytest.raises(RuntimeError, match="simulated kill"):
         finetune(out_dir=str(tmp_path), train_steps=4, sample_every=2, checkpoint_every=2, callback=kill_at_3, **tiny)
     assert len(records(tmp_path)) == 3  # step 3 was logged, but the last checkpoint is step 2
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "reward_me')
+    leftovers = [tmp_path / "checkpoints" / "step_000004.safetensors.k2j3.tmp", tmp_path / ".summary.json.a8.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
     result = finetune(resume=str(tmp_path))
+    err = capsys.readouterr().err
+    assert "dropped the torn last line" in err and "removed 2 temporary file(s)" in err
+    assert not any(path.exists() for path in leftovers)
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in records(tmp_path)] == [r["reward_mean"] for r in records(straight.out_dir)]
-    a, b = lora_tensors(straight.out_dir), lora_tensors(result.out_dir)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_lora(straight.out_dir, result.out_dir)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
+    def terminate_at_1(step, record):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def default_action(signum, frame):  # what SIGTERM did before: end the process without a checkpoint
+        pytest.fail("SIGTERM reached the process's own handler")
+
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(StopRequested) as stop:
+            finetune(out_dir=str(tmp_path), train_steps=4, sample_every=2, checkpoint_every=2,
+                     callback=terminate_at_1, **tiny)
+        assert signal.getsignal(signal.SIGTERM) is default_action  # the run's handler is gone with the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.signum == signal.SIGTERM
+    assert (tmp_path / "checkpoints" / "step_000001.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 1/4" in err and f"--resume {tmp_path}" in err
+    result = finetune(resume=str(tmp_path))
+    assert same_lora(straight.out_dir, result.out_dir)
+
+
+def test_a_signal_during_a_commit_waits_for_its_end():
+    committed = []
+    with StopSignals() as stops:
+        with pytest.raises(StopRequested):
+            with stops.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                committed.append("rest of the update")
+        with pytest.raises(StopRequested):  # outside a commit it stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            committed.append("never")
+    assert committed == ["rest of the update"]
 
 
 def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
@@ -99,7 +165,8 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_p
 def test_resume_with_another_config_is_refused(straight):
     with pytest.raises(ValueError, match=r"cannot resume .*lr: checkpoint 0.01, now 0.02"):
         finetune(resume=str(straight.out_dir), lr=2e-2)
-    other = _resolve_config(None, {"resume": str(straight.out_dir), "train_steps": 9})
+    other, checkpoint = _resolve_config(None, {"resume": str(straight.out_dir), "train_steps": 9})
+    assert checkpoint.step == 4
     assert other.train_steps == 9 and other.lr == 1e-2  # the checkpoint's config, extended
 
 
@@ -127,10 +194,15 @@ def test_nonfinite_gradients_stop_the_run_after_max_nonfinite(tiny, tmp_path):
     def infinite_slope(images, prompts):  # value 0, d sqrt(x)/dx = inf at 0
         return (images.mean((1, 2, 3)) * 0).sqrt()
 
-    with pytest.raises(NonFiniteError, match=r"stopped at step 2: 2 updates in a row .*non-finite gradient"):
+    with pytest.raises(NonFiniteError, match=r"stopped at step 2: 2 updates in a row .*non-finite gradient.*The "
+                                             r"LoRA of the last applied update and a checkpoint are in"):
         finetune(out_dir=str(tmp_path), train_steps=5, max_nonfinite=2, reward=infinite_slope, **tiny)
     rows = records(tmp_path)
     assert [r["skipped"] for r in rows] == ["gradient", "gradient"]
+    # nothing was applied, so the last good LoRA is the initial one; it, a checkpoint and the summary are kept
+    assert all(not t.any() for name, t in lora_tensors(tmp_path).items() if "lora.up" in name)
+    assert (tmp_path / "checkpoints" / "step_000002.safetensors").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_skipped"] == 2
 
 
 def test_reward_of_wrong_shape(tiny, tmp_path):
@@ -148,15 +220,21 @@ def test_unknown_reward_name(tiny, tmp_path):
         finetune(out_dir=str(tmp_path), reward="colour_match", **tiny)
 
 
-def test_missing_reward_weights(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere/clip"):
-        finetune(out_dir=str(tmp_path), reward="aesthetic", **tiny,
-                 reward_kwargs={"clip_path": str(tmp_path / "nowhere/clip"), "head_path": str(tmp_path / "h.pth")})
+def nowhere(tmp_path):
+    return {"clip_path": str(tmp_path / "nowhere/clip"), "head_path": str(tmp_path / "nowhere/head.pth")}
 
 
-def test_missing_model_folder(tiny, tmp_path):
+def test_missing_reward_weights_leave_no_out_dir(tiny, tmp_path):
+    """The weights are found missing after the out_dir was locked: the failed start removes it again."""
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere/clip"):
+        finetune(out_dir=str(tmp_path / "out"), reward="aesthetic", reward_kwargs=nowhere(tmp_path), **tiny)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_model_path_is_checked_before_the_reward_weights(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_model does not exist"):
-        finetune(out_dir=str(tmp_path / "out"), **{**tiny, "model": str(tmp_path / "no_such_model")})
+        finetune(out_dir=str(tmp_path / "out"), reward="aesthetic", reward_kwargs=nowhere(tmp_path),
+                 **{**tiny, "model": str(tmp_path / "no_such_model")})
 
 
 def test_folder_that_is_not_a_diffusers_layout(tiny, tmp_path):
@@ -178,10 +256,91 @@ def test_output_path_that_is_a_file(tiny, tmp_path):
         finetune(out_dir=str(tmp_path / "taken"), **tiny)
 
 
-def test_output_dir_with_an_earlier_run(straight, tiny):
-    with pytest.raises(ValueError, match="already holds a run.*--resume"):
-        finetune(out_dir=str(straight.out_dir), overwrite=False, **tiny)
-    assert Config.from_preset("demo").overwrite  # a demo run replaces the previous demo
+def test_bad_values_never_touch_an_existing_run(straight, tiny, tmp_path):
+    """Even with overwrite asked for, a bad model, reward or prompts file stops the run before it deletes anything."""
+    run = copy_of(straight.out_dir, tmp_path)
+    before = snapshot(run)
+    for bad in ({"model": str(tmp_path / "no_such_model")}, {"reward": "no_such_reward"},
+                {"prompts": str(tmp_path / "no_prompts.txt")}):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            finetune(out_dir=str(run), **{**tiny, "overwrite": True, **bad})
+        assert snapshot(run) == before, bad
+
+
+def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(straight, tiny, tmp_path):
+    run = copy_of(straight.out_dir, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoints/step_000004.safetensors, .*pytorch_lora_weights"
+                                         r".safetensors\); continue it with --resume .*overwrite=true"):
+        finetune(Config.from_preset("demo", **tiny), out_dir=str(run))  # as `rlr-fast finetune --preset demo` reruns it
+    assert snapshot(run) == before
+    finetune(out_dir=str(run), overwrite=True, train_steps=1, **tiny)
+    assert [r["step"] for r in records(run)] == [1] and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_000001.safetensors"]
+
+
+def test_a_run_that_died_before_its_first_step_is_reusable(tiny, tmp_path, capsys):
+    def unreachable(images, prompts):
+        raise RuntimeError("reward server down")
+
+    with pytest.raises(RuntimeError, match="reward server down"):
+        finetune(out_dir=str(tmp_path), train_steps=2, reward=unreachable, **tiny)
+    assert (tmp_path / "config.yaml").is_file() and not (tmp_path / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match="holds no step_.*checkpoint.*starts again without --resume"):
+        finetune(resume=str(tmp_path))
+    finetune(out_dir=str(tmp_path), train_steps=1, **tiny)  # no overwrite needed
+    assert [r["step"] for r in records(tmp_path)] == [1]
+    assert "removed the earlier run's outputs" in capsys.readouterr().err
+
+
+def test_a_second_run_refuses_an_out_dir_in_use(tiny, tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out):
+        with pytest.raises(ValueError, match=rf"out_dir {out} is in use by another run \(PID {os.getpid()}\)"):
+            finetune(out_dir=str(out), **tiny)
+        assert sorted(p.name for p in out.iterdir()) == [".rlr_fast.lock"]
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(straight, tmp_path, capsys, corrupt_tensor):
+    run = copy_of(straight.out_dir, tmp_path)
+    corrupt_tensor(run / "checkpoints" / "step_000004.safetensors",
+                   "lora/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight")
+    result = finetune(resume=str(run))
+    err = capsys.readouterr().err
+    assert "skipping a damaged checkpoint: " in err and "step_000004.safetensors is corrupt" in err
+    assert f"resuming {run} at step 2" in err
+    assert same_lora(straight.out_dir, result.out_dir)
+
+
+def test_a_resume_that_fails_validation_leaves_the_run_as_it_was(straight, tmp_path):
+    run = copy_of(straight.out_dir, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:12]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        finetune(resume=str(run), train_steps=6)
+    assert snapshot(run) == before  # config.yaml still says train_steps: 4
+
+
+def test_done_lists_only_outputs_that_exist(tiny, tmp_path, capsys):
+    finetune(out_dir=str(tmp_path), train_steps=1, **{**tiny, "sample_prompts": 0})
+    done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("done:")]
+    listed = done[0].split(f"outputs in {tmp_path}: ")[1].split(", ")
+    assert "samples/" not in listed and all((tmp_path / name).exists() for name in listed)
+    assert {"pytorch_lora_weights.safetensors", "metrics.jsonl", "summary.json"} <= set(listed)
+
+
+def test_the_rollout_choice_is_recorded_and_a_failed_cuda_graph_falls_back(straight, tiny, tmp_path, capsys):
+    assert {r["rollout"] for r in records(straight.out_dir)} == {"eager"}
+    assert straight.metrics["rollout"] == {"kind": "eager", "reason": "device is cpu (CUDA graphs need a GPU)"}
+    result = finetune(out_dir=str(tmp_path), train_steps=2, rollout="cuda_graph", **tiny)
+    err = capsys.readouterr().err
+    assert err.count("rollout: eager from now on (CUDA graph failed: RuntimeError: CUDA-graph rollouts need") == 1
+    assert result.metrics["rollout"]["kind"] == "eager" and {r["rollout"] for r in records(tmp_path)} == {"eager"}
+    # the fallback redraws from the same generator state: the same updates as an eager run
+    assert [r["reward_mean"] for r in records(tmp_path)] == [r["reward_mean"] for r in records(straight.out_dir)][:2]
+    assert "sample grid (step 0)" in err  # the grids show progress
 
 
 def test_gpu_preset_without_a_gpu(monkeypatch, tmp_path):
@@ -191,8 +350,23 @@ def test_gpu_preset_without_a_gpu(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())  # failed before touching anything
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph(tiny, tmp_path):
+    result = finetune(out_dir=str(tmp_path), train_steps=2, device="cuda", dtype="float16", **tiny)
+    assert result.metrics["rollout"] == {"kind": "cuda_graph", "reason": None}
+    assert all(r["rollout"] == "cuda_graph" and np.isfinite(r["reward_mean"]) for r in records(tmp_path))
+
+
+def test_public_names():
+    import rlr_fast
+    from rlr_fast.train import Result
+
+    assert rlr_fast.finetune is finetune and rlr_fast.Result is Result
+    assert rlr_fast.checkpoint.find_checkpoint and rlr_fast.inference.generate_images  # lazily imported modules
+
+
 def test_no_arguments_means_the_demo_preset():
-    assert _resolve_config(None, {}) == Config.from_preset("demo")
+    assert _resolve_config(None, {}) == (Config.from_preset("demo"), None)
 
 
 def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
@@ -230,30 +404,3 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
     assert asked["budget"] == 3.0 and asked["reward"] == "pixels" and asked["model"]["sample_size"] == 8
     assert (tmp_path / "memory_plan.md").read_text() == "| option | value |"
     assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)
-
-
-def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
-    """With tensorboard importable, every numeric metric also goes to a SummaryWriter."""
-    import sys
-    import types
-
-    from rlr_fast.train import MetricsLog
-
-    written = []
-
-    class FakeWriter:
-        def __init__(self, logdir):
-            written.append(("dir", logdir))
-
-        def add_scalar(self, key, value, step):
-            written.append((key, value, step))
-
-        def close(self):
-            written.append(("closed",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    log = MetricsLog(tmp_path, keep_until=None, tensorboard=True)
-    log.write({"step": 3, "reward_mean": 0.5, "skipped": False, "estimator": {"j": 1}})
-    log.close()
-    assert written == [("dir", str(tmp_path / "tensorboard")), ("reward_mean", 0.5, 3), ("closed",)]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["reward_mean"] == 0.5

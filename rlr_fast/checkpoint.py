@@ -1,0 +1,229 @@
+"""Checkpoints of a run: written atomically, verified by checksums on load, resumed bit-exactly.
+
+A checkpoint (out_dir/checkpoints/step_NNNNNN.safetensors) holds the LoRA weights, the AdamW state,
+every RNG state the run reads, the step (which fixes the LR schedule), the run's counters and its
+config: tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and
+the JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
+bytes are caught as "corrupt" instead of resuming silently or failing deep inside torch; a run
+resumes from its newest checkpoint that verifies, saying which it skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+from .config import Config
+from .run_dir import atomic_write
+
+CHECKPOINT_FORMAT = 2
+# Config keys that may change when a run resumes: they affect speed, memory, logging or length,
+# not the numbers of the updates (device, rollout and memory options may change floating-point rounding).
+RESUMABLE_CHANGES = {
+    "preset", "out_dir", "overwrite", "resume", "train_steps", "sample_every", "sample_prompts", "sample_seeds",
+    "checkpoint_every", "max_nonfinite", "profile", "tensorboard", "device", "max_memory_gb", "max_batch",
+    "checkpoint_unet", "checkpoint_vae", "decode_chunk", "split_cfg", "free_text_encoder", "rollout",
+}
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint file: its JSON part and its tensors."""
+
+    path: Path
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> dict:
+    """Every RNG state the run reads: torch CPU and CUDA, numpy, python, and our generators."""
+    state = {"torch_cpu": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "generators": {name: g.get_state() for name, g in generators.items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """BLAKE2b of a tensor's dtype, shape and bytes."""
+    digest = hashlib.blake2b(f"{tensor.dtype}{tuple(tensor.shape)}".encode(), digest_size=16)
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def meta_checksum(meta: dict) -> str:
+    """BLAKE2b of the JSON part (without its checksums), key order independent."""
+    return hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Save, read, verify
+
+
+def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torch.optim.Optimizer,
+                    rng: dict, counters: dict) -> Path:
+    """LoRA weights, AdamW state, every RNG state, the step, the counters and the config, atomically."""
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    params = dict(unet.named_parameters())
+    tensors = {f"lora/{n}": params[n].detach().cpu().contiguous() for n in names}
+    opt = optimizer.state_dict()
+    opt_scalars = {}
+    for index, entries in opt["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_scalars[f"{index}/{key}"] = value
+    tensors["rng/torch_cpu"] = rng["torch_cpu"]
+    for name, state in rng["generators"].items():
+        tensors[f"rng/generator/{name}"] = state
+    for i, state in enumerate(rng.get("cuda", [])):
+        tensors[f"rng/cuda/{i}"] = state
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, python_state, gauss = rng["python"]
+    meta = json.loads(json.dumps({  # as it reads back, so the checksum is of what a reader sees
+        "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "lora_names": names,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
+        "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+                "python": [version, list(python_state), gauss],
+                "generators": sorted(rng["generators"]), "cuda_devices": len(rng.get("cuda", []))},
+        "counters": counters,
+    }))
+    meta["checksums"] = {"meta": meta_checksum(meta), "tensors": {k: tensor_checksum(v) for k, v in tensors.items()}}
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        tensors, str(tmp), metadata={"rlr_fast": json.dumps(meta)}))
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at `path`, every checksum verified; a ValueError naming what is wrong otherwise."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # not a safetensors file, or a damaged header
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if "rlr_fast" not in header:
+        raise ValueError(f"{path} is not an rlr_fast checkpoint (no rlr_fast metadata)")
+    try:
+        meta = json.loads(header["rlr_fast"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt: its metadata is not JSON ({e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {meta.get('format')}, this rlr_fast reads {CHECKPOINT_FORMAT}")
+    checksums = meta.pop("checksums", None) or {}
+    if checksums.get("meta") != meta_checksum(meta):
+        raise ValueError(f"{path} is corrupt: its metadata does not match its checksum")
+    expected = checksums.get("tensors", {})
+    bad = sorted(set(expected) ^ set(tensors)) + [k for k in tensors if k in expected and
+                                                  tensor_checksum(tensors[k]) != expected[k]]
+    if bad:
+        raise ValueError(f"{path} is corrupt: tensor {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                         + " do not match the checksums written with it")
+    return Checkpoint(path=path, meta=meta, tensors=tensors)
+
+
+def find_checkpoint(resume: str | Path) -> Checkpoint:
+    """The checkpoint to resume: a checkpoint file, or the newest checkpoint of a run directory that
+    verifies (each skipped one is named on stderr with what is wrong with it)."""
+    path = Path(resume)
+    if path.is_file():
+        return read_checkpoint(path)
+    if not path.exists():
+        raise FileNotFoundError(f"resume={str(path)!r}: no such run directory or checkpoint file")
+    found = sorted((path / "checkpoints").glob("step_*.safetensors"), reverse=True)
+    if not found:
+        raise FileNotFoundError(f"resume={str(path)!r}: {path / 'checkpoints'} holds no step_*.safetensors checkpoint "
+                                "(a run that stopped before its first checkpoint starts again without --resume)")
+    problems = []
+    for candidate in found:
+        try:
+            checkpoint = read_checkpoint(candidate)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            print(f"skipping a damaged checkpoint: {problem}", file=sys.stderr)
+        return checkpoint
+    older = f"; the {len(found) - 1} older one(s) are unreadable too" if len(found) > 1 else ""
+    raise ValueError(f"resume={str(path)!r}: no readable checkpoint: {problems[0]}{older}. Start afresh with "
+                     "--set overwrite=true")
+
+
+def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint with a config whose updates would differ."""
+    current = cfg.to_dict()
+    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differ[:6])
+        raise ValueError(f"cannot resume {path}: it was written by a run with another config ({detail}). "
+                         f"Only {', '.join(sorted(RESUMABLE_CHANGES - {'preset', 'resume'}))} may change on resume")
+
+
+def restore_checkpoint(checkpoint: Checkpoint, unet, optimizer: torch.optim.Optimizer) -> dict:
+    """Load LoRA and optimizer state in place; returns the RNG state for `restore_rng`."""
+    meta, tensors, path = checkpoint.meta, checkpoint.tensors, checkpoint.path
+    params = dict(unet.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if trainable != meta["lora_names"]:
+        raise ValueError(f"{path} holds LoRA weights for other layers than this model's LoRA "
+                         f"({len(meta['lora_names'])} vs {len(trainable)} tensors)")
+    with torch.no_grad():
+        for n in trainable:
+            params[n].copy_(tensors[f"lora/{n}"])
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["optimizer"]["scalars"].items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    numpy_kind, pos, has_gauss, cached = meta["rng"]["numpy"]
+    version, python_state, gauss = meta["rng"]["python"]
+    rng = {
+        "torch_cpu": tensors["rng/torch_cpu"],
+        "numpy": (numpy_kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "python": (version, tuple(python_state), gauss),
+        "generators": {name: tensors[f"rng/generator/{name}"] for name in meta["rng"]["generators"]},
+    }
+    if meta["rng"]["cuda_devices"]:
+        rng["cuda"] = [tensors[f"rng/cuda/{i}"] for i in range(meta["rng"]["cuda_devices"])]
+    return rng

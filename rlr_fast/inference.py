@@ -1,0 +1,174 @@
+"""Models for sampling and the pictures and numbers made from them: device and precision, loading
+(with a LoRA), seeded sampling, decoding, image grids, and reward evaluation over a prompt set.
+The training loop samples its grids with these, and the CLI's `sample` and `evaluate` are built on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config
+from .models import SDModels, check_sd_folder, load_lora, load_sd
+from .rewards import Reward
+from .rollout import rollout
+from .run_dir import atomic_write
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
+    """The torch device of a config, and the config with a precision that device runs: half
+    precision is autocast on a GPU, so on the CPU a float16/bfloat16 config runs in float32 (said
+    once on stderr). A device that cannot be had is a ValueError saying why."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={cfg.device!r} (preset {cfg.preset!r}) needs a CUDA GPU, but none is available "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False). Run it on a machine with a "
+                "GPU, or choose the CPU (finetune: --preset demo or --set device=cpu; sample/evaluate: --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={cfg.device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif cfg.dtype != "float32":
+        print(f"note: dtype={cfg.dtype} is for GPUs (autocast); running in float32 on the CPU", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, dtype="float32")
+    return device, cfg
+
+
+def check_model(model: str) -> None:
+    """Refuse a model that cannot load, before anything slow runs (the full check is `load_models`)."""
+    if model != "default":
+        check_sd_folder(Path(model))
+
+
+def load_models(model: str, device: torch.device, dtype: torch.dtype) -> SDModels:
+    """The embedded default model or a local diffusers Stable Diffusion folder."""
+    if model == "default":
+        from .default_model import load_default
+
+        return load_default(dtype=dtype, device=device)
+    return load_sd(model, dtype=dtype, device=device)
+
+
+def load_for_inference(model: str, lora: Optional[str], device: torch.device, dtype: torch.dtype) -> SDModels:
+    """A model for sampling, with a LoRA written by `finetune` (or `save_lora`) when given."""
+    models = load_models(model, device, dtype)
+    if lora is not None:
+        load_lora(models.unet, lora)
+    return models
+
+
+def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """x_T (batch, C, S, S) drawn on the CPU from `generator` (the same on every device)."""
+    side = unet.config.sample_size
+    return torch.randn((batch, unet.config.in_channels, side, side), generator=generator).to(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on a GPU when the weights are half precision; nothing otherwise."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], float32 (B, 3, H, W), of latents in the diffusion model's scale."""
+    z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False):
+    """A tqdm bar on stderr for a long phase."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+
+
+@torch.no_grad()
+def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
+                    num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
+                    desc: Optional[str] = None) -> torch.Tensor:
+    """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
+
+    Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
+    images of a fixed (prompt list, seed) never change between calls. With `desc`, a progress bar
+    counts the seeds.
+    """
+    device = models.unet.device
+    images = []
+    bar = progress(len(seeds), desc, "seed") if desc else contextlib.nullcontext()
+    with bar:
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(int(seed))
+            x_T = initial_noise(models.unet, len(cond), generator, device)
+            with autocast(device, dtype):
+                traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
+                               encoder_hidden_states=cond, guidance_scale=guidance_scale,
+                               negative_encoder_hidden_states=None if guidance_scale == 1.0 else
+                               negative.expand(len(cond), -1, -1), generator=generator)
+            images.append(decode_latents(models.vae, traj.x0).cpu())
+            if desc:
+                bar.update(1)
+    return torch.cat(images)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2) -> Path:
+    """Images (rows * cols, 3, H, W) in [0, 1], row-major, as one PNG with `pad` white pixels between
+    them; small images are enlarged (nearest neighbour) to at least `min_cell` pixels so a 32 px
+    sample stays visible. One image with min_cell=0, pad=0 is saved as it is."""
+    n, _, h, w = images.shape
+    cols = math.ceil(n / rows)
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    canvas = Image.new("RGB", (cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        tile = Image.fromarray(pixels[i]).resize((w * scale, h * scale), Image.NEAREST)
+        r, c = divmod(i, cols)
+        canvas.paste(tile, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def prompt_rows(images: torch.Tensor, seeds: int) -> torch.Tensor:
+    """`generate_images`' seed-major images reordered prompt-major: prompts as rows, seeds as columns."""
+    grid = images.reshape(seeds, -1, *images.shape[1:]).transpose(0, 1)
+    return grid.reshape(-1, *images.shape[1:])
+
+
+def evaluate_reward(models: SDModels, reward: Reward, prompts: list[str], seeds, *, num_steps: int, eta: float,
+                    guidance_scale: float, negative_prompt: str = "", dtype: torch.dtype = torch.float32,
+                    batch_size: int = 16) -> dict:
+    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means."""
+    negative = models.encode_prompts([negative_prompt])
+    values = []  # (seed, prompt) order
+    chunks = range(0, len(prompts), batch_size)
+    with progress(len(chunks) * len(seeds), "evaluate", "batch") as bar:
+        for start in chunks:
+            chunk = prompts[start:start + batch_size]
+            cond = models.encode_prompts(chunk)
+            for seed in seeds:
+                images = generate_images(models, cond, negative, [seed], num_steps=num_steps, eta=eta,
+                                         guidance_scale=guidance_scale, dtype=dtype)
+                with torch.no_grad():
+                    r = reward(images.to(models.unet.device), chunk).float().cpu()
+                values += [(seed, p, float(v)) for p, v in zip(chunk, r)]
+                bar.update(1)
+    scores = np.array([v for _, _, v in values])
+    per_prompt = {p: float(np.mean([v for _, q, v in values if q == p])) for p in prompts}
+    n = len(scores)
+    std = float(scores.std(ddof=1)) if n > 1 else 0.0
+    return {"n": n, "mean": float(scores.mean()), "std": std, "stderr": std / math.sqrt(n),
+            "nonfinite": int((~np.isfinite(scores)).sum()), "per_prompt": per_prompt,
+            "seeds": [int(s) for s in seeds], "num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}

@@ -1,0 +1,152 @@
+"""What a run reports: metrics.jsonl (one JSON object per optimizer step, mirrored to TensorBoard),
+the run's summary, its reward curve, and the peak memory of a step."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .run_dir import atomic_write
+
+
+def read_metrics(path: Path, keep_until: int) -> list[dict]:
+    """The records of metrics.jsonl up to step `keep_until` (a resumed run's checkpoint).
+
+    A torn last line (a write cut short by a kill) is dropped with a note: it comes after the last
+    checkpoint anyway. Any other unreadable line is a ValueError naming the file and the line.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                print(f"dropped the torn last line of {path} (line {number}, a write cut short)", file=sys.stderr)
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({e}); remove or repair that line to resume") from None
+    return [r for r in records if r.get("step", math.inf) <= keep_until]
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per step) plus TensorBoard scalars when it is installed.
+
+    Starts the file with `records` (a resumed run's earlier steps) or empty.
+    """
+
+    def __init__(self, out: Path, records: list[dict], tensorboard: bool):
+        self.path = out / "metrics.jsonl"
+        self.records = list(records)
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records),
+                                                            encoding="utf-8"))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def jsonable(value):
+    """`value` with tensors and numpy scalars as Python numbers and NaN/Inf as None (JSON has neither)."""
+    if torch.is_tensor(value) or isinstance(value, np.generic):
+        return value.tolist() if getattr(value, "ndim", 0) else value.item()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def peak_memory_bytes(device: torch.device) -> Optional[int]:
+    """This step's peak GPU memory allocated, or on the CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak * (1 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB on Linux
+
+
+def summarize(records: list[dict], seconds: float) -> dict:
+    """Final numbers: the last step's metrics, and the mean reward of the first and last fifth of
+    the steps with the standard error of their difference (step means as the samples)."""
+    ok = [r for r in records if r.get("reward_mean") is not None]
+    summary = {"steps": len(records), "seconds": seconds,
+               "nonfinite_skipped": sum(1 for r in records if r.get("skipped"))}
+    if records:
+        summary["last"] = records[-1]
+    if len(ok) >= 10:
+        fifth = len(ok) // 5
+        first = np.array([r["reward_mean"] for r in ok[:fifth]])
+        last = np.array([r["reward_mean"] for r in ok[-fifth:]])
+        stderr = math.sqrt(first.var(ddof=1) / fifth + last.var(ddof=1) / fifth)
+        summary.update(reward_first_fifth=float(first.mean()), reward_last_fifth=float(last.mean()),
+                       reward_gain=float(last.mean() - first.mean()), reward_gain_stderr=stderr)
+    return summary
+
+
+def draw_reward_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 400)) -> Path:
+    """The reward of each step's records: mean (dots), +- one std across the batch (bars), and a
+    moving average (line), as a PNG drawn with PIL."""
+    ok = [r for r in records if r.get("reward_mean") is not None]
+    steps, means, stds = [r["step"] for r in ok], [r["reward_mean"] for r in ok], [r["reward_std"] for r in ok]
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 45
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    if steps:
+        low = min(m - s for m, s in zip(means, stds))
+        high = max(m + s for m, s in zip(means, stds))
+        if high - low < 1e-12:
+            low, high = low - 1, high + 1
+        x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+
+        def xy(step, value):
+            x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
+            y = top + (high - value) / (high - low) * (height - top - bottom)
+            return x, y
+
+        for step, m, s in zip(steps, means, stds):
+            draw.line([xy(step, m - s), xy(step, m + s)], fill=(200, 210, 235))
+        for step, m in zip(steps, means):
+            x, y = xy(step, m)
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(60, 90, 200))
+        window = max(1, len(means) // 10)
+        smooth = [float(np.mean(means[max(0, i - window + 1):i + 1])) for i in range(len(means))]
+        draw.line([xy(s, m) for s, m in zip(steps, smooth)], fill=(220, 60, 40), width=2)
+        for value in (low, (low + high) / 2, high):
+            draw.text((4, xy(x_lo, value)[1] - 6), f"{value:.4g}", fill="black")
+        draw.text((left, height - bottom + 8), f"step {x_lo}", fill="black")
+        draw.text((width - right - 70, height - bottom + 8), f"step {x_hi}", fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((left, 8), f"reward per step: batch mean (dots), +-1 std (bars), moving average of "
+                         f"{max(1, len(means) // 10)} (line)", fill="black")
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

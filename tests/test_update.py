@@ -1,0 +1,90 @@
+"""One optimizer step: prompt draws, the rollout's CUDA-graph / eager choice and its fallback, and
+gradients that change nothing but .grad until the update is applied."""
+
+import pytest
+import torch
+
+from rlr_fast.config import Config
+from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+from rlr_fast.rewards import get_reward
+from rlr_fast.rollout import rollout
+from rlr_fast.update import PromptBank, TrainingRollout, apply, draw_prompt_ids, gradients
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_sd(0)
+
+
+def test_prompt_ids_are_distinct_groups_of_images_per_prompt():
+    ids = draw_prompt_ids(10, batch_size=6, images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    groups = ids.reshape(3, 2)
+    assert (groups[:, 0] == groups[:, 1]).all() and len(set(groups[:, 0].tolist())) == 3
+    few = draw_prompt_ids(2, batch_size=8, images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    assert few.shape == (8,) and set(few.tolist()) <= {0, 1}  # more groups than prompts: drawn with repeats
+
+
+@pytest.mark.parametrize("choice, device, kind, reason", [
+    ("auto", "cpu", "eager", "device is cpu (CUDA graphs need a GPU)"),
+    ("eager", "cuda", "eager", "rollout='eager' was asked for"),
+    ("auto", "cuda", "cuda_graph", None),
+    ("cuda_graph", "cpu", "cuda_graph", None),  # tried; see the fallback test
+])
+def test_rollout_choice(models, choice, device, kind, reason):
+    chosen = TrainingRollout(Config(rollout=choice), models, torch.device(device))
+    assert (chosen.kind, chosen.reason) == (kind, reason)
+
+
+def test_a_failing_cuda_graph_falls_back_to_the_same_eager_chain(models, capsys):
+    """On the CPU a graph cannot capture: the rollout says why once, then runs eagerly from the
+    generator state the failed attempt started with, so the chain is the eager one."""
+    chosen = TrainingRollout(Config(rollout="cuda_graph"), models, torch.device("cpu"))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = models.encode_prompts(["a", "b"])
+    kw = dict(num_steps=3, eta=1.0, encoder_hidden_states=cond)
+    got = [chosen(x_T, generator=torch.Generator().manual_seed(s), **kw) for s in (1, 2)]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rollout: eager from now on (CUDA graph failed: RuntimeError: "
+                                               "CUDA-graph rollouts need latents on a CUDA device, got cpu")
+    assert chosen.kind == "eager" and chosen.reason.startswith("CUDA graph failed: RuntimeError")
+    for seed, traj in zip((1, 2), got):
+        eager = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(traj.latents, eager.latents) and torch.equal(traj.log_probs, eager.log_probs)
+
+
+def test_the_fallback_redraws_from_the_generator_state_the_graph_started_with(models, capsys):
+    """A graph that fails after drawing its chain's noise (as a failed capture on a GPU does)."""
+    chosen = TrainingRollout(Config(rollout="cuda_graph"), models, torch.device("cpu"))
+
+    def capture_fails(x_T, *, generator, **kwargs):
+        torch.randn(3, *x_T.shape, generator=generator)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    chosen.graphed = capture_fails
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_steps=3, eta=1.0, encoder_hidden_states=models.encode_prompts(["a", "b"]))
+    traj = chosen(x_T, generator=torch.Generator().manual_seed(1), **kw)
+    eager = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(traj.latents, eager.latents)
+    assert capsys.readouterr().err == ("rollout: eager from now on (CUDA graph failed: RuntimeError: operation not "
+                                       "permitted when stream is capturing)\n")
+
+
+def test_gradients_change_nothing_until_applied(models):
+    """A step stopped after `gradients` leaves weights and optimizer state as they were."""
+    cfg = Config(num_steps=3, batch_size=2, images_per_prompt=2, lr=1e-2)
+    unet = add_lora(tiny_sd(0).unet, seed=0)
+    run = tiny_sd(0)
+    run.unet = unet
+    params = lora_parameters(unet)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
+    grads = gradients(cfg, run, PromptBank(run, ["a red circle", "a blue square"], ""), get_reward("brightness"),
+                      TrainingRollout(cfg, run, torch.device("cpu")), params, generators, torch.device("cpu"),
+                      torch.float32)
+    assert grads.skipped is None and grads.grad_norm > 0 and len(grads.rewards) == 2
+    assert all(torch.equal(a, p) for a, p in zip(before, params)) and not optimizer.state
+    record = apply(cfg, 0, grads, optimizer)
+    assert record["step"] == 1 and record["lr"] == cfg.lr and record["skipped"] is False
+    assert any(not torch.equal(a, p) for a, p in zip(before, params)) and all(p.grad is None for p in params)
