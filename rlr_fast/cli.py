@@ -159,11 +159,12 @@ def _load(args, cfg, source: str):
     from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
     device, cfg = resolve_device(cfg)
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.motion_adapter)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
           f"{cfg.dtype} on {device}", file=sys.stderr)
-    return cfg, load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+    models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    return cfg, models, DTYPES[cfg.dtype]
 
 
 def _run_sample(args) -> int:
@@ -180,13 +181,15 @@ def _run_sample(args) -> int:
     cfg, models, dtype = _load(args, *_inference_config(args))
     images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
                              seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                             dtype=dtype, desc="sample")
+                             dtype=dtype, desc="sample", num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
+    suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
-            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0, pad=0)
-    grid = save_grid(images, len(prompts), out / "grid.png")
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.{suffix}", min_cell=0,
+                      pad=0)
+    grid = save_grid(images, len(prompts), out / f"grid.{suffix}")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "
           f"columns: seeds {seeds})")
@@ -196,7 +199,8 @@ def _run_sample(args) -> int:
 def _run_evaluate(args) -> int:
     from .config import load_prompts, parse_set
     from .inference import evaluate_reward
-    from .rewards import get_reward
+    from .video import is_video_unet
+    from .rewards import get_reward, get_video_reward
 
     cfg, source = _inference_config(args)
     if args.batch_size < 1:
@@ -209,10 +213,11 @@ def _run_evaluate(args) -> int:
     reward_kwargs = {} if args.reward else dict(cfg.reward_kwargs)
     reward_kwargs.update(parse_set(text) for text in args.reward_arg)
     cfg, models, dtype = _load(args, cfg, source)
-    reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
+    load = get_video_reward if is_video_unet(models.unet) else get_reward
+    reward = load(reward_name, **reward_kwargs).to(models.unet.device)
     stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
                             guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, num_frames=cfg.num_frames)
     stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, "settings": source, **stats}
     text = json.dumps(stats, indent=2)
     if args.out is not None:

@@ -17,7 +17,7 @@ committed), write a checkpoint and say how to resume.
 Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
-    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
+    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns); .gif for videos
     checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
@@ -48,9 +48,10 @@ from .inference import (DTYPES, check_model, generate_images, load_models, progr
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
 from .models import SDModels, add_lora, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
-from .rewards import Reward, get_reward
+from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
 from .update import PromptBank, TrainingRollout, apply, gradients
+from .video import check_num_frames, is_video_model, is_video_unet
 
 
 class NonFiniteError(RuntimeError):
@@ -100,7 +101,8 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
-    reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    reward = load(cfg.reward, **cfg.reward_kwargs).to(device)
     needs_dr = cfg.method in ("full_bp", "truncated_bp") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
@@ -114,6 +116,9 @@ def plan_memory(cfg: Config, unet) -> tuple[Config, str]:
     table. A budget nothing fits is a ValueError (plan.PlanError)."""
     from .plan import REWARDS, plan
 
+    if is_video_unet(unet):
+        raise ValueError(f"max_memory_gb: the memory planner does not cover video UNets ({type(unet).__name__}) "
+                         "yet; leave max_memory_gb unset and choose max_batch, decode_chunk and checkpoint_unet")
     # The planner measures the known rewards; any other counts as a reward on pixels (no network).
     chosen = plan(cfg, cfg.max_memory_gb, model=dict(unet.config),
                   reward=cfg.reward if cfg.reward in REWARDS else "pixels")
@@ -177,7 +182,7 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
         records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
     prompts = load_prompts(cfg.prompts)
-    check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
+    check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
     out = Path(cfg.out_dir)
     check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
     with RunLock(out), StopSignals() as stops:
@@ -209,16 +214,18 @@ class _Run:
         return DTYPES[self.cfg.dtype]
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
+        """samples/step_NNNNNN.png (.gif for videos): the first `sample_prompts` prompts (rows) x
+        `sample_seeds` (columns)."""
         cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
         if not prompts or not cfg.sample_seeds:
             return
         with nvtx_range("sample grid"):
             images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                     dtype=self.dtype, desc=f"sample grid (step {step})")
+                                     dtype=self.dtype, desc=f"sample grid (step {step})", num_frames=cfg.num_frames)
+        suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
-                                    self.out / "samples" / f"step_{step:06d}.png"))
+                                    self.out / "samples" / f"step_{step:06d}.{suffix}"))
 
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
@@ -231,7 +238,9 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    if is_video_unet(models.unet):
+        check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
     if cfg.max_memory_gb is not None:
         cfg, plan_table = plan_memory(cfg, models.unet)

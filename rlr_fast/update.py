@@ -21,8 +21,9 @@ from .inference import autocast, initial_noise
 from .metrics import jsonable
 from .models import SDModels
 from .profiling import nvtx_range
-from .rewards import Reward, latent_reward
+from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import rollout
+from .video import is_video_unet
 
 
 class PromptBank:
@@ -123,12 +124,13 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     stats: dict = {}
     for _ in range(cfg.grad_accum):
         ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device)
+        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device, cfg.num_frames)
         with nvtx_range("rollout"), autocast(device, dtype):
             traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generators["sampling"],
                               **bank.batch(ids, cfg.guidance_scale))
-        reward_fn = _WatchedReward(latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
-                                                 decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
+        to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
+        reward_fn = _WatchedReward(to_latent(models.vae, reward, [bank.prompts[i] for i in ids],
+                                             decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),

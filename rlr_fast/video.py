@@ -28,8 +28,8 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel,
 
 from .models import SDModels, load_sd, tiny_sd
 
-__all__ = ["VIDEO_PIPELINES", "VideoModels", "is_video_folder", "load_video", "tiny_motion_adapter", "tiny_video",
-           "tiny_video_unet"]
+__all__ = ["VIDEO_PIPELINES", "VideoModels", "check_num_frames", "is_video_folder", "is_video_model", "is_video_unet",
+           "load_video", "tiny_motion_adapter", "tiny_video", "tiny_video_unet"]
 
 # Pipeline class (model_index.json's _class_name) -> the video UNet class it holds.
 VIDEO_PIPELINES = {"TextToVideoSDPipeline": "UNet3DConditionModel", "AnimateDiffPipeline": "UNetMotionModel"}
@@ -46,23 +46,6 @@ class VideoModels(SDModels):
         """The diffusers pipeline these components make: TextToVideoSDPipeline or AnimateDiffPipeline."""
         name = type(self.unet).__name__
         return next(p for p, u in VIDEO_PIPELINES.items() if u == name)
-
-    def initial_noise(self, batch: int, num_frames: int, generator: Optional[torch.Generator] = None,
-                      height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
-        """x_T (batch, C, num_frames, height, width), standard normal, on the UNet's device, float32.
-
-        height and width are latent sizes (pixels / 8 for SD's VAE); they default to the UNet's
-        sample_size.
-        """
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-        max_frames = getattr(self.unet.config, "motion_max_seq_length", None)
-        if max_frames is not None and num_frames > max_frames:
-            raise ValueError(f"num_frames={num_frames} exceeds this motion model's motion_max_seq_length "
-                             f"({max_frames}), the longest clip its temporal layers have positions for")
-        side = self.unet.config.sample_size
-        shape = (batch, self.unet.config.in_channels, num_frames, height or side, width or side)
-        return torch.randn(shape, generator=generator).to(self.unet.device)
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write the folder the stock diffusers pipeline (`pipeline_class`) and `load_video` read.
@@ -100,6 +83,27 @@ def _pipeline_class(path: Path) -> Optional[str]:
 def is_video_folder(path: Union[str, Path]) -> bool:
     """Whether `path` is a diffusers folder of a video pipeline `load_video` reads."""
     return _pipeline_class(Path(path)) in VIDEO_PIPELINES
+
+
+def is_video_model(model: Union[str, Path], motion_adapter: Union[str, Path, None] = None) -> bool:
+    """Whether `load_video` is the loader of this model (a folder path; "default" is an image model)."""
+    return motion_adapter is not None or (str(model) != "default" and is_video_folder(model))
+
+
+def is_video_unet(unet) -> bool:
+    """Whether `unet` denoises video latents (B, C, F, H, W)."""
+    return isinstance(unet, (UNet3DConditionModel, UNetMotionModel))
+
+
+def check_num_frames(unet, num_frames: int) -> None:
+    """Refuse a clip length the video UNet cannot denoise (AnimateDiff's temporal layers have
+    positions for motion_max_seq_length frames)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    max_frames = getattr(unet.config, "motion_max_seq_length", None)
+    if max_frames is not None and num_frames > max_frames:
+        raise ValueError(f"num_frames={num_frames} exceeds this motion model's motion_max_seq_length "
+                         f"({max_frames}), the longest clip its temporal layers have positions for")
 
 
 def _unet_class(path: Path) -> Optional[str]:

@@ -4,17 +4,21 @@ diffusers folders, LoRA files the stock video pipelines load, and video rewards.
 Models are tiny and random (`rlr_fast.video.tiny_video`), built on the CPU in the test.
 """
 
+import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
-from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline, UNetMotionModel
+from diffusers import AnimateDiffPipeline, MotionAdapter, TextToVideoSDPipeline, UNetMotionModel
 
 import rlr_fast
 from rlr_fast import models, video
+from rlr_fast.inference import initial_noise
 from rlr_fast.rollout import recompute_steps
 from rlr_fast.rewards import (FrameAverage, TemporalConsistency, get_reward, get_video_reward,
                               video_latent_reward)
+from rlr_fast.train import finetune
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, naive_backprop,
                               quadratic_reward)
 
@@ -259,7 +263,7 @@ def test_load_video_round_trips_the_saved_folder(folders, kind):
     assert video.is_video_folder(folders[kind]) and loaded.pipeline_class == pipeline
     assert torch.equal(_eps(loaded.unet), _eps(video.tiny_video(kind).unet))
     assert all(not p.requires_grad for p in loaded.unet.parameters())
-    assert loaded.initial_noise(2, 5).shape == (2, 4, 5, 8, 8)
+    assert initial_noise(loaded.unet, 2, torch.Generator(), torch.device("cpu"), num_frames=5).shape == (2, 4, 5, 8, 8)
 
 
 def test_load_video_from_sd_folder_plus_motion_adapter(tmp_path):
@@ -284,7 +288,7 @@ def test_load_video_errors(folders, tmp_path):
         models.add_lora(parts.unet)
         parts.save_pretrained(tmp_path / "x")
     with pytest.raises(ValueError, match="num_frames=40 exceeds this motion model's motion_max_seq_length"):
-        video.tiny_video("animatediff").initial_noise(1, 40)
+        initial_noise(video.tiny_video_unet("animatediff"), 1, torch.Generator(), torch.device("cpu"), num_frames=40)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -411,9 +415,65 @@ def test_estimate_through_the_vae_on_a_video_model(kind):
     parts = video.tiny_video(kind)
     models.add_lora(parts.unet, rank=2, alpha=2, seed=0)
     cond = parts.encode_prompts(PROMPTS)
-    traj = rlr_fast.rollout(parts.unet, parts.scheduler, parts.initial_noise(2, FRAMES, torch.Generator().manual_seed(0)),
-                            num_steps=4, eta=1.0, encoder_hidden_states=cond, generator=torch.Generator().manual_seed(1))
+    x_T = initial_noise(parts.unet, 2, torch.Generator().manual_seed(0), torch.device("cpu"), num_frames=FRAMES)
+    traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=4, eta=1.0, encoder_hidden_states=cond, generator=torch.Generator().manual_seed(1))
     reward = video_latent_reward(parts.vae, get_video_reward("color_match"), PROMPTS)
     stats = rlr_fast.estimate(parts.unet, traj, reward, h=2, track_memory=True)
     assert len(stats["rewards"]) == 2 and stats["unet_backward"] > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in models.lora_parameters(parts.unet))
+
+
+# ---- finetune on video folders ------------------------------------------------------------------
+
+
+TINY_RUN = dict(num_steps=3, batch_size=2, images_per_prompt=2, num_frames=FRAMES, sample_prompts=1,
+                sample_seeds=(0,), tensorboard=False, lr=1e-2)
+
+
+def test_finetune_a_text_to_video_folder(folders, tmp_path):
+    """Two steps, then one more resumed: the same LoRA as three straight; GIF sample grids; the LoRA
+    runs in the stock TextToVideoSDPipeline."""
+    from PIL import Image
+
+    straight = finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "a"), train_steps=3, **TINY_RUN)
+    finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "b"), train_steps=2, **TINY_RUN)
+    resumed = finetune(resume=str(tmp_path / "b"), train_steps=3)
+    a, b = (safetensors.torch.load_file(str(r.lora_path)) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in straight.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["reward_mean"]) for r in rows)
+    assert [p.name for p in straight.grid_paths] == ["step_000000.gif", "step_000003.gif"]
+    with Image.open(straight.grid_paths[-1]) as gif:
+        assert gif.n_frames == FRAMES
+    pipe = TextToVideoSDPipeline.from_pretrained(folders["modelscope"], local_files_only=True)
+    base = _eps(pipe.unet)
+    models.load_lora(pipe.unet, straight.out_dir)
+    assert (_eps(pipe.unet) - base).abs().max() > 0
+
+
+def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
+    """AnimateDiff as users have it (SD weights + a motion module) with the temporal-consistency reward;
+    the stock AnimateDiffPipeline, built from the same two folders, loads the LoRA."""
+    models.tiny_sd(0).save_pretrained(tmp_path / "sd")
+    video.tiny_motion_adapter(0).save_pretrained(tmp_path / "motion")
+    run = finetune(model=str(tmp_path / "sd"), motion_adapter=str(tmp_path / "motion"), reward="temporal_consistency",
+                   out_dir=str(tmp_path / "run"), train_steps=1, **TINY_RUN)
+    base = _eps(video.load_video(tmp_path / "sd", motion_adapter=tmp_path / "motion").unet)
+    pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "sd", motion_adapter=MotionAdapter.from_pretrained(
+        tmp_path / "motion"), local_files_only=True)
+    pipe.load_lora_weights(run.out_dir)
+    lora_unet = video.load_video(tmp_path / "sd", motion_adapter=tmp_path / "motion").unet
+    models.load_lora(lora_unet, run.out_dir)
+    torch.testing.assert_close(_eps(pipe.unet), _eps(lora_unet), atol=1e-5, rtol=0)
+    assert (_eps(lora_unet) - base).abs().max() > 0
+
+
+def test_finetune_refuses_bad_video_settings(folders, tmp_path):
+    with pytest.raises(ValueError, match="num_frames=20 exceeds this motion model's motion_max_seq_length"):
+        finetune(model=str(folders["animatediff"]), out_dir=str(tmp_path / "a"), train_steps=1,
+                 **{**TINY_RUN, "num_frames": 20})
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "b"), **{**TINY_RUN, "num_frames": 0})
+    with pytest.raises(ValueError, match="checkpoint_unet=True, but UNet3DConditionModel has no gradient"):
+        finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "c"), train_steps=1, checkpoint_unet=True,
+                 **TINY_RUN)
