@@ -65,7 +65,11 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                          help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
                               "(default: the LoRA run's config.yaml if there is one, else demo)")
         sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
-        sub.add_argument("--model", help="'default' or a local diffusers Stable Diffusion folder")
+        sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
+                                         "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
+        sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
+                                                                 "with AnimateDiff")
+        sub.add_argument("--frames", type=int, help="frames of each video (video models)")
         sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
         sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
         sub.add_argument("--steps", type=int, help="DDIM steps")
@@ -148,7 +152,8 @@ def _inference_config(args):
         source = f"preset {preset}"
         base = Config.from_preset(preset)
     flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
-             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
+             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype,
+             "motion_adapter": args.motion_adapter, "num_frames": args.frames}
     cfg = base.with_overrides({k: v for k, v in flags.items() if v is not None}, validate=False)
     return cfg.validate(chain=False), source  # --steps may be fewer than the estimator's chain needs
 

@@ -430,25 +430,48 @@ TINY_RUN = dict(num_steps=3, batch_size=2, images_per_prompt=2, num_frames=FRAME
                 sample_seeds=(0,), tensorboard=False, lr=1e-2)
 
 
-def test_finetune_a_text_to_video_folder(folders, tmp_path):
-    """Two steps, then one more resumed: the same LoRA as three straight; GIF sample grids; the LoRA
-    runs in the stock TextToVideoSDPipeline."""
+@pytest.fixture(scope="module")
+def video_run(folders, tmp_path_factory):
+    """Three straight steps of finetune on the tiny text-to-video folder."""
+    return finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path_factory.mktemp("run")), train_steps=3,
+                    **TINY_RUN)
+
+
+def test_finetune_a_text_to_video_folder(video_run, folders, tmp_path):
+    """Two steps and one more resumed give the straight run's LoRA; GIF sample grids; the LoRA runs in
+    the stock TextToVideoSDPipeline."""
     from PIL import Image
 
-    straight = finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "a"), train_steps=3, **TINY_RUN)
     finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "b"), train_steps=2, **TINY_RUN)
     resumed = finetune(resume=str(tmp_path / "b"), train_steps=3)
-    a, b = (safetensors.torch.load_file(str(r.lora_path)) for r in (straight, resumed))
+    a, b = (safetensors.torch.load_file(str(r.lora_path)) for r in (video_run, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = [json.loads(line) for line in straight.metrics_path.read_text().splitlines()]
+    rows = [json.loads(line) for line in video_run.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["reward_mean"]) for r in rows)
-    assert [p.name for p in straight.grid_paths] == ["step_000000.gif", "step_000003.gif"]
-    with Image.open(straight.grid_paths[-1]) as gif:
+    assert [p.name for p in video_run.grid_paths] == ["step_000000.gif", "step_000003.gif"]
+    with Image.open(video_run.grid_paths[-1]) as gif:
         assert gif.n_frames == FRAMES
     pipe = TextToVideoSDPipeline.from_pretrained(folders["modelscope"], local_files_only=True)
     base = _eps(pipe.unet)
-    models.load_lora(pipe.unet, straight.out_dir)
+    models.load_lora(pipe.unet, video_run.out_dir)
     assert (_eps(pipe.unet) - base).abs().max() > 0
+
+
+def test_cli_samples_and_evaluates_a_video_run(video_run, tmp_path, capsys):
+    from PIL import Image
+
+    from rlr_fast.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", "--lora", str(video_run.out_dir), "--prompt", "a red circle on a blue background",
+                 "--seeds", "0", "--steps", "2", "--frames", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.gif")) == ["grid.gif", "prompt000_seed0.gif"]
+    with Image.open(out / "prompt000_seed0.gif") as gif:
+        assert gif.n_frames == 2 and gif.size == (16, 16)
+    assert main(["evaluate", "--lora", str(video_run.out_dir), "--prompts", "demo", "--seeds", "0", "--steps", "2",
+                 "--reward", "temporal_consistency", "--batch-size", "4", "--out", str(tmp_path / "eval.json")]) == 0
+    stats = json.loads((tmp_path / "eval.json").read_text())
+    assert stats["n"] == len(rlr_fast.config.PROMPT_SETS["demo"]) and -1 <= stats["mean"] <= 0
 
 
 def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
