@@ -495,6 +495,7 @@ def test_finetune_refuses_bad_video_settings(folders, tmp_path):
     with pytest.raises(ValueError, match="num_frames=20 exceeds this motion model's motion_max_seq_length"):
         finetune(model=str(folders["animatediff"]), out_dir=str(tmp_path / "a"), train_steps=1,
                  **{**TINY_RUN, "num_frames": 20})
+    assert not (tmp_path / "a" / "config.yaml").exists()  # refused before the out_dir changed
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
         finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "b"), **{**TINY_RUN, "num_frames": 0})
     with pytest.raises(ValueError, match="checkpoint_unet=True, but UNet3DConditionModel has no gradient"):
