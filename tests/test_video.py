@@ -384,10 +384,14 @@ def test_callable_video_reward_and_errors():
     assert not flat.differentiable
     with pytest.raises(ValueError, match=r"\(B, F, 3, H, W\), got \(2, 3, 4, 8, 8\); diffusers' .*video.transpose\(1, 2\)"):
         reward(_video(frames=4).transpose(1, 2), PROMPTS)
-    with pytest.raises(ValueError, match="unknown video reward 'temporal'; did you mean 'temporal_consistency'"):
+    with pytest.raises(ValueError, match="unknown reward 'temporal'; did you mean 'temporal_consistency'"):
         get_video_reward("temporal")
     with pytest.raises(TypeError, match="FrameAverage takes an image reward"):
         FrameAverage(TemporalConsistency())
+    with pytest.raises(TypeError, match="frame_chunk is an option of frame-averaged image rewards"):
+        get_video_reward("temporal_consistency", frame_chunk=2)
+    with pytest.raises(TypeError, match="reward 'temporal_consistency' takes the options"):
+        get_video_reward("temporal_consistency", order=1, blur=3)
 
 
 def test_video_latent_reward_decodes_each_frame():

@@ -12,14 +12,13 @@ batch of B * F images an image reward scores. diffusers' video pipelines return 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .base import FunctionReward, Reward, _check_values, available_rewards, check_images, check_prompts, get_reward
+from .base import FunctionReward, Reward, _check_values, check_images, check_prompts, get_reward, register_reward
 from .latent import LatentReward
 
 
@@ -60,9 +59,9 @@ class FrameAverage(VideoReward):
         if frame_chunk is not None and (isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int)
                                         or frame_chunk < 1):
             raise ValueError(f"frame_chunk must be a positive int or None, got {frame_chunk!r}")
-        if isinstance(image_reward, VideoReward):
-            raise TypeError(f"{image_reward!r} already scores videos; FrameAverage takes an image reward")
         self.image_reward = get_reward(image_reward, **options)
+        if isinstance(self.image_reward, VideoReward):
+            raise TypeError(f"{self.image_reward!r} already scores videos; FrameAverage takes an image reward")
         self.frame_chunk = frame_chunk
 
     @property
@@ -88,25 +87,7 @@ class FrameAverage(VideoReward):
         return f"frame_chunk={self.frame_chunk}"
 
 
-_VIDEO_REGISTRY: dict[str, Callable[..., VideoReward]] = {}
-
-
-def _key(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
-def register_video_reward(name: str):
-    """Decorator: make `get_video_reward(name, **kwargs)` build the decorated VideoReward class."""
-    def decorator(cls):
-        if _key(name) in _VIDEO_REGISTRY or _key(name) in available_rewards():
-            raise ValueError(f"a reward named {name!r} is already registered")
-        _VIDEO_REGISTRY[_key(name)] = cls
-        return cls
-
-    return decorator
-
-
-@register_video_reward("temporal_consistency")
+@register_reward("temporal_consistency")
 class TemporalConsistency(VideoReward):
     """Minus the mean squared temporal difference of the frames, in [-1, 0] (0 = perfectly consistent).
 
@@ -138,38 +119,22 @@ class TemporalConsistency(VideoReward):
         return f"order={self.order}"
 
 
-def available_video_rewards() -> list[str]:
-    """Names `get_video_reward` takes: the video rewards and every image reward (frame-averaged)."""
-    return sorted(set(_VIDEO_REGISTRY) | set(available_rewards()))
-
-
 def get_video_reward(name_or_callable: Union[str, Callable, Reward], **kwargs) -> VideoReward:
-    """A VideoReward from a video reward's name, an image reward's name or Reward (scored per frame and
-    averaged: `FrameAverage`, kwargs go to the image reward, plus `frame_chunk`), a VideoReward, or a
-    callable `fn(video, prompts) -> (B,)` (kwargs: `differentiable`)."""
-    if isinstance(name_or_callable, VideoReward):
-        if kwargs:
-            raise TypeError(f"options {sorted(kwargs)} cannot be applied to the already built {name_or_callable!r}")
-        return name_or_callable
-    if isinstance(name_or_callable, str):
-        key = _key(name_or_callable)
-        if key in _VIDEO_REGISTRY:
-            return _VIDEO_REGISTRY[key](**kwargs)
-        if key not in available_rewards():
-            close = difflib.get_close_matches(key, available_video_rewards(), n=1, cutoff=0.0)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown video reward {name_or_callable!r}{hint} Available: "
-                             f"{', '.join(available_video_rewards())}")
-        return FrameAverage(key, **kwargs)
-    if isinstance(name_or_callable, Reward):
-        return FrameAverage(name_or_callable, **kwargs)
-    if callable(name_or_callable):
+    """A VideoReward from a registered name or a Reward: a video reward as it is, an image reward scored
+    per frame and averaged (`FrameAverage`; `frame_chunk` is its option, other kwargs go to the image
+    reward), or from a callable `fn(video, prompts) -> (B,)` (kwargs: `differentiable`)."""
+    if callable(name_or_callable) and not isinstance(name_or_callable, Reward):
         unknown = set(kwargs) - {"differentiable"}
         if unknown:
             raise TypeError(f"a callable video reward takes only the option 'differentiable', got {sorted(unknown)}")
         return FunctionVideoReward(name_or_callable, **kwargs)
-    raise TypeError("a video reward must be a registered name, a Reward or a callable, "
-                    f"got {type(name_or_callable).__name__}")
+    frame_chunk = kwargs.pop("frame_chunk", None)
+    reward = get_reward(name_or_callable, **kwargs)
+    if not isinstance(reward, VideoReward):
+        return FrameAverage(reward, frame_chunk)
+    if frame_chunk is not None:
+        raise TypeError(f"frame_chunk is an option of frame-averaged image rewards, not of {reward!r}")
+    return reward
 
 
 class VideoLatentReward(LatentReward):
