@@ -2,14 +2,15 @@
 
 Device facts (name, peak FLOP/s and bandwidth), timing (warm-up excluded, median of repeats),
 result files (CSV + markdown), the models a benchmark runs (SD1.4 with random weights on a GPU,
-the tiny SD on a CPU), and the naive one-graph implementation of RLR that the engine is
-compared against.
+the tiny SD on a CPU), and the baselines the engine is compared against: the naive one-graph
+implementation of RLR and the DDIM step unfused.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import platform
 import re
 import statistics
@@ -20,7 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# where write_results puts its files; RLR_FAST_BENCH_RESULTS moves them (the dry runs of gpu_check.sh)
+RESULTS = Path(os.environ.get("RLR_FAST_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 # Peak dense fp16/bf16 tensor-core throughput (TFLOP/s, without sparsity) and memory bandwidth
 # (GB/s), from NVIDIA's product datasheets:
@@ -253,3 +255,20 @@ def max_rel_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     num = max(float((x - y).abs().max()) for x, y in zip(a, b))
     den = max(float(y.abs().max()) for y in b)
     return num / den if den > 0 else math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused DDIM step's baseline
+
+
+def unfused_ddim_step(x, u, noise, c_x, c_e, sigma, c, w):
+    """The step as plain PyTorch ops in the inputs' dtype, one kernel per op (the way a scheduler's
+    step and a separate log-density compute it): the baseline of the fused kernels."""
+    def col(v):
+        return v.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    e = u + w * (c - u)
+    mean = col(c_x) * x + col(c_e) * e
+    prev = mean + col(sigma) * noise
+    logp = -0.5 * noise.float().pow(2).flatten(1).sum(1) - noise[0].numel() * (
+        sigma.float().log() + 0.5 * math.log(2 * math.pi))
+    return prev, mean, logp

@@ -1,23 +1,28 @@
-"""Speed, side by side in one run: rollouts, updates, the fused DDIM kernel; against the targets.
+"""Speed, side by side in one run: the fused DDIM kernel, rollouts, updates; against the targets.
 
-    python bench/speed.py            # GPU: SD1.4 architecture, random weights, fp16
-    python bench/speed.py --tiny     # CPU (or GPU): the tiny SD; exercises every code path in ~1-2 min
+    python bench/speed.py                    # GPU: SD1.4 architecture, random weights, fp16
+    python bench/speed.py --tiny             # CPU (or GPU): the tiny SD; every code path in ~1-2 min
+    python bench/speed.py --sections kernel  # one section (kernel, rollout, update; comma-separated)
 
-1. Rollout, T = 50, batch 1 and 4, CFG 7.5, eta 1: rlr_fast.rollout (and its CUDA-graph replay on
-   a GPU) vs the denoising loop of diffusers' StableDiffusionPipeline on the same UNet
-   (prompt embeddings given, output_type="latent", so only the loop runs).
-2. One update (rollout + reward + gradient), batch 2: RLR through rlr_fast.estimate vs the naive
-   one-graph implementation of the same estimator (bench/common.py) vs AlignProp-style truncated
-   backprop (estimate(method="truncated_bp", truncated_bp_k=1)) vs a DDPO-style update (estimate(method="ddpo"),
-   one inner epoch). Before timing, the naive and the engine's gradients are checked equal.
-3. Achieved fraction of the FLOP floor: FLOPs of each timed call (torch.utils.flop_counter),
-   divided by its median time and by the device's peak dense fp16 FLOP/s (bench/common.py table).
-4. The fused DDIM step (rlr_fast.ddim.ddim_step, the dispatcher's backend) forward and backward:
-   bytes moved / time vs the device's peak memory bandwidth, and the unfused PyTorch reference.
+1. kernel: the fused DDIM step (with CFG), forward and backward, on each fused backend of the device
+   (Triton and _C's CUDA kernels on a GPU, _C's C++ on a CPU), and the same step unfused in plain
+   PyTorch in the inputs' dtype: the bytes it must move / its time, against the peak bandwidth.
+2. rollout: T steps, batches 1 and 4, CFG 7.5, eta 1: rlr_fast.rollout and, on a GPU, its CUDA-graph
+   replay (GraphedRollout) vs the denoising loop of diffusers' StableDiffusionPipeline on the same
+   UNet (prompt embeddings given, output_type="latent", so only the loop runs).
+3. update: one update (rollout + reward + gradient), batch 2: RLR through rlr_fast.estimate vs the
+   naive one-graph implementation of the same estimator (bench/common.py; on a GPU at the largest T
+   that fits it) vs AlignProp-style truncated backprop (estimate(method="truncated_bp", truncated_bp_k=1)) vs a
+   DDPO-style update (estimate(method="ddpo")). Before timing, the naive and the engine's gradients
+   are checked equal on the tiny SD.
+Achieved TFLOP/s: the FLOPs of one call (torch.utils.flop_counter) / its median time, and its
+fraction of the device's dense fp16 peak (bench/common.py's table).
 
-Warm-up calls are excluded, times are medians of repeats, and device, dtype and shapes are printed.
-Results: bench/results/<device>.md and .csv. Targets (GPU): rollout >= 1.3x the diffusers loop at
-batch 1; update >= 2x naive; fused kernel >= 80% of peak bandwidth; peak memory <= 6 GiB.
+Warm-up calls are excluded, times are medians of repeats; device, dtype and shapes are printed.
+Results: bench/results/speed_<device>.md and .csv, rewritten after each section, so a run stopped
+midway keeps what it measured. Peak memory is bench/memory.py's. Targets (GPU; issue 9): rollout
+>= 1.3x the diffusers loop at batch 1; fused kernel >= 80% of peak bandwidth; UNet work >= 50% of
+dense fp16 peak; and the update >= 2x the naive one-graph update.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,14 +38,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (build_models, current_device, flops_of, latent_reward_fn, lora_grads,  # noqa: E402
-                          max_rel_diff, median, naive_rlr_update, peak_memory, time_it, write_results, zero_grads)
-from rlr_fast import estimate, rollout  # noqa: E402
-from rlr_fast.ddim import ddim_step, ddim_step_reference, resolve_backend  # noqa: E402
+                          max_rel_diff, median, naive_rlr_update, time_it, unfused_ddim_step, write_results,
+                          zero_grads)
+from rlr_fast import _C, estimate, rollout  # noqa: E402
+from rlr_fast.ddim import _triton_available, ddim_step, resolve_backend  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 GUIDANCE = 7.5
-TARGETS = {"rollout_vs_diffusers_b1": 1.3, "update_vs_naive": 2.0, "kernel_bandwidth_fraction": 0.8,
-           "peak_memory_gib": 6.0}
+SECTIONS = ("kernel", "rollout", "update")
+TARGETS = {"rollout_vs_diffusers_b1": 1.3, "kernel_bandwidth_fraction": 0.8, "unet_flop_fraction": 0.5,
+           "update_vs_naive": 2.0}
 
 
 class Bench:
@@ -49,13 +57,18 @@ class Bench:
         self.device, self.dtype, self.repeats, self.warmup = device, dtype, repeats, warmup
         self.rows: list[dict] = []
 
-    def time(self, section: str, name: str, fn, *, shapes: str, flops_fn=None, bytes_moved: int = 0, **extra) -> dict:
-        times = time_it(fn, self.device, warmup=self.warmup, repeats=self.repeats)
+    def time(self, section: str, name: str, fn, *, shapes: str, flops: int = 0, bytes_moved: int = 0,
+             calls: int = 1, **extra) -> dict:
+        """Median seconds of `calls` back-to-back calls of fn, divided by `calls` (a short kernel's
+        launch overhead then overlaps the previous call instead of adding to it)."""
+        def run():
+            for _ in range(calls):
+                fn()
+        times = [t / calls for t in time_it(run, self.device, warmup=self.warmup, repeats=self.repeats)]
         t = median(times)
         row = dict(section=section, name=name, shapes=shapes, dtype=str(self.dtype).replace("torch.", ""),
                    median_ms=t * 1e3, min_ms=min(times) * 1e3, repeats=len(times), **extra)
-        if flops_fn is not None:
-            flops = flops_of(flops_fn)
+        if flops:
             row["gflop"] = flops / 1e9
             row["tflops_achieved"] = flops / t / 1e12
             if self.device.peak_tflops:
@@ -70,6 +83,50 @@ class Bench:
         return row
 
 
+# ----------------------------------------------------------------------------------------------
+# 1. The fused DDIM step
+
+
+def fused_backends(device) -> list[str]:
+    if not device.is_cuda:
+        return ["cpu"]
+    return (["triton"] if _triton_available() else []) + (["cuda"] if _C.has_cuda() else [])
+
+
+def kernel_section(b: Bench, elements: int, calls: int) -> dict:
+    """GB/s of the fused step (with CFG), forward and backward, per fused backend and unfused.
+    Returns {backend: min(forward, backward) fraction of the peak bandwidth (None without a peak)}."""
+    dev, dt = b.device.torch_device, b.dtype
+    batch = 8
+    shape = (batch, elements // batch)
+    x, u, c, noise = (torch.randn(shape, device=dev, dtype=dt) for _ in range(4))
+    coef = [torch.rand(batch, device=dev, dtype=torch.float64) + 0.5 for _ in range(3)]
+    nbytes = x.numel() * x.element_size()
+    shapes = f"{batch} x {elements // batch} elements, with CFG"
+    # forward reads x, u, c, noise and writes prev and mean; backward reads the two cotangents and the
+    # noise and writes the gradients of x, u, c and noise (the per-sample log-densities are negligible)
+    fractions = {}
+    for backend in fused_backends(b.device):
+        fwd = b.time("kernel", f"ddim_step forward [{backend}]", lambda: ddim_step(
+            x, u, noise, *coef, model_output_cond=c, guidance_scale=GUIDANCE, backend=backend), shapes=shapes,
+            bytes_moved=6 * nbytes, calls=calls)
+        leaves = [t.clone().requires_grad_(True) for t in (x, u, c, noise)]
+        outs = ddim_step(leaves[0], leaves[1], leaves[3], *coef, model_output_cond=leaves[2], guidance_scale=GUIDANCE,
+                         backend=backend)
+        grads = [torch.randn_like(o) for o in outs]
+        bwd = b.time("kernel", f"ddim_step backward [{backend}]", lambda: torch.autograd.grad(
+            outs, leaves, grads, retain_graph=True), shapes=shapes, bytes_moved=7 * nbytes, calls=calls)
+        if "fraction_of_bandwidth" in fwd:
+            fractions[backend] = min(fwd["fraction_of_bandwidth"], bwd["fraction_of_bandwidth"])
+    b.time("kernel", "ddim_step forward [unfused PyTorch, inputs' dtype]", lambda: unfused_ddim_step(
+        x, u, noise, *coef, c, GUIDANCE), shapes=shapes, bytes_moved=6 * nbytes, calls=calls)
+    return fractions
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Rollouts
+
+
 def diffusers_pipeline(models):
     from diffusers import StableDiffusionPipeline
 
@@ -80,14 +137,16 @@ def diffusers_pipeline(models):
     return pipe
 
 
-def rollout_section(b: Bench, models, steps: int) -> dict:
+def rollout_section(b: Bench, models, steps: int, batches: list[int]) -> dict:
+    """Returns {batch: (diffusers / eager, diffusers / CUDA graph or None)} and the best fraction of
+    the FLOP peak any rollout reached, as "flop_fraction": (fraction, row name)."""
     from rlr_fast.cuda_graph import GraphedRollout
 
     dev, dt = b.device.torch_device, b.dtype
     pipe = diffusers_pipeline(models)
     graphed = GraphedRollout(models.unet, models.scheduler) if b.device.is_cuda else None
-    ratios = {}
-    for batch in (1, 4):
+    ratios, best = {}, (0.0, "")
+    for batch in batches:
         size = models.latent_size
         x_T = torch.randn(batch, 4, size, size, device=dev, dtype=dt)
         cond = torch.randn(batch, 77, models.cond_dim, device=dev, dtype=dt)
@@ -95,25 +154,25 @@ def rollout_section(b: Bench, models, steps: int) -> dict:
         shapes = f"batch {batch}, latents {size}x{size}, T {steps}, CFG {GUIDANCE}, eta 1"
         kw = dict(num_steps=steps, eta=1.0, encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
                   guidance_scale=GUIDANCE)
-
-        def ours():
-            return rollout(models.unet, models.scheduler, x_T, **kw)
-
-        def theirs():
-            return pipe(prompt_embeds=cond, negative_prompt_embeds=negative, latents=x_T.clone(),
-                        num_inference_steps=steps, guidance_scale=GUIDANCE, eta=1.0, output_type="latent")
-
-        t_ours = b.time("rollout", "rlr_fast.rollout", ours, shapes=shapes, flops_fn=ours)["median_ms"]
-        t_theirs = b.time("rollout", "diffusers StableDiffusionPipeline loop", theirs, shapes=shapes,
-                          flops_fn=theirs)["median_ms"]
-        ratios[batch] = t_theirs / t_ours
+        variants = {"rlr_fast.rollout": lambda: rollout(models.unet, models.scheduler, x_T, **kw),
+                    "diffusers StableDiffusionPipeline loop": lambda: pipe(
+                        prompt_embeds=cond, negative_prompt_embeds=negative, latents=x_T.clone(),
+                        num_inference_steps=steps, guidance_scale=GUIDANCE, eta=1.0, output_type="latent")}
         if graphed is not None:
-            def replayed():
-                return graphed(x_T, **kw)
-            t_graph = b.time("rollout", "rlr_fast GraphedRollout (CUDA graph)", replayed, shapes=shapes,
-                             flops_fn=ours)["median_ms"]
-            ratios[batch] = max(ratios[batch], t_theirs / t_graph)
-    return ratios
+            variants["rlr_fast GraphedRollout (CUDA graph)"] = lambda: graphed(x_T, **kw)
+        flops = flops_of(variants["rlr_fast.rollout"])  # the same UNet calls in every variant
+        ms = {name: b.time("rollout", name, fn, shapes=shapes, flops=flops) for name, fn in variants.items()}
+        theirs = ms["diffusers StableDiffusionPipeline loop"]["median_ms"]
+        ratios[batch] = (theirs / ms["rlr_fast.rollout"]["median_ms"],
+                         theirs / ms["rlr_fast GraphedRollout (CUDA graph)"]["median_ms"] if graphed else None)
+        for name, row in ms.items():
+            if row.get("fraction_of_flop_peak", 0.0) > best[0]:
+                best = (row["fraction_of_flop_peak"], f"{name}, batch {batch}")
+    return dict(ratios=ratios, flop_fraction=best if best[1] else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Updates
 
 
 def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_options: dict, *,
@@ -130,7 +189,8 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
                                  checkpoint_vae=options.pop("checkpoint_vae", True))
     kw = dict(num_steps=steps, eta=1.0, encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
               guidance_scale=GUIDANCE)
-    shapes = f"batch {batch}, latents {size}x{size}, T {steps}, CFG {GUIDANCE}, f 1, h {h}"
+    j = min(steps // 2, steps - h)  # the half-order segment j+1 .. j+h must fit the chain
+    shapes = f"batch {batch}, latents {size}x{size}, T {steps}, CFG {GUIDANCE}, f 1, h {h}, j {j}"
 
     def engine(method: str, **method_options):
         def update():
@@ -141,16 +201,17 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
 
     def one_graph():
         zero_grads(models.unet)
-        naive_rlr_update(models.unet, models.scheduler, x_T, reward_fn, j=steps // 2, h=h, cond=cond,
+        naive_rlr_update(models.unet, models.scheduler, x_T, reward_fn, j=j, h=h, cond=cond,
                          negative=negative, guidance_scale=GUIDANCE, num_steps=steps, eta=1.0)
 
-    rlr = engine("rlr", first_order_steps=1, h=h, j=steps // 2)
-    ours = b.time("update", "RLR, rlr_fast (rollout + estimate)", rlr, shapes=shapes, flops_fn=rlr,
+    rlr = engine("rlr", first_order_steps=1, h=h, j=j)
+    ours = b.time("update", "RLR, rlr_fast (rollout + estimate)", rlr, shapes=shapes, flops=flops_of(rlr),
                   options=str(estimate_options))
     result = {}
     if naive:
         try:
-            theirs = b.time("update", "RLR, naive one-graph autograd", one_graph, shapes=shapes, flops_fn=one_graph)
+            theirs = b.time("update", "RLR, naive one-graph autograd", one_graph, shapes=shapes,
+                            flops=flops_of(one_graph))
             result["update_vs_naive"] = theirs["median_ms"] / ours["median_ms"]
             # what bounds the speed-up: the engine recomputes every step it differentiates
             # (rlr_math.md section 4: T + 3 (f + h + |C|) forward-equivalents against the graph's 3 T)
@@ -160,31 +221,10 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
             b.rows.append(dict(section="update", name="RLR, naive one-graph autograd", shapes=shapes, median_ms="OOM"))
             torch.cuda.empty_cache()
     if others:
-        truncated = engine("truncated_bp", truncated_bp_k=1)
-        b.time("update", "AlignProp-style truncated backprop (K = 1)", truncated, shapes=shapes, flops_fn=truncated)
-        ddpo = engine("ddpo")
-        b.time("update", "DDPO-style update (1 inner epoch)", ddpo, shapes=shapes, flops_fn=ddpo)
+        for name, update in (("AlignProp-style truncated backprop (K = 1)", engine("truncated_bp", truncated_bp_k=1)),
+                             ("DDPO-style update", engine("ddpo"))):
+            b.time("update", name, update, shapes=shapes, flops=flops_of(update))
     return result
-
-
-def peak_of_rlr_update(device, models, dtype, options: dict, *, steps: int = 50, batch: int = 2, h: int = 4) -> float:
-    """GiB at the peak (torch.cuda.max_memory_allocated) of one engine RLR update with `options`."""
-    dev = device.torch_device
-    x_T = torch.randn(batch, 4, models.latent_size, models.latent_size, device=dev, dtype=dtype)
-    cond, negative = (torch.randn(batch, 77, models.cond_dim, device=dev, dtype=dtype) for _ in range(2))
-    options = dict(options)
-    reward_fn = latent_reward_fn(models, batch, decode_chunk=options.pop("decode_chunk"),
-                                 checkpoint_vae=options.pop("checkpoint_vae"))
-
-    def update():
-        zero_grads(models.unet)
-        traj = rollout(models.unet, models.scheduler, x_T, num_steps=steps, eta=1.0, encoder_hidden_states=cond,
-                       negative_encoder_hidden_states=negative, guidance_scale=GUIDANCE,
-                       split_cfg=options["split_cfg"])
-        estimate(models.unet, traj, reward_fn, method="rlr", first_order_steps=1, h=h, **options)
-
-    torch.cuda.empty_cache()
-    return peak_memory(update, device) / 2**30
 
 
 def naive_steps_that_fit(total_gib: float, steps: int) -> int:
@@ -199,30 +239,20 @@ def naive_steps_that_fit(total_gib: float, steps: int) -> int:
     return 5
 
 
-def kernel_section(b: Bench, elements: int) -> float:
-    """The fused DDIM step (with CFG) forward and backward: GB/s of the bytes it must move."""
-    dev, dt = b.device.torch_device, b.dtype
-    batch = 8
-    shape = (batch, elements // batch)
-    x, u, c, noise = (torch.randn(shape, device=dev, dtype=dt) for _ in range(4))
-    coef = [torch.rand(batch, device=dev, dtype=torch.float64) for _ in range(3)]
-    nbytes = x.numel() * x.element_size()
-    backend = resolve_backend(x.device)
-    shapes = f"{batch} x {elements // batch} elements, with CFG"
-    # forward reads x, u, c, noise and writes prev and mean; backward reads the two cotangents and the
-    # noise and writes the gradients of x, u, c and noise (the per-sample log-densities are negligible)
-    fwd = b.time("kernel", f"ddim_step forward [{backend}]", lambda: ddim_step(
-        x, u, noise, *coef, model_output_cond=c, guidance_scale=GUIDANCE), shapes=shapes, bytes_moved=6 * nbytes)
-    b.time("kernel", "ddim_step forward [unfused PyTorch reference]", lambda: ddim_step_reference(
-        x, u, noise, *coef, c, GUIDANCE), shapes=shapes, bytes_moved=6 * nbytes)
-    leaves = [t.clone().requires_grad_(True) for t in (x, u, c, noise)]
-    prev, mean, logp = ddim_step(leaves[0], leaves[1], leaves[3], *coef, model_output_cond=leaves[2],
-                                 guidance_scale=GUIDANCE)
-    g_prev, g_mean, g_logp = torch.randn_like(prev), torch.randn_like(mean), torch.randn_like(logp)
-    bwd = b.time("kernel", f"ddim_step backward [{backend}]", lambda: torch.autograd.grad(
-        (prev, mean, logp), leaves, (g_prev, g_mean, g_logp), retain_graph=True), shapes=shapes,
-        bytes_moved=7 * nbytes)
-    return min(fwd.get("fraction_of_bandwidth", 0.0), bwd.get("fraction_of_bandwidth", 0.0)) or None
+def updates(b: Bench, models, steps: int, tiny: bool) -> dict:
+    """The update section: on a GPU the engine with the fastest plan that fits 80% of the GPU, and the
+    naive baseline at the largest T that fits it (the engine timed again at that T for the ratio)."""
+    if tiny:
+        return update_section(b, models, steps=steps, batch=2, h=4, estimate_options={}, naive=True, others=True)
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    chosen = planner.plan(dict(batch_size=2, num_steps=steps, guidance_scale=GUIDANCE, h=4, precision="half"),
+                          max_memory_gb=0.8 * total_gib)
+    options = dict(chosen.estimate_kwargs(), decode_chunk=chosen.options["decode_chunk"],
+                   checkpoint_vae=chosen.options["checkpoint_vae"])
+    result = update_section(b, models, steps=steps, batch=2, h=4, estimate_options=options, naive=False, others=True)
+    result.update(update_section(b, models, steps=naive_steps_that_fit(total_gib, steps), batch=2, h=4,
+                                 estimate_options=options, naive=True, others=False))
+    return result
 
 
 def check_naive_matches_engine() -> float:
@@ -245,15 +275,18 @@ def check_naive_matches_engine() -> float:
     return max_rel_diff(naive, lora_grads(models.unet))
 
 
-def verdict(name: str, value, target: float, higher_is_better: bool, unit: str = "", note: str = "") -> str:
+# ----------------------------------------------------------------------------------------------
+# Verdicts and the run
+
+
+def verdict(name: str, value, target: float, unit: str = "", note: str = "") -> str:
+    """`name: value (target >= t) -> pass | MISS by ...`; every target here is a lower bound."""
     if value is None:
         return f"{name}: not measured{note}"
-    ok = value >= target if higher_is_better else value <= target
-    if ok:
-        return f"{name}: {value:.3g}{unit} (target {'>=' if higher_is_better else '<='} {target:g}{unit}) -> pass{note}"
-    miss = (target - value) if higher_is_better else (value - target)
-    return (f"{name}: {value:.3g}{unit} (target {'>=' if higher_is_better else '<='} {target:g}{unit}) -> MISS by "
-            f"{miss:.3g}{unit} ({miss / target:.0%}){note}")
+    if value >= target:
+        return f"{name}: {value:.3g}{unit} (target >= {target:g}{unit}) -> pass{note}"
+    miss = target - value
+    return f"{name}: {value:.3g}{unit} (target >= {target:g}{unit}) -> MISS by {miss:.3g}{unit} ({miss / target:.0%}){note}"
 
 
 def _naive_note(update: dict) -> str:
@@ -264,79 +297,102 @@ def _naive_note(update: dict) -> str:
             "O(1) steps alive instead of O(T) (bench/memory.py)")
 
 
+def verdicts(device, results: dict) -> list[str]:
+    on_cpu = "" if device.is_cuda else " [CPU, tiny SD: the targets are for a GPU]"
+    lines = []
+    if "kernel" in results:
+        default = resolve_backend(device.torch_device)
+        lines.append(verdict(f"fused kernel [{default}] fraction of peak bandwidth (min of forward, backward)",
+                             results["kernel"].get(default), TARGETS["kernel_bandwidth_fraction"],
+                             note="" if device.is_cuda else " (CPU: no bandwidth peak known)"))
+    if "rollout" in results:
+        ratios = results["rollout"]["ratios"]
+        for batch, (eager, graph) in ratios.items():
+            best = max(r for r in (eager, graph) if r is not None)
+            detail = f"; eager {eager:.3g}x" + (f", CUDA graph {graph:.3g}x" if graph is not None else "")
+            if batch == 1:
+                lines.append(verdict("rollout speed-up vs diffusers loop, batch 1", best,
+                                     TARGETS["rollout_vs_diffusers_b1"], "x", detail + on_cpu))
+            else:
+                lines.append(f"rollout speed-up vs diffusers loop, batch {batch}: {best:.3g}x (no target){detail}{on_cpu}")
+        flop = results["rollout"]["flop_fraction"]
+        lines.append(verdict("UNet work, best fraction of dense fp16 peak", flop and flop[0],
+                             TARGETS["unet_flop_fraction"], note=f" ({flop[1]})" if flop else on_cpu))
+    if "update" in results:
+        update = results["update"]
+        lines.append(verdict("update speed-up vs naive one-graph RLR", update.get("update_vs_naive"),
+                             TARGETS["update_vs_naive"], "x", on_cpu + _naive_note(update)))
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny SD (the only choice without a GPU)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
+    parser.add_argument("--steps", type=int, default=50, help="T of the rollouts and updates")
+    parser.add_argument("--batches", default="1,4", help="rollout batch sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: 10 on a GPU, 3 on a CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 GPU, 1 CPU)")
+    parser.add_argument("--kernel-elements", type=int, default=None, help="elements per tensor of the kernel "
+                        "section (default: 2^26 on a GPU, 2^22 on a CPU)")
+    parser.add_argument("--calls", type=int, default=None, help="kernel calls per timed repeat, back to back "
+                        "(default: 10 on a GPU, so launches overlap the previous call; 1 on a CPU)")
     args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    if not set(sections) <= set(SECTIONS):
+        parser.error(f"--sections takes {SECTIONS}, got {args.sections!r}")
     device = current_device()
     tiny = args.tiny or not device.is_cuda
     dtype = torch.float16 if device.is_cuda else torch.float32
-    repeats = args.repeats or (3 if not device.is_cuda else 10)
-    b = Bench(device, dtype, repeats=repeats, warmup=1 if not device.is_cuda else 3)
+    repeats = args.repeats or (10 if device.is_cuda else 3)
+    b = Bench(device, dtype, repeats=repeats, warmup=args.warmup if args.warmup is not None else
+              (3 if device.is_cuda else 1))
 
     print(f"device: {device.name}; torch {torch.__version__}; dtype {dtype}; "
           f"peak {device.peak_tflops or 'n/a'} TFLOP/s, {device.peak_gbps or 'n/a'} GB/s", flush=True)
-    error = check_naive_matches_engine()
-    print(f"check: naive one-graph RLR gradient vs rlr_fast (tiny SD, fp32, CPU): max rel diff {error:.2e}",
-          flush=True)
-    if not error < 1e-4:
-        raise SystemExit("the naive baseline does not compute the engine's estimator; timings would be meaningless")
-
-    models = build_models(device, tiny=tiny, dtype=dtype)
-    print(f"models: {models.description}", flush=True)
-    ratios = rollout_section(b, models, steps=50)
-    if tiny:
-        update = update_section(b, models, steps=20, batch=2, h=4, estimate_options={}, naive=True, others=True)
-    else:
-        # the engine with the fastest options that fit 80% of the GPU; the naive baseline at the
-        # largest T that fits it, the engine timed again at that T for the ratio
-        total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        chosen = planner.plan(dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half"),
-                              max_memory_gb=0.8 * total_gib)
-        options = dict(chosen.estimate_kwargs(), decode_chunk=chosen.options["decode_chunk"],
-                       checkpoint_vae=chosen.options["checkpoint_vae"])
-        update = update_section(b, models, steps=50, batch=2, h=4, estimate_options=options, naive=False,
-                                others=True)
-        naive_steps = naive_steps_that_fit(total_gib, 50)
-        update.update(update_section(b, models, steps=naive_steps, batch=2, h=4, estimate_options=options,
-                                     naive=True, others=False))
-        six = planner.plan(dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half"),
-                           max_memory_gb=TARGETS["peak_memory_gib"])
-        update["peak_gib"] = peak_of_rlr_update(device, models, dtype, dict(
-            six.estimate_kwargs(), decode_chunk=six.options["decode_chunk"], checkpoint_vae=six.options["checkpoint_vae"]))
-        update["peak_estimated_gib"] = six.peak_gib
-    kernel_fraction = kernel_section(b, elements=(1 << 22) if not device.is_cuda else (1 << 26))
-
-    on_cpu = "" if device.is_cuda else " [CPU, tiny SD: the targets are for a GPU]"
-    if device.is_cuda:
-        peak = update.get("peak_gib")
-        peak_note = (f" (measured with the options of rlr_fast.plan's 6 GiB plan, which estimated "
-                     f"{update['peak_estimated_gib']:.2f} GiB including a text encoder this benchmark does not load)")
-    else:
-        case = dict(batch_size=2, num_steps=50, guidance_scale=GUIDANCE, h=4, precision="half")
-        peak = planner.plan(case, max_memory_gb=6).peak_gib
-        peak_note = " (ESTIMATED by rlr_fast.plan for SD1.4; not measured: no GPU in this session)"
-    lines = [verdict("rollout speed-up vs diffusers loop, batch 1", ratios.get(1), TARGETS["rollout_vs_diffusers_b1"],
-                     True, "x", on_cpu),
-             f"rollout speed-up vs diffusers loop, batch 4: {ratios.get(4):.3g}x (no target){on_cpu}",
-             verdict("update speed-up vs naive one-graph RLR", update.get("update_vs_naive"),
-                     TARGETS["update_vs_naive"], True, "x", on_cpu + _naive_note(update)),
-             verdict("fused kernel fraction of peak bandwidth", kernel_fraction, TARGETS["kernel_bandwidth_fraction"],
-                     True, "", "" if device.is_cuda else " (no GPU in this session; CPU bandwidth peak unknown)"),
-             verdict("peak memory of the SD1.4 RLR update", peak, TARGETS["peak_memory_gib"], False, " GiB",
-                     peak_note)]
     header = [f"# Speed — {device.name}", "",
-              f"torch {torch.__version__}, dtype {dtype}, {models.description}; medians of {repeats} repeats after "
-              f"warm-up; peak {device.peak_tflops or 'n/a'} TFLOP/s dense fp16, {device.peak_gbps or 'n/a'} GB/s.",
-              f"Naive-vs-engine gradient check (tiny SD, fp32, CPU): max relative difference {error:.2e}.", ""]
+              f"torch {torch.__version__}, dtype {dtype}; medians of {repeats} repeats after warm-up; peak "
+              f"{device.peak_tflops or 'n/a'} TFLOP/s dense fp16, {device.peak_gbps or 'n/a'} GB/s; "
+              f"{time.strftime('%Y-%m-%d')}.", ""]
     if not device.is_cuda:
         header += ["**CPU run** (no GPU in this session): every figure below is a CPU figure on the tiny SD; it",
                    "exercises the code paths and says nothing about GPU speed. GPU figures: not measured.", ""]
-    header += ["## Targets", ""] + [f"- {line}" for line in lines] + ["", "## Measurements"]
-    csv_path, md_path = write_results(device.label, b.rows, "\n".join(header))
+    results, models = {}, None
+
+    def save() -> tuple[list[str], Path]:
+        lines = verdicts(device, results)
+        text = header + ["## Targets", ""] + [f"- {line}" for line in lines] + ["", "## Measurements"]
+        return lines, write_results(f"speed_{device.label}", b.rows, "\n".join(text))[1]
+
+    for section in sections:
+        start = time.perf_counter()
+        print(f"section {section}", flush=True)
+        if section == "kernel":
+            default = (1 << 26) if device.is_cuda else (1 << 22)
+            calls = args.calls or (10 if device.is_cuda else 1)
+            results["kernel"] = kernel_section(b, args.kernel_elements or default, calls=calls)
+        else:
+            if models is None:
+                models = build_models(device, tiny=tiny, dtype=dtype)
+                header.insert(3, f"Models: {models.description}.")
+                print(f"models: {models.description}", flush=True)
+            if section == "rollout":
+                results["rollout"] = rollout_section(b, models, args.steps, [int(x) for x in args.batches.split(",")])
+            else:
+                error = check_naive_matches_engine()
+                print(f"check: naive one-graph RLR gradient vs rlr_fast (tiny SD, fp32, CPU): max rel diff "
+                      f"{error:.2e}", flush=True)
+                if not error < 1e-4:
+                    raise SystemExit("the naive baseline does not compute the engine's estimator; timings would "
+                                     "be meaningless")
+                header.insert(3, f"Naive-vs-engine gradient check (tiny SD, fp32, CPU): max relative difference "
+                                 f"{error:.2e}.")
+                results["update"] = updates(b, models, args.steps, tiny)
+        save()
+        print(f"section {section} took {time.perf_counter() - start:.1f} s", flush=True)
+    lines, md_path = save()
     print("\n".join(lines))
-    print(f"wrote {md_path} and {csv_path}")
+    print(f"wrote {md_path} and its .csv")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-// The fused DDIM step + Gaussian log-density, CPU implementation, and the Python binding.
+// The fused DDIM step + Gaussian log-density: input checks, the CPU implementation, the binding.
 //
 // Per sample b (coefficients are per sample so that one call can hold several timesteps):
-//   e      = u + w (c - u)                     (classifier-free guidance; w = 1 means no CFG)
+//   e      = u + w (c - u)                     (classifier-free guidance; without c, e = u)
 //   mean   = cx[b] x + ce[b] e
 //   prev   = mean + sigma[b] noise
 //   logp   = -|noise|^2 / 2 - D log sigma[b] - D/2 log(2 pi)    (0 where sigma[b] == 0)
@@ -9,159 +9,176 @@
 // moves with the mean, so the backward only routes the cotangents of prev and mean.
 //
 // One pass over memory in each direction; the batch is the parallel dimension because every
-// sample has its own coefficients and its own log-density reduction. The Python side owns the
-// API, validation and the autograd wiring (rlr_fast/ddim.py); this file is the arithmetic.
+// sample has its own coefficients and its own log-density reduction. fp16/bf16 inputs are
+// computed in fp32 (at::opmath_type) and rounded once on store, as the CUDA and Triton kernels
+// do, with no fp32 copies of the inputs. The contract (checks, dtypes) is the one
+// kernels/reference.py specifies; errors name the input, as ValueError / TypeError in Python.
+// The autograd wiring is rlr_fast/compiled.py.
 
-#include <torch/extension.h>
+#include "ddim_step.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
-#include <vector>
 
-#ifdef RLR_FAST_WITH_CUDA
-std::vector<torch::Tensor> ddim_step_forward_cuda(torch::Tensor x, torch::Tensor u, torch::Tensor c,
-                                                  double w, torch::Tensor noise, torch::Tensor cx,
-                                                  torch::Tensor ce, torch::Tensor sigma);
-std::vector<torch::Tensor> ddim_step_backward_cuda(torch::Tensor grad_prev, torch::Tensor grad_mean,
-                                                   torch::Tensor grad_logp, torch::Tensor noise,
-                                                   double w, bool has_cond, torch::Tensor cx,
-                                                   torch::Tensor ce, torch::Tensor sigma);
-#endif
-
+namespace rlr_fast {
 namespace {
 
-constexpr double kHalfLog2Pi = 0.91893853320467274178;  // log(2 pi) / 2
-
-void check_inputs(const torch::Tensor& x, const torch::Tensor& u, const torch::Tensor& c,
-                  const torch::Tensor& noise, const torch::Tensor& cx, const torch::Tensor& ce,
-                  const torch::Tensor& sigma) {
-  TORCH_CHECK(x.dim() >= 1, "ddim_step: sample must have a batch dimension");
-  TORCH_CHECK(u.sizes() == x.sizes() && noise.sizes() == x.sizes(),
-              "ddim_step: sample, model_output and noise must have the same shape");
-  TORCH_CHECK(!c.defined() || c.sizes() == x.sizes(),
-              "ddim_step: model_output_cond must have the sample's shape");
-  const auto b = x.size(0);
-  TORCH_CHECK(cx.numel() == b && ce.numel() == b && sigma.numel() == b,
-              "ddim_step: coefficients must have one value per sample");
-  TORCH_CHECK(u.scalar_type() == x.scalar_type() && noise.scalar_type() == x.scalar_type(),
-              "ddim_step: all tensors must share one dtype");
+// The tensor the others must match: a non-empty (B, ...) tensor of a supported dtype.
+void check_first(const char* name, const torch::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
+                   name, " has dtype ", t, "; the ops take Half, BFloat16, Float and Double");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0,
+                    name, " must be a non-empty tensor with a batch dimension, got shape ", x.sizes());
 }
 
-// Sample b's coefficients in the arithmetic type.
-template <typename scalar_t>
-struct SampleCoefficients {
-  scalar_t cx, ce, sigma;
-  SampleCoefficients(const double* cx_, const double* ce_, const double* sigma_, int64_t b)
-      : cx(static_cast<scalar_t>(cx_[b])), ce(static_cast<scalar_t>(ce_[b])), sigma(static_cast<scalar_t>(sigma_[b])) {}
-};
+// `t` must match `x` (named `like`) in device, shape and dtype; an undefined `t` is an absent input.
+void check_like(const char* name, const torch::Tensor& t, const torch::Tensor& x, const char* like) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), ", expected ", x.device(), " like the ",
+                    like);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " has shape ", t.sizes(), ", expected ", x.sizes(), " like the ",
+                    like);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), ", expected ",
+                   x.scalar_type(), " like the ", like);
+}
+
+// A per-sample value (coefficient or log-density cotangent) as float64 (B,) on the samples' device.
+torch::Tensor per_sample(const char* name, const torch::Tensor& t, const torch::Tensor& x) {
+  TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating tensor, got dtype ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == x.size(0), name, " must hold one value per sample (", x.size(0), "), got shape ",
+                    t.sizes());
+  return t.to(x.device(), torch::kFloat64).reshape({-1}).contiguous();
+}
+
+torch::Tensor contiguous_or_undefined(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : torch::Tensor();
+}
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* u, const scalar_t* c, double w,
-                    const scalar_t* noise, const double* cx, const double* ce, const double* sigma,
-                    scalar_t* prev, scalar_t* mean, scalar_t* logp, int64_t batch, int64_t d) {
+void forward_cpu(const scalar_t* x, const scalar_t* u, const scalar_t* c, double w, const scalar_t* noise,
+                 const double* cx, const double* ce, const double* sigma, scalar_t* prev, scalar_t* mean,
+                 at::opmath_type<scalar_t>* logp, int64_t batch, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * d;
-      const SampleCoefficients<scalar_t> q(cx, ce, sigma, b);
-      const scalar_t ws = static_cast<scalar_t>(w);
+      const SampleCoefficients<acc_t> q(cx, ce, sigma, b);
+      const acc_t ws = static_cast<acc_t>(w);
       double sq = 0.0;  // the reduction in double keeps fp32 log-densities of 64x64x4 latents exact
       for (int64_t i = 0; i < d; ++i) {
-        const scalar_t e = c ? u[o + i] + ws * (c[o + i] - u[o + i]) : u[o + i];
-        const scalar_t m = q.cx * x[o + i] + q.ce * e;
-        const scalar_t n = noise[o + i];
-        mean[o + i] = m;
-        prev[o + i] = m + q.sigma * n;
+        acc_t e = static_cast<acc_t>(u[o + i]);
+        if (c) e += ws * (static_cast<acc_t>(c[o + i]) - e);
+        const acc_t m = q.cx * static_cast<acc_t>(x[o + i]) + q.ce * e;
+        const acc_t n = static_cast<acc_t>(noise[o + i]);
+        mean[o + i] = static_cast<scalar_t>(m);
+        prev[o + i] = static_cast<scalar_t>(m + q.sigma * n);
         sq += static_cast<double>(n) * static_cast<double>(n);
       }
-      logp[b] = sigma[b] > 0.0
-                    ? static_cast<scalar_t>(-0.5 * sq - d * (std::log(sigma[b]) + kHalfLog2Pi))
-                    : scalar_t(0);
+      logp[b] = static_cast<acc_t>(log_density(sq, sigma[b], d));
+    }
+  });
+}
+
+// Null cotangents count as zero; null outputs are not needed and not written.
+template <typename scalar_t>
+void backward_cpu(const scalar_t* gp, const scalar_t* gm, const double* gl, const scalar_t* noise, double w,
+                  bool has_cond, const double* cx, const double* ce, const double* sigma, scalar_t* gx,
+                  scalar_t* gu, scalar_t* gc, scalar_t* gn, int64_t batch, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t o = b * d;
+      const SampleCoefficients<acc_t> q(cx, ce, sigma, b);
+      const acc_t l = gl && sigma[b] > 0.0 ? static_cast<acc_t>(gl[b]) : acc_t(0);  // no density at sigma 0
+      const acc_t wu = static_cast<acc_t>(has_cond ? 1.0 - w : 1.0);
+      const acc_t wc = static_cast<acc_t>(w);
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t p = gp ? static_cast<acc_t>(gp[o + i]) : acc_t(0);
+        const acc_t g = p + (gm ? static_cast<acc_t>(gm[o + i]) : acc_t(0));  // prev = mean + sigma noise
+        const acc_t ge = q.ce * g;
+        if (gx) gx[o + i] = static_cast<scalar_t>(q.cx * g);
+        if (gu) gu[o + i] = static_cast<scalar_t>(wu * ge);
+        if (gc) gc[o + i] = static_cast<scalar_t>(wc * ge);
+        if (gn) gn[o + i] = static_cast<scalar_t>(q.sigma * p - l * static_cast<acc_t>(noise[o + i]));
+      }
     }
   });
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* gp, const scalar_t* gm, const scalar_t* gl, const scalar_t* noise,
-                     double w, bool has_cond, const double* cx, const double* ce, const double* sigma,
-                     scalar_t* gx, scalar_t* gu, scalar_t* gc, scalar_t* gn, int64_t batch, int64_t d) {
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t o = b * d;
-      const SampleCoefficients<scalar_t> q(cx, ce, sigma, b);
-      const scalar_t l = sigma[b] > 0.0 ? gl[b] : scalar_t(0);
-      const scalar_t wu = static_cast<scalar_t>(has_cond ? 1.0 - w : 1.0);
-      const scalar_t wc = static_cast<scalar_t>(w);
-      for (int64_t i = 0; i < d; ++i) {
-        const scalar_t g = gp[o + i] + gm[o + i];  // prev = mean + sigma * noise
-        const scalar_t ge = q.ce * g;
-        gx[o + i] = q.cx * g;
-        gu[o + i] = wu * ge;
-        if (has_cond) gc[o + i] = wc * ge;
-        gn[o + i] = q.sigma * gp[o + i] - l * noise[o + i];
-      }
-    }
-  });
-}
-
-torch::Tensor as_double_cpu(const torch::Tensor& t) {
-  return t.to(torch::kCPU, torch::kFloat64).contiguous();
+scalar_t* data_or_null(const torch::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
 }  // namespace
 
-// Returns {prev_sample, mean, log_prob}. `c` may be an undefined tensor (no guidance).
-std::vector<torch::Tensor> ddim_step_forward(torch::Tensor x, torch::Tensor u, c10::optional<torch::Tensor> c_opt,
-                                             double w, torch::Tensor noise, torch::Tensor cx,
-                                             torch::Tensor ce, torch::Tensor sigma) {
-  torch::Tensor c = c_opt.has_value() ? *c_opt : torch::Tensor();
-  check_inputs(x, u, c, noise, cx, ce, sigma);
+// Returns {prev_sample, mean, log_prob}; `c` may be None (no guidance).
+std::vector<torch::Tensor> ddim_step_forward(const torch::Tensor& sample, const torch::Tensor& model_output,
+                                             const c10::optional<torch::Tensor>& model_output_cond, double w,
+                                             const torch::Tensor& noise, const torch::Tensor& c_x,
+                                             const torch::Tensor& c_e, const torch::Tensor& sigma) {
+  check_first("sample", sample);
+  const torch::Tensor c = contiguous_or_undefined(model_output_cond);
+  check_like("model_output", model_output, sample, "sample");
+  check_like("noise", noise, sample, "sample");
+  check_like("model_output_cond", c, sample, "sample");
+  const auto x = sample.contiguous(), u = model_output.contiguous(), n = noise.contiguous();
+  const auto cx = per_sample("c_x", c_x, x), ce = per_sample("c_e", c_e, x), sd = per_sample("sigma", sigma, x);
 #ifdef RLR_FAST_WITH_CUDA
-  if (x.is_cuda()) return ddim_step_forward_cuda(x, u, c, w, noise, cx, ce, sigma);
+  if (x.is_cuda()) return ddim_step_forward_cuda(x, u, c, w, n, cx, ce, sd);
 #endif
-  TORCH_CHECK(x.device().is_cpu(), "ddim_step: this build of rlr_fast._C has no CUDA kernels");
-  x = x.contiguous();
-  u = u.contiguous();
-  noise = noise.contiguous();
-  if (c.defined()) c = c.contiguous();
-  auto cxd = as_double_cpu(cx), ced = as_double_cpu(ce), sd = as_double_cpu(sigma);
-  const int64_t batch = x.size(0), d = x.numel() / std::max<int64_t>(batch, 1);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "sample is on ", x.device(),
+                    "; this build of rlr_fast._C runs on the CPU only (no CUDA kernels)");
+  const int64_t batch = x.size(0), d = x.numel() / batch;
   auto prev = torch::empty_like(x), mean = torch::empty_like(x);
-  auto logp = torch::empty({batch}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ddim_step_forward", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-                             c.defined() ? c.data_ptr<scalar_t>() : nullptr, w,
-                             noise.data_ptr<scalar_t>(), cxd.data_ptr<double>(), ced.data_ptr<double>(),
-                             sd.data_ptr<double>(), prev.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-                             logp.data_ptr<scalar_t>(), batch, d);
+  auto logp = torch::empty({batch}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddim_step_forward", [&] {
+    forward_cpu<scalar_t>(x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), data_or_null<scalar_t>(c), w,
+                          n.data_ptr<scalar_t>(), cx.data_ptr<double>(), ce.data_ptr<double>(), sd.data_ptr<double>(),
+                          prev.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                          logp.data_ptr<at::opmath_type<scalar_t>>(), batch, d);
   });
   return {prev, mean, logp};
 }
 
-// Returns {grad_x, grad_model_output, grad_model_output_cond (undefined without CFG), grad_noise}.
-std::vector<torch::Tensor> ddim_step_backward(torch::Tensor grad_prev, torch::Tensor grad_mean,
-                                              torch::Tensor grad_logp, torch::Tensor noise, double w,
-                                              bool has_cond, torch::Tensor cx, torch::Tensor ce,
-                                              torch::Tensor sigma) {
+// Returns {grad_sample, grad_model_output, grad_model_output_cond, grad_noise}, each None unless
+// asked for by need_* (grad_model_output_cond also None without guidance). Absent cotangents
+// (None) count as zero.
+std::vector<torch::Tensor> ddim_step_backward(const c10::optional<torch::Tensor>& grad_prev,
+                                              const c10::optional<torch::Tensor>& grad_mean,
+                                              const c10::optional<torch::Tensor>& grad_logp,
+                                              const torch::Tensor& noise, double w, bool has_cond,
+                                              const torch::Tensor& c_x, const torch::Tensor& c_e,
+                                              const torch::Tensor& sigma, bool need_sample, bool need_model_output,
+                                              bool need_model_output_cond, bool need_noise) {
+  check_first("noise", noise);
+  const torch::Tensor gp = contiguous_or_undefined(grad_prev), gm = contiguous_or_undefined(grad_mean);
+  check_like("grad_prev", gp, noise, "noise");
+  check_like("grad_mean", gm, noise, "noise");
+  const auto n = noise.contiguous();
+  const torch::Tensor gl = grad_logp.has_value() && grad_logp->defined()
+                               ? per_sample("grad_logp", *grad_logp, n) : torch::Tensor();
+  const auto cx = per_sample("c_x", c_x, n), ce = per_sample("c_e", c_e, n), sd = per_sample("sigma", sigma, n);
+  const GradientMask need{need_sample, need_model_output, need_model_output_cond && has_cond, need_noise};
 #ifdef RLR_FAST_WITH_CUDA
-  if (noise.is_cuda())
-    return ddim_step_backward_cuda(grad_prev, grad_mean, grad_logp, noise, w, has_cond, cx, ce, sigma);
+  if (n.is_cuda()) return ddim_step_backward_cuda(gp, gm, gl, n, w, has_cond, cx, ce, sd, need);
 #endif
-  TORCH_CHECK(noise.device().is_cpu(), "ddim_step: this build of rlr_fast._C has no CUDA kernels");
-  grad_prev = grad_prev.contiguous();
-  grad_mean = grad_mean.contiguous();
-  grad_logp = grad_logp.contiguous();
-  noise = noise.contiguous();
-  auto cxd = as_double_cpu(cx), ced = as_double_cpu(ce), sd = as_double_cpu(sigma);
-  const int64_t batch = noise.size(0), d = noise.numel() / std::max<int64_t>(batch, 1);
-  auto gx = torch::empty_like(noise), gu = torch::empty_like(noise), gn = torch::empty_like(noise);
-  torch::Tensor gc = has_cond ? torch::empty_like(noise) : torch::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(noise.scalar_type(), "ddim_step_backward", [&] {
-    backward_kernel<scalar_t>(grad_prev.data_ptr<scalar_t>(), grad_mean.data_ptr<scalar_t>(),
-                              grad_logp.data_ptr<scalar_t>(), noise.data_ptr<scalar_t>(), w, has_cond,
-                              cxd.data_ptr<double>(), ced.data_ptr<double>(), sd.data_ptr<double>(),
-                              gx.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(),
-                              has_cond ? gc.data_ptr<scalar_t>() : nullptr, gn.data_ptr<scalar_t>(), batch, d);
+  TORCH_CHECK_VALUE(n.device().is_cpu(), "noise is on ", n.device(),
+                    "; this build of rlr_fast._C runs on the CPU only (no CUDA kernels)");
+  std::vector<torch::Tensor> grads(4);
+  for (int i = 0; i < 4; ++i)
+    if (need[i]) grads[i] = torch::empty_like(n);
+  const int64_t batch = n.size(0), d = n.numel() / batch;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, n.scalar_type(), "ddim_step_backward", [&] {
+    backward_cpu<scalar_t>(data_or_null<scalar_t>(gp), data_or_null<scalar_t>(gm), data_or_null<double>(gl),
+                           n.data_ptr<scalar_t>(), w, has_cond, cx.data_ptr<double>(), ce.data_ptr<double>(),
+                           sd.data_ptr<double>(), data_or_null<scalar_t>(grads[0]), data_or_null<scalar_t>(grads[1]),
+                           data_or_null<scalar_t>(grads[2]), data_or_null<scalar_t>(grads[3]), batch, d);
   });
-  return {gx, gu, gc, gn};
+  return grads;
 }
 
 bool has_cuda() {
@@ -172,10 +189,19 @@ bool has_cuda() {
 #endif
 }
 
+}  // namespace rlr_fast
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "rlr_fast compiled ops: fused DDIM step + Gaussian log-density";
-  m.def("ddim_step_forward", &ddim_step_forward, "fused DDIM step forward -> (prev, mean, log_prob)");
-  m.def("ddim_step_backward", &ddim_step_backward, "fused DDIM step VJP -> (gx, gu, gc, gnoise)");
-  m.def("has_cuda", &has_cuda, "whether CUDA kernels were compiled in");
+  m.def("ddim_step_forward", &rlr_fast::ddim_step_forward, "fused DDIM step forward -> (prev, mean, log_prob)",
+        py::arg("sample"), py::arg("model_output"), py::arg("model_output_cond"), py::arg("guidance_scale"),
+        py::arg("noise"), py::arg("c_x"), py::arg("c_e"), py::arg("sigma"));
+  m.def("ddim_step_backward", &rlr_fast::ddim_step_backward,
+        "fused DDIM step VJP -> (grad_sample, grad_model_output, grad_model_output_cond, grad_noise)",
+        py::arg("grad_prev"), py::arg("grad_mean"), py::arg("grad_logp"), py::arg("noise"), py::arg("guidance_scale"),
+        py::arg("has_cond"), py::arg("c_x"), py::arg("c_e"), py::arg("sigma"), py::arg("need_sample"),
+        py::arg("need_model_output"), py::arg("need_model_output_cond"), py::arg("need_noise"));
+  m.def("has_cuda", &rlr_fast::has_cuda, "whether CUDA kernels were compiled in");
   m.attr("torch_version") = TORCH_VERSION;
 }

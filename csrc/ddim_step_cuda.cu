@@ -1,5 +1,5 @@
-// The fused DDIM step + Gaussian log-density on CUDA: the two functions ddim_step.cpp declares
-// under RLR_FAST_WITH_CUDA, with the CPU versions' arguments and return conventions.
+// The fused DDIM step + Gaussian log-density on CUDA: the two functions ddim_step.h declares,
+// called by ddim_step.cpp with checked, prepared inputs (see ddim_step.h).
 //
 //   e    = u + w (c - u)    (guidance; without c, e = u)
 //   mean = cx[b] x + ce[b] e,   prev = mean + sigma[b] noise
@@ -11,22 +11,30 @@
 // second tiny kernel adds each sample's partials in order and forms the log-density in double,
 // so results are reproducible run to run (no atomics). For SD latents (D = 16384) and B <= 16
 // this gives 8 B blocks: a sample spread over several SMs instead of one. Arithmetic runs in
-// at::opmath_type (fp32 for half/bfloat16). Not yet compiled against a CUDA torch or measured.
+// at::opmath_type (fp32 for half/bfloat16), which is also the log-density's dtype.
+// The backward reads only the cotangents autograd gave and writes only the gradients it asked
+// for: null pointers, uniform over the grid, so the branches cost no divergence.
+//
+// Checked without a GPU by compiling every instantiation for sm_90 against a CPU torch wheel's headers:
+//   nvcc -c csrc/ddim_step_cuda.cu -o /tmp/ddim_step_cuda.o -std=c++17 -O3 --use_fast_math \
+//     -gencode arch=compute_90,code=sm_90 -Xptxas -v -DRLR_FAST_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+//     -I$TORCH/include -I$TORCH/include/torch/csrc/api/include -I$PYTHON_INCLUDE -I$STUB
+// where $STUB/c10/cuda/impl/cuda_cmake_macros.h is an empty stand-in for the header only a CUDA build of
+// torch ships. Run on a GPU by bench/gpu_check.sh (tests/test_compiled.py and test_ddim.py, backend "cuda").
 
-#include <torch/extension.h>
+#include "ddim_step.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
+namespace rlr_fast {
 namespace {
 
-constexpr double kHalfLog2Pi = 0.91893853320467274178;  // log(2 pi) / 2
 constexpr int kThreads = 256;
 constexpr int kChunk = 2048;      // elements per block: 8 per thread, one 16-byte vector in fp16
 constexpr int kMaxGridY = 65535;  // samples ride on grid.y
@@ -46,6 +54,16 @@ template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
+
+// This block's elements [begin, end) of sample blockIdx.y, offsets from the start of the tensor.
+struct Chunk {
+  int64_t sample, begin, end;
+  __device__ explicit Chunk(int64_t d) : sample(blockIdx.y) {
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk;
+    begin = sample * d + first;
+    end = sample * d + (first + kChunk < d ? first + kChunk : d);
+  }
+};
 
 // Sum of `value` over the block, in a fixed order; the result is valid in thread 0.
 __device__ __forceinline__ double block_sum(double value) {
@@ -68,16 +86,12 @@ __global__ void __launch_bounds__(kThreads)
                    const double* __restrict__ sigma, double w, scalar_t* __restrict__ prev,
                    scalar_t* __restrict__ mean, double* __restrict__ partials, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = blockIdx.y;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t end = begin + kChunk < d ? begin + kChunk : d;
-  const int64_t base = b * d;
-  const acc_t a = static_cast<acc_t>(cx[b]), k = static_cast<acc_t>(ce[b]);
-  const acc_t s = static_cast<acc_t>(sigma[b]), ws = static_cast<acc_t>(w);
+  const Chunk chunk(d);
+  const SampleCoefficients<acc_t> q(cx, ce, sigma, chunk.sample);
+  const acc_t ws = static_cast<acc_t>(w);
   acc_t sq = 0;
   // VEC > 1 only when d % VEC == 0, so a pack never straddles `end`.
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
-    const int64_t o = base + i;
+  for (int64_t o = chunk.begin + threadIdx.x * VEC; o < chunk.end; o += kThreads * VEC) {
     const auto xv = load_pack<scalar_t, VEC>(x + o), uv = load_pack<scalar_t, VEC>(u + o);
     const auto nv = load_pack<scalar_t, VEC>(noise + o);
     Pack<scalar_t, VEC> cv;
@@ -87,66 +101,64 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < VEC; ++j) {
       acc_t e = static_cast<acc_t>(uv.v[j]);
       if constexpr (HAS_COND) e += ws * (static_cast<acc_t>(cv.v[j]) - e);
-      const acc_t m = a * static_cast<acc_t>(xv.v[j]) + k * e;
+      const acc_t m = q.cx * static_cast<acc_t>(xv.v[j]) + q.ce * e;
       const acc_t n = static_cast<acc_t>(nv.v[j]);
       mv.v[j] = static_cast<scalar_t>(m);
-      pv.v[j] = static_cast<scalar_t>(m + s * n);
+      pv.v[j] = static_cast<scalar_t>(m + q.sigma * n);
       sq += n * n;
     }
     store_pack<scalar_t, VEC>(mean + o, mv);
     store_pack<scalar_t, VEC>(prev + o, pv);
   }
   const double total = block_sum(static_cast<double>(sq));
-  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = total;
+  if (threadIdx.x == 0) partials[chunk.sample * gridDim.x + blockIdx.x] = total;
 }
 
-template <typename scalar_t>
+template <typename logp_t>
 __global__ void log_density_kernel(const double* __restrict__ partials, const double* __restrict__ sigma,
-                                   scalar_t* __restrict__ logp, int64_t batch, int64_t chunks, int64_t d) {
+                                   logp_t* __restrict__ logp, int64_t batch, int64_t chunks, int64_t d) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   double sq = 0.0;
   for (int64_t i = 0; i < chunks; ++i) sq += partials[b * chunks + i];
-  const double s = sigma[b];
-  logp[b] = static_cast<scalar_t>(s > 0.0 ? -0.5 * sq - static_cast<double>(d) * (log(s) + kHalfLog2Pi) : 0.0);
+  logp[b] = static_cast<logp_t>(log_density(sq, sigma[b], d));
 }
 
+// Null cotangents (grad_prev, grad_mean, grad_logp) count as zero; null outputs are not written.
 template <typename scalar_t, int VEC, bool HAS_COND>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_prev, const scalar_t* __restrict__ grad_mean,
-                    const scalar_t* __restrict__ grad_logp, const scalar_t* __restrict__ noise,
+                    const double* __restrict__ grad_logp, const scalar_t* __restrict__ noise,
                     const double* __restrict__ cx, const double* __restrict__ ce,
                     const double* __restrict__ sigma, double w, scalar_t* __restrict__ gx,
                     scalar_t* __restrict__ gu, scalar_t* __restrict__ gc, scalar_t* __restrict__ gn,
                     int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = blockIdx.y;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t end = begin + kChunk < d ? begin + kChunk : d;
-  const int64_t base = b * d;
-  const acc_t a = static_cast<acc_t>(cx[b]), k = static_cast<acc_t>(ce[b]);
-  const acc_t s = static_cast<acc_t>(sigma[b]);
-  const acc_t l = sigma[b] > 0.0 ? static_cast<acc_t>(grad_logp[b]) : acc_t(0);  // no density at sigma 0
+  const Chunk chunk(d);
+  const SampleCoefficients<acc_t> q(cx, ce, sigma, chunk.sample);
+  // no density where sigma == 0, so no log-density gradient there
+  const acc_t l = grad_logp && sigma[chunk.sample] > 0.0 ? static_cast<acc_t>(grad_logp[chunk.sample]) : acc_t(0);
   const acc_t wu = static_cast<acc_t>(HAS_COND ? 1.0 - w : 1.0), wc = static_cast<acc_t>(w);
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
-    const int64_t o = base + i;
-    const auto gp = load_pack<scalar_t, VEC>(grad_prev + o), gm = load_pack<scalar_t, VEC>(grad_mean + o);
-    const auto nv = load_pack<scalar_t, VEC>(noise + o);
+  for (int64_t o = chunk.begin + threadIdx.x * VEC; o < chunk.end; o += kThreads * VEC) {
+    Pack<scalar_t, VEC> gp, gm, nv;
+    if (grad_prev) gp = load_pack<scalar_t, VEC>(grad_prev + o);
+    if (grad_mean) gm = load_pack<scalar_t, VEC>(grad_mean + o);
+    if (gn) nv = load_pack<scalar_t, VEC>(noise + o);
     Pack<scalar_t, VEC> xo, uo, co, no;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const acc_t p = static_cast<acc_t>(gp.v[j]);
-      const acc_t g = p + static_cast<acc_t>(gm.v[j]);  // prev = mean + sigma noise
-      const acc_t ge = k * g;
-      xo.v[j] = static_cast<scalar_t>(a * g);
+      const acc_t p = grad_prev ? static_cast<acc_t>(gp.v[j]) : acc_t(0);
+      const acc_t g = p + (grad_mean ? static_cast<acc_t>(gm.v[j]) : acc_t(0));  // prev = mean + sigma noise
+      const acc_t ge = q.ce * g;
+      xo.v[j] = static_cast<scalar_t>(q.cx * g);
       uo.v[j] = static_cast<scalar_t>(wu * ge);
       if constexpr (HAS_COND) co.v[j] = static_cast<scalar_t>(wc * ge);
-      no.v[j] = static_cast<scalar_t>(s * p - l * static_cast<acc_t>(nv.v[j]));
+      if (gn) no.v[j] = static_cast<scalar_t>(q.sigma * p - l * static_cast<acc_t>(nv.v[j]));
     }
-    store_pack<scalar_t, VEC>(gx + o, xo);
-    store_pack<scalar_t, VEC>(gu + o, uo);
-    if constexpr (HAS_COND) store_pack<scalar_t, VEC>(gc + o, co);
-    store_pack<scalar_t, VEC>(gn + o, no);
+    if (gx) store_pack<scalar_t, VEC>(gx + o, xo);
+    if (gu) store_pack<scalar_t, VEC>(gu + o, uo);
+    if (HAS_COND && gc) store_pack<scalar_t, VEC>(gc + o, co);
+    if (gn) store_pack<scalar_t, VEC>(gn + o, no);
   }
 }
 
@@ -154,123 +166,87 @@ bool aligned16(const torch::Tensor& t) {
   return !t.defined() || reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// Elements per 16-byte pack when every tensor allows it, else 1.
-int vector_width(int64_t d, size_t elem_size, std::initializer_list<torch::Tensor> tensors) {
-  const int vec = static_cast<int>(16 / elem_size);
-  if (d % vec != 0) return 1;
-  for (const auto& t : tensors)
-    if (!aligned16(t)) return 1;
-  return vec;
+template <typename scalar_t>
+scalar_t* data_or_null(const torch::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-torch::Tensor as_double_on(const torch::Tensor& t, const torch::Tensor& like) {
-  return t.to(like.device(), torch::kFloat64).reshape({-1}).contiguous();
+// Calls launch(width, has_cond) with both as compile-time constants: width 16 / sizeof(scalar_t)
+// (one 16-byte vector) when d and every tensor allow it, else 1.
+template <typename scalar_t, typename Launch>
+void with_vector_width_and_cond(int64_t d, std::initializer_list<torch::Tensor> tensors, bool has_cond,
+                                Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  bool vectorised = d % kVec == 0;
+  for (const auto& t : tensors) vectorised = vectorised && aligned16(t);
+  using Vec = std::integral_constant<int, kVec>;
+  using One = std::integral_constant<int, 1>;
+  if (vectorised) {
+    has_cond ? launch(Vec{}, std::true_type{}) : launch(Vec{}, std::false_type{});
+  } else {
+    has_cond ? launch(One{}, std::true_type{}) : launch(One{}, std::false_type{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_same_cuda_device(std::initializer_list<torch::Tensor> tensors, const torch::Tensor& like) {
-  for (const auto& t : tensors)
-    TORCH_CHECK(!t.defined() || t.device() == like.device(),
-                "ddim_step: all tensors must be on ", like.device(), ", got one on ", t.device());
+// (chunks, samples) grid of a (B, ...) tensor of d elements per sample.
+dim3 chunk_grid(int64_t batch, int64_t d) {
+  TORCH_CHECK_VALUE(batch <= kMaxGridY, "ddim_step: batch of ", batch, " is above ", kMaxGridY, "; split it");
+  return dim3(static_cast<unsigned>((d + kChunk - 1) / kChunk), static_cast<unsigned>(batch));
 }
 
 }  // namespace
 
-// Returns {prev_sample, mean, log_prob}; `c` may be undefined (no guidance).
-std::vector<torch::Tensor> ddim_step_forward_cuda(torch::Tensor x, torch::Tensor u, torch::Tensor c,
-                                                  double w, torch::Tensor noise, torch::Tensor cx,
-                                                  torch::Tensor ce, torch::Tensor sigma) {
-  check_same_cuda_device({u, c, noise}, x);
+std::vector<torch::Tensor> ddim_step_forward_cuda(const torch::Tensor& x, const torch::Tensor& u,
+                                                  const torch::Tensor& c, double w, const torch::Tensor& noise,
+                                                  const torch::Tensor& cx, const torch::Tensor& ce,
+                                                  const torch::Tensor& sigma) {
   const c10::cuda::CUDAGuard guard(x.device());
-  x = x.contiguous();
-  u = u.contiguous();
-  noise = noise.contiguous();
-  if (c.defined()) c = c.contiguous();
-  const auto cxd = as_double_on(cx, x), ced = as_double_on(ce, x), sd = as_double_on(sigma, x);
-  const int64_t batch = x.size(0), d = batch > 0 ? x.numel() / batch : 0;
+  const int64_t batch = x.size(0), d = x.numel() / batch;
   auto prev = torch::empty_like(x), mean = torch::empty_like(x);
-  auto logp = torch::empty({batch}, x.options());
-  if (batch == 0) return {prev, mean, logp};
-  TORCH_CHECK(batch <= kMaxGridY, "ddim_step: batch of ", batch, " is above ", kMaxGridY, "; split it");
-  const int64_t chunks = d > 0 ? (d + kChunk - 1) / kChunk : 1;
-  auto partials = torch::empty({batch, chunks}, x.options().dtype(torch::kFloat64));
+  auto logp = torch::empty({batch}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  const dim3 grid = chunk_grid(batch, d);
+  auto partials = torch::empty({batch, static_cast<int64_t>(grid.x)}, x.options().dtype(torch::kFloat64));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                  "ddim_step_forward_cuda", [&] {
-    const int vec = vector_width(d, sizeof(scalar_t), {x, u, c, noise, prev, mean});
-    const scalar_t* cp = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto vec_tag, auto cond_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      constexpr bool C = decltype(cond_tag)::value;
-      forward_kernel<scalar_t, V, C><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), cp, noise.data_ptr<scalar_t>(),
-          cxd.data_ptr<double>(), ced.data_ptr<double>(), sd.data_ptr<double>(), w,
-          prev.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), partials.data_ptr<double>(), d);
-    };
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    using Vec = std::integral_constant<int, kVec>;
-    using One = std::integral_constant<int, 1>;
-    if (vec > 1) {
-      c.defined() ? launch(Vec{}, std::true_type{}) : launch(Vec{}, std::false_type{});
-    } else {
-      c.defined() ? launch(One{}, std::true_type{}) : launch(One{}, std::false_type{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddim_step_forward_cuda", [&] {
+    with_vector_width_and_cond<scalar_t>(d, {x, u, c, noise, prev, mean}, c.defined(), [&](auto vec, auto cond) {
+      forward_kernel<scalar_t, decltype(vec)::value, decltype(cond)::value><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), data_or_null<scalar_t>(c), noise.data_ptr<scalar_t>(),
+          cx.data_ptr<double>(), ce.data_ptr<double>(), sigma.data_ptr<double>(), w, prev.data_ptr<scalar_t>(),
+          mean.data_ptr<scalar_t>(), partials.data_ptr<double>(), d);
+    });
+    using logp_t = at::opmath_type<scalar_t>;
     const unsigned finalize_blocks = static_cast<unsigned>((batch + kFinalizeThreads - 1) / kFinalizeThreads);
-    log_density_kernel<scalar_t><<<finalize_blocks, kFinalizeThreads, 0, stream>>>(
-        partials.data_ptr<double>(), sd.data_ptr<double>(), logp.data_ptr<scalar_t>(), batch, chunks, d);
+    log_density_kernel<logp_t><<<finalize_blocks, kFinalizeThreads, 0, stream>>>(
+        partials.data_ptr<double>(), sigma.data_ptr<double>(), logp.data_ptr<logp_t>(), batch, grid.x, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {prev, mean, logp};
 }
 
-// Returns {grad_x, grad_model_output, grad_model_output_cond (undefined without CFG), grad_noise}.
-std::vector<torch::Tensor> ddim_step_backward_cuda(torch::Tensor grad_prev, torch::Tensor grad_mean,
-                                                   torch::Tensor grad_logp, torch::Tensor noise,
-                                                   double w, bool has_cond, torch::Tensor cx,
-                                                   torch::Tensor ce, torch::Tensor sigma) {
-  check_same_cuda_device({grad_prev, grad_mean, grad_logp}, noise);
-  TORCH_CHECK(grad_prev.sizes() == noise.sizes() && grad_mean.sizes() == noise.sizes(),
-              "ddim_step backward: cotangents must have the noise's shape");
-  TORCH_CHECK(grad_prev.scalar_type() == noise.scalar_type() && grad_mean.scalar_type() == noise.scalar_type() &&
-                  grad_logp.scalar_type() == noise.scalar_type(),
-              "ddim_step backward: cotangents must have the noise's dtype");
+std::vector<torch::Tensor> ddim_step_backward_cuda(const torch::Tensor& grad_prev, const torch::Tensor& grad_mean,
+                                                   const torch::Tensor& grad_logp, const torch::Tensor& noise,
+                                                   double w, bool has_cond, const torch::Tensor& cx,
+                                                   const torch::Tensor& ce, const torch::Tensor& sigma,
+                                                   GradientMask need) {
   const c10::cuda::CUDAGuard guard(noise.device());
-  grad_prev = grad_prev.contiguous();
-  grad_mean = grad_mean.contiguous();
-  grad_logp = grad_logp.contiguous();
-  noise = noise.contiguous();
-  const auto cxd = as_double_on(cx, noise), ced = as_double_on(ce, noise), sd = as_double_on(sigma, noise);
-  const int64_t batch = noise.size(0), d = batch > 0 ? noise.numel() / batch : 0;
-  TORCH_CHECK(grad_logp.numel() == batch, "ddim_step backward: grad_logp must have one value per sample");
-  auto gx = torch::empty_like(noise), gu = torch::empty_like(noise), gn = torch::empty_like(noise);
-  torch::Tensor gc = has_cond ? torch::empty_like(noise) : torch::Tensor();
-  if (batch == 0 || d == 0) return {gx, gu, gc, gn};
-  TORCH_CHECK(batch <= kMaxGridY, "ddim_step: batch of ", batch, " is above ", kMaxGridY, "; split it");
-  const int64_t chunks = (d + kChunk - 1) / kChunk;
+  std::vector<torch::Tensor> grads(4);
+  for (int i = 0; i < 4; ++i)
+    if (need[i]) grads[i] = torch::empty_like(noise);
+  const int64_t batch = noise.size(0), d = noise.numel() / batch;
+  const dim3 grid = chunk_grid(batch, d);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, noise.scalar_type(),
-                                  "ddim_step_backward_cuda", [&] {
-    const int vec = vector_width(d, sizeof(scalar_t), {grad_prev, grad_mean, noise, gx, gu, gc, gn});
-    scalar_t* gcp = has_cond ? gc.data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto vec_tag, auto cond_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      constexpr bool C = decltype(cond_tag)::value;
-      backward_kernel<scalar_t, V, C><<<grid, kThreads, 0, stream>>>(
-          grad_prev.data_ptr<scalar_t>(), grad_mean.data_ptr<scalar_t>(), grad_logp.data_ptr<scalar_t>(),
-          noise.data_ptr<scalar_t>(), cxd.data_ptr<double>(), ced.data_ptr<double>(), sd.data_ptr<double>(),
-          w, gx.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), gcp, gn.data_ptr<scalar_t>(), d);
-    };
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    using Vec = std::integral_constant<int, kVec>;
-    using One = std::integral_constant<int, 1>;
-    if (vec > 1) {
-      has_cond ? launch(Vec{}, std::true_type{}) : launch(Vec{}, std::false_type{});
-    } else {
-      has_cond ? launch(One{}, std::true_type{}) : launch(One{}, std::false_type{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, noise.scalar_type(), "ddim_step_backward_cuda", [&] {
+    with_vector_width_and_cond<scalar_t>(
+        d, {grad_prev, grad_mean, noise, grads[0], grads[1], grads[2], grads[3]}, has_cond, [&](auto vec, auto cond) {
+          backward_kernel<scalar_t, decltype(vec)::value, decltype(cond)::value><<<grid, kThreads, 0, stream>>>(
+              data_or_null<scalar_t>(grad_prev), data_or_null<scalar_t>(grad_mean), data_or_null<double>(grad_logp),
+              noise.data_ptr<scalar_t>(), cx.data_ptr<double>(), ce.data_ptr<double>(), sigma.data_ptr<double>(), w,
+              data_or_null<scalar_t>(grads[0]), data_or_null<scalar_t>(grads[1]), data_or_null<scalar_t>(grads[2]),
+              data_or_null<scalar_t>(grads[3]), d);
+        });
   });
-  return {gx, gu, gc, gn};
+  return grads;
 }
+
+}  // namespace rlr_fast

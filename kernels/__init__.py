@@ -5,11 +5,16 @@ can be tested, benchmarked and reused on their own. rlr_fast.ddim dispatches to 
 tensors. On a machine without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1
 set before these modules are imported) on CPU tensors, which is how the tests exercise them there.
 
-One op per module, each with its @triton.jit kernels, launchers, a torch.autograd.Function, a
-functional entry point and a plain PyTorch reference of the same math:
+One op per module, each with its @triton.jit kernels, launchers, a torch.autograd.Function and a
+functional entry point:
 
     rlr_fast.kernels.ddim_step.ddim_step                   fused DDIM step + log-density of its draw
     rlr_fast.kernels.gaussian_log_prob.gaussian_log_prob   Gaussian log-density and its score
+
+beside them utils.py (the grid, the reduction, launch sizes, checks both ops share) and
+reference.py: the ops' specification in plain PyTorch (torch only, no triton), which every
+backend, the compiled rlr_fast._C ops included, is tested against and which rlr_fast.ddim uses
+as its "reference" backend.
 
 The functions are not re-exported here: they share their modules' names, and re-exporting would
 hide the modules behind them.

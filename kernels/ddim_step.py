@@ -10,8 +10,7 @@ Per sample b and element i (coefficients are per sample so one call can hold sev
 logp does not depend on x or e: prev moves with the mean. Backward, with g = grad_prev + grad_mean:
 grad_x = c_x g, grad_u = (1 - w) c_e g, grad_c = w c_e g (grad_u = c_e g without guidance),
 grad_noise = sigma grad_prev - grad_logp noise (the logp term only where sigma > 0).
-The same op as rlr_fast.ddim.ddim_step_reference and csrc/ddim_step.cpp; `ddim_step_reference`
-below restates it because this package never imports rlr_fast.
+The same op as csrc/ddim_step.cpp; the specification is `reference.ddim_step_reference`.
 
 Grid: programs over (block of BLOCK elements, sample), each writing one partial sum of noise^2;
 a second one-program-per-sample kernel adds a sample's partials in a fixed order. For SD latents
@@ -23,7 +22,8 @@ launch-latency bound either way; one extra tiny launch is the cheaper price than
 programs, and fixed-order partials keep the result reproducible without atomics.
 (Reasoned, not yet measured on a GPU.)
 
-Layers, Liger-Kernel style: kernels, launchers, `DDIMStepFunction`, the functional `ddim_step`.
+Layers, Liger-Kernel style: kernels, launchers, `DDIMStepFunction`, the functional `ddim_step`;
+the grid helpers and the reduction's second kernel are in utils.py.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gaussian_log_prob import (HALF_LOG_2PI, NUM_WARPS, add, block_size, check_tensor, compute_dtype,
-                                finalize_log_density, grid_2d, partial_dtype, per_sample, split_float)
+from .reference import check_step_inputs
+from .utils import (NUM_WARPS, check_triton_device, compute_dtype, empty_partials, finalize_log_density,
+                    launch_shape, per_sample, sample_block, split_float, store_partial)
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -45,11 +46,7 @@ from .gaussian_log_prob import (HALF_LOG_2PI, NUM_WARPS, add, block_size, check_
 def _ddim_step_forward_kernel(x_ptr, u_ptr, c_ptr, noise_ptr, cx_ptr, ce_ptr, sigma_ptr,
                               prev_ptr, mean_ptr, partial_ptr, w_hi, w_lo, D,
                               HAS_COND: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
-    blk = tl.program_id(0)
-    b = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    idx = b.to(tl.int64) * D + offs  # B * D may pass 2^31 for large batches
+    b, mask, idx = sample_block(D, BLOCK)
     cx = tl.load(cx_ptr + b).to(COMPUTE)
     ce = tl.load(ce_ptr + b).to(COMPUTE)
     sigma = tl.load(sigma_ptr + b).to(COMPUTE)
@@ -62,7 +59,7 @@ def _ddim_step_forward_kernel(x_ptr, u_ptr, c_ptr, noise_ptr, cx_ptr, ce_ptr, si
     mean = cx * x + ce * e
     tl.store(mean_ptr + idx, mean.to(mean_ptr.dtype.element_ty), mask=mask)
     tl.store(prev_ptr + idx, (mean + sigma * noise).to(prev_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + b * tl.num_programs(0) + blk, tl.reduce(noise * noise, 0, add))
+    store_partial(partial_ptr, noise * noise)
 
 
 @triton.jit
@@ -74,11 +71,7 @@ def _ddim_step_backward_kernel(grad_prev_ptr, grad_mean_ptr, grad_logp_ptr, nois
                                NEED_NOISE: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
     # Cotangents autograd did not provide and gradients nobody asked for are compile-time
     # absent: recompute_steps, the hot caller, reads only grad_mean and writes only grad_u/grad_c.
-    blk = tl.program_id(0)
-    b = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    idx = b.to(tl.int64) * D + offs
+    b, mask, idx = sample_block(D, BLOCK)
     g = tl.full([BLOCK], 0.0, COMPUTE)
     if HAS_GRAD_PREV:
         grad_prev = tl.load(grad_prev_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
@@ -114,19 +107,15 @@ def _ddim_step_backward_kernel(grad_prev_ptr, grad_mean_ptr, grad_logp_ptr, nois
 
 def ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale: float):
     """(prev, mean, log_prob) of the fused step."""
-    batch = sample.shape[0]
-    d = sample.numel() // batch
-    block = block_size(d)
-    grid = grid_2d(batch, d, block)
+    d, block, grid = launch_shape(sample)
     prev, mean = torch.empty_like(sample), torch.empty_like(sample)
-    partials = torch.empty(batch, grid[0], dtype=partial_dtype(sample.dtype), device=sample.device)
+    partials = empty_partials(sample, grid)
     has_cond = model_output_cond is not None
     _ddim_step_forward_kernel[grid](
         sample, model_output, model_output_cond if has_cond else model_output, noise, c_x, c_e, sigma,
         prev, mean, partials, *split_float(guidance_scale), d,
         HAS_COND=has_cond, BLOCK=block, COMPUTE=compute_dtype(sample.dtype), num_warps=NUM_WARPS)
-    log_prob = finalize_log_density(partials, sigma, d, partial_dtype(sample.dtype), divide_by_variance=False,
-                                    zero_without_noise=True)
+    log_prob = finalize_log_density(partials, sigma, d, divide_by_variance=False, zero_without_noise=True)
     return prev, mean, log_prob
 
 
@@ -139,13 +128,11 @@ def ddim_step_backward(grad_prev: Optional[torch.Tensor], grad_mean: Optional[to
     """
     need_x, need_u, need_c, need_noise = need
     need_c = need_c and has_cond
-    batch = noise.shape[0]
-    d = noise.numel() // batch
-    block = block_size(d)
+    d, block, grid = launch_shape(noise)
     outs = [torch.empty_like(noise) if n else None for n in (need_x, need_u, need_c, need_noise)]
     # Absent pointers get any live tensor: the kernel never touches them (constexpr flags).
     stand_in = noise
-    _ddim_step_backward_kernel[grid_2d(batch, d, block)](
+    _ddim_step_backward_kernel[grid](
         stand_in if grad_prev is None else grad_prev.contiguous(),
         stand_in if grad_mean is None else grad_mean.contiguous(),
         stand_in if grad_logp is None else grad_logp.contiguous(),
@@ -191,33 +178,15 @@ def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, noise: torch.Ten
     sample, model_output, noise (and model_output_cond with guidance) (B, ...): same shape,
     dtype (fp16, bf16, fp32, fp64) and device. c_x, c_e, sigma (B,): per-sample coefficients,
     any float dtype and device, not differentiated. log_prob (B,) is fp32 (fp64 for fp64 input:
-    a summed log-density of 4x64x64 elements overflows fp16), 0 where sigma == 0. Arithmetic and the reduction run in fp32 (fp64 for fp64 inputs).
-    Differentiable in sample, model outputs and noise.
+    a summed log-density of 4x64x64 elements overflows fp16), 0 where sigma == 0. Arithmetic and
+    the reduction run in fp32 (fp64 for fp64 inputs). Differentiable in sample, model outputs and
+    noise; the backward computes only the gradients autograd asks for.
     """
-    check_tensor("sample", sample)
-    check_tensor("model_output", model_output, like=sample)
-    check_tensor("noise", noise, like=sample)
-    if model_output_cond is not None:
-        check_tensor("model_output_cond", model_output_cond, like=sample)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a float, got {guidance_scale!r}")
-    batch, device = sample.shape[0], sample.device
-    coefficients = [per_sample(n, t, batch, device) for n, t in (("c_x", c_x), ("c_e", c_e), ("sigma", sigma))]
+    check_step_inputs(sample, model_output, noise, c_x, c_e, sigma, model_output_cond, guidance_scale,
+                      differentiable_coefficients=False)
+    check_triton_device("sample", sample)
+    coefficients = [per_sample(t, sample.device) for t in (c_x, c_e, sigma)]
     cond = None if model_output_cond is None else model_output_cond.contiguous()
     return DDIMStepFunction.apply(sample.contiguous(), model_output.contiguous(), cond, noise.contiguous(),
                                   *coefficients, float(guidance_scale))
 
-
-def ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond=None,
-                        guidance_scale=1.0):
-    """The specification in plain PyTorch, in the inputs' dtype (autograd gives the backward)."""
-    def col(v):  # (B,) -> (B, 1, ..., 1) in the sample's dtype
-        return v.to(sample.dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
-
-    e = model_output if model_output_cond is None else (
-        model_output + guidance_scale * (model_output_cond - model_output))
-    mean = col(c_x) * sample + col(c_e) * e
-    s = sigma.double()
-    logp = -0.5 * noise.double().flatten(1).pow(2).sum(1) - sample[0].numel() * (
-        s.clamp(min=1e-300).log() + HALF_LOG_2PI)
-    return mean + col(sigma) * noise, mean, torch.where(s > 0, logp, 0.0).to(partial_dtype(sample.dtype))

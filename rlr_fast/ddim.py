@@ -1,4 +1,4 @@
-"""The DDIM step as rlr_fast computes it: coefficients, the fused op, its reference, the dispatcher.
+"""The DDIM step as rlr_fast computes it: coefficients, and the dispatcher to the fused op's backends.
 
 `rlr_math.md` section 1 writes one step as
 
@@ -11,24 +11,29 @@ mu = c_x * x_t + c_e * e, computed once in float64, so the fused op reads each e
 and the same op serves epsilon, v and sample prediction. Coefficients are per *sample* (not
 per step) so one call can hold several timesteps, as the batched likelihood-ratio terms need.
 
-Backends, all computing the same op (`ddim_step`):
-  "reference"  pure PyTorch below: the specification the others are tested against
-  "cpu"        rlr_fast._C, C++ (csrc/ddim_step.cpp)
-  "cuda"       rlr_fast._C, CUDA (csrc/ddim_step_cuda.cu), when built with nvcc
+Backends, all computing the same op (`ddim_step`) under one contract (kernels/reference.py:
+inputs alike in shape, dtype and device, errors naming the one that is not; log-densities in
+fp32 for fp16/bf16/fp32 inputs, fp64 for fp64):
+  "reference"  kernels/reference.py, plain PyTorch: the specification the others are tested against
+  "cpu"        rlr_fast._C, C++ (csrc/ddim_step.cpp), through rlr_fast/compiled.py
+  "cuda"       rlr_fast._C, CUDA (csrc/ddim_step_cuda.cu) when built with nvcc, through compiled.py
   "triton"     kernels/ddim_step.py, on CUDA tensors when triton is installed
+Each call runs inside the NVTX range "ddim_step" (rlr_fast.profiling), so Nsight tools can
+select the fused kernel: `ncu --nvtx --nvtx-include "ddim_step/"`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from . import _C
+from . import _C, compiled
+from .kernels.reference import (check_tensor, ddim_step_reference, gaussian_log_prob_reference,  # noqa: F401
+                                log_density_dtype)
+from .profiling import nvtx_range
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
@@ -92,80 +97,18 @@ def step_coefficients(scheduler, eta: float) -> StepCoefficients:
     return StepCoefficients(timesteps, c_x, c_e, sigma)
 
 
-# ----------------------------------------------------------------------------------------------
-# The reference: the op written plainly in PyTorch. Autograd differentiates it.
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma, model_output_cond=None,
-                        guidance_scale=1.0):
-    """(prev_sample, mean, log_prob) of one DDIM step; see `ddim_step` for the arguments."""
-    e = model_output
-    if model_output_cond is not None:
-        e = model_output + guidance_scale * (model_output_cond - model_output)
-    mean = _per_sample(c_x, sample) * sample + _per_sample(c_e, sample) * e
-    prev = mean + _per_sample(sigma, sample) * noise
-    return prev, mean, _noise_log_prob(noise, sigma)
-
-
-def _noise_log_prob(noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    d = noise[0].numel()
-    sq = noise.double().flatten(1).pow(2).sum(1)
-    s = sigma.double()
-    logp = -0.5 * sq - d * (s.clamp(min=1e-300).log() + _HALF_LOG_2PI)
-    return torch.where(s > 0, logp, torch.zeros_like(logp)).to(log_density_dtype(noise.dtype))
-
-
-def log_density_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Summed log-densities of ~10^4 elements reach ~10^5: beyond fp16, and bf16 keeps ~3 digits."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def gaussian_log_prob_reference(sample, mean, sigma):
-    """log N(sample; mean, sigma^2 I) summed over each sample's elements; (B,)."""
-    d, dtype = sample[0].numel(), log_density_dtype(sample.dtype)
-    z = (sample - mean).to(dtype) / sigma.to(dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
-    return -0.5 * z.flatten(1).pow(2).sum(1) - d * (sigma.to(dtype).log() + _HALF_LOG_2PI)
-
-
 def gaussian_log_prob(sample, mean, sigma, *, backend="auto"):
-    """`gaussian_log_prob_reference`, by the Triton kernel where `resolve_backend` picks "triton".
+    """log N(sample; mean, sigma^2 I) summed over each sample's elements: (B,) in fp32 (fp64 for
+    fp64 inputs), by the Triton kernel where `resolve_backend` picks "triton", else by the reference.
 
     Differentiable in sample and mean (not sigma). No compiled `_C` op exists for it, so the
     "cpu" and "cuda" backends use the reference.
     """
+    check_tensor("sample", sample)
     if resolve_backend(sample.device, backend) == "triton":
         from .kernels.gaussian_log_prob import gaussian_log_prob as triton_gaussian_log_prob
         return triton_gaussian_log_prob(sample, mean, sigma)
     return gaussian_log_prob_reference(sample, mean, sigma)
-
-
-# ----------------------------------------------------------------------------------------------
-# The compiled op (`rlr_fast._C`, CPU C++ or CUDA) as an autograd Function.
-
-
-class _CompiledDDIMStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale):
-        prev, mean, logp = _C.ddim_step_forward(sample, model_output, model_output_cond,
-                                                float(guidance_scale), noise, c_x, c_e, sigma)
-        ctx.save_for_backward(noise, c_x, c_e, sigma)
-        ctx.guidance_scale = float(guidance_scale)
-        ctx.has_cond = model_output_cond is not None
-        return prev, mean, logp
-
-    @staticmethod
-    def backward(ctx, grad_prev, grad_mean, grad_logp):
-        noise, c_x, c_e, sigma = ctx.saved_tensors
-        grad_prev = torch.zeros_like(noise) if grad_prev is None else grad_prev
-        grad_mean = torch.zeros_like(noise) if grad_mean is None else grad_mean
-        grad_logp = noise.new_zeros(noise.shape[0]) if grad_logp is None else grad_logp
-        gx, gu, gc, gn = _C.ddim_step_backward(grad_prev, grad_mean, grad_logp, noise,
-                                               ctx.guidance_scale, ctx.has_cond, c_x, c_e, sigma)
-        return gx, gu, (gc if ctx.has_cond else None), gn, None, None, None, None
 
 
 def _triton_available() -> bool:
@@ -200,20 +143,27 @@ def ddim_step(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond
 
     sample (B, ...): x_t.  model_output (B, ...): the UNet output (the unconditional one when
     `model_output_cond` is given; guidance combines e_u + w (e_c - e_u)).  noise (B, ...): the
-    step's standard normal noise.  c_x, c_e, sigma (B,): per-sample coefficients
-    (`step_coefficients`).  Returns (prev_sample, mean, log_prob) with log_prob (B,) the Gaussian
-    log-density of prev_sample summed over elements, 0 where sigma == 0 (no density).
-    Differentiable in sample, model outputs and noise.
+    step's standard normal noise; all of them alike in shape, dtype and device.  c_x, c_e,
+    sigma (B,): per-sample coefficients (`step_coefficients`), any float dtype and device.
+    Returns (prev_sample, mean, log_prob): prev and mean in the inputs' dtype, log_prob (B,) the
+    Gaussian log-density of prev_sample summed over elements, in fp32 (fp64 for fp64 inputs),
+    0 where sigma == 0 (no density). Differentiable in sample, model outputs and noise (the
+    reference backend also in the coefficients).
     """
+    check_tensor("sample", sample)
     name = resolve_backend(sample.device, backend)
-    if name == "reference":
-        return ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma,
-                                   model_output_cond, guidance_scale)
-    if name == "triton":
-        from .kernels.ddim_step import ddim_step as triton_ddim_step
-        return triton_ddim_step(sample, model_output, noise, c_x, c_e, sigma,
-                                model_output_cond=model_output_cond, guidance_scale=guidance_scale)
-    if name == "cuda" and not _C.has_cuda():
-        raise RuntimeError("backend 'cuda' asked for, but rlr_fast._C was built without CUDA")
-    return _CompiledDDIMStep.apply(sample, model_output, model_output_cond, noise, c_x, c_e, sigma,
-                                   guidance_scale)
+    with nvtx_range("ddim_step"):
+        if name == "reference":
+            return ddim_step_reference(sample, model_output, noise, c_x, c_e, sigma,
+                                       model_output_cond=model_output_cond, guidance_scale=guidance_scale)
+        if name == "triton":
+            from .kernels.ddim_step import ddim_step as triton_ddim_step
+            return triton_ddim_step(sample, model_output, noise, c_x, c_e, sigma,
+                                    model_output_cond=model_output_cond, guidance_scale=guidance_scale)
+        if sample.device.type != name:
+            raise ValueError(f"backend {name!r} runs on {name} tensors, but sample is on {sample.device}")
+        if name == "cuda" and not _C.has_cuda():
+            raise RuntimeError("backend 'cuda' asked for, but rlr_fast._C was built without CUDA; rebuild it "
+                               "with `pip install -e . --no-build-isolation` where nvcc and a CUDA torch are")
+        return compiled.ddim_step(sample, model_output, noise, c_x, c_e, sigma, model_output_cond=model_output_cond,
+                                  guidance_scale=guidance_scale)

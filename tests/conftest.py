@@ -17,6 +17,22 @@ from rlr_fast.testing import make_scheduler, make_unet  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_sessionstart(session):
+    """RLR_FAST_REQUIRE_GPU=1 (bench/gpu_check.sh): stop at once, rather than skip the GPU tests,
+    where there is no GPU, rlr_fast._C lacks its CUDA kernels or Triton would run interpreted."""
+    if os.environ.get("RLR_FAST_REQUIRE_GPU") != "1":
+        return
+    from rlr_fast import _C
+
+    lacking = [what for what, present in (
+        ("a CUDA device", torch.cuda.is_available()),
+        ("rlr_fast._C built with its CUDA kernels", _C.has_cuda()),
+        ("compiled Triton (TRITON_INTERPRET is set)", os.environ.get("TRITON_INTERPRET", "0") in ("", "0")),
+    ) if not present]
+    if lacking:
+        raise pytest.UsageError("RLR_FAST_REQUIRE_GPU=1, but this run lacks " + ", ".join(lacking))
+
+
 @pytest.fixture(scope="session")
 def unet():
     return make_unet()

@@ -102,3 +102,33 @@ def test_graph_rollout_equals_eager_on_gpu(dtype, guidance):
     eager3 = rollout(unet, make_scheduler(), x, generator=torch.Generator("cuda").manual_seed(2), **kw)
     _assert_same_trajectory(got3, eager3, exact=False, tol=TOLERANCE[dtype])
     assert graphed.captures == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real NVTX backend needs a GPU")
+def test_ranges_reach_a_real_nvtx_backend_on_gpu():
+    """With profiling on, a graphed rollout's ranges (and the fused step's) go to the nvtx package
+    (carried to the GPU by bench/gpu_wheels.sh) or torch.cuda.nvtx, balanced."""
+    import importlib.util
+
+    from rlr_fast import profiling
+
+    real = profiling.find_backend()
+    assert real is not None and real.name == ("nvtx" if importlib.util.find_spec("nvtx") else "torch.cuda.nvtx")
+    events = []
+
+    def push(name):
+        events.append(name)
+        return real.push(name)
+
+    def pop():
+        events.append("pop")
+        return real.pop()
+
+    profiling.enable_profiling(True, backend=profiling.NvtxBackend(real.name, push, pop))
+    try:
+        x, cond, _ = _inputs(device="cuda")
+        GraphedRollout(make_unet().to("cuda"), make_scheduler())(x, num_steps=3, eta=1.0, encoder_hidden_states=cond)
+    finally:
+        profiling.enable_profiling(False)
+    assert events[0] == "graphed rollout" and {"ddim_step", "step 0", "step 2"} <= set(events)
+    assert events.count("pop") == len(events) - events.count("pop")

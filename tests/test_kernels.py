@@ -1,10 +1,8 @@
-"""The Triton kernels (kernels/, installed as rlr_fast.kernels) against rlr_fast.ddim's references.
+"""The Triton kernels (kernels/, installed as rlr_fast.kernels) against the reference (kernels/reference.py).
 
 On a machine without a GPU the kernels run in the Triton interpreter on CPU tensors
 (TRITON_INTERPRET=1 must be set before the kernels are defined, hence before the imports below);
-with a GPU the same tests run natively on CUDA tensors. The references are rlr_fast.ddim's
-PyTorch specifications, evaluated in float64 on the upcast inputs: the kernels compute in fp32
-(fp64 for fp64 inputs), so the table allows one rounding of each output to its dtype.
+with a GPU the same tests run natively on CUDA tensors. Comparisons and tolerances: step_cases.py.
 """
 
 import os
@@ -20,18 +18,14 @@ import rlr_fast  # noqa: E402
 from rlr_fast import _C, ddim  # noqa: E402
 import rlr_fast.kernels.ddim_step as triton_step_module  # noqa: E402
 import rlr_fast.kernels.gaussian_log_prob as triton_logp_module  # noqa: E402
+import rlr_fast.kernels.utils as kernel_utils  # noqa: E402
 from rlr_fast.kernels.ddim_step import ddim_step  # noqa: E402
 from rlr_fast.kernels.gaussian_log_prob import gaussian_log_prob  # noqa: E402
 from rlr_fast.rollout import recompute_steps  # noqa: E402
 from rlr_fast.testing import make_scheduler, make_unet  # noqa: E402
+from step_cases import (assert_close, check_only_needed_gradients, check_step, cotangents, leaves,  # noqa: E402
+                        run_step, step_inputs, transposed)
 
-# dtype -> (atol, rtol) of a kernel output against the float64 reference rounded once to dtype.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 1e-3),
-    torch.bfloat16: (2e-2, 8e-3),
-    torch.float64: (1e-12, 1e-12),
-}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, C, H, W): batches 1, 3, 7; SD latents 4x64x64 (16 blocks, so a multi-partial reduction);
 # D = 105, below one block and not a power of two; D = 3219, several blocks and a ragged tail.
@@ -48,138 +42,107 @@ pytestmark = [
 ]
 
 
-def _step_inputs(shape, dtype, device, cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b = shape[0]
-    x, u, c, noise = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
-    c_x = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
-    c_e = torch.randn(b, generator=g, dtype=torch.float64)
-    # sigma in [0.5, 1.5): |log_prob| of a 4x64x64 sample stays inside the fp16 range (~23000);
-    # sample 0 is deterministic (sigma == 0: no noise, log_prob 0, no log_prob gradient)
-    sigma = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
-    sigma[0] = 0.0
-    return x, u, (c if cfg else None), noise, c_x, c_e, sigma
-
-
-def _cotangents(shape, dtype, device, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g).to(device, dtype), torch.randn(shape, generator=g).to(device, dtype),
-            torch.randn(shape[0], generator=g).to(device, dtype))
-
-
-def _leaves(tensors, dtype=None):
-    return [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in tensors]
-
-
-def _run_step(fn, inputs, cotangents, w, dtype=None):
-    """Outputs and input gradients (sample, model_output, model_output_cond, noise) of one step."""
-    x, u, c, noise, c_x, c_e, sigma = inputs
-    x, u, c, noise = _leaves((x, u, c, noise), dtype)
-    outs = fn(x, u, noise, c_x, c_e, sigma, model_output_cond=c, guidance_scale=w)
-    torch.autograd.backward(outs, [t.to(o.dtype) for t, o in zip(cotangents, outs)])
-    return outs, [None if t is None else t.grad for t in (x, u, c, noise)]
-
-
-def _reference_step(x, u, noise, c_x, c_e, sigma, *, model_output_cond=None, guidance_scale=1.0):
-    return ddim.ddim_step_reference(x, u, noise, c_x, c_e, sigma, model_output_cond, guidance_scale)
-
-
-def _assert_close(actual, expected, dtype):
-    atol, rtol = TOLERANCES[dtype]
-    assert actual.dtype == dtype
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
-
-
-def _check_step(shape, dtype, device, cfg):
-    inputs = _step_inputs(shape, dtype, device, cfg)
-    cotangents = _cotangents(shape, dtype, device)
-    w = 7.5 if cfg else 1.0
-    outs, grads = _run_step(ddim_step, inputs, cotangents, w)
-    ref_outs, ref_grads = _run_step(_reference_step, inputs, cotangents, w, dtype=torch.float64)
-    for name, a, e in zip(("prev", "mean", "log_prob"), outs, ref_outs):
-        assert a.shape == e.shape, name
-        # log_prob is ~1e4 in size: its tolerance is relative to that size; it comes back in fp32
-        # for fp16/bf16 inputs, whose range and precision a summed log-density outgrows
-        _assert_close(a, e, ddim.log_density_dtype(dtype) if name == "log_prob" else dtype)
-    for a, e in zip(grads, ref_grads):
-        assert (a is None) == (e is None)
-        if a is not None:
-            _assert_close(a, e, dtype)
-    assert outs[2][0] == 0  # the deterministic sample has no density
-
-
 @pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 @pytest.mark.parametrize("dtype", HALF_AND_SINGLE)
 def test_ddim_step_matches_reference(device, dtype, shape, cfg):
-    _check_step(shape, dtype, device, cfg)
+    check_step(ddim_step, shape, dtype, device, cfg)
 
 
 @pytest.mark.parametrize("batch,dtype,cfg", LATENT_CASES)
 def test_ddim_step_matches_reference_on_sd_latents(device, batch, dtype, cfg):
-    _check_step((batch, 4, 64, 64), dtype, device, cfg)
+    check_step(ddim_step, (batch, 4, 64, 64), dtype, device, cfg)
 
 
 def test_ddim_step_float64_is_exact(device):
-    _check_step((3, 3, 5, 7), torch.float64, device, cfg=True)
+    check_step(ddim_step, (3, 3, 5, 7), torch.float64, device, cfg=True)
 
 
 def test_ddim_step_noncontiguous_inputs(device):
     shape = (3, 4, 8, 8)
-    inputs = list(_step_inputs(shape, torch.float32, device, cfg=True))
-    for i in range(4):  # transposed copies: the same values with strides that are not row-major
-        inputs[i] = inputs[i].transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not inputs[i].is_contiguous()
+    inputs = transposed(step_inputs(shape, torch.float32, device, cfg=True))
     inputs[4] = torch.stack([inputs[4], inputs[4]], 1)[:, 0]  # a strided coefficient view
     assert not inputs[4].is_contiguous()
-    cotangents = _cotangents(shape, torch.float32, device)
-    outs, grads = _run_step(ddim_step, inputs, cotangents, 3.0)
-    ref_outs, ref_grads = _run_step(_reference_step, inputs, cotangents, 3.0, dtype=torch.float64)
+    cots = cotangents(shape, torch.float32, device)
+    outs, grads = run_step(ddim_step, inputs, cots, 3.0)
+    ref_outs, ref_grads = run_step(ddim.ddim_step_reference, inputs, cots, 3.0, dtype=torch.float64)
     for a, e in zip(list(outs) + grads, list(ref_outs) + ref_grads):
-        _assert_close(a, e, torch.float32)
+        assert_close(a, e, torch.float32)
 
 
 @pytest.mark.parametrize("cfg", [False, True])
 def test_ddim_step_backward_with_partial_cotangents_and_inputs(device, cfg):
     """recompute_steps's pattern: only the mean is used and the sample and noise need no grad."""
     shape = (3, 3, 5, 7)
-    x, u, c, noise, c_x, c_e, sigma = _step_inputs(shape, torch.float32, device, cfg)
-    grad_mean = _cotangents(shape, torch.float32, device)[1]
+    x, u, c, noise, c_x, c_e, sigma = step_inputs(shape, torch.float32, device, cfg)
+    grad_mean = cotangents(shape, torch.float32, device)[1]
     results = []
-    for fn in (ddim_step, _reference_step):
-        u_leaf, c_leaf = _leaves((u, c))
+    for fn in (ddim_step, ddim.ddim_step_reference):
+        u_leaf, c_leaf = leaves((u, c))
         _, mean, _ = fn(x, u_leaf, noise, c_x, c_e, sigma, model_output_cond=c_leaf, guidance_scale=5.0)
         mean.backward(grad_mean)
         results.append((mean, u_leaf.grad, None if c is None else c_leaf.grad))
     (mean, gu, gc), (ref_mean, ref_gu, ref_gc) = results
-    _assert_close(mean, ref_mean, torch.float32)
-    _assert_close(gu, ref_gu, torch.float32)
+    assert_close(mean, ref_mean, torch.float32)
+    assert_close(gu, ref_gu, torch.float32)
     if cfg:
-        _assert_close(gc, ref_gc, torch.float32)
+        assert_close(gc, ref_gc, torch.float32)
     # only the log-density's cotangent: the noise gradient is -grad_logp * noise where sigma > 0
     noise_leaf = noise.clone().requires_grad_()
     grad_logp = torch.tensor([2.0, -1.0, 0.5], device=device)
     ddim_step(x, u, noise_leaf, c_x, c_e, sigma)[2].backward(grad_logp)
     expected = -(grad_logp * (sigma.to(device) > 0)).reshape(-1, 1, 1, 1) * noise
-    _assert_close(noise_leaf.grad, expected, torch.float32)
+    assert_close(noise_leaf.grad, expected, torch.float32)
+
+
+def _spy(monkeypatch, module, name):
+    """Record what module.name is called with (its last positional argument) and returns."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args[-1], out))
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("wanted", [(True, True, True, True), (False, True, True, False), (True, False, False, True),
+                                    (False, False, False, True)])
+def test_ddim_step_backward_computes_only_the_gradients_asked_for(device, monkeypatch, wanted):
+    """Inputs that need no grad get none computed: the launcher is asked for exactly the needed
+    gradients, returns None for the others, and the needed ones equal the reference's."""
+    check_only_needed_gradients(ddim_step, device, wanted, _spy(monkeypatch, triton_step_module, "ddim_step_backward"))
+
+
+@pytest.mark.parametrize("wanted", [(True, False), (False, True)])
+def test_gaussian_log_prob_backward_computes_only_the_gradients_asked_for(device, monkeypatch, wanted):
+    calls = _spy(monkeypatch, triton_logp_module, "gaussian_log_prob_backward")
+    sample, mean, sigma = _logp_inputs((3, 3, 5, 7), torch.float32, device)
+    ins = [t.clone().requires_grad_(w) for t, w in zip((sample, mean), wanted)]
+    gaussian_log_prob(*ins, sigma).sum().backward()
+    (need_mean, grads), = calls
+    assert [g is not None for g in grads] == list(wanted) and need_mean == wanted[1]
+    assert [t.grad is not None for t in ins] == list(wanted)
 
 
 def test_reduction_is_reproducible(device):
-    inputs = _step_inputs((2, 3, 37, 29), torch.float32, device, cfg=False)  # 4 partials per sample
+    inputs = step_inputs((2, 3, 37, 29), torch.float32, device, cfg=False)  # 4 partials per sample
     first, second = (ddim_step(*inputs[:2], *inputs[3:])[2] for _ in range(2))
     assert torch.equal(first, second)
 
 
 def test_many_partials_reduce_in_chunks(device, monkeypatch):
     """Small blocks and finalize chunks: 51 partials per sample summed over 13 loop iterations."""
-    monkeypatch.setattr(triton_logp_module, "MAX_BLOCK", 64)
-    monkeypatch.setattr(triton_logp_module, "FINALIZE_CHUNK", 4)
+    monkeypatch.setattr(kernel_utils, "MAX_BLOCK", 64)
+    monkeypatch.setattr(kernel_utils, "FINALIZE_CHUNK", 4)
     shape = (2, 3, 37, 29)
-    _check_step(shape, torch.float32, device, cfg=True)
+    check_step(ddim_step, shape, torch.float32, device, cfg=True)
     sample, mean, _ = _logp_inputs(shape, torch.float32, device)
     sigma = torch.tensor([0.7, 1.3], dtype=torch.float64)
     expected = ddim.gaussian_log_prob_reference(sample.double(), mean.double(), sigma)
-    _assert_close(gaussian_log_prob(sample, mean, sigma), expected, torch.float32)
+    assert_close(gaussian_log_prob(sample, mean, sigma), expected, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +158,7 @@ def _logp_inputs(shape, dtype, device, seed=2):
 
 
 def _run_logp(fn, sample, mean, sigma, grad, dtype=None):
-    sample, mean = _leaves((sample, mean), dtype)
+    sample, mean = leaves((sample, mean), dtype)
     logp = fn(sample, mean, sigma)
     logp.backward(grad.to(logp.dtype))
     return logp, sample.grad, mean.grad
@@ -212,9 +175,9 @@ def test_gaussian_log_prob_matches_reference(device, dtype, shape):
     grad = torch.randn(shape[0], generator=torch.Generator().manual_seed(3)).to(device, dtype)
     actual = _run_logp(gaussian_log_prob, sample, mean, sigma, grad)
     expected = _run_logp(ddim.gaussian_log_prob_reference, sample, mean, sigma, grad, dtype=torch.float64)
-    _assert_close(actual[0], expected[0], ddim.log_density_dtype(dtype))
+    assert_close(actual[0], expected[0], ddim.log_density_dtype(dtype))
     for a, e in zip(actual[1:], expected[1:]):
-        _assert_close(a, e, dtype)
+        assert_close(a, e, dtype)
 
 
 def test_gaussian_score_is_the_closed_form(device):
@@ -223,21 +186,7 @@ def test_gaussian_score_is_the_closed_form(device):
     mean_leaf = mean.clone().requires_grad_()
     gaussian_log_prob(sample, mean_leaf, sigma).sum().backward()
     expected = (sample - mean) / sigma.to(device).reshape(-1, 1, 1, 1) ** 2
-    _assert_close(mean_leaf.grad, expected, torch.float64)
-
-
-def test_kernel_package_references_restate_rlr_fast(device):
-    """kernels/ keeps its own copies of the references (it never imports rlr_fast): same math."""
-    inputs = _step_inputs((3, 3, 5, 7), torch.float64, device, cfg=True)
-    x, u, c, noise, c_x, c_e, sigma = inputs
-    own = triton_step_module.ddim_step_reference(x, u, noise, c_x, c_e, sigma, model_output_cond=c,
-                                                 guidance_scale=2.5)
-    spec = ddim.ddim_step_reference(x, u, noise, c_x, c_e, sigma, c, 2.5)
-    for a, e in zip(own, spec):
-        _assert_close(a, e, torch.float64)
-    sample, mean, sigma = _logp_inputs((3, 3, 5, 7), torch.float64, device)
-    _assert_close(triton_logp_module.gaussian_log_prob_reference(sample, mean, sigma),
-                  ddim.gaussian_log_prob_reference(sample, mean, sigma), torch.float64)
+    assert_close(mean_leaf.grad, expected, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +194,7 @@ def test_kernel_package_references_restate_rlr_fast(device):
 
 
 def test_bad_inputs_raise_clear_errors(device):
-    x, u, _, noise, c_x, c_e, sigma = _step_inputs((3, 4, 8, 8), torch.float32, device, cfg=False)
+    x, u, _, noise, c_x, c_e, sigma = step_inputs((3, 4, 8, 8), torch.float32, device, cfg=False)
     with pytest.raises(ValueError, match="noise has shape"):
         ddim_step(x, u, noise[:2], c_x, c_e, sigma)
     with pytest.raises(TypeError, match="model_output has dtype"):
@@ -263,8 +212,8 @@ def test_bad_inputs_raise_clear_errors(device):
 
 
 def test_cpu_tensors_without_interpreter_are_refused(device, monkeypatch):
-    monkeypatch.setattr(triton_logp_module, "_INTERPRETED", False)
-    x, u, _, noise, c_x, c_e, sigma = _step_inputs((1, 4, 8, 8), torch.float32, "cpu", cfg=False)
+    monkeypatch.setattr(kernel_utils, "INTERPRETED", False)
+    x, u, _, noise, c_x, c_e, sigma = step_inputs((1, 4, 8, 8), torch.float32, "cpu", cfg=False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         ddim_step(x, u, noise, c_x, c_e, sigma)
 
@@ -299,23 +248,23 @@ def test_gaussian_log_prob_dispatcher(device, monkeypatch):
     # wherever resolve_backend answers "triton" (CUDA tensors by default) the kernel runs
     monkeypatch.setenv("RLR_FAST_BACKEND", "triton")
     sample, mean = sample.to(device), mean.to(device)
-    _assert_close(ddim.gaussian_log_prob(sample, mean, sigma),
+    assert_close(ddim.gaussian_log_prob(sample, mean, sigma),
                   ddim.gaussian_log_prob_reference(sample.double(), mean.double(), sigma), torch.float32)
     assert len(calls) == 1
 
 
 def test_ddim_dispatcher_runs_the_kernel_like_the_compiled_op(device):
-    inputs = _step_inputs((3, 4, 8, 8), torch.float32, device, cfg=True)
-    cotangents = _cotangents((3, 4, 8, 8), torch.float32, device)
-    triton_outs, triton_grads = _run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend="triton"),
-                                          inputs, cotangents, 7.5)
+    inputs = step_inputs((3, 4, 8, 8), torch.float32, device, cfg=True)
+    cots = cotangents((3, 4, 8, 8), torch.float32, device)
+    triton_outs, triton_grads = run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend="triton"),
+                                         inputs, cots, 7.5)
     compiled_backend = "cuda" if device == "cuda" else "cpu"
     if device == "cuda" and not _C.has_cuda():
         compiled_backend = "reference"
-    outs, grads = _run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend=compiled_backend),
-                            inputs, cotangents, 7.5)
+    outs, grads = run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend=compiled_backend),
+                           inputs, cots, 7.5)
     for a, e in zip(list(triton_outs) + triton_grads, list(outs) + grads):
-        _assert_close(a, e, torch.float32)
+        assert_close(a, e, torch.float32)
 
 
 def test_recompute_steps_log_prob_through_the_kernel(device):
