@@ -149,7 +149,7 @@ def build_models(device: Device, *, tiny: bool, dtype: torch.dtype, lora_rank: i
     """SD1.4's UNet and VAE and the aesthetic reward's network with random weights (speed and memory do
     not depend on the weights), or the tiny SD with a pixel reward; LoRA added, in fp32 as train.py has it."""
     from rlr_fast.models import add_lora, sd14_config, tiny_sd
-    from rlr_fast.plan import AestheticArchitecture, PixelReward
+    from rlr_fast.plan import PixelReward, aesthetic_architecture
 
     torch.manual_seed(seed)
     if tiny:
@@ -163,7 +163,7 @@ def build_models(device: Device, *, tiny: bool, dtype: torch.dtype, lora_rank: i
         with torch.device(device.torch_device):
             unet = UNet2DConditionModel(**config["unet"])
             vae = AutoencoderKL(**config["vae"])
-            reward = AestheticArchitecture()
+            reward = aesthetic_architecture()
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                   beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                   steps_offset=1)
@@ -183,9 +183,9 @@ def latent_reward_fn(models: BenchModels, batch: int, *, decode_chunk: int = 1, 
     """x0 latents -> (B,) through the VAE decode and the reward, as training builds it."""
     from rlr_fast.rewards.latent import LatentReward
 
-    from rlr_fast.plan import _as_unchecked_reward
+    from rlr_fast.plan import as_unchecked_reward
 
-    return LatentReward(models.vae, _as_unchecked_reward(models.reward), ["a prompt"] * batch,
+    return LatentReward(models.vae, as_unchecked_reward(models.reward), ["a prompt"] * batch,
                         decode_chunk=decode_chunk, checkpoint_vae=checkpoint_vae)
 
 

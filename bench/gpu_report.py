@@ -63,7 +63,8 @@ def memory_flatness(csv_path: Path) -> list[str]:
     if not csv_path.exists():
         return ["(no memory results)"]
     with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("method") == "rlr" and r.get("model", "").startswith("SD1.4")]
+        rows = [r for r in csv.DictReader(f) if r.get("method") == "rlr" and r.get("model", "").startswith("SD1.4")
+                and r.get("precision", "float16") == "float16"]  # the precision finetune runs on a GPU
     column = "peak_gib" if any(_number(r.get("peak_gib")) is not None for r in rows) else "peak_gib_budget_plan"
     kind = "measured" if column == "peak_gib" else "ESTIMATED by the planner"
     points = {(int(r["T"]), int(float(r["h"]))): _number(r.get(column)) for r in rows if r.get("h")}

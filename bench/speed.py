@@ -230,10 +230,10 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
 def naive_steps_that_fit(total_gib: float, steps: int) -> int:
     """The largest T (of steps, 20, 10, 5) whose naive one-graph update the planner estimates below 80%
     of the GPU's memory: the naive graph keeps all T steps, so at T = 50 it does not fit one GPU."""
-    from bench.memory import CASE, naive_estimate_bytes
+    from bench.memory import naive_estimate_bytes, sd14_plan
 
     for T in (steps, 20, 10, 5):
-        fastest = planner.plan(dict(CASE, num_steps=T))
+        fastest = sd14_plan(num_steps=T)
         if naive_estimate_bytes(fastest, planner.default_table()) < 0.8 * total_gib * 2**30:
             return T
     return 5
@@ -244,11 +244,10 @@ def updates(b: Bench, models, steps: int, tiny: bool) -> dict:
     naive baseline at the largest T that fits it (the engine timed again at that T for the ratio)."""
     if tiny:
         return update_section(b, models, steps=steps, batch=2, h=4, estimate_options={}, naive=True, others=True)
+    from bench.memory import engine_options, sd14_plan
+
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    chosen = planner.plan(dict(batch_size=2, num_steps=steps, guidance_scale=GUIDANCE, h=4, precision="half"),
-                          max_memory_gb=0.8 * total_gib)
-    options = dict(chosen.estimate_kwargs(), decode_chunk=chosen.options["decode_chunk"],
-                   checkpoint_vae=chosen.options["checkpoint_vae"])
+    options = engine_options(sd14_plan(0.8 * total_gib, num_steps=steps))
     result = update_section(b, models, steps=steps, batch=2, h=4, estimate_options=options, naive=False, others=True)
     result.update(update_section(b, models, steps=naive_steps_that_fit(total_gib, steps), batch=2, h=4,
                                  estimate_options=options, naive=True, others=False))

@@ -74,6 +74,10 @@ class Config(EstimatorOptions):
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
                                   "prompt per line ('#' starts a comment)")
     num_steps: int = option(20, "DDIM sampling steps T")
+    resolution: Optional[Union[int, tuple[int, int]]] = option(
+        None, "image size in pixels: an int (square) or [height, width], multiples of 64 for SD1.x (the VAE's "
+              "and the UNet's downsampling); None: the model's native size. Activation memory grows with the "
+              "pixel count")
     rollout: str = option("auto", "training rollouts: 'auto' (replayed from a CUDA graph on a GPU, eager "
                                   "elsewhere or when capture fails, with the reason), 'cuda_graph' or 'eager'")
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
@@ -188,6 +192,11 @@ class Config(EstimatorOptions):
         for name in ("max_grad_norm", "max_memory_gb"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
+        if self.resolution is not None:
+            sides = (self.resolution,) if isinstance(self.resolution, int) else self.resolution
+            if any(v <= 0 for v in sides):
+                raise ValueError(f"resolution must be positive pixels (an int or [height, width]), got "
+                                 f"{self.resolution!r}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
@@ -237,16 +246,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LoRA rank 4 (alpha 4) on to_q/to_k/to_v/to_out.0, guidance 7.5 with an empty negative prompt,
     # fp16 frozen weights. Our choices: eta = 1.0 (the official script samples with eta = 0.05; our
     # likelihood-ratio terms scale as 1/sigma, so small eta makes them ~20x noisier), the
-    # per-prompt leave-one-out baseline (3 prompts x 2 images), 200 steps with 10 warm-up, clipping
-    # at norm 1, and the memory options of memory_budget.md (checkpointed UNet and VAE, one sample
-    # decoded at a time, text encoder freed).
+    # per-prompt leave-one-out baseline (1 prompt x 2 images per micro-batch), 200 steps with 10
+    # warm-up, clipping at norm 1, and a 4 GiB update: micro-batches of 2 accumulated 9 times (the
+    # paper's 18 samples per step), the reward network in fp16, and the options
+    # `rlr_fast.plan(..., max_memory_gb=4)` chooses (tests/test_plan.py checks they agree):
+    # checkpointed UNet steps one per call, the VAE decoded one sample at a time with every
+    # block checkpointed, text encoder freed. Estimated peak: 3.41 GiB of tensors.
     "sd14": dict(
         model="stable-diffusion-v1-4", device="cuda", dtype="float16", out_dir="out/sd14", seed=42,
-        prompts="animals", reward="aesthetic", num_steps=50, eta=1.0, guidance_scale=7.5,
-        negative_prompt="", batch_size=6, images_per_prompt=2, method="rlr", first_order_steps=1, h=2,
-        baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=3, train_steps=200,
-        warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25, sample_prompts=4,
-        checkpoint_unet=True, checkpoint_vae=True, decode_chunk=1, free_text_encoder=True,
+        prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, num_steps=50, eta=1.0,
+        guidance_scale=7.5, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
+        first_order_steps=1, h=2, baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=9,
+        train_steps=200, warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25,
+        sample_prompts=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
+        free_text_encoder=True,
     ),
 }
 

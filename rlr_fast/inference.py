@@ -78,15 +78,15 @@ def load_for_inference(model: str, lora: Optional[str], device: torch.device, dt
 
 
 def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
-                  num_frames: Optional[int] = None) -> torch.Tensor:
-    """x_T (batch, C, S, S), or (batch, C, num_frames, S, S) for a video UNet, drawn on the CPU from
-    `generator` (the same on every device)."""
-    side = unet.config.sample_size
+                  latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> torch.Tensor:
+    """x_T (batch, C, h, w) in float32, or (batch, C, num_frames, h, w) for a video UNet, drawn on the
+    CPU from `generator` (the same on every device); latent_hw None: the UNet's native size."""
+    h, w = latent_hw or (unet.config.sample_size,) * 2
     frames = ()
     if is_video_unet(unet):
         check_num_frames(unet, num_frames)
         frames = (num_frames,)
-    return torch.randn((batch, unet.config.in_channels) + frames + (side, side), generator=generator).to(device)
+    return torch.randn((batch, unet.config.in_channels) + frames + (h, w), generator=generator).to(device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -119,7 +119,8 @@ def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool 
 @torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
-                    desc: Optional[str] = None, num_frames: Optional[int] = None) -> torch.Tensor:
+                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None,
+                    num_frames: Optional[int] = None) -> torch.Tensor:
     """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major;
     videos (len(seeds) * P, num_frames, 3, H, W) from a video model.
 
@@ -133,7 +134,7 @@ def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[tor
     with bar:
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, len(cond), generator, device, num_frames)
+            x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw, num_frames)
             with autocast(device, dtype):
                 traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
                                encoder_hidden_states=cond, guidance_scale=guidance_scale,

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
-    "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta",
+    "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta", "latent_size",
     "add_lora", "save_lora", "load_lora", "lora_parameters", "LORA_WEIGHT_NAME",
 ]
 
@@ -290,6 +290,31 @@ def sd14_config() -> dict[str, dict]:
             bos_token_id=0, eos_token_id=2, pad_token_id=1,
         ),
     }
+
+
+def latent_size(resolution, unet_config, vae_config) -> tuple[int, int]:
+    """Latent (height, width) of images of `resolution` pixels: an int (square), (height, width), or
+    None for the model's native size (the UNet's sample_size).
+
+    Height and width must be multiples of the VAE's downsampling times the UNet's (64 for SD1.x),
+    so that every UNet level has a whole number of latent pixels.
+    """
+    def get(config, key):
+        return config[key] if isinstance(config, dict) else getattr(config, key)
+
+    vae_scale = 2 ** (len(get(vae_config, "block_out_channels")) - 1)
+    unet_scale = 2 ** (len(get(unet_config, "block_out_channels")) - 1)
+    native = get(unet_config, "sample_size")
+    if resolution is None:
+        return (native, native) if isinstance(native, int) else tuple(native)
+    hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    multiple = vae_scale * unet_scale
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple for v in hw):
+        native_px = native * vae_scale if isinstance(native, int) else native
+        raise ValueError(f"resolution={resolution!r}: height and width must be positive multiples of {multiple} "
+                         f"pixels for this model (its VAE downsamples {vae_scale}x, its UNet {unet_scale}x more); "
+                         f"its native size is {native_px}")
+    return (hw[0] // vae_scale, hw[1] // vae_scale)
 
 
 def build_sd14_on_meta(components: tuple[str, ...] = ("unet",)) -> dict[str, nn.Module]:

@@ -44,20 +44,18 @@ class SavedTensorMemory:
 
     Each saved tensor is counted once per storage while any saved reference to it is alive;
     a reference dies when autograd frees the graph that saved it. This measures what a
-    GPU allocator would have to keep for backward, on any device, CPU included.
+    GPU allocator would have to keep for backward, on any device, CPU and meta included.
     """
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()):
-        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self._live: dict[int, list[int]] = {}  # storage ptr -> [refcount, nbytes]
+        self._exclude = {t.untyped_storage()._cdata for t in exclude}
+        self._live: dict[int, list[int]] = {}  # storage id -> [refcount, nbytes]
         self.current = 0
         self.peak = 0
 
     def _pack(self, t: torch.Tensor):
-        if t.device.type == "meta":
-            return t
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self._exclude or ptr == 0:
+        ptr = t.untyped_storage()._cdata  # the storage's identity (meta storages have no data pointer)
+        if ptr in self._exclude:
             return t
         entry = self._live.get(ptr)
         if entry is None:

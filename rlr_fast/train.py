@@ -46,7 +46,7 @@ from .config import PRESETS, Config, load_config, load_prompts
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
-from .models import SDModels, add_lora, lora_parameters, save_lora
+from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
@@ -111,18 +111,14 @@ def load_reward(cfg: Config, device: torch.device) -> Reward:
     return reward
 
 
-def plan_memory(cfg: Config, unet) -> tuple[Config, str]:
-    """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb`, and the plan's
-    table. A budget nothing fits is a ValueError (plan.PlanError)."""
-    from .plan import REWARDS, plan
+def plan_memory(cfg: Config) -> tuple[Config, str]:
+    """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb` (for the
+    architectures in cfg.model's folder), and the plan's table. A budget nothing fits is a
+    ValueError (plan.PlanError)."""
+    from .plan import plan
 
-    if is_video_unet(unet):
-        raise ValueError(f"max_memory_gb: the memory planner does not cover video UNets ({type(unet).__name__}) "
-                         "yet; leave max_memory_gb unset and choose max_batch, decode_chunk and checkpoint_unet")
-    # The planner measures the known rewards; any other counts as a reward on pixels (no network).
-    chosen = plan(cfg, cfg.max_memory_gb, model=dict(unet.config),
-                  reward=cfg.reward if cfg.reward in REWARDS else "pixels")
-    return cfg.with_overrides(chosen.options), chosen.table()
+    chosen = plan(cfg)
+    return cfg.with_overrides(chosen.config_overrides()), chosen.table()
 
 
 class StopSignals:
@@ -222,7 +218,9 @@ class _Run:
         with nvtx_range("sample grid"):
             images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                     dtype=self.dtype, desc=f"sample grid (step {step})", num_frames=cfg.num_frames)
+                                     dtype=self.dtype, desc=f"sample grid (step {step})",
+                                     latent_hw=latent_size(cfg.resolution, self.models.unet.config,
+                                                           self.models.vae.config), num_frames=cfg.num_frames)
         suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
                                     self.out / "samples" / f"step_{step:06d}.{suffix}"))
@@ -239,11 +237,12 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
     models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
     if is_video_unet(models.unet):
         check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
     if cfg.max_memory_gb is not None:
-        cfg, plan_table = plan_memory(cfg, models.unet)
+        cfg, plan_table = plan_memory(cfg)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype

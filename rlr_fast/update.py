@@ -19,7 +19,7 @@ from .cuda_graph import GraphedRollout
 from .estimators import estimate
 from .inference import autocast, initial_noise
 from .metrics import jsonable
-from .models import SDModels
+from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import rollout
@@ -124,7 +124,8 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     stats: dict = {}
     for _ in range(cfg.grad_accum):
         ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device, cfg.num_frames)
+        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device,
+                            latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
         with nvtx_range("rollout"), autocast(device, dtype):
             traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generators["sampling"],
                               **bank.batch(ids, cfg.guidance_scale))

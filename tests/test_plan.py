@@ -1,21 +1,29 @@
 """The memory planner: its measuring method against real tensors, and its plans for SD1.4."""
 
+import contextlib
 import importlib
 import math
 
 import pytest
 import torch
 
+from rlr_fast.config import Config
 from rlr_fast.models import add_lora
+from rlr_fast.plan.architectures import component_configs, meta_unet
 from rlr_fast.testing import make_unet
 
-# `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the submodule's name)
+# `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the package's name)
 P = importlib.import_module("rlr_fast.plan")
 
 GIB = 2**30
-# The issue's case: SD1.4 RLR update at 512 px, T = 50, CFG, batch 2, LoRA rank 4, h = 4, fp16.
-SD14_CASE = dict(model="sd14", resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5, method="rlr",
-                 first_order_steps=1, h=4, lora_rank=4, precision="half", reward="aesthetic")
+# The issue's case: SD1.4 RLR update at 512 px, T = 50, CFG 7.5, batch 2, LoRA rank 4, h = 4, on top of
+# the sd14 preset (float16 weights as finetune runs them on a GPU, reward network in float16).
+SD14_CASE = dict(resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5, method="rlr", first_order_steps=1,
+                 h=4, lora_rank=4)
+
+
+def sd14_plan(max_memory_gb=None, **settings):
+    return P.plan("sd14", max_memory_gb, model="sd14", **{**SD14_CASE, **settings})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -24,7 +32,7 @@ SD14_CASE = dict(model="sd14", resolution=512, batch_size=2, num_steps=50, guida
 
 def _tiny_unet(device: str) -> torch.nn.Module:
     """conftest's tiny UNet with LoRA, on the CPU (real weights) or on meta (no weights)."""
-    unet = make_unet() if device == "cpu" else P.meta_unet(make_unet().config, dtype=torch.float32, lora_rank=None)
+    unet = make_unet() if device == "cpu" else meta_unet(dict(make_unet().config), dtype=torch.float32, lora_rank=None)
     add_lora(unet, rank=4, alpha=4, seed=0 if device == "cpu" else None)
     for p in unet.parameters():
         if p.requires_grad:
@@ -53,7 +61,7 @@ def _unet_step(unet, device: str, batch: int = 2, checkpoint: bool = False):
 
 
 def _real_saved_bytes(run, existing) -> int:
-    """Bytes saved for backward, counted on real CPU tensors by data pointer (independent of plan.py)."""
+    """Bytes saved for backward, counted on real CPU tensors by data pointer (independent of the planner)."""
     excluded = {t.untyped_storage().data_ptr() for t in existing}
     seen = {}
 
@@ -73,15 +81,14 @@ def test_meta_measurement_equals_real_cpu_tensors():
     equal those of the same step on real CPU tensors, counted independently by data pointer
     (CPU SDPA runs the flash kernel the planner routes meta attention to). The live peak, from
     the same tracker on both devices, agrees closely."""
-    meta_unet = _tiny_unet("meta")
-    run, existing = _unet_step(meta_unet, "meta")
-    meta = P.measure(run, existing=existing, precision="float32", attention="flash")
+    run, existing = _unet_step(_tiny_unet("meta"), "meta")
+    meta = P.measure(run, existing=existing, attention="flash")
 
     cpu_unet = _tiny_unet("cpu")
     run, existing = _unet_step(cpu_unet, "cpu")
     real_saved = _real_saved_bytes(run, existing)
     run, existing = _unet_step(cpu_unet, "cpu")
-    real = P.measure(run, existing=existing, precision="float32", attention="flash")
+    real = P.measure(run, existing=existing, attention="flash")
 
     assert real_saved > 100_000
     assert meta.saved_bytes == real_saved
@@ -95,7 +102,7 @@ def test_flash_routing_drops_the_stored_softmax_and_checkpointing_shrinks_the_st
 
     def measured(checkpoint=False, **kw):
         run, existing = _unet_step(unet, "meta", checkpoint=checkpoint)
-        return P.measure(run, existing=existing, precision="float32", **kw)
+        return P.measure(run, existing=existing, **kw)
 
     flash, math_path = measured(attention="flash"), measured(attention="math")
     # MATH attention also saves each attention's (batch, heads, queries, keys) softmax
@@ -103,25 +110,79 @@ def test_flash_routing_drops_the_stored_softmax_and_checkpointing_shrinks_the_st
     assert measured(checkpoint=True).peak_bytes < flash.peak_bytes
 
 
-def test_autocast_emulation_casts_like_cuda_autocast():
+def test_autocast_emulation_casts_like_cuda_autocast_and_stops_where_autocast_is_left():
     x = torch.empty(2, 8, device="meta", dtype=torch.float32)
     w16 = torch.empty(8, 8, device="meta", dtype=torch.float16)
+    h16 = torch.empty(2, 8, 1, device="meta", dtype=torch.float16)
     original = torch.nn.functional.linear
-    with P.gpu_like_execution(precision="autocast"):
+    with P.gpu_like_execution(autocast=True):
         assert torch.nn.functional.linear(x, w16).dtype == torch.float16
-        assert torch.nn.functional.group_norm(x.half().reshape(2, 8, 1), 2).dtype == torch.float32
+        assert torch.nn.functional.group_norm(h16, 2).dtype == torch.float32
+        with torch.autocast("cpu", enabled=False):  # what rewards.latent does around the decode
+            assert torch.nn.functional.group_norm(h16, 2).dtype == torch.float16
+    with P.gpu_like_execution(autocast=False):
+        assert torch.nn.functional.group_norm(h16, 2).dtype == torch.float16
     assert torch.nn.functional.linear is original  # the functions are restored on exit
+
+
+class _TinyRewardNet(torch.nn.Module):
+    """A small convolutional reward network (conv, group norm, pooling), for the reward phase."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16),
+                                        torch.nn.SiLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+        self.requires_grad_(False)
+
+    def forward(self, images, prompts):
+        return self.body(images).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("checkpoint_vae", [True, False])
+def test_reward_phase_is_its_decode_and_network_parts_combined(checkpoint_vae):
+    """The planner measures the decode and the reward network apart and combines them
+    (phases.combined_reward_bytes); the whole LatentReward path, measured directly on the default
+    model's VAE, gives the same peak, whether the decoder or the network is the larger part."""
+    from rlr_fast.plan.architectures import build
+    from rlr_fast.plan.phases import combined_reward_bytes
+
+    vae = build("vae", component_configs("default")["vae"], torch.float32)
+    with torch.device("meta"):
+        network = _TinyRewardNet()
+    for batch, chunk in ((4, 1), (3, 3), (8, 2)):
+        whole = P.measure_reward_phase(vae, network, batch, (8, 8), decode_chunk=chunk, checkpoint_vae=checkpoint_vae,
+                                       grad=True, autocast=False).peak_bytes
+        decode = P.measure_decode_phase(vae, batch, (8, 8), decode_chunk=chunk, checkpoint_vae=checkpoint_vae,
+                                        grad=True, autocast=False)
+        net = P.measure_reward_network(network, batch, (32, 32), grad=True).peak_bytes
+        assert math.isclose(combined_reward_bytes(decode, net), whole, rel_tol=0.03), (batch, chunk)
 
 
 # ----------------------------------------------------------------------------------------------
 # Plans for SD1.4 (from the cached measurements: fast)
 
 
-def test_sd14_rlr_case_fits_6_gib_and_no_limit_is_larger():
-    limited = P.plan(SD14_CASE, max_memory_gb=6)
-    assert limited.peak_bytes <= 6 * GIB
-    assert limited.fits
-    unlimited = P.plan(SD14_CASE)
+def test_sd14_preset_fits_4_gib_with_its_own_options_in_the_loops_precision():
+    """The sd14 preset as finetune runs it on a GPU (float16 weights, UNet under autocast, decode
+    outside it): the planner's estimate is within 4 GiB, and the options it picks for 4 GiB are
+    the preset's, so the preset runs the plan by default."""
+    preset = Config.from_preset("sd14")
+    chosen = P.plan(preset, max_memory_gb=4, model="sd14")
+    assert chosen.run.autocast and preset.dtype == "float16"
+    assert chosen.peak_bytes <= 4 * GIB
+    assert preset.with_overrides(chosen.config_overrides()) == preset
+    assert chosen.estimator_options() == preset.estimator_options()
+    # without a budget the planner runs faster (fewer calls, less recomputation) in more memory
+    fastest = P.plan(preset, model="sd14")
+    assert fastest.peak_bytes > 4 * GIB and fastest.extra_flops < chosen.extra_flops
+
+
+def test_sd14_issue_case_fits_4_gib_and_no_limit_is_larger():
+    limited = sd14_plan(max_memory_gb=4)
+    assert limited.peak_bytes <= 4 * GIB and limited.fits
+    unlimited = sd14_plan()
     assert unlimited.peak_bytes > limited.peak_bytes
     # the unlimited plan is the fastest: nothing recomputed, every likelihood-ratio step in one call
     assert unlimited.extra_flops == 0
@@ -129,11 +190,28 @@ def test_sd14_rlr_case_fits_6_gib_and_no_limit_is_larger():
     assert limited.extra_flops >= unlimited.extra_flops
 
 
+def test_decode_outside_autocast_with_block_checkpointing_is_what_brings_sd14_under_4_gib(monkeypatch):
+    """The planned decode phase (fp16 outside autocast, every decoder block checkpointed) equals a
+    direct measurement; keeping autocast on, and then checkpointing only per sample, grow it."""
+    from rlr_fast.plan.architectures import build
+    from rlr_fast.rewards import latent
+
+    planned = sd14_plan(max_memory_gb=4).phases["reward: decode"]
+    vae = build("vae", component_configs("sd14")["vae"], torch.float16)
+    run = dict(decode_chunk=1, checkpoint_vae=True, grad=True, autocast=True)
+    assert math.isclose(P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes, planned, rel_tol=0.01)
+    monkeypatch.setattr(latent, "_autocast_off", contextlib.nullcontext)
+    under_autocast = P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes
+    monkeypatch.setattr(latent, "checkpoint_blocks", lambda decoder: contextlib.nullcontext())
+    chunk_only = P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes
+    assert under_autocast > 1.3 * planned
+    assert chunk_only > 2 * under_autocast > 2.6 * planned
+
+
 def test_breakdown_sums_to_the_peak():
     for kwargs in (dict(), dict(max_memory_gb=6), dict(method="full_bp"), dict(guidance_scale=1.0),
-                   dict(method="ddpo"), dict(precision="autocast")):
-        case = dict(SD14_CASE, **{k: v for k, v in kwargs.items() if k != "max_memory_gb"})
-        p = P.plan(case, max_memory_gb=kwargs.get("max_memory_gb"))
+                   dict(method="ddpo"), dict(dtype="float32", reward_kwargs={"dtype": "float32"})):
+        p = sd14_plan(**kwargs)
         assert sum(p.breakdown.values()) == p.peak_bytes
         assert p.breakdown[p.peak_phase] == p.phases[p.peak_phase] == max(p.phases.values())
         assert set(p.breakdown) >= {"parameters", "optimizer_state", "trajectory"}
@@ -143,7 +221,7 @@ def test_smaller_budget_fits_or_names_the_smallest_peak():
     smallest = None
     for gib in (5, 4.5, 4, 3.5, 3, 2.5, 2, 1):
         try:
-            p = P.plan(SD14_CASE, max_memory_gb=gib)
+            p = sd14_plan(max_memory_gb=gib)
         except P.PlanError as e:
             smallest = e.smallest
             assert f"{smallest.peak_gib:.2f} GiB" in str(e)
@@ -152,50 +230,129 @@ def test_smaller_budget_fits_or_names_the_smallest_peak():
         assert p.peak_bytes <= gib * GIB
     assert smallest is not None, "even 1 GiB fitted: the estimates cannot be right"
     # nothing fits below the smallest achievable peak, and it is reached when the budget allows it
-    assert P.plan(SD14_CASE, max_memory_gb=smallest.peak_bytes / GIB + 1e-6).peak_bytes <= smallest.peak_bytes
+    assert sd14_plan(max_memory_gb=smallest.peak_bytes / GIB + 1e-6).peak_bytes <= smallest.peak_bytes
 
 
 def test_peak_grows_with_the_batch():
     previous_min = previous_fast = 0
     for batch in (1, 2, 4, 8):
-        case = dict(SD14_CASE, batch_size=batch)
         with pytest.raises(P.PlanError) as e:
-            P.plan(case, max_memory_gb=0.5)
-        fastest = P.plan(case)
+            sd14_plan(max_memory_gb=0.5, batch_size=batch, images_per_prompt=1, baseline="none")
+        fastest = sd14_plan(batch_size=batch, images_per_prompt=1, baseline="none")
         assert e.value.smallest.peak_bytes > previous_min
         assert fastest.peak_bytes > previous_fast
         previous_min, previous_fast = e.value.smallest.peak_bytes, fastest.peak_bytes
 
 
-def test_options_map_onto_estimate_and_config():
-    p = P.plan(SD14_CASE, max_memory_gb=6)
-    assert set(p.options) == set(P.OPTION_NAMES)
-    assert p.estimate_kwargs() == {"max_batch": p.options["max_batch"], "checkpoint_unet": p.options["checkpoint_unet"],
-                                   "split_cfg": p.options["split_cfg"]}
-    assert "| max_batch |" in p.table()
+def test_the_reward_network_is_checkpointed_when_it_is_the_peak():
+    """At 256 px the UNet and the decoder shrink fourfold but CLIP-L still sees 224 px images: its
+    backward becomes the peak, and the smallest plan checkpoints it (through reward_kwargs)."""
+    with pytest.raises(P.PlanError) as e:
+        sd14_plan(max_memory_gb=0.5, batch_size=4, resolution=256)
+    smallest = e.value.smallest
+    assert smallest.options["checkpoint_reward"] and smallest.peak_phase != "reward: network"
+    assert smallest.config_overrides()["reward_kwargs"] == {"dtype": "float16", "checkpoint_vision": True}
+    unchecked = sd14_plan(batch_size=4, resolution=256, reward_kwargs={"dtype": "float16"})
+    assert unchecked.phases["reward: network"] > 2 * smallest.phases["reward: network"]
+    # a user's checkpoint_vision is kept
+    kept = sd14_plan(batch_size=4, resolution=256, reward_kwargs={"dtype": "float16", "checkpoint_vision": True})
+    assert kept.options["checkpoint_reward"] and "reward_kwargs" not in kept.config_overrides()
+
+
+def test_reward_precision_and_resident_text_encoder_are_counted():
+    half, full = sd14_plan(), sd14_plan(reward_kwargs={"dtype": "float32"})
+    clip_l_vision_fp16 = 0.55 * GIB  # ~304 M parameters
+    assert full.breakdown["parameters"] - half.breakdown["parameters"] > clip_l_vision_fp16
+    assert half.options["free_text_encoder"]  # freeing it costs nothing: prompts are encoded first
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="'batch' .*did you mean 'batch_size'"):
+    with pytest.raises(ValueError, match="'batch'.*did you mean 'batch_size'"):
         P.plan({"batch": 2})
     with pytest.raises(ValueError, match="max_memory_gb must be > 0"):
-        P.plan(SD14_CASE, max_memory_gb=0)
-    with pytest.raises(ValueError, match="rewards"):
-        P.plan(dict(SD14_CASE, reward="pickscore"))
-    with pytest.raises(ValueError, match="exceeds num_steps"):
-        P.plan(dict(SD14_CASE, num_steps=4))
+        sd14_plan(max_memory_gb=0)
+    with pytest.raises(ValueError, match="h=4 is too large for num_steps=4"):
+        sd14_plan(num_steps=4)
+    with pytest.raises(ValueError, match="multiples of 64 pixels.*native size is 512"):
+        sd14_plan(resolution=500)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        P.plan("sd14", model="sd14", attention="fast")
 
 
-def test_measurements_are_taken_on_demand_and_cached(tmp_path):
-    """A model the cache does not know is measured when first planned (here conftest's tiny UNet,
-    its config as train.py passes it), and the table written by save() gives the same plan back."""
-    config = dict(make_unet().config)
-    case = dict(model=config, resolution=64, batch_size=2, num_steps=6, guidance_scale=1.0, h=2,
-                precision="float32", reward="pixels")
+def test_resolution_and_architectures_of_the_default_model_are_measured_on_demand(tmp_path):
+    """The default model (configs read from its folder) is not in the cache: measured when first
+    planned, more pixels need more memory, and the table written by save() gives the same plan back."""
     table = P.MeasurementTable(path=None)
-    first = P.plan(case, table=table)
-    assert any(key.startswith("unet|config:") for key in table.data["entries"])
+    zo = dict(method="zo")  # likelihood ratios only: the fewest phases to measure
+    native = P.plan("demo", table=table, **zo)
+    assert native.run.latent_hw == (8, 8) and native.config.resolution is None
+    assert any(key.startswith("unet:") for key in table.data["entries"])
+    larger = P.plan("demo", table=table, resolution=64, **zo)
+    assert larger.run.latent_hw == (16, 16)
+    assert larger.phases["lr_chunk"] > 3 * native.phases["lr_chunk"]
     saved = table.save(tmp_path / "measurements.json")
-    again = P.plan(case, table=P.MeasurementTable(saved))
-    assert (again.peak_bytes, again.options) == (first.peak_bytes, first.options)
-    assert first.phases["unet_step"] > 0 and first.phases["lr_chunk"] > first.phases["unet_step"] / 2
+    again = P.plan("demo", table=P.MeasurementTable(saved), **zo)
+    assert (again.peak_bytes, again.options) == (native.peak_bytes, native.options)
+
+
+def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
+    """Architectures are keyed by their full config: a folder holding SD1.4's config files (as
+    diffusers writes them, every default spelled out) plans from the cache, like model='sd14'."""
+    import json
+
+    from rlr_fast.plan.architectures import build
+
+    for name, config in component_configs("sd14").items():
+        module = build(name, config)
+        full = module.config.to_dict() if name == "text_encoder" else dict(module.config)
+        full.update(_diffusers_version="0.6.0", _name_or_path="CompVis/stable-diffusion-v1-4")
+        if name == "text_encoder":
+            full.update(architectures=["CLIPTextModel"], torch_dtype="float32")
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(full, default=list))
+    table = P.MeasurementTable()
+    known = {part: len(table.data[part]) for part in ("entries", "params", "flops")}
+    from_folder = P.plan("sd14", 4, model=str(tmp_path), table=table)
+    assert {part: len(table.data[part]) for part in known} == known  # nothing had to be measured
+    assert from_folder.peak_bytes == P.plan("sd14", 4, model="sd14", table=table).peak_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop runs what the planner planned
+
+
+def test_finetune_plans_the_model_folder_it_trains_and_applies_the_plan(tiny_folder):
+    from rlr_fast.train import plan_memory
+
+    cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=2, method="zo",
+                             max_memory_gb=1.0)
+    planned, table = plan_memory(cfg)
+    chosen = P.plan(cfg)  # from the same folder's configs
+    assert chosen.run.components["unet"]["block_out_channels"] == [32, 64]
+    assert planned == cfg.with_overrides(chosen.config_overrides())
+    assert table == chosen.table()
+
+
+def test_finetune_samples_at_the_configured_resolution(tiny_folder, tmp_path, monkeypatch):
+    """x_T of every rollout (updates and sample grids) has the resolution's latent size; a size the
+    model cannot take is refused naming its multiple."""
+    import rlr_fast.inference as inference
+    import rlr_fast.train as train
+    import rlr_fast.update as update
+
+    shapes = []
+
+    def recording(rollout):
+        def recording_rollout(model, scheduler, latents, **kw):
+            shapes.append(tuple(latents.shape[-2:]))
+            return rollout(model, scheduler, latents, **kw)
+        return recording_rollout
+
+    for module in (update, inference):  # the updates' rollouts, the sample grids'
+        monkeypatch.setattr(module, "rollout", recording(module.rollout))
+    run = dict(model=str(tiny_folder), num_steps=3, batch_size=2, train_steps=1, sample_prompts=1, sample_seeds=(0,),
+               tensorboard=False, rollout="eager")
+    train.finetune("demo", out_dir=str(tmp_path / "a"), resolution=[24, 32], **run)
+    assert len(shapes) == 3 and set(shapes) == {(12, 16)}  # grid, update, grid; the tiny VAE downsamples 2x
+    with pytest.raises(ValueError, match="resolution=30: .*multiples of 4 pixels"):
+        train.finetune("demo", out_dir=str(tmp_path / "b"), resolution=30, **run)

@@ -385,11 +385,14 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
         options = {"max_batch": 2, "checkpoint_unet": True, "checkpoint_vae": False, "decode_chunk": 2,
                    "split_cfg": False, "free_text_encoder": True}
 
+        def config_overrides(self):
+            return self.options
+
         def table(self):
             return "| option | value |"
 
-    def fake_plan(cfg, budget, **kw):
-        asked.update(budget=budget, **kw)
+    def fake_plan(cfg):
+        asked.update(budget=cfg.max_memory_gb, model=cfg.model)
         return FakePlan()
 
     ranges = []
@@ -401,6 +404,6 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
         profiling.enable_profiling(False)
     saved = yaml.safe_load(result.config_path.read_text())
     assert {k: saved[k] for k in FakePlan.options} == FakePlan.options
-    assert asked["budget"] == 3.0 and asked["reward"] == "pixels" and asked["model"]["sample_size"] == 8
+    assert asked["budget"] == 3.0 and asked["model"] == tiny["model"]
     assert (tmp_path / "memory_plan.md").read_text() == "| option | value |"
     assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)

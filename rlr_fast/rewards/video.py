@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .base import FunctionReward, Reward, _check_values, check_images, check_prompts, get_reward, register_reward
-from .latent import LatentReward
+from .latent import LatentReward, _autocast_off
 
 
 def check_video(video: torch.Tensor) -> None:
@@ -151,8 +151,9 @@ class VideoLatentReward(LatentReward):
         self._check(x0_latents, "(B, C, F, h, w)")
         b, c, f, h, w = x0_latents.shape
         frames = x0_latents.transpose(1, 2).reshape(b * f, c, h, w)
-        images = self.images(frames)
-        return self.reward(images.reshape((b, f) + tuple(images.shape[1:])), self.prompts)
+        with _autocast_off():
+            images = self.images(frames)
+            return self.reward(images.reshape((b, f) + tuple(images.shape[1:])), self.prompts)
 
     def __repr__(self) -> str:
         return (f"VideoLatentReward({self.reward!r}, batch={len(self.prompts)}, decode_chunk={self.decode_chunk} "

@@ -1,0 +1,203 @@
+"""The networks of one update, built on the meta device: real shapes, no memory, no weights.
+
+A model is described by its component configs {"unet", "vae", "text_encoder"}: SD1.4's
+(`"sd14"`), the embedded default model's (`"default"`), a local diffusers folder's (only the
+config.json files are read) or such a dict. Measurements are cached under `architecture_id`, a
+hash of the full config with every default filled in, so a downloaded SD1.4 folder and the
+built-in "sd14" description share one cache entry.
+
+The rewards the planner knows: "aesthetic" (the LAION aesthetic predictor on CLIP ViT-L/14, the
+`sd14` preset's reward) and "pixels" (a reward computed from the pixels without a network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+REWARDS = ("aesthetic", "pixels")
+COMPONENT_NAMES = ("unet", "vae", "text_encoder")
+Model = Union[str, Path, dict]
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning about casting whole models with .to(dtype) (we mean it)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def component_configs(model: Model) -> dict[str, dict]:
+    """{"unet", "vae", "text_encoder"} constructor configs of `model` (see the module docstring)."""
+    from ..default_model import default_model_path
+    from ..models import sd14_config
+
+    if isinstance(model, dict):
+        missing = [name for name in COMPONENT_NAMES if name not in model]
+        if missing:
+            raise ValueError(f"a model given as a dict needs the configs of {COMPONENT_NAMES}; missing {missing}")
+        return {name: dict(model[name]) for name in COMPONENT_NAMES}
+    if model == "sd14":
+        return sd14_config()
+    folder = default_model_path() if model == "default" else Path(model)
+    files = {name: folder / name / "config.json" for name in COMPONENT_NAMES}
+    absent = [str(f) for f in files.values() if not f.is_file()]
+    if absent:
+        raise ValueError(f"model {str(model)!r} is neither 'sd14', 'default' nor a diffusers folder with "
+                         f"{'/'.join(COMPONENT_NAMES)} configs (missing {', '.join(absent)})")
+    return {name: json.loads(f.read_text()) for name, f in files.items()}
+
+
+# Config entries that do not change the computation: file metadata, the stored dtype (the planner
+# sets its own), and the UNet's sample_size (every measurement's key holds the latent size).
+_NOT_ARCHITECTURE = ("sample_size", "architectures", "torch_dtype", "dtype", "transformers_version")
+
+
+def _canonical(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
+
+
+def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """One component on meta in `dtype`, frozen, in eval mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with quiet_diffusers(), torch.device("meta"):
+        if component == "unet":
+            module = UNet2DConditionModel.from_config(config)
+        elif component == "vae":
+            module = AutoencoderKL.from_config(config)
+        elif component == "text_encoder":
+            module = CLIPTextModel(CLIPTextConfig.from_dict(config))
+        else:
+            raise ValueError(f"component must be one of {COMPONENT_NAMES}, got {component!r}")
+        return module.to(dtype).eval().requires_grad_(False)
+
+
+def architecture_id(component: str, config: dict) -> str:
+    """A short hash of a component's full config, defaults filled in (see _NOT_ARCHITECTURE)."""
+    return _architecture_id(component, json.dumps(config, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture_id(component: str, config_json: str) -> str:
+    config = json.loads(config_json)
+    module = build(component, config)
+    full = module.config.to_dict() if component == "text_encoder" else dict(module.config)
+    text = json.dumps(_canonical(full), sort_keys=True, default=str)
+    return f"{component}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def meta_unet(config: dict, *, dtype: torch.dtype, lora_rank: Optional[int]) -> nn.Module:
+    """The UNet on meta, frozen weights in `dtype`, with a float32 LoRA whose .grad exists (as the
+    loop accumulates it: gradients are optimizer-resident state, not activations)."""
+    from ..models import add_lora
+
+    unet = build("unet", config, dtype)
+    if lora_rank:
+        add_lora(unet, rank=lora_rank, alpha=lora_rank)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                p.grad = torch.zeros_like(p)
+    return unet
+
+
+def aesthetic_architecture(checkpoint_vision: bool = False) -> nn.Module:
+    """rewards.clip_models.LaionAesthetic without its weights (CLIP ViT-L/14 vision tower, projection
+    and MLP head, built from openai/clip-vit-large-patch14's vision config in the current default
+    device and dtype): the reward's own scoring code, for measuring and for random-weight benchmarks.
+    `checkpoint_vision` as the reward's option."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ..rewards.base import Reward
+    from ..rewards.clip_models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LaionAesthetic, PreferenceHead
+    from ..rewards.loading import checkpoint_layers, freeze
+
+    class AestheticArchitecture(LaionAesthetic):
+        def __init__(self):
+            Reward.__init__(self)
+            config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
+                                      hidden_act="quick_gelu", layer_norm_eps=1e-5)
+            clip = CLIPVisionModelWithProjection(config)
+            self.vision, self.projection = clip.vision_model, clip.visual_projection
+            self.head = PreferenceHead(config.projection_dim)
+            self.image_size, self.mean, self.std = config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+            if checkpoint_vision:
+                checkpoint_layers(self.vision.encoder.layers)
+            freeze(self)
+
+    return AestheticArchitecture()
+
+
+class PixelReward(nn.Module):
+    """A reward computed from the decoded pixels without a network (colour, brightness...)."""
+
+    differentiable = True
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3))
+
+
+def as_unchecked_reward(module: nn.Module):
+    """The module as an rlr_fast Reward whose call skips the value-range checks (which read values,
+    impossible on meta)."""
+    from ..rewards.base import Reward
+
+    class Unchecked(Reward):
+        differentiable = bool(getattr(module, "differentiable", True))
+
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, images, prompts):
+            return self.inner.score(images, prompts) if isinstance(self.inner, Reward) else self.inner(images, prompts)
+
+    return Unchecked()
+
+
+def meta_reward(reward: Union[str, nn.Module], *, dtype: torch.dtype, checkpoint: bool = False) -> nn.Module:
+    """The reward's network on meta in `dtype`: a name of REWARDS, or a module already built on meta."""
+    if isinstance(reward, nn.Module):
+        return reward
+    if reward == "aesthetic":
+        with torch.device("meta"):
+            return aesthetic_architecture(checkpoint_vision=checkpoint).to(dtype)
+    if reward == "pixels":
+        return PixelReward()
+    raise ValueError(f"reward must be one of {REWARDS} or an nn.Module reward(images, prompts) built on the meta "
+                     f"device; got {reward!r}")
+
+
+def reward_id(reward: Union[str, nn.Module]) -> str:
+    if isinstance(reward, str):
+        return reward
+    from ..rollout import model_key
+
+    return f"module:{type(reward).__name__}:{model_key(reward)}"
+
+
+def module_state(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and existing gradients: what a measurement treats as already there."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return tensors + [p.grad for p in module.parameters() if p.grad is not None]
+
+
+def module_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of tensors' storages, each storage once."""
+    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())

@@ -1,0 +1,362 @@
+"""Choosing the memory options of one update: the least recomputation whose estimated peak fits.
+
+The planner reads a `Config` (the estimator's options and the run's shape: batch, T, guidance,
+LoRA rank, dtype, resolution, reward) and adds only what a Config does not say: the networks'
+architectures (from the config's model folder, or SD1.4's when the folder is not there) and the
+attention kernel. The peak is the resident bytes (weights, LoRA + AdamW state, the stored
+trajectory) plus the largest phase (phases.py).
+
+Precision, as `finetune` runs on a GPU with dtype float16 or bfloat16: frozen weights in that
+dtype; the UNet (rollout and recomputed steps) under CUDA autocast, because its float32 LoRA
+meets half-precision weights and float32 latents there; the VAE decode and the reward network
+outside autocast in their own weights' dtype (rewards.latent). LoRA, its gradient and AdamW's
+moments are float32. With dtype float32 everything is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..options import EstimatorOptions, METHODS
+from . import architectures as arch
+from .measure import ATTENTIONS, GIB
+from .phases import PROMPT_TOKENS, reward_phase_parts
+from .table import MeasurementTable, dtype_name, default_table
+
+# The options the planner chooses; Config keys, except checkpoint_reward: the reward's
+# `checkpoint_vision` in reward_kwargs.
+OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "decode_chunk", "free_text_encoder",
+                "checkpoint_reward")
+# AdamW keeps two float32 moments per trainable value; the gradient is a third copy.
+ADAMW_STATE_PER_PARAM = 2
+# Rewards computed from the pixels alone (no network's weights or activations).
+NETWORK_FREE_REWARDS = ("brightness", "color_match", "jpeg_compressibility", "jpeg_incompressibility")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One update as the planner sees it: a validated Config plus the architectures."""
+
+    config: Config
+    components: dict  # "unet", "vae", "text_encoder" -> constructor config
+    ids: dict  # the same keys -> architecture_id
+    reward: Union[str, nn.Module]  # "aesthetic", "pixels" or a reward network built on meta
+    attention: str
+    latent_hw: tuple[int, int]
+    notes: tuple[str, ...]
+
+    @property
+    def autocast(self) -> bool:
+        return self.config.dtype != "float32"
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.float16 if self.autocast else torch.float32  # bfloat16: the same bytes
+
+    @property
+    def reward_dtype(self) -> torch.dtype:
+        """The reward network's precision: reward_kwargs' dtype, else the loaders' float32."""
+        from ..rewards.loading import reward_dtype
+
+        return reward_dtype(self.config.reward_kwargs.get("dtype", "float32"))
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        scale = 2 ** (len(self.components["vae"]["block_out_channels"]) - 1)
+        return (self.latent_hw[0] * scale, self.latent_hw[1] * scale)
+
+    @property
+    def guidance(self) -> bool:
+        return self.config.guidance_scale != 1.0
+
+
+def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **settings) -> Config:
+    """A validated Config: a Config, a preset name, EstimatorOptions or a dict of Config keys (both on
+    top of the `sd14` preset, or of the dict's own `preset`), or None (the sd14 preset); then `settings`."""
+    if config is None or isinstance(config, str):
+        return Config.from_preset(config or "sd14", **settings)
+    if isinstance(config, Config):
+        return config.with_overrides(settings)
+    if isinstance(config, EstimatorOptions):
+        return Config.from_preset("sd14", **dataclasses.asdict(config), **settings)
+    if isinstance(config, dict):
+        values = {**config, **settings}
+        return Config.from_preset(values.pop("preset", "sd14"), **values)
+    raise TypeError(f"config must be a Config, a preset name, EstimatorOptions or a dict of Config keys, "
+                    f"got {type(config).__name__}")
+
+
+def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
+    """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
+    replaces the architectures read from cfg.model."""
+    from ..models import latent_size
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    notes = []
+    if model is None:
+        model = cfg.model
+        if model != "default" and not Path(model).is_dir():
+            notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
+            model = "sd14"
+    components = arch.component_configs(model)
+    reward = cfg.reward
+    if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
+        pass  # a reward network built on meta
+    elif reward != "aesthetic":
+        if reward not in NETWORK_FREE_REWARDS:
+            notes.append(f"reward {getattr(reward, '__name__', reward)!r} is not modelled: counted without a "
+                         "network (its weights and activations come on top)")
+        reward = "pixels"
+    return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
+               reward=reward, attention=attention,
+               latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes))
+
+
+@dataclass
+class StepCounts:
+    """How many steps of each kind one update recomputes (docs/estimator.md)."""
+
+    pathwise: int  # recomputed one at a time with an input gradient
+    likelihood_ratio: int  # parameter gradient only, several per call up to max_batch
+    reward_grad: bool  # whether dR/dx0 is needed (a first-order term exists)
+
+
+def step_counts(cfg: Config) -> StepCounts:
+    T = cfg.num_steps
+    if cfg.method == "rlr":
+        rest = T - cfg.first_order_steps - cfg.h
+        zo = rest if cfg.zo_steps is None else min(cfg.zo_steps, rest)
+        return StepCounts(cfg.first_order_steps + cfg.h, zo, cfg.first_order_steps > 0)
+    if cfg.method == "full_bp":
+        return StepCounts(T, 0, True)
+    if cfg.method == "truncated_bp":  # a random K averages (T + 1) / 2 steps
+        return StepCounts(cfg.truncated_bp_k if isinstance(cfg.truncated_bp_k, int) else (T + 1) // 2, 0, True)
+    return StepCounts(0, T if cfg.zo_steps is None else min(cfg.zo_steps, T), False)  # zo, ddpo
+
+
+class PlanError(ValueError):
+    """No choice of the memory options fits the budget; `smallest` is the plan with the least peak."""
+
+    def __init__(self, message: str, smallest: "Plan"):
+        super().__init__(message)
+        self.smallest = smallest
+
+
+@dataclass
+class Plan:
+    """The chosen memory options of one update and its estimated peak."""
+
+    run: Run
+    max_memory_gb: Optional[float]
+    options: dict  # OPTION_NAMES -> value
+    peak_bytes: int
+    breakdown: dict  # part -> bytes alive at the peak; sums to peak_bytes
+    phases: dict  # every phase's activation bytes (only the largest is alive at the peak)
+    peak_phase: str
+    extra_flops: int  # forward FLOPs recomputed because of checkpointing
+    model_calls: int  # UNet + VAE calls of one update
+    notes: list = field(default_factory=list)
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.max_memory_gb is None or self.peak_bytes <= self.max_memory_gb * GIB
+
+    def config_overrides(self) -> dict:
+        """The options as Config keys: `cfg.with_overrides(plan.config_overrides())` runs them."""
+        out = {k: v for k, v in self.options.items() if k != "checkpoint_reward"}
+        kwargs = {k: v for k, v in self.config.reward_kwargs.items() if k != "checkpoint_vision"}
+        if self.options["checkpoint_reward"]:
+            kwargs["checkpoint_vision"] = True
+        if kwargs != self.config.reward_kwargs:
+            out["reward_kwargs"] = kwargs
+        return out
+
+    def estimator_options(self) -> EstimatorOptions:
+        """The planned config's estimator options with the chosen max_batch, checkpoint_unet, split_cfg."""
+        return EstimatorOptions.build(self.config.estimator_options(), max_batch=self.options["max_batch"],
+                                      checkpoint_unet=self.options["checkpoint_unet"],
+                                      split_cfg=self.options["split_cfg"])
+
+    def table(self) -> str:
+        """A markdown summary: options, then the breakdown at the peak and every phase."""
+        lines = ["| option | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.options.items()]
+        budget = "no budget" if self.max_memory_gb is None else f"budget {self.max_memory_gb:g} GiB"
+        lines += ["", f"estimated peak {self.peak_gib:.2f} GiB (phase: {self.peak_phase}); {budget}", "",
+                  "| part | GiB |", "|---|---|"]
+        lines += [f"| {k} | {v / GIB:.3f} |" for k, v in self.breakdown.items()]
+        lines += ["", "| phase (activations) | GiB |", "|---|---|"]
+        lines += [f"| {k} | {v / GIB:.3f} |" for k, v in self.phases.items()]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
+
+
+def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
+    cfg, components = run.config, run.components
+    wd, rank = run.weight_dtype, cfg.lora_rank
+    precision = "float32" if wd == torch.float32 else "half"
+
+    def unet_params(trainable: bool):
+        unet = table.unet(components["unet"], wd, rank)
+        return lambda: [p for p in unet.parameters() if p.requires_grad == trainable]
+
+    lora = table.param_bytes(f"{run.ids['unet']}|lora{rank}", unet_params(True))
+    parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{precision}", unet_params(False))
+                  + table.param_bytes(f"{run.ids['vae']}|{precision}",
+                                      lambda: arch.module_state(table.vae(components["vae"], wd))))
+    if run.reward != "pixels":
+        dtype = run.reward_dtype
+        parameters += table.param_bytes(f"reward:{arch.reward_id(run.reward)}|{dtype_name(dtype)}",
+                                        lambda: arch.module_state(table.reward(run.reward, dtype, False)))
+    if not options["free_text_encoder"]:
+        parameters += table.param_bytes(f"{run.ids['text_encoder']}|{precision}", lambda: arch.module_state(
+            arch.build("text_encoder", components["text_encoder"], wd)))
+    B, T, (h, w) = cfg.batch_size, cfg.num_steps, run.latent_hw
+    latent = components["unet"]["in_channels"] * h * w * 4  # float32 chain
+    cond = B * PROMPT_TOKENS * components["unet"]["cross_attention_dim"] * wd.itemsize * (2 if run.guidance else 1)
+    trajectory = B * latent * (2 * T + 1) + B * T * 4 + cond + B * latent  # x_T..x_0, noises, log p, prompts, dR/dx0
+    return {"parameters": parameters, "optimizer_state": lora * (1 + ADAMW_STATE_PER_PARAM), "trajectory": trajectory}
+
+
+def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTable,
+              max_memory_gb: Optional[float]) -> Plan:
+    cfg, hw = run.config, run.latent_hw
+    B, T = cfg.batch_size, cfg.num_steps
+    cfg_mode = "none" if not run.guidance else ("split" if options["split_cfg"] else "together")
+    unet = dict(autocast=run.autocast, attention=run.attention, lora_rank=cfg.lora_rank, cfg_mode=cfg_mode)
+    unet_args = (run.ids["unet"], run.components["unet"])
+
+    decode = table.decode_phase(run.ids["vae"], run.components["vae"], B, options["decode_chunk"], hw,
+                                dtype=run.weight_dtype, attention=run.attention, grad=counts.reward_grad,
+                                checkpoint_vae=options["checkpoint_vae"])
+    network = table.reward_network(run.reward, B, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
+                                   grad=counts.reward_grad, checkpoint=options["checkpoint_reward"])
+    phases = {"rollout": table.unet_phase(*unet_args, B, hw, grad="none", checkpoint=False, **unet),
+              **reward_phase_parts(decode, network)}
+    if counts.pathwise:
+        phases["unet_step"] = table.unet_phase(*unet_args, B, hw, grad="input", checkpoint=options["checkpoint_unet"],
+                                               **unet)
+    steps_per_call = 0
+    if counts.likelihood_ratio:
+        steps_per_call = (options["max_batch"] or B) // B
+        phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, hw, grad="params",
+                                              checkpoint=options["checkpoint_unet"], **unet)
+    resident = _resident(run, options, table)
+    peak_phase = max(phases, key=phases.get)
+    breakdown = dict(resident, **{name: (v if name == peak_phase else 0) for name, v in phases.items()})
+
+    calls_per_step = 2 if cfg_mode == "split" else 1
+    lr_calls = math.ceil(counts.likelihood_ratio / steps_per_call) if steps_per_call else 0
+    model_calls = calls_per_step * (T + counts.pathwise + lr_calls) + math.ceil(B / options["decode_chunk"])
+    extra = 0
+    if options["checkpoint_unet"]:
+        unet_flops = table.flops(f"{run.ids['unet']}|{hw[0]}x{hw[1]}",
+                                 lambda: table.unet(run.components["unet"], torch.float32, 0), "unet", hw)
+        extra += (counts.pathwise + counts.likelihood_ratio) * B * (2 if run.guidance else 1) * unet_flops
+    if counts.reward_grad and options["checkpoint_vae"]:  # the chunk's and then each block's recomputation
+        extra += 2 * B * table.flops(f"{run.ids['vae']}|{hw[0]}x{hw[1]}",
+                                     lambda: table.vae(run.components["vae"], torch.float32), "vae_decode", hw)
+    if counts.reward_grad and options["checkpoint_reward"]:
+        extra += B * table.flops(f"reward:{arch.reward_id(run.reward)}|{run.image_hw[0]}x{run.image_hw[1]}",
+                                 lambda: table.reward(run.reward, torch.float32, False), "reward", hw, run.image_hw)
+    return Plan(run=run, max_memory_gb=max_memory_gb, options=dict(options), peak_bytes=sum(breakdown.values()),
+                breakdown=breakdown, phases=phases, peak_phase=peak_phase, extra_flops=extra, model_calls=model_calls)
+
+
+def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
+    B = run.config.batch_size
+    both = (False, True)
+    reward_ckpt = (True,) if run.config.reward_kwargs.get("checkpoint_vision") else \
+        both if counts.reward_grad and run.reward != "pixels" else (False,)
+    choices = {
+        "max_batch": [None] + [B * m for m in range(2, counts.likelihood_ratio + 1)],  # None: one step per call
+        "checkpoint_unet": both if counts.pathwise or counts.likelihood_ratio else (False,),
+        "split_cfg": both if run.guidance else (False,),
+        "checkpoint_vae": both if counts.reward_grad else (False,),
+        "decode_chunk": range(1, B + 1),
+        "free_text_encoder": both,
+        "checkpoint_reward": reward_ckpt,
+    }
+    for values in itertools.product(*(choices[name] for name in OPTION_NAMES)):
+        yield dict(zip(OPTION_NAMES, values))
+
+
+def _cost(p: Plan) -> tuple:
+    # least recomputation, then fewest (larger, more efficient) model calls, then the lowest peak
+    # (so the text encoder, whose prompts are encoded before the loop, is freed when it costs nothing)
+    return (p.extra_flops, p.model_calls, p.peak_bytes)
+
+
+def plan(config: Union[None, str, dict, EstimatorOptions] = None, max_memory_gb: Optional[float] = None, *,
+         model=None, attention: str = "flash", table: Optional[MeasurementTable] = None, **settings) -> Plan:
+    """Choose max_batch, checkpoint_unet, split_cfg, checkpoint_vae, decode_chunk, free_text_encoder and
+    checkpoint_reward for one update so that its estimated peak fits `max_memory_gb` GiB (default: the
+    config's max_memory_gb) with the least recomputation; without a budget, the fastest plan.
+
+    `config`: a Config, a preset name, EstimatorOptions or a dict of Config keys (see `as_config`);
+    `settings` are further Config keys. `model` overrides the architectures read from the config's
+    model folder; `attention` is "flash" (SDPA's fused kernels, a GPU's default) or "math".
+    Raises PlanError, naming the smallest achievable peak and its options, when nothing fits.
+    """
+    cfg = as_config(config, **settings)
+    budget = cfg.max_memory_gb if max_memory_gb is None else max_memory_gb
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        raise ValueError(f"max_memory_gb must be > 0 or None, got {budget!r}")
+    run = describe_run(cfg, model, attention)
+    table = table or default_table()
+    counts = step_counts(cfg)
+    plans = [_evaluate(run, options, counts, table, budget) for options in _candidates(run, counts)]
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        smallest = min(plans, key=lambda p: (p.peak_bytes, _cost(p)))
+        raise PlanError(
+            f"no memory plan fits max_memory_gb={budget}: the smallest achievable estimated peak is "
+            f"{smallest.peak_gib:.2f} GiB (options {smallest.options}; largest phase {smallest.peak_phase}). "
+            "Lower batch_size or resolution, use a smaller reward network, or raise the budget.", smallest)
+    chosen = min(fitting, key=_cost)
+    chosen.notes = _notes(run)
+    return chosen
+
+
+def _notes(run: Run) -> list[str]:
+    dtype = run.config.dtype
+    precision = ("float32 weights and activations" if not run.autocast else
+                 f"{dtype} weights; the UNet under CUDA autocast (group_norm / layer_norm outputs in float32); VAE "
+                 f"decode outside autocast in {dtype}; LoRA + AdamW in float32")
+    reward = "" if run.reward == "pixels" else f"; reward network in {str(run.reward_dtype).replace('torch.', '')}"
+    attention = ("flash / memory-efficient SDPA (no stored softmax)" if run.attention == "flash" else
+                 "MATH SDPA (stores the softmax)")
+    return ["tensor bytes only (what torch.cuda.max_memory_allocated counts): the CUDA context (~0.3-0.5 GiB) "
+            "and allocator caching come on top",
+            f"attention: {attention}",
+            precision + reward,
+            f"{run.config.batch_size} samples of {run.image_hw[0]}x{run.image_hw[1]} px, T = {run.config.num_steps}, "
+            f"method {run.config.method}"] + list(run.notes)
+
+
+def candidate_runs() -> Iterator[Config]:
+    """The SD1.4 runs whose measurements ship in the cache: the sd14 preset at 512 px in float16 and
+    float32, every method, with and without guidance, the aesthetic reward (in either precision) and
+    a network-free one; and at 256 px in float16."""
+    for dtype, reward_dtype, resolutions in (("float16", "float16", (None, 256)), ("float16", "float32", (None,)),
+                                             ("float32", "float32", (None,))):
+        for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
+                                                                      ("aesthetic", "brightness")):
+            yield Config.from_preset("sd14", dtype=dtype, guidance_scale=guidance, method=method, reward=reward,
+                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution)
