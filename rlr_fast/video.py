@@ -191,5 +191,6 @@ def tiny_video(kind: str = "modelscope", seed: int = 0, *, sample_size: int = 8)
     """`tiny_sd`'s VAE, text encoder, tokenizer and DDIM scheduler with a `tiny_video_unet`: a whole
     text-to-video model that builds offline in about a second, for tests and CI."""
     parts = tiny_sd(seed, sample_size=sample_size)
-    unet = tiny_video_unet(kind, seed, sample_size=sample_size, cross_attention_dim=parts.text_encoder.config.hidden_size)
+    unet = tiny_video_unet(kind, seed, sample_size=sample_size,
+                           cross_attention_dim=parts.text_encoder.config.hidden_size)
     return VideoModels(unet=unet, **{name: getattr(parts, name) for name in _SD_PARTS})

@@ -5,6 +5,7 @@ test_video_rewards.py).
 Models are tiny and random (`rlr_fast.video.tiny_video`), built on the CPU in the test.
 """
 
+import importlib
 import json
 import math
 
@@ -15,6 +16,7 @@ from diffusers import AnimateDiffPipeline, MotionAdapter, TextToVideoSDPipeline,
 
 import rlr_fast
 from rlr_fast import models, video
+from rlr_fast.config import Config
 from rlr_fast.inference import initial_noise
 from rlr_fast.rollout import recompute_steps
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, naive_backprop,
@@ -423,3 +425,57 @@ def test_finetune_refuses_bad_video_settings(folders, tmp_path):
     with pytest.raises(ValueError, match="checkpoint_unet=True, but UNet3DConditionModel has no gradient"):
         finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "c"), train_steps=1, checkpoint_unet=True,
                  **TINY_RUN)
+
+
+# ---- the memory planner on video models -----------------------------------------------------------
+
+
+def test_planner_covers_a_video_update(folders):
+    """The planner measures the video UNet's step on 5-D latents (on meta) as a real update saves it,
+    counts the frames in the stored trajectory, and never checkpoints a UNet3DConditionModel."""
+    planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan is bound to the function
+    cfg = Config.from_preset("demo", model=str(folders["modelscope"]), lora_rank=2, lora_alpha=2.0, **TINY_RUN)
+    p = planner.plan(cfg)
+    assert p.run.frames == FRAMES and p.options["checkpoint_unet"] is False
+    assert "UNet3DConditionModel has no gradient checkpointing: checkpoint_unet stays False" in p.notes
+    with pytest.raises(planner.PlanError) as refused:  # nothing fits: even the smallest plan keeps it off
+        planner.plan(cfg, 1e-3)
+    assert refused.value.smallest.options["checkpoint_unet"] is False
+
+    parts = video.load_video(folders["modelscope"])
+    models.add_lora(parts.unet, rank=2, alpha=2, seed=0)
+    for q in models.lora_parameters(parts.unet):  # as after the first step: gradients are resident
+        q.grad = torch.zeros_like(q)
+    x_T = initial_noise(parts.unet, 2, torch.Generator().manual_seed(0), torch.device("cpu"), num_frames=FRAMES)
+    traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=3, eta=1.0,
+                            encoder_hidden_states=parts.encode_prompts(["a", "b"]))
+    real = rlr_fast.estimate(parts.unet, traj, _reward, method="full_bp", track_memory=True)["peak_saved_bytes"]
+    planned = planner.default_table().unet_phase(
+        p.run.ids["unet"], p.run.components["unet"], 2, p.run.unet_latent, autocast=False, attention="flash",
+        lora_rank=2, cfg_mode="none", grad="input", checkpoint=False, saved=True)
+    assert math.isclose(planned, real, rel_tol=0.01), (planned, real)
+    stored = sum(t.nbytes for t in (traj.latents, traj.noises, traj.log_probs, traj.encoder_hidden_states, traj.x0))
+    assert p.breakdown["trajectory"] == stored  # x_T..x_0, noises, log p, prompts and dR/dx0, frames included
+
+
+def test_planner_reads_animatediff_from_sd_and_motion_adapter(tmp_path):
+    planner = importlib.import_module("rlr_fast.plan")
+    models.tiny_sd(0).save_pretrained(tmp_path / "sd")
+    video.tiny_motion_adapter(0).save_pretrained(tmp_path / "motion")
+    cfg = Config.from_preset("demo", model=str(tmp_path / "sd"), motion_adapter=str(tmp_path / "motion"), **TINY_RUN)
+    run = planner.describe_run(cfg)
+    unet = video.tiny_video_unet("animatediff")
+    assert run.components["unet"]["_class_name"] == "UNetMotionModel" and run.unet_checkpointing
+    assert run.frames == FRAMES and run.unet_latent == (FRAMES, 8, 8) and run.images == 2 * FRAMES
+    meta = planner.architectures.build("unet", run.components["unet"])
+    assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in unet.named_parameters()]
+    assert planner.describe_run(cfg.with_overrides({"motion_adapter": None})).frames is None  # an image model
+    with pytest.raises(ValueError, match="motion_adapter .*nowhere' is not a MotionAdapter folder"):
+        planner.describe_run(cfg.with_overrides({"motion_adapter": str(tmp_path / "nowhere")}))
+
+
+def test_finetune_plans_a_video_run(folders, tmp_path):
+    run = finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "run"), train_steps=1, max_memory_gb=1.0,
+                   lora_rank=2, lora_alpha=2.0, **TINY_RUN)
+    plan_table = (run.out_dir / "memory_plan.md").read_text()
+    assert f"2 samples of {FRAMES} frames of 16x16 px" in plan_table and "| checkpoint_unet | False |" in plan_table

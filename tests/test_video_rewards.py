@@ -59,7 +59,8 @@ def test_callable_video_reward_and_errors():
     flat = get_video_reward(lambda video, prompts: video.detach().mean((1, 2, 3, 4)))
     flat(v.clone().requires_grad_(), PROMPTS)
     assert not flat.differentiable
-    with pytest.raises(ValueError, match=r"\(B, F, 3, H, W\), got \(2, 3, 4, 8, 8\); diffusers' .*video.transpose\(1, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"\(B, F, 3, H, W\), got \(2, 3, 4, 8, 8\); diffusers' .*video.transpose\(1, 2\)"):
         reward(_video(frames=4).transpose(1, 2), PROMPTS)
     with pytest.raises(ValueError, match="unknown reward 'temporal'; did you mean 'temporal_consistency'"):
         get_video_reward("temporal")
@@ -97,7 +98,8 @@ def test_estimate_through_the_vae_on_a_video_model(kind):
     models.add_lora(parts.unet, rank=2, alpha=2, seed=0)
     cond = parts.encode_prompts(PROMPTS)
     x_T = initial_noise(parts.unet, 2, torch.Generator().manual_seed(0), torch.device("cpu"), num_frames=FRAMES)
-    traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=4, eta=1.0, encoder_hidden_states=cond, generator=torch.Generator().manual_seed(1))
+    traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=4, eta=1.0, encoder_hidden_states=cond,
+                            generator=torch.Generator().manual_seed(1))
     reward = video_latent_reward(parts.vae, get_video_reward("color_match"), PROMPTS)
     stats = rlr_fast.estimate(parts.unet, traj, reward, h=2, track_memory=True)
     assert len(stats["rewards"]) == 2 and stats["unet_backward"] > 0
