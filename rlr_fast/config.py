@@ -57,8 +57,12 @@ class Config(EstimatorOptions):
     # --- run
     preset: str = option("demo", "the preset these values started from (informational; choose a preset "
                                  "with --preset or a YAML `preset:` key)")
-    model: str = option("default", "'default' (the embedded tiny text-to-image model) or the path of a "
-                                   "local diffusers Stable Diffusion folder")
+    model: str = option("default", "'default' (the embedded tiny text-to-image model), the path of a "
+                                   "local diffusers Stable Diffusion folder, or of a text-to-video folder "
+                                   "(TextToVideoSDPipeline or AnimateDiffPipeline; see rlr_fast.video)")
+    motion_adapter: Optional[str] = option(None, "a local diffusers MotionAdapter folder: with a Stable Diffusion "
+                                                 "1.x `model`, trains AnimateDiff (a video model)")
+    num_frames: int = option(16, "frames of each video (video models only)")
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
@@ -132,7 +136,7 @@ class Config(EstimatorOptions):
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
-    decode_chunk: int = option(1, "samples decoded by the VAE at a time in the reward")
+    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1), ("design_every", 0), ("design_pilots", 2), ("design_max_h", 1)):
+                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2), ("design_max_h", 1)):
             check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "adam_eps"):
             check_positive(name, getattr(self, name))

@@ -98,6 +98,13 @@ def resident_tensors(model, traj: Trajectory) -> list:
             + [c for c in cond if c is not None])
 
 
+def supports_gradient_checkpointing(model) -> bool:
+    """Whether `checkpoint_unet=True` can work on `model`: diffusers models say so per class
+    (UNet3DConditionModel, for one, implements none)."""
+    return (hasattr(model, "enable_gradient_checkpointing")
+            and getattr(model, "_supports_gradient_checkpointing", True) is not False)
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model, enabled: bool):
     """Turn on the model's own (per-block) gradient checkpointing for the duration.
@@ -108,9 +115,10 @@ def gradient_checkpointing(model, enabled: bool):
     if not enabled:
         yield
         return
-    if not hasattr(model, "enable_gradient_checkpointing"):
-        raise ValueError(f"checkpoint_unet=True needs a model with enable_gradient_checkpointing() "
-                         f"(diffusers models have it); {type(model).__name__} has not")
+    if not supports_gradient_checkpointing(model):
+        raise ValueError(f"checkpoint_unet=True, but {type(model).__name__} has no gradient checkpointing of its "
+                         "own; set checkpoint_unet=False (and lower max_batch or the batch size if one step's "
+                         "activations do not fit)")
     was = bool(getattr(model, "is_gradient_checkpointing", False))
     model.enable_gradient_checkpointing()
     try:

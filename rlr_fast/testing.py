@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -33,20 +33,26 @@ TOY_SCHEDULE = dict(num_train_timesteps=80, beta_schedule="linear", beta_start=0
 
 
 class LinearEps(torch.nn.Module):
-    """eps_theta(x, t) = (w + u s_t) * x + (b + v s_t), s_t = sqrt(1 - alphabar_t); parameters of size `dim`."""
+    """eps_theta(x, t) = (w + u s_t) * x + (b + v s_t), s_t = sqrt(1 - alphabar_t), elementwise.
 
-    def __init__(self, alphas_cumprod: torch.Tensor, dim: int = 3, seed: int = 0, scale: float = 0.1):
+    `dim` is the shape of one sample (an int for a vector; (C, F, H, W) for a video-shaped toy);
+    each of w, u, b, v has that shape.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, dim: Union[int, tuple[int, ...]] = 3, seed: int = 0,
+                 scale: float = 0.1):
         super().__init__()
         self.register_buffer("noise_scale", (1 - alphas_cumprod.double()).sqrt())
+        shape = (dim,) if isinstance(dim, int) else tuple(dim)
         g = torch.Generator().manual_seed(seed)
-        init = lambda mean: torch.nn.Parameter(mean + scale * torch.randn(dim, generator=g, dtype=torch.float64))
+        init = lambda mean: torch.nn.Parameter(mean + scale * torch.randn(shape, generator=g, dtype=torch.float64))
         # Near the ideal denoiser of N(0, I) data, eps = sqrt(1 - alphabar_t) x: the chain then
         # keeps x_t about N(0, I), so gradients stay O(1) and variances comparable.
         self.w, self.u, self.b, self.v = init(0.0), init(1.0), init(0.0), init(0.0)
 
     def forward(self, sample, timestep, encoder_hidden_states=None):
         t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)
-        s = self.noise_scale[t].to(sample.dtype).reshape(-1, 1)
+        s = self.noise_scale[t].to(sample.dtype).reshape((-1,) + (1,) * self.w.dim())
         return (self.w + self.u * s) * sample + (self.b + self.v * s)
 
 
@@ -69,8 +75,8 @@ class ConditionedLinearEps(LinearEps):
 
 
 def quadratic_reward(target: torch.Tensor):
-    """R(x_0) = -|x_0 - target|^2 per sample (differentiable)."""
-    return lambda x0: -(x0 - target).pow(2).sum(1)
+    """R(x_0) = -|x_0 - target|^2 per sample (differentiable); `target` has one sample's shape."""
+    return lambda x0: -(x0 - target).pow(2).flatten(1).sum(1)
 
 
 def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, target: torch.Tensor,

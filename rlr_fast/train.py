@@ -17,7 +17,7 @@ committed), write a checkpoint and say how to resume.
 Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
-    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
+    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns); .gif for videos
     checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step, config and counters (the current
                                        estimator design with method=auto) (rlr_fast.checkpoint)
     designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
@@ -52,11 +52,12 @@ from .inference import (DTYPES, check_model, generate_images, load_models, progr
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
 from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
-from .rewards import Reward, get_reward
+from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
 from .options import AUTO
 from .prompts import PromptBank, PromptSchedule
 from .update import TrainingRollout, apply, design_estimator, gradients
+from .video import check_num_frames, is_video_model, is_video_unet
 
 
 class NonFiniteError(RuntimeError):
@@ -106,7 +107,8 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
-    reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    reward = load(cfg.reward, **cfg.reward_kwargs).to(device)
     needs_dr = cfg.method in ("full_bp", "truncated_bp") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
@@ -184,7 +186,7 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
     prompts = load_prompts(cfg.prompts)
     if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
         PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
-    check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
+    check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
     out = Path(cfg.out_dir)
     check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
     with RunLock(out), StopSignals() as stops:
@@ -217,7 +219,8 @@ class _Run:
         return DTYPES[self.cfg.dtype]
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
+        """samples/step_NNNNNN.png (.gif for videos): the first `sample_prompts` prompts (rows) x
+        `sample_seeds` (columns)."""
         cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
         if not prompts or not cfg.sample_seeds:
             return
@@ -228,9 +231,10 @@ class _Run:
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
                                                            self.models.vae.config),
-                                     prompt_index=cond.get("prompt_index"))
+                                     prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+        suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
-                                    self.out / "samples" / f"step_{step:06d}.png"))
+                                    self.out / "samples" / f"step_{step:06d}.{suffix}"))
 
     def step_config(self, step: int) -> tuple[Config, Optional[Design]]:
         """The config update `step` runs: with method='auto', the current design applied, and a new design
@@ -267,8 +271,10 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
+    if is_video_unet(models.unet):
+        check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
     if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg)

@@ -23,8 +23,9 @@ from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .prompts import PromptBank
-from .rewards import Reward, latent_reward
+from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import rollout
+from .video import is_video_unet
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
@@ -104,6 +105,21 @@ class _WatchedReward:
         return values
 
 
+def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """One micro-batch as training draws it from `generator`: its prompt ids, its rollout at the run's
+    resolution (and frames), and the reward of its x_0 latents (decoded in chunks, frame by frame for video)."""
+    ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generator)
+    x_T = initial_noise(models.unet, cfg.batch_size, generator, device,
+                        latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+    with nvtx_range("rollout"), autocast(device, dtype):
+        traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generator,
+                          **bank.batch(ids, cfg.guidance_scale))
+    to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
+    return ids, traj, to_latent(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
+                                checkpoint_vae=cfg.checkpoint_vae)
+
+
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
                params: list, generators: dict, device: torch.device, dtype: torch.dtype,
                value_state: Optional[ValueStatistics] = None) -> Gradients:
@@ -119,14 +135,9 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     stats: dict = {}
     value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
-        ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device,
-                            latent_size(cfg.resolution, models.unet.config, models.vae.config))
-        with nvtx_range("rollout"), autocast(device, dtype):
-            traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generators["sampling"],
-                              **bank.batch(ids, cfg.guidance_scale))
-        reward_fn = _WatchedReward(latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
-                                                 decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
+        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generators["sampling"], device,
+                                            dtype)
+        reward_fn = _WatchedReward(latent_fn)
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
@@ -175,14 +186,8 @@ def design_estimator(cfg: Config, models: SDModels, bank: PromptBank, reward: Re
     from .design import Pilot, design
 
     def pilot() -> Pilot:
-        ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generator)
-        x_T = initial_noise(models.unet, cfg.batch_size, generator, device,
-                            latent_size(cfg.resolution, models.unet.config, models.vae.config))
-        with nvtx_range("design rollout"), autocast(device, dtype):
-            traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generator,
-                              **bank.batch(ids, cfg.guidance_scale))
-        return Pilot(traj, latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
-                                         decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae), ids)
+        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generator, device, dtype)
+        return Pilot(traj, latent_fn, ids)
 
     with nvtx_range("design"), autocast(device, dtype):
         return design(models.unet, pilot, pilots=cfg.design_pilots, budget=cfg.design_budget, max_h=cfg.design_max_h,
