@@ -70,7 +70,11 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                          help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
                               "(default: the LoRA run's config.yaml if there is one, else demo)")
         sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
-        sub.add_argument("--model", help="'default' or a local diffusers Stable Diffusion folder")
+        sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
+                                         "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
+        sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
+                                                                 "with AnimateDiff")
+        sub.add_argument("--frames", type=int, help="frames of each video (video models)")
         sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
         sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
         sub.add_argument("--steps", type=int, help="DDIM steps")
@@ -155,7 +159,8 @@ def _inference_config(args):
         source = f"preset {preset}"
         base = Config.from_preset(preset)
     flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
-             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
+             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype,
+             "motion_adapter": args.motion_adapter, "num_frames": args.frames}
     cfg = base.with_overrides({k: v for k, v in flags.items() if v is not None}, validate=False)
     return cfg.validate(chain=False), source  # --steps may be fewer than the estimator's chain needs
 
@@ -166,11 +171,12 @@ def _load(args, cfg, source: str):
     from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
     device, cfg = resolve_device(cfg)
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.motion_adapter)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
           f"{cfg.dtype} on {device}", file=sys.stderr)
-    return cfg, load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+    models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    return cfg, models, DTYPES[cfg.dtype]
 
 
 def _run_sample(args) -> int:
@@ -195,13 +201,15 @@ def _run_sample(args) -> int:
     cond = bank.conditioning(torch.arange(len(prompts)))
     images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
                              eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
-                             prompt_index=cond.get("prompt_index"))
+                             prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
+    suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
-            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0, pad=0)
-    grid = save_grid(images, len(prompts), out / "grid.png")
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.{suffix}", min_cell=0,
+                      pad=0)
+    grid = save_grid(images, len(prompts), out / f"grid.{suffix}")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "
           f"columns: seeds {seeds})")
@@ -211,7 +219,8 @@ def _run_sample(args) -> int:
 def _run_evaluate(args) -> int:
     from .config import load_prompts, parse_set
     from .inference import evaluate_reward
-    from .rewards import get_reward
+    from .video import is_video_unet
+    from .rewards import get_reward, get_video_reward
 
     cfg, source = _inference_config(args)
     if args.batch_size < 1:
@@ -224,10 +233,12 @@ def _run_evaluate(args) -> int:
     reward_kwargs = {} if args.reward else dict(cfg.reward_kwargs)
     reward_kwargs.update(parse_set(text) for text in args.reward_arg)
     cfg, models, dtype = _load(args, cfg, source)
-    reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
+    load = get_video_reward if is_video_unet(models.unet) else get_reward
+    reward = load(reward_name, **reward_kwargs).to(models.unet.device)
     stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
                             guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
-                            batch_size=args.batch_size, prompt_schedule=cfg.prompt_schedule)
+                            batch_size=args.batch_size, prompt_schedule=cfg.prompt_schedule,
+                            num_frames=cfg.num_frames)
     stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, "settings": source, **stats}
     text = json.dumps(stats, indent=2)
     if args.out is not None:

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
@@ -52,11 +52,17 @@ class Config(EstimatorOptions):
     as `cfg.estimator_options()`.
     """
 
+    accepts_auto: ClassVar[bool] = True  # method="auto": rlr_fast.design chooses the estimator
+
     # --- run
     preset: str = option("demo", "the preset these values started from (informational; choose a preset "
                                  "with --preset or a YAML `preset:` key)")
-    model: str = option("default", "'default' (the embedded tiny text-to-image model) or the path of a "
-                                   "local diffusers Stable Diffusion folder")
+    model: str = option("default", "'default' (the embedded tiny text-to-image model), the path of a "
+                                   "local diffusers Stable Diffusion folder, or of a text-to-video folder "
+                                   "(TextToVideoSDPipeline or AnimateDiffPipeline; see rlr_fast.video)")
+    motion_adapter: Optional[str] = option(None, "a local diffusers MotionAdapter folder: with a Stable Diffusion "
+                                                 "1.x `model`, trains AnimateDiff (a video model)")
+    num_frames: int = option(16, "frames of each video (video models only)")
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
@@ -123,11 +129,20 @@ class Config(EstimatorOptions):
     profile: bool = option(False, "NVTX ranges around rollout, reward, estimate and optimizer step")
     tensorboard: bool = option(True, "also log to TensorBoard (when the tensorboard package is installed)")
 
+    # --- estimator design (method=auto)
+    design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
+    design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
+                                    "baselines * design_max_h)) UNet forward-equivalents; fewer than about 32 can "
+                                    "pick a design several times worse: docs/estimator.md §13)")
+    design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
+    design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
+                                                  "(rollout T and reward included); None: no limit")
+
     # --- memory
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
-    decode_chunk: int = option(1, "samples decoded by the VAE at a time in the reward")
+    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -196,11 +211,11 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1)):
+                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2), ("design_max_h", 1)):
             check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout"):
             check_positive(name, getattr(self, name))
-        for name in ("max_grad_norm", "max_memory_gb"):
+        for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
         if self.resolution is not None:

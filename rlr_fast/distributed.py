@@ -136,16 +136,16 @@ class Ranks:
         if error is not None:
             raise error
 
-    def agree(self, value: str, what: str) -> None:
-        """Stop with a ValueError when the ranks hold different `value`s of `what`."""
+    def agree(self, value: str, what: str,
+              hint: str = "every node must see the same files (the out_dir on a shared file system)") -> None:
+        """Stop with a ValueError (ending in `hint`) when the ranks hold different `value`s of `what`."""
         if self.world == 1:
             return
         values = [None] * self.world
         self._collective(f"comparing {what}", lambda: dist.all_gather_object(values, value))
         if len(set(values)) > 1:
             detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-            raise ValueError(f"the ranks found different {what} ({detail}); every node must see the same "
-                             "files (the out_dir on a shared file system)")
+            raise ValueError(f"the ranks found different {what} ({detail}); {hint}")
 
     def barrier(self, what: str) -> None:
         if self.world > 1:

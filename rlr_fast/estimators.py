@@ -54,7 +54,7 @@ class NonFiniteRewards(ValueError):
     """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
 
 
-def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks):
+def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks = Ranks()):
     """R(x_0) (B,), the whole batch's rewards (all ranks' in rank order: `group.gather`) and, when
     `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 

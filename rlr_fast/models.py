@@ -28,7 +28,7 @@ import safetensors
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -350,7 +350,10 @@ def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        unet.add_adapter(config, adapter_name=_ADAPTER)
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=_ADAPTER)
+        else:  # diffusers gives some UNets (UNet3DConditionModel) no peft mixin: the same peft layers, injected
+            inject_adapter_in_model(config, unet, adapter_name=_ADAPTER)  # also sets unet.peft_config
     return unet
 
 

@@ -1,7 +1,7 @@
 """Sampling rollouts that store what an estimator needs, and exact recomputation of any step.
 
 Step indices: step k = 0 .. T-1 in `scheduler.timesteps` order (k = 0 is the noisiest).
-`rlr_math.md` numbers steps t = T .. 1 instead; step k is math step t = T - k.
+docs/estimator.md §1 numbers steps t = T .. 1 instead; step k is math step t = T - k.
 Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `noises[k]`.
 
 Conditioning is per sample, or per step and sample (a prompt schedule, `rlr_fast.prompts`): then
@@ -62,11 +62,11 @@ class Trajectory:
         return step_conditioning(self.encoder_hidden_states, self.prompt_index, ks)
 
     def math_step(self, k: int) -> int:
-        """The `rlr_math.md` index t of step k."""
+        """The math index t (docs/estimator.md §1) of step k."""
         return self.num_steps - k
 
     def step_index(self, t: int) -> int:
-        """The step k of the `rlr_math.md` index t."""
+        """The step k of the math index t (docs/estimator.md §1)."""
         return self.num_steps - t
 
 
@@ -94,6 +94,9 @@ def step_conditioning(cond: Optional[torch.Tensor], prompt_index: Optional[torch
 
 
 def _model_output(model, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    if encoder_hidden_states is not None and _conditions_per_frame(model):
+        # AnimateDiff's UNet takes one prompt per frame, (B * F, L, D), as its pipeline passes it
+        encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
     out = model(sample, timestep, encoder_hidden_states=encoder_hidden_states)
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
@@ -141,20 +144,43 @@ def _batch_cond(name: str, cond: Optional[torch.Tensor], batch: int) -> Optional
     return cond
 
 
+# The latent layout of the diffusers models we know by class name (subclasses included); any other
+# model is only asked for a batch dimension and, when its config names in_channels, channels at dim 1.
+LATENT_LAYOUTS = {
+    "UNet2DConditionModel": ("batch", "channels", "height", "width"),
+    "UNet3DConditionModel": ("batch", "channels", "frames", "height", "width"),
+    "UNetMotionModel": ("batch", "channels", "frames", "height", "width"),
+}
+
+
+def _class_names(model) -> list[str]:
+    return [cls.__name__ for cls in type(model).__mro__]
+
+
+def latent_layout(model) -> Optional[tuple[str, ...]]:
+    """The dimension names of the latents `model` takes, or None for a model we do not know."""
+    return next((LATENT_LAYOUTS[n] for n in _class_names(model) if n in LATENT_LAYOUTS), None)
+
+
+def _conditions_per_frame(model) -> bool:
+    return "UNetMotionModel" in _class_names(model)
+
+
 def _check_latents(model, latents: torch.Tensor) -> None:
     if not torch.is_tensor(latents):
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     _check_float("latents", latents)
+    layout = latent_layout(model)
     in_channels = getattr(getattr(model, "config", None), "in_channels", None)
-    if in_channels is not None:
-        if latents.dim() != 4:
-            raise ValueError(f"latents must be (batch, {in_channels}, height, width), got shape "
-                             f"{tuple(latents.shape)} (rank {latents.dim()})")
-        if latents.shape[1] != in_channels:
-            raise ValueError(f"latents have {latents.shape[1]} channels but the model expects "
-                             f"{in_channels}: shape {tuple(latents.shape)}")
-    elif latents.dim() < 2:
+    if layout is not None and latents.dim() != len(layout):
+        names = ", ".join(str(in_channels) if d == "channels" and in_channels else d for d in layout)
+        raise ValueError(f"{type(model).__name__} takes latents ({names}), got shape {tuple(latents.shape)} "
+                         f"(rank {latents.dim()})")
+    if latents.dim() < 2:
         raise ValueError(f"latents must have a batch dimension, got shape {tuple(latents.shape)}")
+    if in_channels is not None and latents.shape[1] != in_channels:
+        raise ValueError(f"latents have {latents.shape[1]} channels but the model expects "
+                         f"{in_channels}: shape {tuple(latents.shape)}")
 
 
 def _check_prompt_index(prompt_index, cond: torch.Tensor, num_steps: int, batch: int) -> torch.Tensor:
@@ -221,9 +247,11 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
             store_x0_hat: bool = False) -> Trajectory:
     """Sample x_T -> x_0 with DDIM under no grad and store the chain.
 
-    `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
-    `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`, or given
-    as `noises` (T, B, ...) (the training loop draws each sample's from its own generator).
+    `latents` is x_T: (B, C, H, W) for an image UNet, (B, C, F, H, W) for a video UNet (F frames),
+    any shape with a leading batch dimension for other models. The scheduler must be a
+    `DDIMScheduler`; this calls `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn
+    with `generator`, or given as `noises` (T, B, ...) (the training loop draws each sample's from
+    its own generator).
     `encoder_hidden_states` is (B, L, D) (or (1, L, D), shared), or with `prompt_index` (T, B) one
     embedding per distinct prompt (P, L, D): step k of sample b is conditioned on row
     prompt_index[k, b] (`rlr_fast.prompts.step_conditioning` builds both from a prompt schedule).

@@ -22,8 +22,10 @@ committed), write a checkpoint and say how to resume.
 Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
-    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
-    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
+    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns); .gif for videos
+    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step, config and counters (the current
+                                       estimator design with method=auto) (rlr_fast.checkpoint)
+    designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
 """
@@ -50,16 +52,19 @@ from .baselines import ValueStatistics
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_state, find_checkpoint, meta_checksum,
                          restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
+from .design import Design
 from .distributed import RankFailure, Ranks, process_group
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
 from .models import LORA_WEIGHT_NAME, SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
-from .rewards import Reward, get_reward
+from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
+from .options import AUTO
 from .prompts import PromptBank, PromptSchedule
-from .update import TrainingRollout, apply, gradients
+from .update import TrainingRollout, apply, design_estimator, gradients
+from .video import check_num_frames, is_video_model, is_video_unet
 
 
 class NonFiniteError(RuntimeError):
@@ -109,7 +114,8 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
-    reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    reward = load(cfg.reward, **cfg.reward_kwargs).to(device)
     needs_dr = cfg.method in ("full_bp", "truncated_bp") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
@@ -193,7 +199,7 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         prompts = load_prompts(cfg.prompts)
         if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
             PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
-        check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
+        check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
         out = Path(cfg.out_dir)
         with contextlib.ExitStack() as held:
             def claim_out_dir():
@@ -232,8 +238,8 @@ class _Run:
         return DTYPES[self.cfg.dtype]
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png (rank 0 draws it): the first `sample_prompts` prompts (rows) x
-        `sample_seeds` (columns)."""
+        """samples/step_NNNNNN.png (.gif for videos; rank 0 draws it): the first `sample_prompts` prompts
+        (rows) x `sample_seeds` (columns)."""
         cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
         if not prompts or not cfg.sample_seeds or not self.ranks.main:
             return
@@ -244,9 +250,37 @@ class _Run:
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
                                                            self.models.vae.config),
-                                     prompt_index=cond.get("prompt_index"))
+                                     prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+        suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
-                                    self.out / "samples" / f"step_{step:06d}.png"))
+                                    self.out / "samples" / f"step_{step:06d}.{suffix}"))
+
+    def step_config(self, step: int) -> tuple[Config, Optional[Design]]:
+        """The config update `step` runs: with method='auto', the current design applied, and a new design
+        (from pilot batches) at the first update and every design_every updates; a new one is kept only
+        when its update commits (`commit_design`), so a stopped step designs again on resume."""
+        cfg = self.cfg
+        if cfg.method != AUTO:
+            return cfg, None
+        designed = None
+        if "design" not in self.counters or (cfg.design_every and step % cfg.design_every == 0):
+            designed = design_estimator(cfg, self.models, self.bank, self.reward, self.rollout,
+                                        self.generators["design"], self.device, self.dtype)
+            # every rank designs from the same pilots (its "design" generator and LoRA are the same everywhere)
+            self.ranks.agree(json.dumps(jsonable(designed.config_overrides()), sort_keys=True), "estimator designs",
+                             hint="the same pilots should give the same design; rerun with a fixed method")
+        return cfg.with_overrides(designed.config_overrides() if designed else self.counters["design"]), designed
+
+    def commit_design(self, step: int, designed: Design) -> dict:
+        """Keep a design made for update `step` (counters, so checkpoints carry it; its report in
+        designs/step_NNNNNN.md and .png); returns its metrics entry."""
+        if self.ranks.main:
+            designed.save(self.out / "designs", f"step_{step:06d}")
+        self.counters["design"] = jsonable(designed.config_overrides())
+        self.counters["designs"] = self.counters.get("designs", 0) + 1
+        self.counters["design_forward_equivalents"] = (self.counters.get("design_forward_equivalents", 0.0)
+                                                      + designed.pilot_cost["forward_equivalents"])
+        return jsonable(designed.summary())
 
     def checkpoint(self, step: int, rng: dict) -> Path:
         """checkpoints/step_NNNNNN.safetensors, written by rank 0 (the state is the same on every rank)."""
@@ -266,10 +300,12 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
+    if is_video_unet(models.unet):
+        check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
-    if cfg.max_memory_gb is not None:
+    if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
@@ -284,8 +320,10 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
+    if cfg.method == AUTO:  # pilot batches: the training batches stay those of a fixed method
+        generators["design"] = torch.Generator().manual_seed(cfg.seed + 2)
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
-    value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
+    value_state = ValueStatistics() if cfg.needs_value_state else None
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
@@ -330,7 +368,8 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
+            step_cfg, designed = run.step_config(step)
+            grads = gradients(step_cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
                               run.device, run.dtype, run.value_state, run.ranks)
             with stops.deferred():  # the update is applied, logged and its RNG and value-fit states kept as one
                 record = apply(cfg, step, grads, run.optimizer)
@@ -341,6 +380,8 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 counters["seconds"] += seconds
                 record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(run.device),
                               rollout=run.rollout.kind, nonfinite_in_a_row=counters["consecutive_nonfinite"])
+                if designed is not None:
+                    record["design"] = run.commit_design(step - 1, designed)
                 log.write(record)
                 rng_after_step = capture_rng(run.generators)
             bar.update(1)
@@ -380,7 +421,9 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     lora_path, curve = out / LORA_WEIGHT_NAME, out / "reward_curve.png"
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
-                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason}})
+                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
+                        **({"design": {k: counters.get(k) for k in ("design", "designs", "design_forward_equivalents")}}
+                           if cfg.method == AUTO else {})})
     if main:
         save_lora(run.models.unet, out)
         draw_reward_curve(log.records, curve)
@@ -388,7 +431,7 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     run.ranks.barrier("waiting for rank 0's final outputs")  # so that every rank returns paths that exist
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "tensorboard") if p.exists()]
+                           out / "designs", out / "tensorboard") if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "

@@ -24,13 +24,14 @@ from .config import Config
 from .cuda_graph import GraphedRollout
 from .distributed import Ranks, sample_seeds
 from .estimators import NonFiniteRewards, estimate
-from .inference import autocast
+from .inference import autocast, latent_shape
 from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .prompts import PromptBank
-from .rewards import Reward, latent_reward
+from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import rollout
+from .video import is_video_unet
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
@@ -60,12 +61,12 @@ def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int],
 def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator: torch.Generator, ranks: Ranks,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's share of a global micro-batch of `cfg.batch_size`: its prompt ids (b,), x_T and
-    step noises (`sample_noise`) at cfg.resolution. `generator` advances the same on every rank and
-    at any world size."""
+    step noises (`sample_noise`) at cfg.resolution (and cfg.num_frames for a video UNet).
+    `generator` advances the same on every rank and at any world size."""
     ids = draw_prompt_ids(num_prompts, cfg.batch_size, cfg.images_per_prompt, generator)
     seed = int(torch.randint(2**63 - 1, (), generator=generator))
     mine = ranks.share(cfg.batch_size)
-    shape = (models.unet.config.in_channels, *latent_size(cfg.resolution, models.unet.config, models.vae.config))
+    shape = latent_shape(models.unet, latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
     x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
     return ids[mine], x_T, noises
 
@@ -80,7 +81,7 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
-        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
+        self.store_x0_hat = cfg.needs_x0_hat  # never with method=auto: designs do not use the value baseline
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
@@ -121,6 +122,19 @@ class Gradients:
     value_state: Optional[ValueStatistics] = None  # the running value fit after these micro-batches
 
 
+def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()):
+    """This rank's share of one micro-batch as training draws it from `generator` (`draw_micro_batch`): its
+    prompt ids, its rollout at the run's resolution (and frames), and the reward of its x_0 latents (decoded
+    in chunks, frame by frame for video)."""
+    ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generator, ranks, device)
+    with nvtx_range("rollout"), autocast(device, dtype):
+        traj = rollout_fn(x_T, noises, num_steps=cfg.num_steps, eta=cfg.eta, **bank.batch(ids, cfg.guidance_scale))
+    to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
+    return ids, traj, to_latent(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
+                                checkpoint_vae=cfg.checkpoint_vae)
+
+
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
               params: list, generators: dict, device: torch.device, dtype: torch.dtype,
               value_state: Optional[ValueStatistics] = None, ranks: Ranks = Ranks()) -> Gradients:
@@ -138,11 +152,8 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     stats: dict = {}
     value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
-        ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generators["sampling"], ranks, device)
-        with nvtx_range("rollout"), autocast(device, dtype):
-            traj = rollout_fn(x_T, noises, num_steps=cfg.num_steps, eta=cfg.eta, **bank.batch(ids, cfg.guidance_scale))
-        reward_fn = latent_reward(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
-                                  checkpoint_vae=cfg.checkpoint_vae)
+        ids, traj, reward_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generators["sampling"], device,
+                                            dtype, ranks)
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
@@ -182,3 +193,18 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
         "grad_norm": grads.grad_norm, "lr": lr,
         "skipped": grads.skipped or False, "estimator": estimator,
     })
+
+
+def design_estimator(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                     generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """method='auto': the estimator rlr_fast.design chooses from cfg.design_pilots pilot batches, drawn as
+    training batches are but from `generator` (the training batches stay those of any fixed method)."""
+    from .design import Pilot, design
+
+    def pilot() -> Pilot:
+        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generator, device, dtype)
+        return Pilot(traj, latent_fn, ids)
+
+    with nvtx_range("design"), autocast(device, dtype):
+        return design(models.unet, pilot, pilots=cfg.design_pilots, budget=cfg.design_budget, max_h=cfg.design_max_h,
+                      max_memory_gb=cfg.max_memory_gb, config=cfg, differentiable=reward.differentiable, seed=cfg.seed)
