@@ -1,6 +1,6 @@
-"""Models for sampling and the pictures and numbers made from them: device and precision, loading
-(with a LoRA), seeded sampling, decoding, image grids, and reward evaluation over a prompt set.
-The training loop samples its grids with these, and the CLI's `sample` and `evaluate` are built on them.
+"""Models for sampling and the pictures made from them: device and precision, loading (with a
+LoRA), seeded sampling, decoding and image grids. The training loop samples its grids with these,
+and the CLI's `sample` and `evaluate` (rlr_fast.evaluation) are built on them.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config
 from .models import SDModels, check_sd_folder, load_lora, load_sd
-from .rewards import Reward
-from .rollout import rollout
+from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,37 +98,43 @@ def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool 
 
 
 @torch.no_grad()
+def sample_chain(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seed: int, *, num_steps: int,
+                 eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
+                 latent_hw: Optional[tuple[int, int]] = None) -> Trajectory:
+    """The sampling chain of P prompt embeddings `cond` (P, L, D) for one seed: x_T and every step's
+    noise are drawn from a generator seeded with `seed`, so a fixed (prompt list, seed) always gives
+    the same chain of a given model, and two models given the same seed start from the same x_T and
+    draw the same noises."""
+    generator = torch.Generator().manual_seed(int(seed))
+    x_T = initial_noise(models.unet, len(cond), generator, models.unet.device, latent_hw)
+    with autocast(models.unet.device, dtype):
+        return rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta, encoder_hidden_states=cond,
+                       guidance_scale=guidance_scale, negative_encoder_hidden_states=None if guidance_scale == 1.0
+                       else negative.expand(len(cond), -1, -1), generator=generator)
+
+
+@torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
                     desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
-
-    Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
-    images of a fixed (prompt list, seed) never change between calls. With `desc`, a progress bar
-    counts the seeds.
-    """
-    device = models.unet.device
+    """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major,
+    each seed's from `sample_chain`. With `desc`, a progress bar counts the seeds."""
     images = []
     bar = progress(len(seeds), desc, "seed") if desc else contextlib.nullcontext()
     with bar:
         for seed in seeds:
-            generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw)
-            with autocast(device, dtype):
-                traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
-                               encoder_hidden_states=cond, guidance_scale=guidance_scale,
-                               negative_encoder_hidden_states=None if guidance_scale == 1.0 else
-                               negative.expand(len(cond), -1, -1), generator=generator)
+            traj = sample_chain(models, cond, negative, seed, num_steps=num_steps, eta=eta,
+                                guidance_scale=guidance_scale, dtype=dtype, latent_hw=latent_hw)
             images.append(decode_latents(models.vae, traj.x0).cpu())
             if desc:
                 bar.update(1)
     return torch.cat(images)
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2) -> Path:
-    """Images (rows * cols, 3, H, W) in [0, 1], row-major, as one PNG with `pad` white pixels between
-    them; small images are enlarged (nearest neighbour) to at least `min_cell` pixels so a 32 px
-    sample stays visible. One image with min_cell=0, pad=0 is saved as it is."""
+def grid_image(images: torch.Tensor, rows: int, min_cell: int = 128, pad: int = 2) -> Image.Image:
+    """Images (rows * cols, 3, H, W) in [0, 1], row-major, tiled with `pad` white pixels between them;
+    small images are enlarged (nearest neighbour) to at least `min_cell` pixels so a 32 px sample
+    stays visible."""
     n, _, h, w = images.shape
     cols = math.ceil(n / rows)
     scale = max(1, math.ceil(min_cell / max(h, w)))
@@ -140,6 +144,12 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, 
         tile = Image.fromarray(pixels[i]).resize((w * scale, h * scale), Image.NEAREST)
         r, c = divmod(i, cols)
         canvas.paste(tile, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    return canvas
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2) -> Path:
+    """`grid_image` as a PNG; one image with min_cell=0, pad=0 is saved as it is."""
+    canvas = grid_image(images, rows, min_cell, pad)
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
@@ -147,30 +157,3 @@ def prompt_rows(images: torch.Tensor, seeds: int) -> torch.Tensor:
     """`generate_images`' seed-major images reordered prompt-major: prompts as rows, seeds as columns."""
     grid = images.reshape(seeds, -1, *images.shape[1:]).transpose(0, 1)
     return grid.reshape(-1, *images.shape[1:])
-
-
-def evaluate_reward(models: SDModels, reward: Reward, prompts: list[str], seeds, *, num_steps: int, eta: float,
-                    guidance_scale: float, negative_prompt: str = "", dtype: torch.dtype = torch.float32,
-                    batch_size: int = 16) -> dict:
-    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means."""
-    negative = models.encode_prompts([negative_prompt])
-    values = []  # (seed, prompt) order
-    chunks = range(0, len(prompts), batch_size)
-    with progress(len(chunks) * len(seeds), "evaluate", "batch") as bar:
-        for start in chunks:
-            chunk = prompts[start:start + batch_size]
-            cond = models.encode_prompts(chunk)
-            for seed in seeds:
-                images = generate_images(models, cond, negative, [seed], num_steps=num_steps, eta=eta,
-                                         guidance_scale=guidance_scale, dtype=dtype)
-                with torch.no_grad():
-                    r = reward(images.to(models.unet.device), chunk).float().cpu()
-                values += [(seed, p, float(v)) for p, v in zip(chunk, r)]
-                bar.update(1)
-    scores = np.array([v for _, _, v in values])
-    per_prompt = {p: float(np.mean([v for _, q, v in values if q == p])) for p in prompts}
-    n = len(scores)
-    std = float(scores.std(ddof=1)) if n > 1 else 0.0
-    return {"n": n, "mean": float(scores.mean()), "std": std, "stderr": std / math.sqrt(n),
-            "nonfinite": int((~np.isfinite(scores)).sum()), "per_prompt": per_prompt,
-            "seeds": [int(s) for s in seeds], "num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}
