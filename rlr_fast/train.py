@@ -21,6 +21,7 @@ Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
+    eval.jsonl, eval_curve.png         with eval_every: LoRA vs base model every N steps (rlr_fast.evaluation)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, restore_checkpoint,
                          restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
+from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
@@ -201,6 +203,7 @@ class _Run:
     start: int
     counters: dict
     plan_table: Optional[str]
+    evaluation: Optional[RunEvaluation] = None
     grids: list[Path] = field(default_factory=list)
 
     @property
@@ -220,6 +223,12 @@ class _Run:
                                                            self.models.vae.config))
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
                                     self.out / "samples" / f"step_{step:06d}.png"))
+
+    def evaluate(self, step: int, last: bool = False) -> None:
+        """The eval_every evaluation at `step` when one is due there (RunEvaluation says when)."""
+        if self.evaluation is not None:
+            with nvtx_range("evaluation"):
+                self.evaluation(step, last)
 
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
@@ -242,6 +251,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
     bank = PromptBank(models, prompts, cfg.negative_prompt)
+    evaluation = RunEvaluation(cfg, models, reward, device) if cfg.eval_every else None  # encodes its prompts
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()
@@ -261,7 +271,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
         random.seed(cfg.seed)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
-                counters=counters, plan_table=plan_table)
+                counters=counters, plan_table=plan_table, evaluation=evaluation)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
@@ -275,8 +285,11 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     if run.plan_table is not None:
         atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
     log = MetricsLog(out, records, tensorboard=cfg.tensorboard)
+    if run.evaluation is not None:
+        run.evaluation.start(out, run.start)
     if not resumed:
         run.sample_grid(0)
+    run.evaluate(run.start)
     rng_after_step = capture_rng(run.generators)  # the RNG state at the last step boundary
     step, checkpoint_step = run.start, run.start if resumed else None
     stopped = None
@@ -309,6 +322,7 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 break
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.train_steps:
                 run.sample_grid(step)
+            run.evaluate(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 run.checkpoint(step, rng_after_step)
                 checkpoint_step = step
@@ -330,16 +344,18 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     # The end, or a stop for non-finite updates: nothing trained so far may be lost.
     if checkpoint_step != step:
         run.checkpoint(step, rng_after_step)
+    run.evaluate(step, last=True)
     run.sample_grid(step)
     lora_path = save_lora(run.models.unet, out)
     curve = draw_reward_curve(log.records, out / "reward_curve.png")
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
-                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason}})
+                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
+                        **({"eval": run.evaluation.records[-1]} if run.evaluation and run.evaluation.records else {})})
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "tensorboard") if p.exists()]
+                           out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png") if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "
