@@ -1,18 +1,22 @@
-"""Bias, variance, cost and memory of every gradient estimator (issue 4, "Variance").
+"""Bias, variance, cost and memory of every gradient estimator (issues 4 and 12).
 
-    python bench/gradient_quality.py            # the full run (about 8 CPU-minutes on one thread)
+    python bench/gradient_quality.py            # the full run (about 30 minutes on one contended thread)
     python bench/gradient_quality.py --quick    # tiny sizes, prints only (the smoke test's run)
 
-Two settings, each estimator given the same N rollouts (its N estimates stay i.i.d.):
+Settings, each estimator given the same N rollouts (its N estimates stay i.i.d.):
   toy   rlr_fast.testing's linear-Gaussian chain, whose exact gradient is in closed form, under SD1.4's
-        schedule and under its coarse TOY_SCHEDULE (the unbiasedness tests' schedule);
+        schedule and under its coarse TOY_SCHEDULE (the unbiasedness tests' schedule), every estimator;
+        and under SD1.4's schedule with trailing spacing at T = 6 and 20, zo and rlr under each baseline
+        (the value baseline's comparison, docs/estimator.md §10);
   unet  rlr_fast.testing's tiny UNet2DConditionModel with random LoRA weights and a differentiable latent
         reward; its "exact" gradient is the mean of full_bp over ref_factor * N independent rollouts,
         and bias z combines the standard errors of both means.
 Per estimator (docs/estimator.md, checking an estimator): max |z| over coordinates,
 z = (mean - exact) / se; trace of the covariance of one estimate (a batch of B); cosine of the mean
-estimate and mean cosine of one estimate to the exact gradient; model forward/backward calls of one
-estimate; peak bytes saved for backward; median seconds of one estimate.
+estimate and mean cosine of one estimate to the exact gradient; model calls, recomputed steps and
+reward calls of one estimate; its cost in UNet forward-equivalents and variance x cost, with reward
+calls free (as on these models) and priced as SD1.4 prices them; peak bytes saved for backward;
+median seconds of one estimate.
 
 Results: bench/results/gradient_quality.md and .csv.
 """
@@ -20,10 +24,11 @@ Results: bench/results/gradient_quality.md and .csv.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.common import current_device, median, time_it, write_results, zero_grads  # noqa: E402
 
 import rlr_fast  # noqa: E402
+from rlr_fast.baselines import ValueStatistics  # noqa: E402
 from rlr_fast.models import add_lora, lora_parameters  # noqa: E402
+from rlr_fast.options import EstimatorOptions  # noqa: E402
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,  # noqa: E402
                               naive_backprop, quadratic_reward)
 
@@ -47,19 +54,47 @@ ESTIMATORS = [
     ("rlr h=1 loo", "rlr", dict(h=1, baseline="loo")),
     ("rlr h=2", "rlr", dict(h=2)),
     ("rlr h=2 loo", "rlr", dict(h=2, baseline="loo")),
+    ("rlr h=2 value (loo fit)", "rlr", dict(h=2, baseline="value", value_fit="loo")),
+    ("rlr h=2 value (running fit)", "rlr", dict(h=2, baseline="value", value_fit="running")),
     ("rlr h=4 loo", "rlr", dict(h=4, baseline="loo")),
     ("rlr h=2 loo zo_steps=2", "rlr", dict(h=2, baseline="loo", zo_steps=2)),
     ("rlr h=2 loo, all C in one call", "rlr", dict(h=2, baseline="loo", max_batch=ALL_IN_ONE_CALL)),
+    ("zo", "zo", {}),
     ("zo loo", "zo", dict(baseline="loo")),
+    ("zo value (loo fit)", "zo", dict(baseline="value", value_fit="loo")),
+    ("zo value (running fit)", "zo", dict(baseline="value", value_fit="running")),
     ("full_bp", "full_bp", {}),
     ("truncated_bp k=1", "truncated_bp", dict(truncated_bp_k=1)),
     ("truncated_bp k=random", "truncated_bp", dict(truncated_bp_k="random")),
     ("ddpo", "ddpo", {}),
 ]
+# zo and rlr under each baseline: the value baseline's comparison (docs/estimator.md §10)
+BY_BASELINE = [e for e in ESTIMATORS if e[0] in (
+    "rlr h=2", "rlr h=2 loo", "rlr h=2 value (loo fit)", "rlr h=2 value (running fit)",
+    "zo", "zo loo", "zo value (loo fit)", "zo value (running fit)")]
 # DDPO's update is the gradient of a surrogate with standardised advantages averaged over steps, a
 # different scale from grad -E[R]: only its direction is comparable.
 DIRECTION_ONLY = {"ddpo"}
 MEMORY_RUNS = 3  # estimates per estimator run with the saved-tensor hooks (they slow every op)
+
+# Cost of one estimate in UNet forward-equivalents of the batch (docs/estimator.md §7): T for the rollout
+# and STEP_COST per step recomputed with grad (forward + backward when only LoRA and the input need
+# gradients, counted with torch.utils.flop_counter on SD1.4).
+STEP_COST = 2.15
+
+
+def sd14_reward_call_cost() -> float:
+    """A reward call on the batch in UNet forwards as SD1.4 at 512 px prices it: a VAE decode per sample
+    against a UNet forward per sample, both counted with torch.utils.flop_counter
+    (rlr_fast/assets/plan_measurements.json). The reward network itself is not counted."""
+    path = Path(rlr_fast.__file__).parent / "assets" / "plan_measurements.json"
+    flops = json.loads(path.read_text())["flops"]
+    return flops["vae_decode|sd14|64x64"] / flops["unet|sd14|64x64"]
+
+
+# A reward backward (a first-order term) costs two decodes: the decode again under checkpoint_vae and
+# the input gradient through it.
+REWARD_BACKWARD_CALLS = 2
 
 
 @dataclass
@@ -71,6 +106,7 @@ class Setting:
     exact: torch.Tensor  # flattened gradient of -E[R] over the trainable parameters
     exact_var: torch.Tensor  # variance of `exact` per coordinate (0 for a closed form)
     description: str
+    estimators: list = field(default_factory=lambda: ESTIMATORS)
 
 
 def flat_grad(model) -> torch.Tensor:
@@ -92,20 +128,21 @@ def null_max_z(coords: int, level: float = 0.95) -> float:
 # Settings
 
 
-def toy_setting(schedule: str, steps: int, batch: int) -> Setting:
-    sched = make_scheduler(**(TOY_SCHEDULE if schedule == "TOY_SCHEDULE" else {}))
+def toy_setting(schedule: str, steps: int, batch: int, spacing: str = "leading", estimators=ESTIMATORS) -> Setting:
+    sched = make_scheduler(**(TOY_SCHEDULE if schedule == "TOY_SCHEDULE" else {}), timestep_spacing=spacing)
     model = LinearEps(sched.alphas_cumprod, 3)
     target = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)  # the tests' TARGET
     exact = exact_loss_gradient(model, sched, steps, ETA, target).detach()
 
     def sample(g):
         x_T = torch.randn(batch, 3, generator=g, dtype=torch.float64)
-        return rlr_fast.rollout(model, sched, x_T, num_steps=steps, eta=ETA, generator=g)
+        return rlr_fast.rollout(model, sched, x_T, num_steps=steps, eta=ETA, generator=g, store_x0_hat=True)
 
-    return Setting(f"toy {schedule}", model, sample, quadratic_reward(target), exact, torch.zeros_like(exact),
+    name = f"toy {schedule}" + ("" if spacing == "leading" else f" {spacing} T={steps}")
+    return Setting(name, model, sample, quadratic_reward(target), exact, torch.zeros_like(exact),
                    f"rlr_fast.testing.LinearEps (dim 3, 12 parameters, float64), R = -|x0 - target|^2, "
-                   f"{schedule} schedule, T = {steps}, eta = {ETA:g}, B = {batch}; exact gradient in closed form "
-                   "(rlr_fast.testing.exact_loss_gradient)")
+                   f"{schedule} schedule, {spacing} spacing, T = {steps}, eta = {ETA:g}, B = {batch}; exact gradient "
+                   "in closed form (rlr_fast.testing.exact_loss_gradient)", estimators)
 
 
 def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
@@ -124,7 +161,8 @@ def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
 
     def sample(gen):
         x_T = torch.randn(batch, 4, unet.config.sample_size, unet.config.sample_size, generator=gen)
-        return rlr_fast.rollout(unet, sched, x_T, num_steps=steps, eta=ETA, encoder_hidden_states=cond, generator=gen)
+        return rlr_fast.rollout(unet, sched, x_T, num_steps=steps, eta=ETA, encoder_hidden_states=cond, generator=gen,
+                                store_x0_hat=True)
 
     def full_bp(traj):
         zero_grads(unet)
@@ -147,45 +185,69 @@ def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
 # Measuring
 
 
+def cost_columns(steps: int, unet_steps: float, reward_fwd: float, reward_bwd: float, trace_var) -> dict:
+    """Cost of one estimate in UNet forward-equivalents, with reward calls free and priced as on SD1.4,
+    and variance x cost for both."""
+    cost = steps + STEP_COST * unet_steps
+    cost_sd = cost + sd14_reward_call_cost() * (reward_fwd + REWARD_BACKWARD_CALLS * reward_bwd)
+    times = (lambda c: None if trace_var is None else trace_var * c)
+    return dict(cost_fwd_eq=cost, var_x_cost=times(cost), cost_sd14=cost_sd, var_x_cost_sd14=times(cost_sd))
+
+
 def estimator_rows(setting: Setting, n: int, timing: dict, seed: int = 1) -> list[dict]:
     """One row per estimator (and one for naive_backprop) on N shared rollouts of `setting`."""
     device = current_device(force_cpu=True)
     model, reward = setting.model, setting.reward
     g = torch.Generator().manual_seed(seed)
     trajs = [setting.rollout(g) for _ in range(n)]
-    base = dict(setting=setting.name, T=trajs[0].num_steps, B=trajs[0].batch_size, N=n)
+    steps = trajs[0].num_steps
+    base = dict(setting=setting.name, T=steps, B=trajs[0].batch_size, N=n)
     rows = []
-    for index, (label, method, options) in enumerate(ESTIMATORS):
+    for label, method, options in setting.estimators:
+        index = [e[0] for e in ESTIMATORS].index(label)  # a setting's subset draws as the full list does
         draws = torch.Generator().manual_seed(100 + index)  # j, k and the zo subsample
+        # the running value fit carries over the N estimates, as over a run's updates
+        value_state = ValueStatistics() if EstimatorOptions(method=method, **options).needs_value_state else None
         est = torch.empty(n, setting.exact.numel(), dtype=torch.float64)
-        forward = backward = peak = 0
+        totals = dict.fromkeys(("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward",
+                                "value_fallbacks"), 0)
+        peak = 0
         for i, traj in enumerate(trajs):
             zero_grads(model)
             track = i < MEMORY_RUNS
             stats = rlr_fast.estimate(model, traj, reward, method=method, generator=draws, track_memory=track,
-                                      **options)
+                                      value_state=value_state, **options)
             est[i] = flat_grad(model)
-            forward += stats["unet_forward"]
-            backward += stats["unet_backward"]
+            for key in totals:
+                totals[key] += stats.get(key, 0)
             if track:
                 peak = max(peak, stats["peak_saved_bytes"])
 
         def one():
             zero_grads(model)
-            rlr_fast.estimate(model, trajs[0], reward, method=method, generator=draws, **options)
+            state = None if value_state is None else value_state.copy()
+            rlr_fast.estimate(model, trajs[0], reward, method=method, generator=draws, value_state=state, **options)
 
-        row = dict(base, estimator=label, **quality(est, setting, direction_only=method in DIRECTION_ONLY),
-                   model_fwd=forward / n, model_bwd=backward / n, peak_saved_bytes=peak,
-                   sec_per_estimate=median(time_it(one, device, **timing)))
+        per = {k: v / n for k, v in totals.items()}
+        q = quality(est, setting, direction_only=method in DIRECTION_ONLY)
+        row = dict(base, estimator=label, **q, model_fwd=per["unet_forward"], model_bwd=per["unet_backward"],
+                   unet_steps=per["unet_steps"], reward_fwd=per["reward_forward"], reward_bwd=per["reward_backward"],
+                   value_fallbacks=per["value_fallbacks"] if options.get("baseline") == "value" else None,
+                   **cost_columns(steps, per["unet_steps"], per["reward_forward"], per["reward_backward"],
+                                  q["trace_var"]),
+                   peak_saved_bytes=peak, sec_per_estimate=median(time_it(one, device, **timing)))
         rows.append(row)
         print(_line(row), flush=True)
 
-    stats = naive_backprop(model, trajs[0], reward, track_memory=True)
-    row = dict(base, estimator="naive_backprop (one graph)", model_fwd=stats["unet_forward"],
-               model_bwd=stats["unet_backward"], peak_saved_bytes=stats["peak_saved_bytes"],
-               sec_per_estimate=median(time_it(lambda: naive_backprop(model, trajs[0], reward), device, **timing)))
-    rows.append(row)
-    print(_line(row), flush=True)
+    if setting.estimators is ESTIMATORS:
+        stats = naive_backprop(model, trajs[0], reward, track_memory=True)
+        row = dict(base, estimator="naive_backprop (one graph)", model_fwd=stats["unet_forward"],
+                   model_bwd=stats["unet_backward"], unet_steps=steps, reward_fwd=1, reward_bwd=1,
+                   **{k: v for k, v in cost_columns(steps, steps, 1, 1, None).items() if "var" not in k},
+                   peak_saved_bytes=stats["peak_saved_bytes"],
+                   sec_per_estimate=median(time_it(lambda: naive_backprop(model, trajs[0], reward), device, **timing)))
+        rows.append(row)
+        print(_line(row), flush=True)
     return rows
 
 
@@ -205,14 +267,15 @@ def _line(row: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
-def run(*, n: int, toy_steps: int, toy_batch: int, unet_n: int, unet_steps: int, unet_batch: int,
-        ref_factor: int, timing: dict) -> tuple[list[dict], list[str]]:
+def run(*, n: int, toy_steps: int, toy_batch: int, value_steps: tuple[int, ...], unet_n: int, unet_steps: int,
+        unet_batch: int, ref_factor: int, timing: dict) -> tuple[list[dict], list[str]]:
     """All rows and one description line per setting."""
     rows, notes = [], []
-    settings = [lambda: toy_setting("SD1.4", toy_steps, toy_batch),
-                lambda: toy_setting("TOY_SCHEDULE", toy_steps, toy_batch),
-                lambda: unet_setting(unet_steps, unet_batch, ref_factor * unet_n)]
-    for make, count in zip(settings, (n, n, unet_n)):
+    settings = [(lambda: toy_setting("SD1.4", toy_steps, toy_batch), n),
+                (lambda: toy_setting("TOY_SCHEDULE", toy_steps, toy_batch), n)]
+    settings += [(lambda t=t: toy_setting("SD1.4", t, toy_batch, "trailing", BY_BASELINE), n) for t in value_steps]
+    settings += [(lambda: unet_setting(unet_steps, unet_batch, ref_factor * unet_n), unet_n)]
+    for make, count in settings:
         start = time.perf_counter()
         setting = make()
         rows += estimator_rows(setting, count, timing)
@@ -222,37 +285,41 @@ def run(*, n: int, toy_steps: int, toy_batch: int, unet_n: int, unet_steps: int,
         notes.append(f"- **{setting.name}**: {setting.description}. N = {count} estimates per estimator. "
                      f"{coords} coordinates: with no bias, max |z| < {null_max_z(coords):.2f} in 95% of runs if the "
                      "z were independent standard normal (approximate: the standard errors are estimated and "
-                     f"likelihood-ratio estimates are heavy-tailed). One rollout (T forwards, no grad) takes "
-                     f"{rollout_s:.3g} s (median). The setting took {time.perf_counter() - start:.0f} s.")
+                     f"likelihood-ratio estimates are heavy-tailed). One rollout (T forwards, no grad, x0_hat "
+                     f"stored) takes {rollout_s:.3g} s (median). The setting took {time.perf_counter() - start:.0f} s.")
     return rows, notes
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="toy: estimates per estimator")
-    parser.add_argument("--toy-steps", type=int, default=8, help="toy: T")
-    parser.add_argument("--toy-batch", type=int, default=4, help="toy: B")
+    parser.add_argument("--toy-steps", type=int, default=8, help="toy: T of the settings with every estimator")
+    parser.add_argument("--toy-batch", type=int, default=8, help="toy: B")
+    parser.add_argument("--value-steps", type=str, default="6,20",
+                        help="toy: T of the trailing-spacing settings that compare baselines (comma-separated)")
     parser.add_argument("--unet-n", type=int, default=48, help="unet: estimates per estimator")
     parser.add_argument("--unet-steps", type=int, default=10, help="unet: T")
-    parser.add_argument("--unet-batch", type=int, default=2, help="unet: B")
-    parser.add_argument("--ref-factor", type=int, default=4, help="unet: reference full_bp samples per N")
+    parser.add_argument("--unet-batch", type=int, default=8, help="unet: B")
+    parser.add_argument("--ref-factor", type=int, default=2, help="unet: reference full_bp samples per N")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, print only: the committed results are left alone (smoke test)")
     args = parser.parse_args(argv)
     command = " ".join(["python bench/gradient_quality.py", *(argv if argv is not None else sys.argv[1:])])
     torch.set_num_threads(1)  # the cores are shared; one thread per run keeps timings comparable
-    sizes = dict(n=args.n, toy_steps=args.toy_steps, toy_batch=args.toy_batch, unet_n=args.unet_n,
+    sizes = dict(n=args.n, toy_steps=args.toy_steps, toy_batch=args.toy_batch,
+                 value_steps=tuple(int(t) for t in args.value_steps.split(",") if t.strip()), unet_n=args.unet_n,
                  unet_steps=args.unet_steps, unet_batch=args.unet_batch, ref_factor=args.ref_factor,
-                 timing=dict(warmup=1, repeats=9))
+                 timing=dict(warmup=1, repeats=5))
     if args.quick:
-        sizes.update(n=40, toy_steps=5, unet_n=2, unet_steps=5, ref_factor=1, timing=dict(warmup=0, repeats=1))
+        sizes.update(n=40, toy_steps=5, value_steps=(6,), unet_n=2, unet_steps=5, unet_batch=5, ref_factor=1,
+                     timing=dict(warmup=0, repeats=1))
     start = time.perf_counter()
     rows, notes = run(**sizes)
     device = current_device(force_cpu=True)
     header = [
         "# Gradient quality of the estimators", "", f"Command: `{command}`", "",
-        f"Device: {device.name}; torch {torch.__version__}; CPU only (no GPU in this session). Total wall clock "
-        f"{time.perf_counter() - start:.0f} s.", "",
+        f"Device: {device.name}; torch {torch.__version__}; CPU only (no GPU in this session); "
+        f"{time.strftime('%Y-%m-%d')}. Total wall clock {time.perf_counter() - start:.0f} s.", "",
         *notes, "",
         "Every estimator of a setting sees the same N rollouts (eta = 1, DDIM), so its N estimates are i.i.d.; "
         "rlr uses first_order_steps = 1 and j uniform. Columns:",
@@ -262,9 +329,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         "mean of the N estimates to the exact gradient; mean_cos_single: mean cosine of one estimate to it. In the "
         "unet setting the reference is itself noisy, which caps both cosines below 1.",
         "- model_fwd / model_bwd: model calls of one estimate (mean over the N; the rollout's T forwards come on "
-        "top for every estimator); peak_saved_bytes: peak bytes saved for backward (parameters excluded), max over "
-        f"the first {MEMORY_RUNS} estimates; sec_per_estimate: median over repeated estimates on one stored "
-        "trajectory, rollout excluded.",
+        "top for every estimator); unet_steps: steps recomputed with grad (each a forward and a backward of the "
+        "batch); reward_fwd / reward_bwd: reward calls on the batch (R(x0), and with the value baseline one per "
+        "likelihood-ratio step on x0_hat) and reward backwards; value_fallbacks: step-sample baselines of one "
+        "estimate that fell back to a mean reward (fewer than 4 pairs in the fit's pool, or no spread of q).",
+        f"- cost_fwd_eq: UNet forward-equivalents of the batch, T (rollout) + {STEP_COST} x unet_steps "
+        "(docs/estimator.md §7), reward calls free as they nearly are on these models; var_x_cost = trace_var x "
+        f"cost_fwd_eq. cost_sd14 adds reward calls priced as on SD1.4 at 512 px without guidance: "
+        f"{sd14_reward_call_cost():.2f} UNet forwards per reward call (a VAE decode against a UNet forward, FLOPs "
+        f"from rlr_fast/assets/plan_measurements.json; the reward network not counted) and "
+        f"{REWARD_BACKWARD_CALLS} calls' worth per reward backward; var_x_cost_sd14 = trace_var x cost_sd14. "
+        "Compare variance x cost within a setting only.",
+        f"- peak_saved_bytes: peak bytes saved for backward (parameters excluded), max over the first {MEMORY_RUNS} "
+        "estimates; sec_per_estimate: median over repeated estimates on one stored trajectory, rollout excluded.",
         "- ddpo (on-policy, default standardised advantages) estimates a surrogate of another scale: cosines only.",
         "- naive_backprop: full backprop as one autograd graph over the chain; the same gradient as full_bp "
         "(tests/test_estimators.py checks it to 1e-10), so only its cost and memory are listed.",

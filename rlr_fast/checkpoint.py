@@ -1,7 +1,8 @@
 """Checkpoints of a run: written atomically, verified by checksums on load, resumed bit-exactly.
 
 A checkpoint (out_dir/checkpoints/step_NNNNNN.safetensors) holds the LoRA weights, the AdamW state,
-every RNG state the run reads, the step (which fixes the LR schedule), the run's counters and its
+every RNG state the run reads, the estimator's state carried across updates (the running value fit's
+statistics, when there is one), the step (which fixes the LR schedule), the run's counters and its
 config: tensors as safetensors tensors, the rest as JSON in the safetensors header. Every tensor and
 the JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
 bytes are caught as "corrupt" instead of resuming silently or failing deep inside torch; a run
@@ -16,6 +17,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import safetensors
@@ -97,8 +99,9 @@ def meta_checksum(meta: dict) -> str:
 
 
 def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torch.optim.Optimizer,
-                    rng: dict, counters: dict) -> Path:
-    """LoRA weights, AdamW state, every RNG state, the step, the counters and the config, atomically."""
+                    rng: dict, counters: dict, estimator_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """LoRA weights, AdamW state, every RNG state, the estimator's state, the step, the counters and the
+    config, atomically."""
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     params = dict(unet.named_parameters())
     tensors = {f"lora/{n}": params[n].detach().cpu().contiguous() for n in names}
@@ -115,6 +118,8 @@ def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torc
         tensors[f"rng/generator/{name}"] = state
     for i, state in enumerate(rng.get("cuda", [])):
         tensors[f"rng/cuda/{i}"] = state
+    for name, value in (estimator_state or {}).items():
+        tensors[f"estimator/{name}"] = value.detach().cpu().contiguous()
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, python_state, gauss = rng["python"]
@@ -195,6 +200,11 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differ[:6])
         raise ValueError(f"cannot resume {path}: it was written by a run with another config ({detail}). "
                          f"Only {', '.join(sorted(RESUMABLE_CHANGES - {'preset', 'resume'}))} may change on resume")
+
+
+def estimator_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The estimator's state saved with `save_checkpoint(..., estimator_state=)` (empty if none)."""
+    return {k[len("estimator/"):]: v for k, v in checkpoint.tensors.items() if k.startswith("estimator/")}
 
 
 def restore_checkpoint(checkpoint: Checkpoint, unet, optimizer: torch.optim.Optimizer) -> dict:

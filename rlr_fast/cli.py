@@ -65,7 +65,11 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                          help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
                               "(default: the LoRA run's config.yaml if there is one, else demo)")
         sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
-        sub.add_argument("--model", help="'default' or a local diffusers Stable Diffusion folder")
+        sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
+                                         "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
+        sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
+                                                                 "with AnimateDiff")
+        sub.add_argument("--frames", type=int, help="frames of each video (video models)")
         sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
         sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
         sub.add_argument("--steps", type=int, help="DDIM steps")
@@ -156,7 +160,8 @@ def _inference_config(args):
         source = f"preset {preset}"
         base = Config.from_preset(preset)
     flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
-             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
+             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype,
+             "motion_adapter": args.motion_adapter, "num_frames": args.frames}
     cfg = base.with_overrides({k: v for k, v in flags.items() if v is not None}, validate=False)
     return cfg.validate(chain=False), source  # --steps may be fewer than the estimator's chain needs
 
@@ -167,16 +172,20 @@ def _load(args, cfg, source: str):
     from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
     device, cfg = resolve_device(cfg)
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.motion_adapter)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
           f"{cfg.dtype} on {device}", file=sys.stderr)
-    return cfg, load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+    models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    return cfg, models, DTYPES[cfg.dtype]
 
 
 def _run_sample(args) -> int:
+    import torch
+
     from .config import load_prompts
     from .inference import generate_images, prompt_rows, save_grid
+    from .prompts import PromptBank
 
     prompts = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
@@ -186,15 +195,22 @@ def _run_sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     cfg, models, dtype = _load(args, *_inference_config(args))
-    images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
-                             seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                             dtype=dtype, desc="sample")
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
+    if bank.steps.scheduled:
+        print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
+              file=sys.stderr)
+    cond = bank.conditioning(torch.arange(len(prompts)))
+    images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
+                             eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
+                             prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
+    suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
-            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0, pad=0)
-    grid = save_grid(images, len(prompts), out / "grid.png")
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.{suffix}", min_cell=0,
+                      pad=0)
+    grid = save_grid(images, len(prompts), out / f"grid.{suffix}")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "
           f"columns: seeds {seeds})")
@@ -227,7 +243,8 @@ def _run_evaluate(args) -> int:
     from .eval_report import table, write_report
     from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
     from .models import LORA_WEIGHT_NAME
-    from .rewards import get_reward
+    from .rewards import get_reward, get_video_reward
+    from .video import is_video_model
 
     if args.lora is None:
         raise ValueError("evaluate compares a LoRA with its base model: pass --lora DIR (a finetune out_dir, or a "
@@ -252,7 +269,8 @@ def _run_evaluate(args) -> int:
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     names = list(dict.fromkeys(args.reward or [cfg.reward]))
     options = _reward_options(args, cfg, names)
-    rewards = {name: get_reward(name, **options[name]) for name in names}  # a bad name or path stops before the model
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    rewards = {name: load(name, **options[name]) for name in names}  # a bad name or path stops before the model
     started = time.perf_counter()
     cfg, models, dtype = _load(args, cfg, source)
     evaluator = Evaluator(models, cfg, {n: r.to(models.unet.device) for n, r in rewards.items()}, prompts, seeds,

@@ -14,13 +14,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
 from .demo_data import PROMPTS as DEMO_PROMPTS, held_out_prompts
 from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
                       field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
+from .prompts import PromptSchedule, schedule_value
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -61,11 +62,17 @@ class Config(EstimatorOptions):
     as `cfg.estimator_options()`.
     """
 
+    accepts_auto: ClassVar[bool] = True  # method="auto": rlr_fast.design chooses the estimator
+
     # --- run
     preset: str = option("demo", "the preset these values started from (informational; choose a preset "
                                  "with --preset or a YAML `preset:` key)")
-    model: str = option("default", "'default' (the embedded tiny text-to-image model) or the path of a "
-                                   "local diffusers Stable Diffusion folder")
+    model: str = option("default", "'default' (the embedded tiny text-to-image model), the path of a "
+                                   "local diffusers Stable Diffusion folder, or of a text-to-video folder "
+                                   "(TextToVideoSDPipeline or AnimateDiffPipeline; see rlr_fast.video)")
+    motion_adapter: Optional[str] = option(None, "a local diffusers MotionAdapter folder: with a Stable Diffusion "
+                                                 "1.x `model`, trains AnimateDiff (a video model)")
+    num_frames: int = option(16, "frames of each video (video models only)")
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
@@ -89,6 +96,11 @@ class Config(EstimatorOptions):
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
+    prompt_schedule: Optional[dict] = option(
+        None, "prompts that change with the step (diffusive chain of thought): per base prompt of the set, "
+              "segments {prompt, from_step, to_step} covering [0, 1], fractions of the chain (0 its first, "
+              "noisiest step; step k of T takes the segment holding k/T). A mapping in YAML, or the path of "
+              "a YAML file of one (recorded in the run as its contents); README, 'Prompt schedules'")
     batch_size: int = option(4, "samples per micro-batch")
     images_per_prompt: int = option(2, "samples of each prompt in a micro-batch (per-prompt baselines "
                                        "need >= 2); divides batch_size")
@@ -121,6 +133,15 @@ class Config(EstimatorOptions):
     profile: bool = option(False, "NVTX ranges around rollout, reward, estimate and optimizer step")
     tensorboard: bool = option(True, "also log to TensorBoard (when the tensorboard package is installed)")
 
+    # --- estimator design (method=auto)
+    design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
+    design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
+                                    "baselines * design_max_h)) UNet forward-equivalents; fewer than about 32 can "
+                                    "pick a design several times worse: docs/estimator.md §13)")
+    design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
+    design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
+                                                  "(rollout T and reward included); None: no limit")
+
     # --- evaluation during training (rlr_fast.evaluation; `rlr-fast evaluate` is the full one)
     eval_every: int = option(0, "evaluate the LoRA against the base model before the first step, every N steps "
                                 "and after the last, into eval.jsonl and eval_curve.png: each reward's mean, "
@@ -141,7 +162,7 @@ class Config(EstimatorOptions):
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
-    decode_chunk: int = option(1, "samples decoded by the VAE at a time in the reward")
+    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -165,7 +186,10 @@ class Config(EstimatorOptions):
         for key, value in overrides.items():
             if key not in types_:
                 raise ValueError(unknown_key_message(key))
-            changes[key] = coerce(key, value, types_[key])
+            changes[key] = value if key == "prompt_schedule" else coerce(key, value, types_[key])
+        if "prompt_schedule" in changes:  # a file path becomes the schedule it holds; errors name the steps
+            changes["prompt_schedule"] = schedule_value(changes["prompt_schedule"],
+                                                        changes.get("num_steps", self.num_steps))
         new = dataclasses.replace(self, **changes)
         return new.validate() if validate else new
 
@@ -207,11 +231,12 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1), ("eval_every", 0), ("eval_num_prompts", 1)):
+                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
+                          ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1)):
             check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "adam_eps"):
             check_positive(name, getattr(self, name))
-        for name in ("max_grad_norm", "max_memory_gb"):
+        for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
         if self.resolution is not None:
@@ -241,6 +266,15 @@ class Config(EstimatorOptions):
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
+        if self.needs_x0_hat and self.rollout == "cuda_graph":
+            raise ValueError("baseline='value' scores each step's x0 estimate, which rollout='cuda_graph' does not "
+                             "store; use rollout='auto' (eager with this baseline) or 'eager'")
+        if self.needs_x0_hat and self.value_fit == "loo" and self.batch_size < 5:
+            raise ValueError(f"baseline='value' with value_fit='loo' fits a slope on the other samples of a "
+                             f"micro-batch, which needs batch_size >= 5 (got {self.batch_size}); use "
+                             "value_fit='running', which adds earlier updates' samples")
+        if self.prompt_schedule is not None:
+            PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self

@@ -97,6 +97,19 @@ def step_coefficients(scheduler, eta: float) -> StepCoefficients:
     return StepCoefficients(timesteps, c_x, c_e, sigma)
 
 
+def x0_coefficients(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_x, d_e), each (T,) float64: the Tweedie estimate x0_hat = d_x * x_t + d_e * model_output of
+    every step of `scheduler.timesteps` (DDIMScheduler.step's pred_original_sample)."""
+    check_scheduler(scheduler)
+    a = scheduler.alphas_cumprod.to("cpu", torch.float64)[scheduler.timesteps.to("cpu", torch.int64)]
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return 1 / a.sqrt(), -(1 - a).sqrt() / a.sqrt()
+    if prediction == "v_prediction":
+        return a.sqrt(), -(1 - a).sqrt()
+    return torch.zeros_like(a), torch.ones_like(a)
+
+
 def gaussian_log_prob(sample, mean, sigma, *, backend="auto"):
     """log N(sample; mean, sigma^2 I) summed over each sample's elements: (B,) in fp32 (fp64 for
     fp64 inputs), by the Triton kernel where `resolve_backend` picks "triton", else by the reference.

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .baselines import ddpo_advantages, reward_baseline, reward_scale
+from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
@@ -167,7 +167,7 @@ def _terms(traj: Trajectory, options: EstimatorOptions, generator) -> Terms:
 
 def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor], adv: torch.Tensor,
                options: EstimatorOptions, counter: CallCounter, grads: GradTerms) -> None:
-    """Accumulate F, H and C of `terms`: `adv` (B,) = -(R - b) / (B s), `dr` = -dR/dx_0 / (B s)."""
+    """Accumulate F, H and C of `terms`: `adv` (T, B) = -(R - b_k) / (B s) for step k, `dr` = -dR/dx_0 / (B s)."""
     if terms.first_order:
         with grads.term("first_order"), nvtx_range("first-order term"):
             pathwise_sweep(model, traj, traj.step_index(1), traj.step_index(terms.first_order), dr, options, counter)
@@ -176,14 +176,48 @@ def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor]
         k_close = traj.step_index(j + 1)  # the segment's last step: closed by its likelihood ratio
         sigma = traj.sigmas[k_close].to(traj.noises.dtype)
         per_sample = (-1,) + (1,) * (traj.noises.dim() - 2)
-        cot = traj.noises[k_close] * (adv.to(sigma.dtype) / sigma).reshape(per_sample)
+        cot = traj.noises[k_close] * (adv[k_close].to(sigma.dtype) / sigma).reshape(per_sample)
         with grads.term("half_order"), nvtx_range("half-order term"):
             pathwise_sweep(model, traj, k_close, traj.step_index(j + h), cot, options, counter)
     if terms.zeroth_order:
         ks = [traj.step_index(t) for t in terms.zeroth_order]
-        weights = (adv * terms.zo_weight).expand(len(ks), -1)
+        weights = adv[ks] * terms.zo_weight
         with grads.term("zeroth_order"), nvtx_range("zeroth-order terms"):
             likelihood_ratio(model, traj, ks, weights, options, counter)
+
+
+def likelihood_ratio_steps(traj: Trajectory, terms: Terms) -> list[int]:
+    """Steps k (ascending) that carry a likelihood ratio: C, and the closing step j+1 of H."""
+    ts = list(terms.zeroth_order) + ([terms.half_order[0] + 1] if terms.half_order is not None else [])
+    return sorted(traj.step_index(t) for t in ts)
+
+
+def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, rewards: torch.Tensor,
+                options: EstimatorOptions, prompt_ids, value_state: Optional[ValueStatistics]) -> tuple[torch.Tensor, dict]:
+    """-(R - b_k) / B per step k and sample, (T, B), and the baseline's stats.
+
+    Rows of steps without a likelihood ratio are NaN under the value baseline, which computes b_k
+    only where a term needs it.
+    """
+    T, B = traj.num_steps, traj.batch_size
+    if options.baseline != "value":
+        return (-(rewards - reward_baseline(rewards, options, prompt_ids)) / B).expand(T, -1), {}
+    ks = likelihood_ratio_steps(traj, terms)
+    adv = torch.full((T, B), float("nan"), dtype=rewards.dtype, device=rewards.device)
+    if not ks:
+        return adv, {"value_fallbacks": 0, "reward_forward": 0}
+    if traj.x0_hat is None:
+        raise ValueError("baseline='value' scores each step's x0 estimate, which this trajectory does not hold: "
+                         "roll out with rlr_fast.rollout(..., store_x0_hat=True)")
+    with nvtx_range("value baseline"):
+        q = proxy_rewards(reward_fn, traj.x0_hat, ks)
+        running = options.value_fit == "running"
+        history = value_state.history(T, ks) if running else None
+        b, fallbacks = value_baseline(q, rewards, history)
+        if running:  # after the fit: the batch enters the baselines of later estimates only
+            value_state.update(T, ks, q, rewards, options.value_decay)
+    adv[ks] = (-(rewards.double() - b) / B).to(rewards.dtype)
+    return adv, {"value_fallbacks": fallbacks, "reward_forward": len(ks)}
 
 
 def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorOptions,
@@ -203,7 +237,7 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
         return torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps)).sum() / count
 
     ratio_surrogate(model, traj, ks, surrogate, options, counter)
-    return {"clip_fraction": float(torch.stack(clipped).sum()) / count}
+    return {"clip_fraction": float(torch.stack(clipped).sum()) / count, "unet_steps": len(ks)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +246,7 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
 
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
-             track_memory: bool = False, **overrides) -> dict:
+             value_state: Optional[ValueStatistics] = None, track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b).
 
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
@@ -221,11 +255,16 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     generator   draws j, the zeroth-order subsample and a random K; same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
     advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
+    value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
+                used for this estimate's baselines and then updated with this batch
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
     Returns stats: method, reward_mean/std, rewards, j, F/H/C (docs/estimator.md step indices),
-    zo_weight, unet_forward, unet_backward (model calls), term_norms, peak_saved_bytes, and for
-    ddpo clip_fraction.
+    zo_weight, unet_forward, unet_backward (model calls), unet_steps (steps recomputed with grad, each
+    a forward and a backward of the batch), reward_forward (reward_fn calls on the batch: R(x_0) and,
+    with baseline="value", one per likelihood-ratio step), reward_backward (0 or 1: dR/dx_0),
+    term_norms, peak_saved_bytes, for ddpo clip_fraction and with baseline="value" value_fallbacks
+    (step-sample baselines that fell back to a mean reward: too few pairs or no spread of q).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
@@ -242,6 +281,13 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
     if prompt_ids is not None:
         prompt_ids = torch.as_tensor(prompt_ids)
+    needs_state = options.needs_value_state
+    if needs_state and not isinstance(value_state, ValueStatistics):
+        raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
+                         f"(kept across estimates), got {type(value_state).__name__}")
+    if value_state is not None and not needs_state:
+        raise ValueError("value_state is used by baseline='value' with value_fit='running' (method rlr or zo) only; "
+                         f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
     rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
@@ -259,14 +305,15 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
+            adv, extra = _advantages(reward_fn, traj, terms, rewards, options, prompt_ids, value_state)
             s, b = reward_scale(rewards, options), traj.batch_size
-            adv = -(rewards - reward_baseline(rewards, options, prompt_ids)) / (b * s)
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
-                _run_terms(model, traj, terms, dr, adv, options, counter, grads)
+                _run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
+    extra["reward_forward"] = 1 + extra.get("reward_forward", 0)
     return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
-                unet_backward=counter.backward, term_norms=grads.norms,
-                peak_saved_bytes=None if memory is None else memory.peak, **extra)
+                unet_backward=counter.backward, reward_backward=int(dr is not None),
+                term_norms=grads.norms, peak_saved_bytes=None if memory is None else memory.peak, **extra)
 
 
 def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
@@ -281,4 +328,5 @@ def _stats(method: str, rewards: torch.Tensor, terms: Optional[Terms]) -> dict:
         "H": [] if j is None else list(range(j + 1, j + h + 1)),
         "C": [] if terms is None else list(terms.zeroth_order),
         "zo_weight": None if terms is None else terms.zo_weight,
+        "unet_steps": None if terms is None else terms.first_order + h + len(terms.zeroth_order),
     }

@@ -45,6 +45,7 @@ from .eval_report import draw_eval_curves
 from .inference import DTYPES, autocast, decode_latents, progress, sample_chain
 from .metrics import diversity, jsonable, read_metrics
 from .models import SDModels, has_lora, latent_size, lora_disabled
+from .prompts import PromptBank
 from .rewards import Reward
 from .rollout import Trajectory, recompute_steps
 from .run_dir import atomic_write
@@ -133,8 +134,10 @@ class Evaluator:
         self.prompts, self.seeds, self.batch_size = list(prompts), seeds, batch_size
         self.feature_model = next((name for name, r in rewards.items() if type(r).features is not Reward.features),
                                   None)
-        self.cond = torch.cat([models.encode_prompts(self.prompts[i:i + batch_size])
-                               for i in range(0, len(self.prompts), batch_size)])
+        # per batch of prompts, their conditioning (a prompt_schedule's switches included)
+        self.conds = [PromptBank(models, self.prompts[i:i + batch_size], cfg.negative_prompt, cfg.prompt_schedule,
+                                 cfg.num_steps).conditioning(torch.arange(len(self.prompts[i:i + batch_size])))
+                      for i in range(0, len(self.prompts), batch_size)]
         self.negative = models.encode_prompts([cfg.negative_prompt])
         self.latent_hw = latent_size(cfg.resolution, models.unet.config, models.vae.config)
         self.base: Optional[Pass] = None
@@ -163,9 +166,11 @@ class Evaluator:
                 where = slice(start, start + len(chunk))
                 images, embeddings = [], []
                 for i, seed in enumerate(self.seeds):
-                    traj = sample_chain(models, self.cond[where], self.negative, seed, num_steps=cfg.num_steps,
-                                        eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype,
-                                        latent_hw=self.latent_hw)
+                    cond = self.conds[start // self.batch_size]
+                    traj = sample_chain(models, cond["encoder_hidden_states"], self.negative, seed,
+                                        num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                                        dtype=dtype, latent_hw=self.latent_hw, prompt_index=cond.get("prompt_index"),
+                                        num_frames=cfg.num_frames)
                     x = decode_latents(models.vae, traj.x0)
                     deterministic = [k for k in range(traj.num_steps) if float(traj.sigmas[k]) == 0]
                     with torch.no_grad():
@@ -180,7 +185,7 @@ class Evaluator:
                         kl_sum = kl_sum + per_step.sum(1).numpy()
                     images.append(x.cpu())
                     bar.update(1)
-                images = torch.stack(images, 1)  # (prompts of the chunk, seeds, 3, H, W)
+                images = torch.stack(images, 1)  # (prompts of the chunk, seeds, 3, H, W), or (.., F, 3, H, W)
                 for j in range(len(chunk)):
                     pixels[start + j] = pairwise_distance(images[j])
                     if features is not None:
@@ -192,7 +197,10 @@ class Evaluator:
 
 
 def _thumbnails(images: torch.Tensor) -> torch.Tensor:
-    """(P, S, 3, H, W) images shrunk (area average) to at most GRID_CELL pixels a side for the grid."""
+    """(P, S, 3, H, W) images shrunk (area average) to at most GRID_CELL pixels a side for the grid;
+    of videos (P, S, F, 3, H, W), the middle frame."""
+    if images.dim() == 6:
+        images = images[:, :, images.shape[2] // 2]
     if not images.numel() or max(images.shape[-2:]) <= GRID_CELL:
         return images
     p, s = images.shape[:2]
@@ -248,15 +256,17 @@ class RunEvaluation:
 
     def __init__(self, cfg: Config, models: SDModels, reward: Reward, device: torch.device):
         from .config import eval_prompts_of, load_prompts
-        from .rewards import get_reward
+        from .rewards import get_reward, get_video_reward
+        from .video import is_video_unet
 
         self.every = cfg.eval_every
         self.prompt_set = eval_prompts_of(cfg.prompts)[0] if cfg.eval_prompts is None else cfg.eval_prompts
         prompts = load_prompts(self.prompt_set)[:cfg.eval_num_prompts]
         rewards = {cfg.reward if isinstance(cfg.reward, str) else "reward": reward}
+        load = get_video_reward if is_video_unet(models.unet) else get_reward
         for name in cfg.eval_rewards:
             if name not in rewards:
-                rewards[name] = get_reward(name, **cfg.eval_reward_kwargs.get(name, {})).to(device)
+                rewards[name] = load(name, **cfg.eval_reward_kwargs.get(name, {})).to(device)
         self.evaluator = Evaluator(models, cfg, rewards, prompts, cfg.eval_seeds, batch_size=len(prompts))
         self.records: list[dict] = []
 

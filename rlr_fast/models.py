@@ -30,7 +30,8 @@ import safetensors
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -352,7 +353,10 @@ def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        unet.add_adapter(config, adapter_name=_ADAPTER)
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=_ADAPTER)
+        else:  # diffusers gives some UNets (UNet3DConditionModel) no peft mixin: the same peft layers, injected
+            inject_adapter_in_model(config, unet, adapter_name=_ADAPTER)  # also sets unet.peft_config
     return unet
 
 
@@ -370,11 +374,15 @@ def lora_disabled(unet: UNet2DConditionModel):
     if not has_lora(unet):
         raise ValueError("the UNet has no LoRA adapter to switch off; load one with load_lora (or add_lora)")
     flags = [(p, p.requires_grad) for p in unet.parameters()]
-    unet.disable_adapters()
+    # peft's layers directly: diffusers gives some UNets (UNet3DConditionModel) no disable_adapters
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -21,12 +21,15 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
 METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo")
-BASELINES = ("none", "loo", "loo_prompt")
+# A method value for a run (Config, finetune) only: rlr_fast.design chooses the concrete estimator.
+AUTO = "auto"
+BASELINES = ("none", "loo", "loo_prompt", "value")
+VALUE_FITS = ("loo", "running")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
 LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo")
 
@@ -194,7 +197,8 @@ class EstimatorOptions:
     Defaults are the library's neutral ones; `rlr_fast.config` presets set the runs we ship.
     """
 
-    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}")
+    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}, or for a run {AUTO} (rlr_fast.design "
+                                f"chooses an unbiased one from pilot rollouts; design_* keys)")
     first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0")
     h: int = option(2, "rlr: length of the half-order sub-chain")
     j: Union[int, str, tuple[float, ...]] = option(
@@ -203,7 +207,15 @@ class EstimatorOptions:
     zo_steps: Optional[int] = option(None, "rlr/zo: likelihood-ratio steps subsampled per update, each weighted "
                                            "|C|/k (None: all)")
     baseline: Union[float, str] = option("none", "reward baseline of likelihood-ratio terms: none, loo (batch "
-                                                 "leave-one-out), loo_prompt (per prompt) or a number")
+                                                 "leave-one-out), loo_prompt (per prompt), value (per step, fitted "
+                                                 "on the reward of the rollout's x0 estimate; rollout with "
+                                                 "store_x0_hat=True) or a number")
+    value_fit: str = option("running", "baseline=value: fit each step's b = a q + c on the batch's other samples "
+                                       "and earlier estimates' (running; estimate(value_state=...), which finetune "
+                                       "keeps and checkpoints) or on the batch's other samples only (loo: a slope "
+                                       "needs 4 of them, so batch >= 5)")
+    value_decay: float = option(0.9, "baseline=value, value_fit=running: weight kept per estimate by earlier "
+                                     "samples (0..1; 1 never forgets)")
     normalize: Union[bool, float] = option(False, "divide the whole estimate by the batch reward std (true; "
                                                   "slightly biased) or by a given positive scale")
     truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
@@ -217,6 +229,8 @@ class EstimatorOptions:
                                     "(and back-propagate them one at a time)")
     backend: str = option("auto", f"fused DDIM step backend: {', '.join(BACKENDS)}")
 
+    accepts_auto: ClassVar[bool] = False  # Config (a run) may leave the method to rlr_fast.design
+
     def __post_init__(self):
         # a subclass (Config) is validated as a whole by its own validate(), which calls this one
         if type(self) is EstimatorOptions:
@@ -225,10 +239,16 @@ class EstimatorOptions:
     def validate(self):
         """Raise ValueError/TypeError naming the first bad estimator value; returns self."""
         check_types(self)
-        check_choice("method", self.method, METHODS)
+        if self.method == AUTO and not self.accepts_auto:
+            raise ValueError("method='auto' is chosen by rlr_fast.design (finetune runs it); estimate needs a "
+                             f"concrete method: one of {list(METHODS)}")
+        check_choice("method", self.method, METHODS + ((AUTO,) if self.accepts_auto else ()))
         check_choice("backend", self.backend, BACKENDS)
         if isinstance(self.baseline, str):
             check_choice("baseline", self.baseline, BASELINES)
+        check_choice("value_fit", self.value_fit, VALUE_FITS)
+        if not 0 <= self.value_decay <= 1:
+            raise ValueError(f"value_decay must be in [0, 1], got {self.value_decay}")
         if isinstance(self.j, str):
             check_choice("j", self.j, ("uniform",))
         elif isinstance(self.j, tuple):
@@ -276,6 +296,16 @@ class EstimatorOptions:
                 self.method == "rlr" and self.first_order_steps == T):
             raise ValueError(f"method={self.method!r} uses likelihood ratios, which need noise: eta must be > 0, "
                              "got eta=0")
+
+    @property
+    def needs_x0_hat(self) -> bool:
+        """The rollout must store each step's x0 estimate (`rollout(..., store_x0_hat=True)`)."""
+        return self.baseline == "value" and self.method in ("rlr", "zo")
+
+    @property
+    def needs_value_state(self) -> bool:
+        """`estimate` needs a `ValueStatistics` carried across estimates (`value_state=`)."""
+        return self.needs_x0_hat and self.value_fit == "running"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

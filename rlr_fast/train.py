@@ -17,8 +17,10 @@ committed), write a checkpoint and say how to resume.
 Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
-    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
-    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
+    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns); .gif for videos
+    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step, config and counters (the current
+                                       estimator design with method=auto) (rlr_fast.checkpoint)
+    designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
     eval.jsonl, eval_curve.png         with eval_every: LoRA vs base model every N steps (rlr_fast.evaluation)
@@ -41,18 +43,23 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, restore_checkpoint,
-                         restore_rng, save_checkpoint)
+from .baselines import ValueStatistics
+from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_state, find_checkpoint,
+                         restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
+from .design import Design
 from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
 from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
-from .rewards import Reward, get_reward
+from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from .update import PromptBank, TrainingRollout, apply, gradients
+from .options import AUTO
+from .prompts import PromptBank, PromptSchedule
+from .update import TrainingRollout, apply, design_estimator, gradients
+from .video import check_num_frames, is_video_model, is_video_unet
 
 
 class NonFiniteError(RuntimeError):
@@ -102,7 +109,8 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
-    reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    reward = load(cfg.reward, **cfg.reward_kwargs).to(device)
     needs_dr = cfg.method in ("full_bp", "truncated_bp") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
@@ -178,7 +186,9 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
         records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
     prompts = load_prompts(cfg.prompts)
-    check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
+    if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
+        PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
+    check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
     out = Path(cfg.out_dir)
     check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
     with RunLock(out), StopSignals() as stops:
@@ -203,6 +213,7 @@ class _Run:
     start: int
     counters: dict
     plan_table: Optional[str]
+    value_state: Optional[ValueStatistics]  # the running value fit, as of the last committed step
     evaluation: Optional[RunEvaluation] = None
     grids: list[Path] = field(default_factory=list)
 
@@ -211,18 +222,45 @@ class _Run:
         return DTYPES[self.cfg.dtype]
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
-        cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
+        """samples/step_NNNNNN.png (.gif for videos): the first `sample_prompts` prompts (rows) x
+        `sample_seeds` (columns)."""
+        cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
         if not prompts or not cfg.sample_seeds:
             return
+        cond = self.bank.conditioning(torch.arange(prompts))  # under the prompt schedule when there is one
         with nvtx_range("sample grid"):
-            images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
+            images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config))
-        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
-                                    self.out / "samples" / f"step_{step:06d}.png"))
+                                                           self.models.vae.config),
+                                     prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+        suffix = "gif" if images.dim() == 5 else "png"
+        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
+                                    self.out / "samples" / f"step_{step:06d}.{suffix}"))
+
+    def step_config(self, step: int) -> tuple[Config, Optional[Design]]:
+        """The config update `step` runs: with method='auto', the current design applied, and a new design
+        (from pilot batches) at the first update and every design_every updates; a new one is kept only
+        when its update commits (`commit_design`), so a stopped step designs again on resume."""
+        cfg = self.cfg
+        if cfg.method != AUTO:
+            return cfg, None
+        designed = None
+        if "design" not in self.counters or (cfg.design_every and step % cfg.design_every == 0):
+            designed = design_estimator(cfg, self.models, self.bank, self.reward, self.rollout,
+                                        self.generators["design"], self.device, self.dtype)
+        return cfg.with_overrides(designed.config_overrides() if designed else self.counters["design"]), designed
+
+    def commit_design(self, step: int, designed: Design) -> dict:
+        """Keep a design made for update `step` (counters, so checkpoints carry it; its report in
+        designs/step_NNNNNN.md and .png); returns its metrics entry."""
+        designed.save(self.out / "designs", f"step_{step:06d}")
+        self.counters["design"] = jsonable(designed.config_overrides())
+        self.counters["designs"] = self.counters.get("designs", 0) + 1
+        self.counters["design_forward_equivalents"] = (self.counters.get("design_forward_equivalents", 0.0)
+                                                      + designed.pilot_cost["forward_equivalents"])
+        return jsonable(designed.summary())
 
     def evaluate(self, step: int, last: bool = False) -> None:
         """The eval_every evaluation at `step` when one is due there (RunEvaluation says when)."""
@@ -233,7 +271,8 @@ class _Run:
     def checkpoint(self, step: int, rng: dict) -> Path:
         return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
                                cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
-                               counters=self.counters)
+                               counters=self.counters,
+                               estimator_state=None if self.value_state is None else self.value_state.state_dict())
 
 
 def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path) -> _Run:
@@ -241,16 +280,18 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
+    if is_video_unet(models.unet):
+        check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
-    if cfg.max_memory_gb is not None:
+    if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
-    bank = PromptBank(models, prompts, cfg.negative_prompt)
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     evaluation = RunEvaluation(cfg, models, reward, device) if cfg.eval_every else None  # encodes its prompts
     if cfg.free_text_encoder:
         models.text_encoder = None
@@ -260,10 +301,15 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
+    if cfg.method == AUTO:  # pilot batches: the training batches stay those of a fixed method
+        generators["design"] = torch.Generator().manual_seed(cfg.seed + 2)
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
+    value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
+        if value_state is not None:
+            value_state.load_state_dict(estimator_state(checkpoint))
         print(f"resuming {out} at step {start} from {checkpoint.path}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
@@ -271,7 +317,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
         random.seed(cfg.seed)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
-                counters=counters, plan_table=plan_table, evaluation=evaluation)
+                counters=counters, plan_table=plan_table, value_state=value_state, evaluation=evaluation)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
@@ -300,16 +346,20 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = gradients(cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
-                              run.device, run.dtype)
-            with stops.deferred():  # the update is applied, logged and its RNG state kept as one
+            step_cfg, designed = run.step_config(step)
+            grads = gradients(step_cfg, run.models, run.bank, run.reward, run.rollout, run.params, run.generators,
+                              run.device, run.dtype, run.value_state)
+            with stops.deferred():  # the update is applied, logged and its RNG and value-fit states kept as one
                 record = apply(cfg, step, grads, run.optimizer)
+                run.value_state = grads.value_state
                 step += 1
                 seconds = time.perf_counter() - t0
                 counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if record["skipped"] else 0
                 counters["seconds"] += seconds
                 record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(run.device),
                               rollout=run.rollout.kind, nonfinite_in_a_row=counters["consecutive_nonfinite"])
+                if designed is not None:
+                    record["design"] = run.commit_design(step - 1, designed)
                 log.write(record)
                 rng_after_step = capture_rng(run.generators)
             bar.update(1)
@@ -351,11 +401,14 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
                         "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
+                        **({"design": {k: counters.get(k) for k in ("design", "designs", "design_forward_equivalents")}}
+                           if cfg.method == AUTO else {}),
                         **({"eval": run.evaluation.records[-1]} if run.evaluation and run.evaluation.records else {})})
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png") if p.exists()]
+                           out / "designs", out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png")
+               if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
 from .estimators import estimate
@@ -21,24 +22,10 @@ from .inference import autocast, initial_noise
 from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
-from .rewards import Reward, latent_reward
+from .prompts import PromptBank
+from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import rollout
-
-
-class PromptBank:
-    """Every prompt's text embedding, computed once, and the negative prompt's."""
-
-    def __init__(self, models: SDModels, prompts: list[str], negative_prompt: str, chunk: int = 32):
-        self.prompts = prompts
-        self.cond = torch.cat([models.encode_prompts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-        self.negative = models.encode_prompts([negative_prompt])
-
-    def batch(self, ids: torch.Tensor, guidance_scale: float) -> dict:
-        """rollout's conditioning keywords for prompts `ids`."""
-        cond = self.cond[ids.to(self.cond.device)]
-        negative = self.negative.expand(len(ids), -1, -1) if guidance_scale != 1.0 else None
-        return dict(encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
-                    guidance_scale=guidance_scale)
+from .video import is_video_unet
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
@@ -63,9 +50,12 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
+        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
+        elif self.store_x0_hat:  # Config refuses rollout='cuda_graph' with it
+            self.reason = "baseline='value' needs each step's x0 estimate, which the CUDA-graph rollout does not store"
         elif cfg.rollout == "auto" and device.type != "cuda":
             self.reason = f"device is {device.type} (CUDA graphs need a GPU)"
         else:
@@ -84,7 +74,11 @@ class TrainingRollout:
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
                 generator.set_state(state)
         return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,
-                       backend=self.backend, **kwargs)
+                       backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
+
+
+# estimate's stats that count work: summed over an update's micro-batches
+COUNTS = ("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward", "value_fallbacks")
 
 
 @dataclass
@@ -95,6 +89,7 @@ class Gradients:
     stats: dict
     skipped: Optional[str]  # "reward" or "gradient" when the update must not be applied
     grad_norm: Optional[float]
+    value_state: Optional[ValueStatistics] = None  # the running value fit after these micro-batches
 
 
 class _WatchedReward:
@@ -110,44 +105,58 @@ class _WatchedReward:
         return values
 
 
+def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """One micro-batch as training draws it from `generator`: its prompt ids, its rollout at the run's
+    resolution (and frames), and the reward of its x_0 latents (decoded in chunks, frame by frame for video)."""
+    ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generator)
+    x_T = initial_noise(models.unet, cfg.batch_size, generator, device,
+                        latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+    with nvtx_range("rollout"), autocast(device, dtype):
+        traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generator,
+                          **bank.batch(ids, cfg.guidance_scale))
+    to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
+    return ids, traj, to_latent(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
+                                checkpoint_vae=cfg.checkpoint_vae)
+
+
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
-               params: list, generators: dict, device: torch.device, dtype: torch.dtype) -> Gradients:
+               params: list, generators: dict, device: torch.device, dtype: torch.dtype,
+               value_state: Optional[ValueStatistics] = None) -> Gradients:
     """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
 
     Changes nothing but .grad and the generators, so a step abandoned here leaves no trace in a
-    checkpoint. A NaN/Inf reward or gradient marks the update skipped.
+    checkpoint: the running value fit (`value_state`) is updated on a copy, returned for the caller
+    to keep when it commits the step. A NaN/Inf reward or gradient marks the update skipped.
     """
     for p in params:
         p.grad = None
     rewards: list[float] = []
     stats: dict = {}
+    value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
-        ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generators["sampling"])
-        x_T = initial_noise(models.unet, cfg.batch_size, generators["sampling"], device,
-                            latent_size(cfg.resolution, models.unet.config, models.vae.config))
-        with nvtx_range("rollout"), autocast(device, dtype):
-            traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generators["sampling"],
-                              **bank.batch(ids, cfg.guidance_scale))
-        reward_fn = _WatchedReward(latent_reward(models.vae, reward, [bank.prompts[i] for i in ids],
-                                                 decode_chunk=cfg.decode_chunk, checkpoint_vae=cfg.checkpoint_vae))
+        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generators["sampling"], device,
+                                            dtype)
+        reward_fn = _WatchedReward(latent_fn)
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
-                                 generator=generators["estimator"], prompt_ids=ids)
+                                 generator=generators["estimator"], prompt_ids=ids, value_state=value_state)
         except ValueError:
             if not reward_fn.nonfinite:
                 raise
-            return Gradients(rewards, stats, "reward", None)
+            return Gradients(rewards, stats, "reward", None, value_state)
         rewards += micro["rewards"]
-        for key in ("unet_forward", "unet_backward"):  # counts add up over micro-batches
-            micro[key] += stats.get(key, 0)
+        for key in COUNTS:  # counts add up over micro-batches
+            if key in micro:
+                micro[key] += stats.get(key, 0)
         stats = micro
     for p in params:
         if p.grad is not None:
             p.grad /= cfg.grad_accum
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm)
+    return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, value_state)
 
 
 def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
@@ -168,3 +177,18 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
         "grad_norm": grads.grad_norm, "lr": lr,
         "skipped": grads.skipped or False, "estimator": estimator,
     })
+
+
+def design_estimator(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                     generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """method='auto': the estimator rlr_fast.design chooses from cfg.design_pilots pilot batches, drawn as
+    training batches are but from `generator` (the training batches stay those of any fixed method)."""
+    from .design import Pilot, design
+
+    def pilot() -> Pilot:
+        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generator, device, dtype)
+        return Pilot(traj, latent_fn, ids)
+
+    with nvtx_range("design"), autocast(device, dtype):
+        return design(models.unet, pilot, pilots=cfg.design_pilots, budget=cfg.design_budget, max_h=cfg.design_max_h,
+                      max_memory_gb=cfg.max_memory_gb, config=cfg, differentiable=reward.differentiable, seed=cfg.seed)

@@ -69,6 +69,9 @@ def test_h_too_large_for_num_steps():
     (dict(dtype="fp16"), "dtype must be one of"),
     (dict(zo_steps=8, num_steps=10), r"zo_steps=8 must be in 1..7"),
     (dict(betas=(0.9, 1.0)), r"betas must each be in \[0, 1\)"),
+    (dict(baseline="value", rollout="cuda_graph"), "which rollout='cuda_graph' does not store"),
+    (dict(baseline="value", value_fit="loo", batch_size=4), r"value_fit='loo' .* needs batch_size >= 5 \(got 4\)"),
+    (dict(baseline="value", value_decay=-0.1), r"value_decay must be in \[0, 1\], got -0.1"),
 ])
 def test_inconsistent_settings(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -13,14 +13,14 @@ def _cond(batch, seed=1, dim=16):
     return torch.randn(batch, 5, dim, generator=g)
 
 
-def _run(unet, sched, eta, cfg, steps=6, batch=2, seed=0):
+def _run(unet, sched, eta, cfg, steps=6, batch=2, seed=0, **rollout_kw):
     g = torch.Generator().manual_seed(seed)
     x_t = torch.randn(batch, 4, 8, 8, generator=g)
     kw = dict(encoder_hidden_states=_cond(batch))
     if cfg:
         kw.update(negative_encoder_hidden_states=_cond(batch, seed=2), guidance_scale=5.0)
     traj = rlr_fast.rollout(unet, sched, x_t, num_steps=steps, eta=eta,
-                            generator=torch.Generator().manual_seed(3), **kw)
+                            generator=torch.Generator().manual_seed(3), **kw, **rollout_kw)
     return traj, kw
 
 
@@ -119,6 +119,27 @@ def test_rollout_and_estimate_under_autocast(unet, scheduler):
     assert traj.latents.dtype == torch.float32 and torch.isfinite(traj.latents).all()
     assert stats["unet_backward"] > 0
     assert all(p.grad is not None for p in rlr_fast.models.lora_parameters(lora_unet))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg", [False, True])
+def test_stored_x0_hat_is_diffusers_pred_original_sample(unet, prediction, cfg):
+    """store_x0_hat keeps each step's Tweedie estimate, from the guided output under CFG."""
+    sched = make_scheduler(prediction_type=prediction)
+    traj, kw = _run(unet, sched, 1.0, cfg, steps=4)
+    assert traj.x0_hat is None
+    traj, kw = _run(unet, sched, 1.0, cfg, steps=4, store_x0_hat=True)
+    assert torch.equal(traj.latents, _run(unet, sched, 1.0, cfg, steps=4)[0].latents)  # the chain is unchanged
+    ref = make_scheduler(prediction_type=prediction)
+    ref.set_timesteps(4)
+    for k, t in enumerate(ref.timesteps):
+        x = traj.latents[k]
+        out = unet(x, t, encoder_hidden_states=kw["encoder_hidden_states"]).sample
+        if cfg:
+            e_u = unet(x, t, encoder_hidden_states=kw["negative_encoder_hidden_states"]).sample
+            out = e_u + 5.0 * (out - e_u)
+        want = ref.step(out, t, x, eta=1.0, variance_noise=traj.noises[k]).pred_original_sample
+        torch.testing.assert_close(traj.x0_hat[k], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 # ---- bad input: one test each, each naming the bad value ------------------------------------

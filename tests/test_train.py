@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from rlr_fast.checkpoint import estimator_state, find_checkpoint
 from rlr_fast.config import Config
 from rlr_fast.run_dir import RunLock
 from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, _resolve_config, finetune
@@ -160,6 +161,28 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_p
     result = finetune(resume=str(tmp_path))
     a, b = lora_tensors(straight.out_dir), lora_tensors(result.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_value_baseline_trains_and_its_running_fit_resumes_bit_exactly(tiny, tmp_path):
+    """--set baseline=value: every update scores x0_hat of its likelihood-ratio steps, and the running
+    fit's statistics travel in the checkpoint, so a run killed at step 3 resumes into the straight run."""
+    value = dict(tiny, method="zo", baseline="value", train_steps=4, checkpoint_every=2, sample_every=0)
+    straight = finetune(out_dir=str(tmp_path / "straight"), **value)
+    for r in records(straight.out_dir):
+        steps = len(r["estimator"]["C"])
+        assert steps > 0 and r["estimator"]["reward_forward"] == 1 + steps and r["skipped"] is False
+    saved = estimator_state(find_checkpoint(straight.out_dir / "checkpoints" / "step_000002.safetensors"))
+    assert set(saved) == {"count", "mean_q", "mean_r", "ss_q", "ss_qr"} and saved["count"].max() > 0
+
+    def kill_at_3(step, record):
+        if step == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        finetune(out_dir=str(tmp_path / "killed"), callback=kill_at_3, **value)
+    resumed = finetune(resume=str(tmp_path / "killed"))
+    assert [r["reward_mean"] for r in records(resumed.out_dir)] == [r["reward_mean"] for r in records(straight.out_dir)]
+    assert same_lora(straight.out_dir, resumed.out_dir)
 
 
 def test_resume_with_another_config_is_refused(straight):

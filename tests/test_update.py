@@ -26,12 +26,15 @@ def test_prompt_ids_are_distinct_groups_of_images_per_prompt():
 
 @pytest.mark.parametrize("choice, device, kind, reason", [
     ("auto", "cpu", "eager", "device is cpu (CUDA graphs need a GPU)"),
+    ("auto+value", "cuda", "eager",
+     "baseline='value' needs each step's x0 estimate, which the CUDA-graph rollout does not store"),
     ("eager", "cuda", "eager", "rollout='eager' was asked for"),
     ("auto", "cuda", "cuda_graph", None),
     ("cuda_graph", "cpu", "cuda_graph", None),  # tried; see the fallback test
 ])
 def test_rollout_choice(models, choice, device, kind, reason):
-    chosen = TrainingRollout(Config(rollout=choice), models, torch.device(device))
+    cfg = Config(rollout="auto", baseline="value") if choice == "auto+value" else Config(rollout=choice)
+    chosen = TrainingRollout(cfg, models, torch.device(device))
     assert (chosen.kind, chosen.reason) == (kind, reason)
 
 
@@ -88,3 +91,21 @@ def test_gradients_change_nothing_until_applied(models):
     record = apply(cfg, 0, grads, optimizer)
     assert record["step"] == 1 and record["lr"] == cfg.lr and record["skipped"] is False
     assert any(not torch.equal(a, p) for a, p in zip(before, params)) and all(p.grad is None for p in params)
+
+
+def test_gradients_fit_the_value_baseline_on_a_copy_returned_for_the_commit(models):
+    """The running value fit's statistics change only when the caller keeps the returned state."""
+    from rlr_fast.baselines import ValueStatistics
+
+    cfg = Config(num_steps=3, batch_size=2, images_per_prompt=2, method="zo", baseline="value", grad_accum=2)
+    run = tiny_sd(0)
+    run.unet = add_lora(run.unet, seed=0)
+    state = ValueStatistics()
+    grads = gradients(cfg, run, PromptBank(run, ["a red circle", "a blue square"], ""), get_reward("brightness"),
+                      TrainingRollout(cfg, run, torch.device("cpu")), lora_parameters(run.unet),
+                      {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)},
+                      torch.device("cpu"), torch.float32, state)
+    assert state.state_dict() == {}
+    zo_steps = len(grads.stats["C"])
+    assert grads.value_state.moments.count.max() == 2 * 0.9 + 2  # two micro-batches of 2, the first decayed once
+    assert grads.stats["reward_forward"] == 2 * (1 + zo_steps)  # summed over the micro-batches
