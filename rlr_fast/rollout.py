@@ -1,7 +1,7 @@
 """Sampling rollouts that store what an estimator needs, and exact recomputation of any step.
 
 Step indices: step k = 0 .. T-1 in `scheduler.timesteps` order (k = 0 is the noisiest).
-`rlr_math.md` numbers steps t = T .. 1 instead; step k is math step t = T - k.
+docs/estimator.md §1 numbers steps t = T .. 1 instead; step k is math step t = T - k.
 Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `noises[k]`.
 
 Conditioning is per sample, or per step and sample (a prompt schedule, `rlr_fast.prompts`): then
@@ -62,11 +62,11 @@ class Trajectory:
         return step_conditioning(self.encoder_hidden_states, self.prompt_index, ks)
 
     def math_step(self, k: int) -> int:
-        """The `rlr_math.md` index t of step k."""
+        """The math index t (docs/estimator.md §1) of step k."""
         return self.num_steps - k
 
     def step_index(self, t: int) -> int:
-        """The step k of the `rlr_math.md` index t."""
+        """The step k of the math index t (docs/estimator.md §1)."""
         return self.num_steps - t
 
 

@@ -98,7 +98,8 @@ def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, tar
         a = coef.c_x[k] + coef.c_e[k] * gain
         m = a * m + coef.c_e[k] * shift
         var = a * a * var + coef.sigmas[k] ** 2
-    return -((m - target) ** 2 + var).sum(-1).mean()
+    err = (m - target) ** 2 + var  # one sample's shape, with a leading batch dimension under `cond`
+    return -err.flatten(err.dim() - model.w.dim()).sum(-1).mean()
 
 
 def exact_loss_gradient(model: LinearEps, scheduler, num_steps: int, eta: float,

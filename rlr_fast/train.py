@@ -304,7 +304,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.method == AUTO:  # pilot batches: the training batches stay those of a fixed method
         generators["design"] = torch.Generator().manual_seed(cfg.seed + 2)
     start, counters = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}
-    value_state = ValueStatistics() if cfg.estimator_options().needs_value_state else None
+    value_state = ValueStatistics() if cfg.needs_value_state else None
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]

@@ -50,7 +50,7 @@ class TrainingRollout:
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
-        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
+        self.store_x0_hat = cfg.needs_x0_hat  # never with method=auto: designs do not use the value baseline
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
