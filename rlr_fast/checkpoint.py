@@ -35,7 +35,8 @@ RESUMABLE_CHANGES = {
     "preset", "out_dir", "overwrite", "resume", "train_steps", "sample_every", "sample_prompts", "sample_seeds",
     "checkpoint_every", "max_nonfinite", "profile", "tensorboard", "device", "max_memory_gb", "max_batch",
     "checkpoint_unet", "checkpoint_vae", "decode_chunk", "split_cfg", "free_text_encoder", "rollout",
-    "distributed_timeout",
+    "distributed_timeout", "eval_every", "eval_prompts", "eval_num_prompts", "eval_seeds", "eval_rewards",
+    "eval_reward_kwargs",
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
-from .demo_data import PROMPTS as DEMO_PROMPTS
+from .demo_data import PROMPTS as DEMO_PROMPTS, held_out_prompts
 from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
                       field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
 from .prompts import PromptSchedule, schedule_value
@@ -37,10 +37,20 @@ ANIMALS = [
     "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "owl", "snake", "turtle", "frog",
     "chicken", "duck", "goose", "bee", "pig", "camel", "llama", "gorilla", "hedgehog", "kangaroo",
 ]
+# Held out from ANIMALS for evaluation: common animals absent from it (our own list), same template.
+HELD_OUT_ANIMALS = [
+    "penguin", "elephant", "giraffe", "panda", "koala", "otter", "octopus", "crab", "parrot", "flamingo",
+    "peacock", "seal", "hippopotamus", "rhinoceros", "jellyfish", "eagle",
+]
 PROMPT_SETS: dict[str, list[str]] = {
     "demo": list(DEMO_PROMPTS),
     "animals": [f"a photo of a {animal}" for animal in ANIMALS],
+    # demo_data.held_out_prompts: no (colour, shape) or (colour, background) pair of the demo set
+    "demo_heldout": held_out_prompts(tuple(DEMO_PROMPTS)),
+    "animals_heldout": [f"a photo of a {animal}" for animal in HELD_OUT_ANIMALS],
 }
+# The evaluation set of each built-in training set: disjoint from it (tests/test_evaluation.py checks).
+HELD_OUT = {"demo": "demo_heldout", "animals": "animals_heldout"}
 
 
 @dataclass
@@ -138,6 +148,22 @@ class Config(EstimatorOptions):
     design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
                                                   "(rollout T and reward included); None: no limit")
 
+    # --- evaluation during training (rlr_fast.evaluation; `rlr-fast evaluate` is the full one)
+    eval_every: int = option(0, "evaluate the LoRA against the base model before the first step, every N steps "
+                                "and after the last, into eval.jsonl and eval_curve.png: each reward's mean, "
+                                "sample diversity and the KL to the base sampler (0: never)")
+    eval_prompts: Optional[str] = option(None, "prompts of those evaluations (a built-in set or a file); None: the "
+                                               "held-out set of `prompts` (demo_heldout, animals_heldout), or "
+                                               "`prompts` itself when it is a file")
+    eval_num_prompts: int = option(4, "the first N of eval_prompts, so an evaluation stays cheap")
+    eval_seeds: tuple[int, ...] = option((0, 1, 2, 3), "seeds of those evaluations: each prompt is sampled once "
+                                                        "per seed (diversity needs two or more)")
+    eval_rewards: tuple[str, ...] = option((), "rewards scored in those evaluations besides `reward`, e.g. "
+                                                "[color_match] beside brightness: prompt-following falling while "
+                                                "the reward rises is reward hacking")
+    eval_reward_kwargs: dict = option({}, "options of the eval_rewards' loaders, by name, e.g. "
+                                          "{hpsv2: {path: /weights/HPSv2}}")
+
     # --- memory
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
@@ -211,7 +237,8 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2), ("design_max_h", 1)):
+                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
+                          ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1)):
             check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout"):
             check_positive(name, getattr(self, name))
@@ -232,6 +259,12 @@ class Config(EstimatorOptions):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
 
+        if self.eval_every and not self.eval_seeds:
+            raise ValueError(f"eval_every={self.eval_every} needs at least one seed in eval_seeds, got []")
+        stray = sorted(set(self.eval_reward_kwargs) - set(self.eval_rewards))
+        if stray:
+            raise ValueError(f"eval_reward_kwargs names {stray}, which eval_rewards ({list(self.eval_rewards)}) "
+                             "does not list; options of the trained reward go in reward_kwargs")
         if self.batch_size % self.images_per_prompt:
             raise ValueError(f"images_per_prompt={self.images_per_prompt} must divide batch_size={self.batch_size}")
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
@@ -377,6 +410,12 @@ def load_prompts(spec: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts (only blank lines or comments)")
     return prompts
+
+
+def eval_prompts_of(spec: str) -> tuple[str, bool]:
+    """The prompts to evaluate a run trained on `spec` with, and whether they are held out from it: a
+    built-in set's held-out set, else `spec` itself (a file, or a set without a held-out one)."""
+    return (HELD_OUT[spec], True) if spec in HELD_OUT else (spec, False)
 
 
 def config_help(preset: str = "demo") -> str:

@@ -1,6 +1,6 @@
-"""Models for sampling and the pictures and numbers made from them: device and precision, loading
-(with a LoRA), seeded sampling, decoding, image grids, and reward evaluation over a prompt set.
-The training loop samples its grids with these, and the CLI's `sample` and `evaluate` are built on them.
+"""Models for sampling and the pictures made from them: device and precision, loading (with a
+LoRA), seeded sampling, decoding and image grids. The training loop samples its grids with these,
+and the CLI's `sample` and `evaluate` (rlr_fast.evaluation) are built on them.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config
 from .models import SDModels, check_sd_folder, load_lora, load_sd
-from .prompts import PromptBank
-from .rewards import Reward
-from .rollout import rollout
+from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
@@ -125,31 +122,42 @@ def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool 
 
 
 @torch.no_grad()
+def sample_chain(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seed: int, *, num_steps: int,
+                 eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
+                 latent_hw: Optional[tuple[int, int]] = None, prompt_index: Optional[torch.Tensor] = None,
+                 num_frames: Optional[int] = None) -> Trajectory:
+    """The sampling chain of P prompt embeddings `cond` (P, L, D) for one seed: x_T and every step's
+    noise are drawn from a generator seeded with `seed`, so a fixed (prompt list, seed) always gives
+    the same chain of a given model, and two models given the same seed start from the same x_T and
+    draw the same noises. Under a prompt schedule (`PromptBank.conditioning`), `cond` holds the
+    distinct embeddings and `prompt_index` (num_steps, P) which one each of the P samples uses at each
+    step; `num_frames` is a video model's."""
+    device = models.unet.device
+    batch = len(cond) if prompt_index is None else prompt_index.shape[1]
+    generator = torch.Generator().manual_seed(int(seed))
+    x_T = initial_noise(models.unet, batch, generator, device, latent_hw, num_frames)
+    with autocast(device, dtype):
+        return rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta, encoder_hidden_states=cond,
+                       prompt_index=prompt_index, guidance_scale=guidance_scale,
+                       negative_encoder_hidden_states=None if guidance_scale == 1.0 else negative.expand(batch, -1, -1),
+                       generator=generator)
+
+
+@torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
                     desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None,
                     prompt_index: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> torch.Tensor:
     """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major;
-    videos (len(seeds) * P, num_frames, 3, H, W) from a video model.
-
-    Under a prompt schedule (`PromptBank.conditioning`), `cond` holds the distinct embeddings and
-    `prompt_index` (num_steps, P) which one each of the P images uses at each step. Each seed draws
-    x_T and the sampling noise of all P prompts from its own generator, so the images of a fixed
-    (prompt list, seed) never change between calls. With `desc`, a progress bar counts the seeds.
-    """
-    device = models.unet.device
-    batch = len(cond) if prompt_index is None else prompt_index.shape[1]
+    videos (len(seeds) * P, num_frames, 3, H, W) from a video model. Each seed's come from
+    `sample_chain` (see it for `prompt_index`). With `desc`, a progress bar counts the seeds."""
     images = []
     bar = progress(len(seeds), desc, "seed") if desc else contextlib.nullcontext()
     with bar:
         for seed in seeds:
-            generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, batch, generator, device, latent_hw, num_frames)
-            with autocast(device, dtype):
-                traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
-                               encoder_hidden_states=cond, prompt_index=prompt_index, guidance_scale=guidance_scale,
-                               negative_encoder_hidden_states=None if guidance_scale == 1.0 else
-                               negative.expand(batch, -1, -1), generator=generator)
+            traj = sample_chain(models, cond, negative, seed, num_steps=num_steps, eta=eta,
+                                guidance_scale=guidance_scale, dtype=dtype, latent_hw=latent_hw,
+                                prompt_index=prompt_index, num_frames=num_frames)
             images.append(decode_latents(models.vae, traj.x0).cpu())
             if desc:
                 bar.update(1)
@@ -163,14 +171,15 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, 
     sample stays visible. One image with min_cell=0, pad=0 is saved as it is. Videos
     (rows * cols, F, 3, H, W) are saved as an animated GIF of such grids, `fps` frames a second."""
     if images.dim() == 5:
-        frames = [_grid(images[:, f], rows, min_cell, pad) for f in range(images.shape[1])]
+        frames = [grid_image(images[:, f], rows, min_cell, pad) for f in range(images.shape[1])]
         return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, loop=0,
                                                              append_images=frames[1:], duration=1000 // fps))
-    canvas = _grid(images, rows, min_cell, pad)
+    canvas = grid_image(images, rows, min_cell, pad)
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
-def _grid(images: torch.Tensor, rows: int, min_cell: int, pad: int) -> Image.Image:
+def grid_image(images: torch.Tensor, rows: int, min_cell: int = 128, pad: int = 2) -> Image.Image:
+    """Images (rows * cols, 3, H, W) tiled as `save_grid` saves them."""
     n, _, h, w = images.shape
     cols = math.ceil(n / rows)
     scale = max(1, math.ceil(min_cell / max(h, w)))
@@ -187,33 +196,3 @@ def prompt_rows(images: torch.Tensor, seeds: int) -> torch.Tensor:
     """`generate_images`' seed-major images reordered prompt-major: prompts as rows, seeds as columns."""
     grid = images.reshape(seeds, -1, *images.shape[1:]).transpose(0, 1)
     return grid.reshape(-1, *images.shape[1:])
-
-
-def evaluate_reward(models: SDModels, reward: Reward, prompts: list[str], seeds, *, num_steps: int, eta: float,
-                    guidance_scale: float, negative_prompt: str = "", dtype: torch.dtype = torch.float32,
-                    batch_size: int = 16, prompt_schedule=None, num_frames: Optional[int] = None) -> dict:
-    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means.
-    With `prompt_schedule` (rlr_fast.prompts), the prompts it names are sampled under it. A video
-    model's videos are scored by a video reward (`rewards.get_video_reward`)."""
-    values = []  # (seed, prompt) order
-    chunks = range(0, len(prompts), batch_size)
-    with progress(len(chunks) * len(seeds), "evaluate", "batch") as bar:
-        for start in chunks:
-            chunk = prompts[start:start + batch_size]
-            bank = PromptBank(models, chunk, negative_prompt, prompt_schedule, num_steps)
-            cond = bank.conditioning(torch.arange(len(chunk)))
-            for seed in seeds:
-                images = generate_images(models, cond["encoder_hidden_states"], bank.negative, [seed],
-                                         num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, dtype=dtype,
-                                         prompt_index=cond.get("prompt_index"), num_frames=num_frames)
-                with torch.no_grad():
-                    r = reward(images.to(models.unet.device), chunk).float().cpu()
-                values += [(seed, p, float(v)) for p, v in zip(chunk, r)]
-                bar.update(1)
-    scores = np.array([v for _, _, v in values])
-    per_prompt = {p: float(np.mean([v for _, q, v in values if q == p])) for p in prompts}
-    n = len(scores)
-    std = float(scores.std(ddof=1)) if n > 1 else 0.0
-    return {"n": n, "mean": float(scores.mean()), "std": std, "stderr": std / math.sqrt(n),
-            "nonfinite": int((~np.isfinite(scores)).sum()), "per_prompt": per_prompt,
-            "seeds": [int(s) for s in seeds], "num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}

@@ -28,6 +28,7 @@ Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
+    eval.jsonl, eval_curve.png         with eval_every: LoRA vs base model every N steps (rlr_fast.evaluation)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .checkpoint import (Checkpoint, capture_rng, check_compatible, estimator_st
 from .config import PRESETS, Config, load_config, load_prompts
 from .design import Design
 from .distributed import RankFailure, Ranks, process_group
+from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
@@ -230,6 +232,7 @@ class _Run:
     counters: dict
     plan_table: Optional[str]
     value_state: Optional[ValueStatistics]  # the running value fit, as of the last committed step
+    evaluation: Optional[RunEvaluation] = None
     ranks: Ranks = field(default_factory=Ranks)
     grids: list[Path] = field(default_factory=list)
 
@@ -282,6 +285,12 @@ class _Run:
                                                       + designed.pilot_cost["forward_equivalents"])
         return jsonable(designed.summary())
 
+    def evaluate(self, step: int, last: bool = False) -> None:
+        """The eval_every evaluation at `step` when one is due there (RunEvaluation says when)."""
+        if self.evaluation is not None:
+            with nvtx_range("evaluation"):
+                self.evaluation(step, last)
+
     def checkpoint(self, step: int, rng: dict) -> Path:
         """checkpoints/step_NNNNNN.safetensors, written by rank 0 (the state is the same on every rank)."""
         path = self.out / "checkpoints" / f"step_{step:06d}.safetensors"
@@ -312,6 +321,9 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
+    # encodes its prompts (before free_text_encoder); rank 0 alone evaluates, the others wait for it at
+    # the next collective (within distributed_timeout)
+    evaluation = RunEvaluation(cfg, models, reward, device) if cfg.eval_every and ranks.main else None
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()
@@ -341,7 +353,8 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     ranks.broadcast_parameters(params)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, rollout=TrainingRollout(cfg, models, device), start=start,
-                counters=counters, plan_table=plan_table, value_state=value_state, ranks=ranks)
+                counters=counters, plan_table=plan_table, value_state=value_state, evaluation=evaluation,
+                ranks=ranks)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
@@ -356,8 +369,11 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
         if run.plan_table is not None:
             atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
     log = MetricsLog(out, records, tensorboard=cfg.tensorboard, write=main)
+    if run.evaluation is not None:
+        run.evaluation.start(out, run.start)
     if not resumed:
         run.sample_grid(0)
+    run.evaluate(run.start)
     rng_after_step = capture_rng(run.generators)  # the RNG state at the last step boundary
     step, checkpoint_step = run.start, run.start if resumed else None
     stopped = None
@@ -394,6 +410,7 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 break
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.train_steps:
                 run.sample_grid(step)
+            run.evaluate(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 run.checkpoint(step, rng_after_step)
                 checkpoint_step = step
@@ -417,13 +434,15 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     # The end, or a stop for non-finite updates: nothing trained so far may be lost.
     if checkpoint_step != step:
         run.checkpoint(step, rng_after_step)
+    run.evaluate(step, last=True)
     run.sample_grid(step)
     lora_path, curve = out / LORA_WEIGHT_NAME, out / "reward_curve.png"
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
                         "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
                         **({"design": {k: counters.get(k) for k in ("design", "designs", "design_forward_equivalents")}}
-                           if cfg.method == AUTO else {})})
+                           if cfg.method == AUTO else {}),
+                        **({"eval": run.evaluation.records[-1]} if run.evaluation and run.evaluation.records else {})})
     if main:
         save_lora(run.models.unet, out)
         draw_reward_curve(log.records, curve)
@@ -431,7 +450,8 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     run.ranks.barrier("waiting for rank 0's final outputs")  # so that every rank returns paths that exist
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "designs", out / "tensorboard") if p.exists()]
+                           out / "designs", out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png")
+               if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "

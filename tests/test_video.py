@@ -392,10 +392,14 @@ def test_cli_samples_and_evaluates_a_video_run(video_run, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("*.gif")) == ["grid.gif", "prompt000_seed0.gif"]
     with Image.open(out / "prompt000_seed0.gif") as gif:
         assert gif.n_frames == 2 and gif.size == (16, 16)
-    assert main(["evaluate", "--lora", str(video_run.out_dir), "--prompts", "demo", "--seeds", "0", "--steps", "2",
-                 "--reward", "temporal_consistency", "--batch-size", "4", "--out", str(tmp_path / "eval.json")]) == 0
-    stats = json.loads((tmp_path / "eval.json").read_text())
-    assert stats["n"] == len(rlr_fast.config.PROMPT_SETS["demo"]) and -1 <= stats["mean"] <= 0
+    assert main(["evaluate", "--lora", str(video_run.out_dir), "--prompts", "demo", "--seeds", "0,1", "--steps", "2", "--reward", "temporal_consistency", "--batch-size", "4", "--out",
+                 str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for sampler in ("base", "lora"):
+        stats = report["rewards"]["temporal_consistency"][sampler]
+        assert stats["n"] == 2 * len(rlr_fast.config.PROMPT_SETS["demo"]) and -1 <= stats["mean"] <= 0
+    assert report["kl"]["lora"]["mean"] > 0 and report["diversity"]["pixels"]["lora"]["mean"] > 0
+    assert (tmp_path / "eval" / "eval_grid.png").is_file()
 
 
 def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
