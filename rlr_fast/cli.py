@@ -6,15 +6,18 @@
     rlr-fast sample --lora out/demo --prompt "a red circle on a blue background" --seeds 0-3
     rlr-fast evaluate --lora out/demo --seeds 0-7 --reward brightness --reward color_match
     rlr-fast convert hpsv2 --checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14 --out weights/HPSv2
+    torchrun --nproc_per_node 4 -m rlr_fast finetune --preset sd14     # data parallel (rlr_fast.distributed)
 
 User errors (a bad key, value, path or file) print one line and exit with status 2; a run stopped
-by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint.
+by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint; a rank that
+lost the others (RankFailure) or a run of non-finite updates prints one line and exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,7 +51,9 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
         "finetune", help="fine-tune a LoRA to raise a reward",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a LoRA on the UNet to raise a reward. Values come from a preset, then a YAML "
-                    "file, then --set overrides.",
+                    "file, then --set overrides. Launched by torchrun (torchrun --nproc_per_node N -m rlr_fast "
+                    "finetune ...) the run is data parallel: each rank rolls out batch_size / N of every "
+                    "micro-batch, and the same config is the same run at any N.",
         epilog=f"config keys (for --set key=value and YAML files), with their values in preset {help_preset}:\n"
                + config_help(help_preset))
     finetune.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: demo, or with "
@@ -137,6 +142,8 @@ def _run_finetune(args) -> int:
             cfg = cfg.with_overrides({"resume": args.resume})
         result = finetune(cfg)
     summary = {k: v for k, v in result.metrics.items() if k != "last"}
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run
+        return 0
     print(json.dumps({"out_dir": str(result.out_dir), "lora": str(result.lora_path),
                       "metrics": str(result.metrics_path), "reward_curve": str(result.curve_path),
                       "summary": summary}, indent=2))
@@ -329,9 +336,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rlr-fast {args.command}: stopped ({'SIGTERM' if signum == 15 else 'interrupted'})", file=sys.stderr)
         return 128 + signum
     except RuntimeError as e:
+        from .distributed import RankFailure
         from .train import NonFiniteError
 
-        if not isinstance(e, NonFiniteError):
+        if not isinstance(e, (NonFiniteError, RankFailure)):
             raise
         print(f"rlr-fast {args.command}: {e}", file=sys.stderr)
         return 1

@@ -82,6 +82,9 @@ class Config(EstimatorOptions):
                                     "for on the command line (--set overwrite=true) or from Python only, never "
                                     "from a YAML file or preset (an out_dir without checkpoints is reused anyway)")
     resume: Optional[str] = option(None, "continue the run in this out_dir (or from this checkpoint file)")
+    distributed_timeout: float = option(600.0, "torchrun runs: seconds a rank waits for the others at a collective "
+                                               "before stopping with an error (a rank died or hangs); it must cover "
+                                               "the longest work rank 0 does alone (sample grids, checkpoints)")
 
     # --- sampling
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
@@ -101,7 +104,9 @@ class Config(EstimatorOptions):
               "segments {prompt, from_step, to_step} covering [0, 1], fractions of the chain (0 its first, "
               "noisiest step; step k of T takes the segment holding k/T). A mapping in YAML, or the path of "
               "a YAML file of one (recorded in the run as its contents); README, 'Prompt schedules'")
-    batch_size: int = option(4, "samples per micro-batch")
+    batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
+                                "rolls out batch_size / W of them (W must divide it), so a config is the same run "
+                                "at any world size")
     images_per_prompt: int = option(2, "samples of each prompt in a micro-batch (per-prompt baselines "
                                        "need >= 2); divides batch_size")
 
@@ -114,7 +119,8 @@ class Config(EstimatorOptions):
     # --- LoRA and optimizer
     lora_rank: int = option(4, "LoRA rank on the UNet attention projections")
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)")
-    lr: float = option(1e-3, "AdamW learning rate")
+    lr: float = option(1e-3, "AdamW learning rate, on the gradient of the mean reward over an optimizer step's "
+                             "batch_size x grad_accum samples (at any number of ranks)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -234,7 +240,7 @@ class Config(EstimatorOptions):
                           ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
                           ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1)):
             check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "adam_eps"):
+        for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout"):
             check_positive(name, getattr(self, name))
         for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
             if getattr(self, name) is not None:

@@ -35,7 +35,8 @@ import torch
 
 from .ddim import ddim_step, log_density_dtype, step_coefficients
 from .profiling import nvtx_range
-from .rollout import Trajectory, check_rollout_args, check_scheduler, model_key, predict, step_conditioning
+from .rollout import (Trajectory, check_rollout_args, check_scheduler, model_key, predict, step_conditioning,
+                      step_noises)
 
 # max |graph - eager| / max |eager| over the stored latents, by dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -160,7 +161,7 @@ class GraphedRollout:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, *, num_steps: int, eta: float, encoder_hidden_states=None,
                  guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None,
-                 generator=None, progress: bool = False) -> Trajectory:
+                 generator=None, noises=None, progress: bool = False) -> Trajectory:
         if self.capture and (not torch.is_tensor(latents) or latents.device.type != "cuda"):
             where = latents.device if torch.is_tensor(latents) else type(latents).__name__
             raise RuntimeError(f"CUDA-graph rollouts need latents on a CUDA device, got {where} "
@@ -177,9 +178,8 @@ class GraphedRollout:
 
         self.scheduler.set_timesteps(num_steps)
         coef = step_coefficients(self.scheduler, eta)
-        # drawn exactly as rlr_fast.rollout draws them, so the same generator gives the same chain
-        noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
-                             device=device if generator is None else generator.device, dtype=dtype).to(device)
+        # given or drawn exactly as rlr_fast.rollout does, so the same generator gives the same chain
+        noises = step_noises(latents, num_steps, generator, noises)
         timesteps, c_x, c_e, sigmas = (v.to(device) for v in (coef.timesteps, coef.c_x, coef.c_e, coef.sigmas))
         xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
         log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
@@ -210,7 +210,7 @@ class GraphedRollout:
 
 def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
                        guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None,
-                       generator=None, progress: bool = False, split_cfg: bool = False,
+                       generator=None, noises=None, progress: bool = False, split_cfg: bool = False,
                        backend: str = "auto") -> Trajectory:
     """`rlr_fast.rollout` (same signature and result) with every step replayed from a CUDA graph.
 
@@ -219,4 +219,4 @@ def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float,
     graphed = GraphedRollout(model, scheduler, split_cfg=split_cfg, backend=backend)
     return graphed(latents, num_steps=num_steps, eta=eta, encoder_hidden_states=encoder_hidden_states,
                    guidance_scale=guidance_scale, negative_encoder_hidden_states=negative_encoder_hidden_states,
-                   prompt_index=prompt_index, generator=generator, progress=progress)
+                   prompt_index=prompt_index, generator=generator, noises=noises, progress=progress)

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
+from .distributed import Ranks
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
@@ -49,11 +50,17 @@ class Terms:
 # Rewards
 
 
-def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
-    """R(x_0) (B,) and, when `need_grad`, dR/dx_0; the reward's graph is freed before returning.
+class NonFiniteRewards(ValueError):
+    """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
+
+
+def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks = Ranks()):
+    """R(x_0) (B,), the whole batch's rewards (all ranks' in rank order: `group.gather`) and, when
+    `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 
     Computing dR/dx_0 first (phase one) and sweeping the model afterwards (phase two) means the
-    reward's activations and the model's are never alive together.
+    reward's activations and the model's are never alive together. Finiteness is checked on the
+    whole batch, so every rank refuses the same batch.
     """
     x0 = traj.x0.detach().requires_grad_(need_grad)
     with nvtx_range("reward"), torch.set_grad_enabled(need_grad):
@@ -61,18 +68,19 @@ def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
     if not torch.is_tensor(r) or r.shape != (traj.batch_size,):
         raise ValueError(f"reward_fn must return a tensor of shape ({traj.batch_size},) (one reward "
                          f"per sample), got {getattr(r, 'shape', type(r).__name__)}")
-    bad = int((~torch.isfinite(r.detach())).sum())
+    everyone = group.gather(r.detach())
+    bad = int((~torch.isfinite(everyone)).sum())
     if bad:
-        raise ValueError(f"{bad} of {traj.batch_size} rewards are not finite (NaN or Inf); "
-                         "no gradient was applied")
+        raise NonFiniteRewards(f"{bad} of {everyone.numel()} rewards are not finite (NaN or Inf); "
+                               "no gradient was applied")
     if not need_grad:
-        return r.detach(), None
+        return r.detach(), everyone, None
     if r.grad_fn is None:
         raise ValueError("this estimator needs dR/dx0 but the reward is not differentiable "
                          "(its output has no gradient path to x0); use method='zo' or 'ddpo', "
                          "or method='rlr' with first_order_steps=0")
     (dr,) = torch.autograd.grad(r.sum(), x0)  # rewards are per sample: d(sum R)/dx0_b = dR_b/dx0_b
-    return r.detach(), dr
+    return r.detach(), everyone, dr
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,16 +200,18 @@ def likelihood_ratio_steps(traj: Trajectory, terms: Terms) -> list[int]:
     return sorted(traj.step_index(t) for t in ts)
 
 
-def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, rewards: torch.Tensor,
-                options: EstimatorOptions, prompt_ids, value_state: Optional[ValueStatistics]) -> tuple[torch.Tensor, dict]:
-    """-(R - b_k) / B per step k and sample, (T, B), and the baseline's stats.
+def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, everyone: torch.Tensor, options: EstimatorOptions,
+                prompt_ids, value_state: Optional[ValueStatistics], group: Ranks) -> tuple[torch.Tensor, dict]:
+    """-(R - b_k) / B per step k and sample of this rank's B, (T, B), and the baseline's stats.
 
-    Rows of steps without a likelihood ratio are NaN under the value baseline, which computes b_k
-    only where a term needs it.
+    Baselines are fitted on the whole batch: `everyone`'s rewards (all ranks') and, for the value
+    baseline, every rank's proxy rewards. Rows of steps without a likelihood ratio are NaN under the
+    value baseline, which computes b_k only where a term needs it.
     """
     T, B = traj.num_steps, traj.batch_size
+    rewards = group.mine(everyone)
     if options.baseline != "value":
-        return (-(rewards - reward_baseline(rewards, options, prompt_ids)) / B).expand(T, -1), {}
+        return (-(rewards - group.mine(reward_baseline(everyone, options, prompt_ids))) / B).expand(T, -1), {}
     ks = likelihood_ratio_steps(traj, terms)
     adv = torch.full((T, B), float("nan"), dtype=rewards.dtype, device=rewards.device)
     if not ks:
@@ -210,13 +220,13 @@ def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, rewards: to
         raise ValueError("baseline='value' scores each step's x0 estimate, which this trajectory does not hold: "
                          "roll out with rlr_fast.rollout(..., store_x0_hat=True)")
     with nvtx_range("value baseline"):
-        q = proxy_rewards(reward_fn, traj.x0_hat, ks)
+        q = group.gather(proxy_rewards(reward_fn, traj.x0_hat, ks).T, "gathering the value baseline's proxy rewards").T
         running = options.value_fit == "running"
         history = value_state.history(T, ks) if running else None
-        b, fallbacks = value_baseline(q, rewards, history)
+        b, fallbacks = value_baseline(q, everyone, history)
         if running:  # after the fit: the batch enters the baselines of later estimates only
-            value_state.update(T, ks, q, rewards, options.value_decay)
-    adv[ks] = (-(rewards.double() - b) / B).to(rewards.dtype)
+            value_state.update(T, ks, q, everyone, options.value_decay)
+    adv[ks] = (-(rewards.double() - group.mine(b.T).T) / B).to(rewards.dtype)
     return adv, {"value_fallbacks": fallbacks, "reward_forward": len(ks)}
 
 
@@ -246,7 +256,8 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
 
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
-             value_state: Optional[ValueStatistics] = None, track_memory: bool = False, **overrides) -> dict:
+             group: Optional[Ranks] = None, value_state: Optional[ValueStatistics] = None,
+             track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b).
 
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
@@ -255,16 +266,23 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     generator   draws j, the zeroth-order subsample and a random K; same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
     advantages  ddpo only: (B,) advantages instead of the per-prompt standardised rewards
+    group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
+                of the batch: rewards, prompt ids and the value baseline's proxy rewards are
+                all-gathered, so baselines, value fits, normalize's scale and ddpo's advantages are
+                the whole batch's; each rank estimates from its own samples, and the ranks' mean
+                .grad is the whole batch's estimate
     value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
-                used for this estimate's baselines and then updated with this batch
+                used for this estimate's baselines and then updated with this batch (the whole
+                batch's, so it stays the same on every rank)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std, rewards, j, F/H/C (docs/estimator.md step indices),
-    zo_weight, unet_forward, unet_backward (model calls), unet_steps (steps recomputed with grad, each
-    a forward and a backward of the batch), reward_forward (reward_fn calls on the batch: R(x_0) and,
-    with baseline="value", one per likelihood-ratio step), reward_backward (0 or 1: dR/dx_0),
-    term_norms, peak_saved_bytes, for ddpo clip_fraction and with baseline="value" value_fallbacks
-    (step-sample baselines that fell back to a mean reward: too few pairs or no spread of q).
+    Returns stats: method, reward_mean/std, rewards (the whole batch's, with a group), j, F/H/C
+    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls), unet_steps
+    (steps recomputed with grad, each a forward and a backward of the batch), reward_forward (reward_fn
+    calls on the batch: R(x_0) and, with baseline="value", one per likelihood-ratio step),
+    reward_backward (0 or 1: dR/dx_0), term_norms, peak_saved_bytes, for ddpo clip_fraction and with
+    baseline="value" value_fallbacks (step-sample baselines that fell back to a mean reward: too few
+    pairs or no spread of q).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
@@ -279,8 +297,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
     if advantages is not None and options.method != "ddpo":
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
+    group = Ranks() if group is None else group
     if prompt_ids is not None:
-        prompt_ids = torch.as_tensor(prompt_ids)
+        prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
     needs_state = options.needs_value_state
     if needs_state and not isinstance(value_state, ValueStatistics):
         raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
@@ -290,9 +309,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
-    rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
+    rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
     if options.method == "ddpo":
-        advantages = ddpo_advantages(rewards, prompt_ids) if advantages is None else \
+        advantages = group.mine(ddpo_advantages(everyone, prompt_ids)) if advantages is None else \
             torch.as_tensor(advantages, dtype=rewards.dtype, device=rewards.device)
         if advantages.shape != rewards.shape:
             raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
@@ -305,13 +324,13 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
-            adv, extra = _advantages(reward_fn, traj, terms, rewards, options, prompt_ids, value_state)
-            s, b = reward_scale(rewards, options), traj.batch_size
+            adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)
+            s, b = reward_scale(everyone, options), traj.batch_size
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
                 _run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
     extra["reward_forward"] = 1 + extra.get("reward_forward", 0)
-    return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
+    return dict(_stats(options.method, everyone, terms), unet_forward=counter.forward,
                 unet_backward=counter.backward, reward_backward=int(dr is not None),
                 term_norms=grads.norms, peak_saved_bytes=None if memory is None else memory.peak, **extra)
 

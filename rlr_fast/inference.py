@@ -77,14 +77,20 @@ def load_for_inference(model: str, lora: Optional[str], device: torch.device, dt
 
 def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
                   latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> torch.Tensor:
-    """x_T (batch, C, h, w) in float32, or (batch, C, num_frames, h, w) for a video UNet, drawn on the
-    CPU from `generator` (the same on every device); latent_hw None: the UNet's native size."""
+    """x_T (batch, *latent_shape(...)) in float32, drawn on the CPU from `generator` (the same on every
+    device)."""
+    return torch.randn((batch, *latent_shape(unet, latent_hw, num_frames)), generator=generator).to(device)
+
+
+def latent_shape(unet, latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> tuple:
+    """One sample's latent shape: (C, h, w), or (C, num_frames, h, w) for a video UNet; latent_hw None:
+    the UNet's native size."""
     h, w = latent_hw or (unet.config.sample_size,) * 2
     frames = ()
     if is_video_unet(unet):
         check_num_frames(unet, num_frames)
         frames = (num_frames,)
-    return torch.randn((batch, unet.config.in_channels) + frames + (h, w), generator=generator).to(device)
+    return (unet.config.in_channels, *frames, h, w)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -107,11 +113,12 @@ def decode_latents(vae, latents: torch.Tensor, frame_chunk: int = 8) -> torch.Te
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
-def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False):
-    """A tqdm bar on stderr for a long phase."""
+def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False, enabled: bool = True):
+    """A tqdm bar on stderr for a long phase (one that shows nothing unless `enabled`)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                disable=not enabled)
 
 
 @torch.no_grad()

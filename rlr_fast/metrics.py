@@ -43,16 +43,19 @@ def read_metrics(path: Path, keep_until: int) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl (one object per step) plus TensorBoard scalars when it is installed.
 
-    Starts the file with `records` (a resumed run's earlier steps) or empty.
+    Starts the file with `records` (a resumed run's earlier steps) or empty. With `write=False`
+    (the ranks of a data-parallel run but rank 0) it only keeps the records.
     """
 
-    def __init__(self, out: Path, records: list[dict], tensorboard: bool):
+    def __init__(self, out: Path, records: list[dict], tensorboard: bool, write: bool = True):
         self.path = out / "metrics.jsonl"
         self.records = list(records)
-        atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records),
-                                                            encoding="utf-8"))
+        self.write_files = write
+        if write:
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records),
+                                                                encoding="utf-8"))
         self.writer = None
-        if tensorboard:
+        if tensorboard and write:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
@@ -62,6 +65,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write_files:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -227,16 +227,31 @@ def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale
     return cond, negative, prompt_index
 
 
+def step_noises(latents: torch.Tensor, num_steps: int, generator=None, noises=None) -> torch.Tensor:
+    """Every step's standard normal noise (T, B, ...): `noises` when given (checked and moved to the
+    latents), else drawn from `generator` on its own device."""
+    shape = (num_steps,) + tuple(latents.shape)
+    if noises is None:
+        device = latents.device if generator is None else generator.device
+        return torch.randn(shape, generator=generator, device=device, dtype=latents.dtype).to(latents.device)
+    if not torch.is_tensor(noises) or tuple(noises.shape) != shape:
+        raise ValueError(f"noises must be a tensor of shape {shape} (num_steps, *latents.shape), got "
+                         f"{tuple(noises.shape) if torch.is_tensor(noises) else type(noises).__name__}")
+    return noises.to(latents.device, latents.dtype)
+
+
 @torch.no_grad()
 def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
             guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None, generator=None,
-            progress: bool = False, split_cfg: bool = False, backend: str = "auto",
+            noises=None, progress: bool = False, split_cfg: bool = False, backend: str = "auto",
             store_x0_hat: bool = False) -> Trajectory:
     """Sample x_T -> x_0 with DDIM under no grad and store the chain.
 
     `latents` is x_T: (B, C, H, W) for an image UNet, (B, C, F, H, W) for a video UNet (F frames),
     any shape with a leading batch dimension for other models. The scheduler must be a
-    `DDIMScheduler`; this calls `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
+    `DDIMScheduler`; this calls `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn
+    with `generator`, or given as `noises` (T, B, ...) (the training loop draws each sample's from
+    its own generator).
     `encoder_hidden_states` is (B, L, D) (or (1, L, D), shared), or with `prompt_index` (T, B) one
     embedding per distinct prompt (P, L, D): step k of sample b is conditioned on row
     prompt_index[k, b] (`rlr_fast.prompts.step_conditioning` builds both from a prompt schedule).
@@ -253,8 +268,7 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     coef = step_coefficients(scheduler, eta)
     device, dtype = latents.device, latents.dtype
     xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
-    noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
-                         device=device if generator is None else generator.device, dtype=dtype).to(device)
+    noises = step_noises(latents, num_steps, generator, noises)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
     x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
     d_x, d_e = x0_coefficients(scheduler)

@@ -1,7 +1,12 @@
 """One optimizer step of fine-tuning: prompts and noise drawn, a rollout (replayed from a CUDA
-graph on a GPU), the reward through the VAE, the gradient estimate accumulated over micro-batches
-and clipped, then AdamW with warm-up. `gradients` changes nothing but .grad and the generators, so
-a step stopped there leaves no trace; `apply` commits it.
+graph on a GPU), the reward through the VAE, the gradient estimate accumulated over micro-batches,
+averaged over the ranks of a data-parallel run (rlr_fast.distributed) and clipped, then AdamW with
+warm-up. `gradients` changes nothing but .grad and the generators, so a step stopped there leaves
+no trace; `apply` commits it.
+
+A micro-batch is drawn so that it is the same at any number of ranks: the "sampling" generator
+draws the global micro-batch's prompt ids and one seed, and each sample's x_T and step noises come
+from its own generator seeded from that seed and the sample's global index (`draw_micro_batch`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
-from .estimators import estimate
-from .inference import autocast, initial_noise
+from .distributed import Ranks, sample_seeds
+from .estimators import NonFiniteRewards, estimate
+from .inference import autocast, latent_shape
 from .metrics import jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
@@ -40,12 +46,37 @@ def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
     return chosen.repeat_interleave(images_per_prompt)
 
 
+def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T (B, *shape) and every step's noise (T, B, *shape) in float32, sample b drawn on the CPU
+    from a generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others'."""
+    x_T, noises = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        x_T.append(torch.randn(shape, generator=generator))
+        noises.append(torch.randn((num_steps, *shape), generator=generator))
+    return torch.stack(x_T).to(device), torch.stack(noises, dim=1).to(device)
+
+
+def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator: torch.Generator, ranks: Ranks,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of a global micro-batch of `cfg.batch_size`: its prompt ids (b,), x_T and
+    step noises (`sample_noise`) at cfg.resolution (and cfg.num_frames for a video UNet).
+    `generator` advances the same on every rank and at any world size."""
+    ids = draw_prompt_ids(num_prompts, cfg.batch_size, cfg.images_per_prompt, generator)
+    seed = int(torch.randint(2**63 - 1, (), generator=generator))
+    mine = ranks.share(cfg.batch_size)
+    shape = latent_shape(models.unet, latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+    x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
+    return ids[mine], x_T, noises
+
+
 class TrainingRollout:
     """The loop's rollout: replayed from a CUDA graph on a GPU (rlr_fast.cuda_graph), eager otherwise.
 
     `kind` ("cuda_graph" or "eager") and `reason` (why eager) are recorded in every metrics record
     and the summary. A graph that fails (capture, memory) falls back to eager for the rest of the
-    run with a one-line reason, redrawing the failed rollout's noise from the same generator state.
+    run with a one-line reason, rolling out the failed rollout's noise again.
     """
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
@@ -62,18 +93,17 @@ class TrainingRollout:
             self.graphed, self.kind = GraphedRollout(models.unet, models.scheduler, split_cfg=cfg.split_cfg,
                                                      backend=cfg.backend), "cuda_graph"
 
-    def __call__(self, x_T: torch.Tensor, *, generator: torch.Generator, **kwargs):
+    def __call__(self, x_T: torch.Tensor, noises: torch.Tensor, **kwargs):
+        """The chain from x_T with the given step `noises` (T, B, ...); kwargs as `rollout`'s."""
         if self.graphed is not None:
-            state = generator.get_state()
             try:
-                return self.graphed(x_T, generator=generator, **kwargs)
+                return self.graphed(x_T, noises=noises, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the graph path falls back to the eager one
                 first_line = (str(e).splitlines() or [""])[0]
                 self.graphed, self.kind = None, "eager"
                 self.reason = f"CUDA graph failed: {type(e).__name__}: {first_line}"
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
-                generator.set_state(state)
-        return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,
+        return rollout(self.models.unet, self.models.scheduler, x_T, noises=noises, split_cfg=self.split_cfg,
                        backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
 
 
@@ -92,42 +122,29 @@ class Gradients:
     value_state: Optional[ValueStatistics] = None  # the running value fit after these micro-batches
 
 
-class _WatchedReward:
-    """Passes the reward through and remembers whether its values were all finite."""
-
-    def __init__(self, reward_fn):
-        self.reward_fn = reward_fn
-        self.nonfinite = False
-
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        values = self.reward_fn(x0)
-        self.nonfinite = bool(torch.is_tensor(values) and not torch.isfinite(values.detach()).all())
-        return values
-
-
 def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
-                 generator: torch.Generator, device: torch.device, dtype: torch.dtype):
-    """One micro-batch as training draws it from `generator`: its prompt ids, its rollout at the run's
-    resolution (and frames), and the reward of its x_0 latents (decoded in chunks, frame by frame for video)."""
-    ids = draw_prompt_ids(len(bank.prompts), cfg.batch_size, cfg.images_per_prompt, generator)
-    x_T = initial_noise(models.unet, cfg.batch_size, generator, device,
-                        latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()):
+    """This rank's share of one micro-batch as training draws it from `generator` (`draw_micro_batch`): its
+    prompt ids, its rollout at the run's resolution (and frames), and the reward of its x_0 latents (decoded
+    in chunks, frame by frame for video)."""
+    ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generator, ranks, device)
     with nvtx_range("rollout"), autocast(device, dtype):
-        traj = rollout_fn(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=generator,
-                          **bank.batch(ids, cfg.guidance_scale))
+        traj = rollout_fn(x_T, noises, num_steps=cfg.num_steps, eta=cfg.eta, **bank.batch(ids, cfg.guidance_scale))
     to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
     return ids, traj, to_latent(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
                                 checkpoint_vae=cfg.checkpoint_vae)
 
 
 def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
-               params: list, generators: dict, device: torch.device, dtype: torch.dtype,
-               value_state: Optional[ValueStatistics] = None) -> Gradients:
-    """The gradient of one optimizer step over `grad_accum` micro-batches, averaged and clipped.
+              params: list, generators: dict, device: torch.device, dtype: torch.dtype,
+              value_state: Optional[ValueStatistics] = None, ranks: Ranks = Ranks()) -> Gradients:
+    """The gradient of one optimizer step over `grad_accum` global micro-batches, averaged (over
+    micro-batches and ranks) and clipped; this rank rolls out its share of each micro-batch.
 
     Changes nothing but .grad and the generators, so a step abandoned here leaves no trace in a
-    checkpoint: the running value fit (`value_state`) is updated on a copy, returned for the caller
-    to keep when it commits the step. A NaN/Inf reward or gradient marks the update skipped.
+    checkpoint: the running value fit (`value_state`, fitted on the whole batch so the same on every
+    rank) is updated on a copy, returned for the caller to keep when it commits the step. A NaN/Inf
+    reward (on any rank) or gradient marks the update skipped on every rank.
     """
     for p in params:
         p.grad = None
@@ -135,22 +152,21 @@ def gradients(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, r
     stats: dict = {}
     value_state = None if value_state is None else value_state.copy()
     for _ in range(cfg.grad_accum):
-        ids, traj, latent_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generators["sampling"], device,
-                                            dtype)
-        reward_fn = _WatchedReward(latent_fn)
+        ids, traj, reward_fn = sample_batch(cfg, models, bank, reward, rollout_fn, generators["sampling"], device,
+                                            dtype, ranks)
         try:
             with nvtx_range("estimate"), autocast(device, dtype):
                 micro = estimate(models.unet, traj, reward_fn, cfg.estimator_options(),
-                                 generator=generators["estimator"], prompt_ids=ids, value_state=value_state)
-        except ValueError:
-            if not reward_fn.nonfinite:
-                raise
+                                 generator=generators["estimator"], prompt_ids=ids, group=ranks,
+                                 value_state=value_state)
+        except NonFiniteRewards:
             return Gradients(rewards, stats, "reward", None, value_state)
         rewards += micro["rewards"]
         for key in COUNTS:  # counts add up over micro-batches
             if key in micro:
                 micro[key] += stats.get(key, 0)
         stats = micro
+    ranks.average_gradients(params)
     for p in params:
         if p.grad is not None:
             p.grad /= cfg.grad_accum

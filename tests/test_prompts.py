@@ -170,9 +170,9 @@ def test_training_rollouts_follow_the_schedule(tmp_path):
     bank = PromptBank(models, ["a red circle", "a blue square"], "", cfg.prompt_schedule, cfg.num_steps)
     seen = []
 
-    def recording_rollout(x_T, *, generator, **kw):
+    def recording_rollout(x_T, noises, **kw):
         seen.append(kw)
-        return rollout(models.unet, models.scheduler, x_T, generator=generator, **kw)
+        return rollout(models.unet, models.scheduler, x_T, noises=noises, **kw)
 
     generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
     gradients(cfg, models, bank, get_reward("brightness"), recording_rollout, lora_parameters(models.unet),

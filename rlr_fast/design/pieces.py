@@ -92,7 +92,7 @@ def record_pieces(model, pilot: Pilot, reward_fn: RewardFn, baselines: Sequence,
     traj = pilot.traj
     T, d = traj.num_steps, sketch.dim
     try:
-        rewards, dr = _rewards(pilot.reward_fn or reward_fn, traj, need_grad=differentiable)
+        rewards, _, dr = _rewards(pilot.reward_fn or reward_fn, traj, differentiable)
     except ValueError as e:
         if differentiable and "not differentiable" in str(e):
             raise ValueError("the reward is not differentiable (its output has no gradient path to x0); pass "
