@@ -196,7 +196,7 @@ def latent_reward_fn(models: BenchModels, batch: int, *, decode_chunk: int = 1, 
 def naive_rlr_update(model, scheduler, x_T: torch.Tensor, reward_fn, *, num_steps: int, eta: float, j: int,
                      first_order_steps: int = 1, h: int = 2, cond=None, negative=None, guidance_scale: float = 1.0,
                      generator=None) -> torch.Tensor:
-    """The RLR estimate (rlr_math.md section 3, baseline 0, no rescaling) the way a straightforward
+    """The RLR estimate (docs/estimator.md §3-4, baseline 0, no rescaling) the way a straightforward
     implementation computes it: sample the chain WITH grad, keep every step's graph, assemble one
     surrogate loss and call backward once. Accumulates the same gradient as
     `rollout` + `estimate(method="rlr", j=j)` into `.grad`; returns the rewards.
@@ -221,7 +221,7 @@ def naive_rlr_update(model, scheduler, x_T: torch.Tensor, reward_fn, *, num_step
     x = x_T
     lr_terms = []  # (mean of step t, its cotangent direction eps_t / sigma_t, weight)
     for k in range(T):
-        t = T - k  # rlr_math.md's index
+        t = T - k  # the math index of docs/estimator.md §1
         in_first_order_chain = t < f  # steps f-1 .. 1 continue the chain from step f
         in_half_order_chain = j + 1 <= t < j + h  # steps j+h-1 .. j+1 continue from step j+h
         x_in = x if (in_first_order_chain or in_half_order_chain) else x.detach()

@@ -80,31 +80,20 @@ class Method:
 DDPO = dict(method="ddpo", ddpo_rollout_batches=2, ddpo_minibatches=4, ddpo_inner_epochs=1)
 
 
-def methods() -> tuple[list[Method], list[str]]:
-    """The methods compared, and a line for each one this checkout does not have yet."""
-    from rlr_fast.options import BASELINES, METHODS
-
+def methods(settings: "Settings") -> tuple[list[Method], list[str]]:
+    """The methods compared, and a line for each planned one that is left out (none today). method=auto
+    designs once, at the start, from `settings.auto_pilots` pilot batches: their reward queries come out
+    of its budget (its curve starts after them), their UNet work is in its UNet axis."""
     rlr = dict(method="rlr", first_order_steps=1, h=2, j="uniform", baseline="loo")
-    found = [Method("rlr (f=1, h=2, uniform j, loo)", rlr, rlr=True)]
-    missing = []
-    if "value" in BASELINES:
-        found.append(Method("rlr value", dict(rlr, baseline="value"), rlr=True))
-    else:
-        missing.append("rlr with baseline='value' (not in this checkout)")
-    if "auto" in METHODS:
-        found.append(Method("auto", dict(method="auto"), rlr=True))
-    else:
-        missing.append("method='auto' (not in this checkout)")
-    found += [Method("zo (loo)", dict(method="zo", baseline="loo")),
-              Method("ddpo", DDPO),
-              Method("alignprop (random K)", dict(method="truncated_bp", truncated_bp_k="random")),
-              Method("draft-1", dict(method="truncated_bp", truncated_bp_k=1)),
-              Method("full_bp", dict(method="full_bp"))]
-    if "sqdf" in METHODS:
-        found.append(Method("sqdf", dict(method="sqdf")))
-    else:
-        missing.append("sqdf (not in this checkout)")
-    return found, missing
+    return [Method("rlr (f=1, h=2, uniform j, loo)", rlr, rlr=True),
+            Method("rlr value", dict(rlr, baseline="value"), rlr=True),
+            Method("auto", dict(method="auto", design_pilots=settings.auto_pilots), rlr=True),
+            Method("zo (loo)", dict(method="zo", baseline="loo")),
+            Method("ddpo", DDPO),
+            Method("alignprop (random K)", dict(method="truncated_bp", truncated_bp_k="random")),
+            Method("draft-1", dict(method="truncated_bp", truncated_bp_k=1)),
+            Method("full_bp", dict(method="full_bp")),
+            Method("sqdf", dict(method="sqdf"))], []
 
 
 @dataclass(frozen=True)
@@ -118,13 +107,14 @@ class Settings:
     eval_prompts: int  # held-out evaluation of the final LoRA: the first prompts of the set ...
     eval_seeds: tuple[int, ...]  # ... under these sampling seeds
     workers: int
+    auto_pilots: int  # method=auto's pilot batches
 
 
 FULL = Settings(base=dict(num_steps=10, batch_size=8, images_per_prompt=2, warmup_steps=0), budget=192, bin=16,
                 lrs=(1e-3, 3e-3, 1e-2), tune_seeds=(100,), figure_seeds=(0, 1, 2), eval_prompts=16,
-                eval_seeds=(1000, 1001), workers=2)
+                eval_seeds=(1000, 1001), workers=2, auto_pilots=8)
 QUICK = Settings(base=dict(num_steps=3, batch_size=2, images_per_prompt=2, warmup_steps=0), budget=8, bin=4,
-                 lrs=(3e-3,), tune_seeds=(), figure_seeds=(0, 1), eval_prompts=2, eval_seeds=(1000,), workers=1)
+                 lrs=(3e-3,), tune_seeds=(), figure_seeds=(0, 1), eval_prompts=2, eval_seeds=(1000,), workers=1, auto_pilots=2)
 
 
 def steps_for(overrides: dict, budget: int) -> int:
@@ -136,6 +126,8 @@ def steps_for(overrides: dict, budget: int) -> int:
     if overrides["method"] == "ddpo":
         per_step = overrides["batch_size"] * overrides["ddpo_rollout_batches"]
         steps_per = overrides["ddpo_inner_epochs"] * overrides["ddpo_minibatches"] // overrides.get("grad_accum", 1)
+    if overrides["method"] == "auto":  # the design's pilots are scored once each
+        budget -= overrides["design_pilots"] * batch
     if budget % per_step:
         raise ValueError(f"a budget of {budget} queries is not a whole number of {per_step}-query samplings")
     return budget // per_step * steps_per
@@ -193,10 +185,13 @@ class Curve:
 
 def curve(records: list[dict], bin_size: int, backward_cost: float) -> Curve:
     """A run's reward per bin of queries, with the cost spent until the next bin began (the whole
-    run's for the last bin)."""
+    run's for the last bin); method=auto's curve starts after its pilots' queries."""
     unet = np.cumsum([r["unet_forward_samples"] + backward_cost * r["unet_backward_samples"] for r in records])
     seconds = np.cumsum([r["seconds"] for r in records])
     queries = np.cumsum([r["reward_queries"] for r in records])
+    design = [r.get("design_reward_queries", 0) for r in records]  # method=auto's pilots, at its first step
+    if any(design[1:]):
+        raise ValueError("curve charges a design's pilot queries at the first step only (design_every=0)")
     total = int(queries[-1])
     if total % bin_size:
         raise ValueError(f"{total} queries are not a whole number of bins of {bin_size}")
@@ -215,7 +210,7 @@ def curve(records: list[dict], bin_size: int, backward_cost: float) -> Curve:
         sums[b] += r["reward_mean"] * r["reward_queries"]
         counts[b] += r["reward_queries"]
         before += r["reward_queries"]
-    return Curve(bin_size * np.arange(1, bins + 1), sums / counts, ends_unet, ends_seconds)
+    return Curve(design[0] + bin_size * np.arange(1, bins + 1), sums / counts, ends_unet, ends_seconds)
 
 
 def mean_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +218,12 @@ def mean_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = values.shape[0]
     se = values.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(values.shape[1:])
     return values.mean(axis=0), se
+
+
+def late_gain(smoothed: np.ndarray, bins: int) -> float:
+    """How much a smoothed curve rose over its last `bins` bins (over all of it when shorter: auto's
+    curve starts after its design's queries)."""
+    return float(smoothed[-1] - smoothed[max(0, len(smoothed) - 1 - bins)])
 
 
 def first_reaching(queries: np.ndarray, smoothed: np.ndarray, target: float) -> Optional[int]:
@@ -270,12 +271,12 @@ def base_reward(settings: Settings) -> float:
 def held_out_reward(models, settings: Settings) -> float:
     """Mean reward of `models` on the first `eval_prompts` demo prompts x `eval_seeds` (fixed noise)."""
     from rlr_fast.config import load_prompts
-    from rlr_fast.inference import evaluate_reward
-    from rlr_fast.rewards import get_reward
+    from rlr_fast.inference import generate_images
 
-    return evaluate_reward(models, get_reward(shaded_shape_colour), load_prompts("demo")[:settings.eval_prompts],
-                           settings.eval_seeds, num_steps=settings.base["num_steps"], eta=1.0,
-                           guidance_scale=1.0)["mean"]
+    prompts = load_prompts("demo")[:settings.eval_prompts]
+    images = generate_images(models, models.encode_prompts(prompts), None, settings.eval_seeds,
+                             num_steps=settings.base["num_steps"], eta=1.0, guidance_scale=1.0)
+    return float(shaded_shape_colour(images, prompts * len(settings.eval_seeds)).mean())  # seed-major
 
 
 def run_many(jobs: list[tuple], workers: int, desc: str) -> list[RunResult]:
@@ -318,7 +319,7 @@ def tuning_score(records: list[dict], settings: Settings) -> float:
 
 
 def run_study(settings: Settings) -> Study:
-    found, missing = methods()
+    found, missing = methods(settings)
     study = Study(settings, found, missing, load=(_loadavg(),))
     start = time.perf_counter()
     study.backward_cost, study.base_reward = backward_cost(), base_reward(settings)
@@ -374,8 +375,7 @@ def summarise(study: Study) -> tuple[list[dict], dict, dict]:
     for m in study.methods:
         cs, runs, mc = curves[m.label], study.runs[m.label], mean_curves[m.label]
         smooth = trailing_mean(mc["reward"], window)
-        late = np.array([trailing_mean(c.reward, window)[-1] - trailing_mean(c.reward, window)[-1 - quarter]
-                         for c in cs])
+        late = np.array([late_gain(trailing_mean(c.reward, window), quarter) for c in cs])
         held_out = np.array([r.eval_mean for r in runs])
         off_policy = [r["estimator"]["clip_fraction"] for run in runs for r in run.records
                       if "clip_fraction" in r["estimator"] and not r["reward_queries"]]

@@ -214,7 +214,7 @@ def update_section(b: Bench, models, steps: int, batch: int, h: int, estimate_op
                             flops=flops_of(one_graph))
             result["update_vs_naive"] = theirs["median_ms"] / ours["median_ms"]
             # what bounds the speed-up: the engine recomputes every step it differentiates
-            # (rlr_math.md section 4: T + 3 (f + h + |C|) forward-equivalents against the graph's 3 T)
+            # (docs/estimator.md §7: T + 3 (f + h + |C|) forward-equivalents against the graph's 3 T)
             result["flop_bound"] = theirs["gflop"] / ours["gflop"]
             result["naive_steps"] = steps
         except torch.cuda.OutOfMemoryError:

@@ -13,6 +13,7 @@ except ImportError as e:  # the package is importable from a source tree without
 
 from .baselines import ValueStatistics
 from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference, step_coefficients
+from .design import design  # binds the function over the subpackage's name, as plan does
 from .estimators import estimate
 from .plan import plan  # binds the function over the submodule's name: rlr_fast.plan(config)
 from .rollout import Trajectory, recompute_step, rollout
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 # Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
 _LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
-         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update")
+         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation", "eval_report")
 
 
 _LAZY_NAMES = {"finetune": "train", "Result": "train", "Config": "config"}

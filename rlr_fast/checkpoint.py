@@ -2,9 +2,10 @@
 
 A checkpoint (out_dir/checkpoints/step_NNNNNN.safetensors) holds the LoRA weights, the AdamW state,
 every RNG state the run reads, the step (which fixes the LR schedule), the run's counters, its
-config and the state its method keeps across steps (rlr_fast.update.MethodState: DDPO's stored
-epoch, SQDF's replay buffer, the running value fit's statistics): tensors as safetensors tensors,
-the rest as JSON in the safetensors header. Every tensor and
+config, the number of ranks that ran it (rank 0 writes; the state is the same on every rank) and
+the state its method keeps across steps (rlr_fast.update.MethodState: DDPO's stored epoch, SQDF's
+replay buffer, the running value fit's statistics): tensors as safetensors tensors, the rest as
+JSON in the safetensors header. Every tensor and
 the JSON carry a BLAKE2b checksum, verified before anything is restored, so a flipped bit or random
 bytes are caught as "corrupt" instead of resuming silently or failing deep inside torch; a run
 resumes from its newest checkpoint that verifies, saying which it skipped.
@@ -35,6 +36,8 @@ RESUMABLE_CHANGES = {
     "preset", "out_dir", "overwrite", "resume", "train_steps", "sample_every", "sample_prompts", "sample_seeds",
     "checkpoint_every", "max_nonfinite", "profile", "tensorboard", "device", "max_memory_gb", "max_batch",
     "checkpoint_unet", "checkpoint_vae", "decode_chunk", "split_cfg", "free_text_encoder", "rollout",
+    "distributed_timeout", "eval_every", "eval_prompts", "eval_num_prompts", "eval_seeds", "eval_rewards",
+    "eval_reward_kwargs",
 }
 
 
@@ -106,9 +109,9 @@ def meta_checksum(meta: dict) -> str:
 
 
 def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torch.optim.Optimizer,
-                    rng: dict, counters: dict, method_state=None) -> Path:
-    """LoRA weights, AdamW state, every RNG state, the step, the counters, the config and the
-    method's state (a MethodState, or None), atomically."""
+                    rng: dict, counters: dict, method_state=None, world_size: int = 1) -> Path:
+    """LoRA weights, AdamW state, every RNG state, the step, the counters, the config, the world size
+    and the method's state (a MethodState, or None), atomically."""
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     params = dict(unet.named_parameters())
     tensors = {f"lora/{n}": params[n].detach().cpu().contiguous() for n in names}
@@ -138,7 +141,7 @@ def save_checkpoint(path: Path, *, step: int, cfg: Config, unet, optimizer: torc
         "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
                 "python": [version, list(python_state), gauss],
                 "generators": sorted(rng["generators"]), "cuda_devices": len(rng.get("cuda", []))},
-        "counters": counters, "method_state": method_meta,
+        "counters": counters, "method_state": method_meta, "world_size": world_size,
     }))
     meta["checksums"] = {"meta": meta_checksum(meta), "tensors": {k: tensor_checksum(v) for k, v in tensors.items()}}
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(

@@ -4,17 +4,20 @@
     rlr-fast finetune --config my.yaml --set lr=1e-3 --set train_steps=200
     rlr-fast finetune --resume out/demo
     rlr-fast sample --lora out/demo --prompt "a red circle on a blue background" --seeds 0-3
-    rlr-fast evaluate --lora out/demo --seeds 0-7
+    rlr-fast evaluate --lora out/demo --seeds 0-7 --reward brightness --reward color_match
     rlr-fast convert hpsv2 --checkpoint HPS_v2.1_compressed.pt --tokenizer CLIP-ViT-H-14 --out weights/HPSv2
+    torchrun --nproc_per_node 4 -m rlr_fast finetune --preset sd14     # data parallel (rlr_fast.distributed)
 
 User errors (a bad key, value, path or file) print one line and exit with status 2; a run stopped
-by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint.
+by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint; a rank that
+lost the others (RankFailure) or a run of non-finite updates prints one line and exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,7 +51,9 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
         "finetune", help="fine-tune a LoRA to raise a reward",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a LoRA on the UNet to raise a reward. Values come from a preset, then a YAML "
-                    "file, then --set overrides.",
+                    "file, then --set overrides. Launched by torchrun (torchrun --nproc_per_node N -m rlr_fast "
+                    "finetune ...) the run is data parallel: each rank rolls out batch_size / N of every "
+                    "micro-batch, and the same config is the same run at any N.",
         epilog=f"config keys (for --set key=value and YAML files), with their values in preset {help_preset}:\n"
                + config_help(help_preset))
     finetune.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: demo, or with "
@@ -65,7 +70,11 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                          help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
                               "(default: the LoRA run's config.yaml if there is one, else demo)")
         sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
-        sub.add_argument("--model", help="'default' or a local diffusers Stable Diffusion folder")
+        sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
+                                         "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
+        sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
+                                                                 "with AnimateDiff")
+        sub.add_argument("--frames", type=int, help="frames of each video (video models)")
         sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
         sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
         sub.add_argument("--steps", type=int, help="DDIM steps")
@@ -81,14 +90,22 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
     sample.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")
     sample.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: samples)")
 
-    evaluate = commands.add_parser("evaluate", help="reward statistics over a prompt set (JSON)")
+    evaluate = commands.add_parser(
+        "evaluate", help="a LoRA against its base model: rewards, diversity, KL, side-by-side samples",
+        description="Sample a LoRA and its base model on the same held-out prompts, seeds and noises; write the "
+                    "rewards, the samples' diversity and the KL of the LoRA sampler to the base one (mean +- "
+                    "standard error) to eval.json and eval.md, and the samples side by side to eval_grid.png.")
     add_model_args(evaluate)
-    evaluate.add_argument("--prompts", help="built-in prompt set or a text file (default: the config's)")
-    evaluate.add_argument("--reward", help="reward name (default: the config's)")
-    evaluate.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
-                          help="keyword argument of the reward loader (repeatable), e.g. clip_path=/weights/clip")
+    evaluate.add_argument("--prompts", help="built-in prompt set or a text file (default: the held-out set of the "
+                                            "config's prompts, e.g. demo_heldout for demo)")
+    evaluate.add_argument("--reward", action="append", default=[], metavar="NAME",
+                          help="a reward to score (repeatable: --reward aesthetic --reward hpsv2; default: the config's)")
+    evaluate.add_argument("--reward-arg", action="append", default=[], metavar="[REWARD:]KEY=VALUE",
+                          help="keyword argument of a reward's loader (repeatable), e.g. aesthetic:clip_path=/weights/"
+                               "clip; the reward may be left out when only one is scored")
     evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch (default: 16)")
-    evaluate.add_argument("--out", metavar="FILE", help="also write the JSON here")
+    evaluate.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and eval_grid.png go "
+                                                       "(default: LORA/eval)")
 
     convert = commands.add_parser("convert", help="convert a released HPSv2 or ImageReward checkpoint for its reward",
                                   description="Convert a released reward checkpoint (offline) to the transformers "
@@ -125,6 +142,8 @@ def _run_finetune(args) -> int:
             cfg = cfg.with_overrides({"resume": args.resume})
         result = finetune(cfg)
     summary = {k: v for k, v in result.metrics.items() if k != "last"}
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run
+        return 0
     print(json.dumps({"out_dir": str(result.out_dir), "lora": str(result.lora_path),
                       "metrics": str(result.metrics_path), "reward_curve": str(result.curve_path),
                       "summary": summary}, indent=2))
@@ -148,7 +167,8 @@ def _inference_config(args):
         source = f"preset {preset}"
         base = Config.from_preset(preset)
     flags = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
-             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype}
+             "negative_prompt": args.negative_prompt, "device": args.device, "dtype": args.dtype,
+             "motion_adapter": args.motion_adapter, "num_frames": args.frames}
     cfg = base.with_overrides({k: v for k, v in flags.items() if v is not None}, validate=False)
     return cfg.validate(chain=False), source  # --steps may be fewer than the estimator's chain needs
 
@@ -159,16 +179,20 @@ def _load(args, cfg, source: str):
     from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
     device, cfg = resolve_device(cfg)
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.motion_adapter)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
           f"{cfg.dtype} on {device}", file=sys.stderr)
-    return cfg, load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype]), DTYPES[cfg.dtype]
+    models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
+    return cfg, models, DTYPES[cfg.dtype]
 
 
 def _run_sample(args) -> int:
+    import torch
+
     from .config import load_prompts
     from .inference import generate_images, prompt_rows, save_grid
+    from .prompts import PromptBank
 
     prompts = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
@@ -178,47 +202,97 @@ def _run_sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     cfg, models, dtype = _load(args, *_inference_config(args))
-    images = generate_images(models, models.encode_prompts(prompts), models.encode_prompts([cfg.negative_prompt]),
-                             seeds, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                             dtype=dtype, desc="sample")
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
+    if bank.steps.scheduled:
+        print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
+              file=sys.stderr)
+    cond = bank.conditioning(torch.arange(len(prompts)))
+    images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
+                             eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
+                             prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
+    suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
-            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.png", min_cell=0, pad=0)
-    grid = save_grid(images, len(prompts), out / "grid.png")
+            save_grid(images[i * len(seeds) + j][None], 1, out / f"prompt{i:03d}_seed{seed}.{suffix}", min_cell=0,
+                      pad=0)
+    grid = save_grid(images, len(prompts), out / f"grid.{suffix}")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     print(f"wrote {len(prompts) * len(seeds)} images and {grid} (rows: prompts in {out / 'prompts.txt'}, "
           f"columns: seeds {seeds})")
     return 0
 
 
-def _run_evaluate(args) -> int:
-    from .config import load_prompts, parse_set
-    from .inference import evaluate_reward
-    from .rewards import get_reward
+def _reward_options(args, cfg, names: list[str]) -> dict[str, dict]:
+    """Each reward's loader options: the config's reward_kwargs for its reward, then --reward-arg."""
+    from .config import parse_set
 
+    options = {name: dict(cfg.reward_kwargs) if name == cfg.reward else {} for name in names}
+    for text in args.reward_arg:
+        key, value = parse_set(text)
+        name, sep, key = key.rpartition(":")
+        if not sep and len(names) > 1:
+            raise ValueError(f"--reward-arg {text}: several rewards are scored ({', '.join(names)}); say which one "
+                             f"takes it, e.g. --reward-arg {names[0]}:{key}=...")
+        name = name or names[0]
+        if name not in options:
+            raise ValueError(f"--reward-arg {text} names the reward {name!r}, which is not scored ({', '.join(names)})")
+        options[name][key] = value
+    return options
+
+
+def _run_evaluate(args) -> int:
+    import time
+    from datetime import datetime
+
+    from .config import HELD_OUT, eval_prompts_of, load_prompts
+    from .eval_report import table, write_report
+    from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
+    from .models import LORA_WEIGHT_NAME
+    from .rewards import get_reward, get_video_reward
+    from .video import is_video_model
+
+    if args.lora is None:
+        raise ValueError("evaluate compares a LoRA with its base model: pass --lora DIR (a finetune out_dir, or a "
+                         "folder holding pytorch_lora_weights.safetensors)")
+    if not (Path(args.lora) / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"--lora {args.lora} holds no {LORA_WEIGHT_NAME}: give a finetune out_dir after its "
+                                "run ended (an interrupted run: `rlr-fast finetune --resume` it to the end first)")
     cfg, source = _inference_config(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    prompts = load_prompts(args.prompts or cfg.prompts)
-    seeds = parse_seeds(args.seeds)
-    if args.out is not None and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a file name for the JSON")
-    reward_name = args.reward or cfg.reward
-    reward_kwargs = {} if args.reward else dict(cfg.reward_kwargs)
-    reward_kwargs.update(parse_set(text) for text in args.reward_arg)
+    if args.prompts is None:
+        spec, held_out = eval_prompts_of(cfg.prompts)
+        if not held_out:
+            print(f"note: prompts={cfg.prompts!r} has no built-in held-out set; evaluating on those prompts "
+                  "(pass --prompts for others)", file=sys.stderr)
+    else:
+        spec = args.prompts
+        held_out = True if spec == HELD_OUT.get(cfg.prompts) else False if spec == cfg.prompts else None
+    prompts, seeds = load_prompts(spec), parse_seeds(args.seeds)
+    out = Path(args.out) if args.out is not None else Path(args.lora) / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; choose a directory")
+    names = list(dict.fromkeys(args.reward or [cfg.reward]))
+    options = _reward_options(args, cfg, names)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    rewards = {name: load(name, **options[name]) for name in names}  # a bad name or path stops before the model
+    started = time.perf_counter()
     cfg, models, dtype = _load(args, cfg, source)
-    reward = get_reward(reward_name, **reward_kwargs).to(models.unet.device)
-    stats = evaluate_reward(models, reward, prompts, seeds, num_steps=cfg.num_steps, eta=cfg.eta,
-                            guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, dtype=dtype,
-                            batch_size=args.batch_size)
-    stats = {"reward": reward_name, "model": cfg.model, "lora": args.lora, "settings": source, **stats}
-    text = json.dumps(stats, indent=2)
-    if args.out is not None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    evaluator = Evaluator(models, cfg, {n: r.to(models.unet.device) for n, r in rewards.items()}, prompts, seeds,
+                          batch_size=args.batch_size)
+    result = evaluator()
+    settings = {"model": cfg.model, "lora": args.lora, "settings_from": source, "date": datetime.now().isoformat(
+        timespec="seconds"), "prompts": spec, "held_out": held_out, "num_steps": cfg.num_steps, "eta": cfg.eta,
+        "guidance_scale": cfg.guidance_scale, "negative_prompt": cfg.negative_prompt, "resolution": cfg.resolution,
+        "dtype": cfg.dtype, "device": str(models.unet.device), "batch_size": args.batch_size,
+        "reward_options": options, "grid_prompts": min(GRID_PROMPTS, len(prompts)),
+        "grid_seeds": min(GRID_SEEDS, len(seeds)), "seconds": time.perf_counter() - started}
+    report = {"settings": settings, **result}
+    paths = write_report(report, evaluator.grids, out)
+    print(table(report))
+    print(f"\nwrote {paths['json']}, {paths['markdown']} and {paths['grid']}")
     return 0
 
 
@@ -262,9 +336,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rlr-fast {args.command}: stopped ({'SIGTERM' if signum == 15 else 'interrupted'})", file=sys.stderr)
         return 128 + signum
     except RuntimeError as e:
+        from .distributed import RankFailure
         from .train import NonFiniteError
 
-        if not isinstance(e, NonFiniteError):
+        if not isinstance(e, (NonFiniteError, RankFailure)):
             raise
         print(f"rlr-fast {args.command}: {e}", file=sys.stderr)
         return 1

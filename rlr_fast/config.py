@@ -14,13 +14,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
-from .demo_data import PROMPTS as DEMO_PROMPTS
+from .demo_data import PROMPTS as DEMO_PROMPTS, held_out_prompts
 from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
                       field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
+from .prompts import PromptSchedule, schedule_value
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -37,11 +38,21 @@ ANIMALS = [
     "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "owl", "snake", "turtle", "frog",
     "chicken", "duck", "goose", "bee", "pig", "camel", "llama", "gorilla", "hedgehog", "kangaroo",
 ]
+# Held out from ANIMALS for evaluation: common animals absent from it (our own list), same template.
+HELD_OUT_ANIMALS = [
+    "penguin", "elephant", "giraffe", "panda", "koala", "otter", "octopus", "crab", "parrot", "flamingo",
+    "peacock", "seal", "hippopotamus", "rhinoceros", "jellyfish", "eagle",
+]
 PROMPT_SETS: dict[str, list[str]] = {
     "demo": list(DEMO_PROMPTS),
     "animals": [f"a photo of a {animal}" for animal in ANIMALS],
     "simple_animals": list(ANIMALS),  # bare names, as the DDPO and SQDF code's simple_animals prompts
+    # demo_data.held_out_prompts: no (colour, shape) or (colour, background) pair of the demo set
+    "demo_heldout": held_out_prompts(tuple(DEMO_PROMPTS)),
+    "animals_heldout": [f"a photo of a {animal}" for animal in HELD_OUT_ANIMALS],
 }
+# The evaluation set of each built-in training set: disjoint from it (tests/test_evaluation.py checks).
+HELD_OUT = {"demo": "demo_heldout", "animals": "animals_heldout"}
 
 
 @dataclass
@@ -53,11 +64,17 @@ class Config(EstimatorOptions):
     as `cfg.estimator_options()`.
     """
 
+    accepts_auto: ClassVar[bool] = True  # method="auto": rlr_fast.design chooses the estimator
+
     # --- run
     preset: str = option("demo", "the preset these values started from (informational; choose a preset "
                                  "with --preset or a YAML `preset:` key)")
-    model: str = option("default", "'default' (the embedded tiny text-to-image model) or the path of a "
-                                   "local diffusers Stable Diffusion folder")
+    model: str = option("default", "'default' (the embedded tiny text-to-image model), the path of a "
+                                   "local diffusers Stable Diffusion folder, or of a text-to-video folder "
+                                   "(TextToVideoSDPipeline or AnimateDiffPipeline; see rlr_fast.video)")
+    motion_adapter: Optional[str] = option(None, "a local diffusers MotionAdapter folder: with a Stable Diffusion "
+                                                 "1.x `model`, trains AnimateDiff (a video model)")
+    num_frames: int = option(16, "frames of each video (video models only)")
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
@@ -67,6 +84,9 @@ class Config(EstimatorOptions):
                                     "for on the command line (--set overwrite=true) or from Python only, never "
                                     "from a YAML file or preset (an out_dir without checkpoints is reused anyway)")
     resume: Optional[str] = option(None, "continue the run in this out_dir (or from this checkpoint file)")
+    distributed_timeout: float = option(600.0, "torchrun runs: seconds a rank waits for the others at a collective "
+                                               "before stopping with an error (a rank died or hangs); it must cover "
+                                               "the longest work rank 0 does alone (sample grids, checkpoints)")
 
     # --- sampling
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
@@ -81,7 +101,14 @@ class Config(EstimatorOptions):
     eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
-    batch_size: int = option(4, "samples per micro-batch")
+    prompt_schedule: Optional[dict] = option(
+        None, "prompts that change with the step (diffusive chain of thought): per base prompt of the set, "
+              "segments {prompt, from_step, to_step} covering [0, 1], fractions of the chain (0 its first, "
+              "noisiest step; step k of T takes the segment holding k/T). A mapping in YAML, or the path of "
+              "a YAML file of one (recorded in the run as its contents); README, 'Prompt schedules'")
+    batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
+                                "rolls out batch_size / W of them (W must divide it), so a config is the same run "
+                                "at any world size")
     images_per_prompt: int = option(2, "samples of each prompt in a micro-batch (per-prompt baselines "
                                        "need >= 2); divides batch_size")
 
@@ -94,7 +121,8 @@ class Config(EstimatorOptions):
     # --- LoRA and optimizer
     lora_rank: int = option(4, "LoRA rank on the UNet attention projections")
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)")
-    lr: float = option(1e-3, "AdamW learning rate")
+    lr: float = option(1e-3, "AdamW learning rate, on the gradient of the mean reward over an optimizer step's "
+                             "batch_size x grad_accum samples (at any number of ranks)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -135,11 +163,36 @@ class Config(EstimatorOptions):
     profile: bool = option(False, "NVTX ranges around rollout, reward, estimate and optimizer step")
     tensorboard: bool = option(True, "also log to TensorBoard (when the tensorboard package is installed)")
 
+    # --- estimator design (method=auto)
+    design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
+    design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
+                                    "baselines * design_max_h)) UNet forward-equivalents; fewer than about 32 can "
+                                    "pick a design several times worse: docs/estimator.md §13)")
+    design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
+    design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
+                                                  "(rollout T and reward included); None: no limit")
+
+    # --- evaluation during training (rlr_fast.evaluation; `rlr-fast evaluate` is the full one)
+    eval_every: int = option(0, "evaluate the LoRA against the base model before the first step, every N steps "
+                                "and after the last, into eval.jsonl and eval_curve.png: each reward's mean, "
+                                "sample diversity and the KL to the base sampler (0: never)")
+    eval_prompts: Optional[str] = option(None, "prompts of those evaluations (a built-in set or a file); None: the "
+                                               "held-out set of `prompts` (demo_heldout, animals_heldout), or "
+                                               "`prompts` itself when it is a file")
+    eval_num_prompts: int = option(4, "the first N of eval_prompts, so an evaluation stays cheap")
+    eval_seeds: tuple[int, ...] = option((0, 1, 2, 3), "seeds of those evaluations: each prompt is sampled once "
+                                                        "per seed (diversity needs two or more)")
+    eval_rewards: tuple[str, ...] = option((), "rewards scored in those evaluations besides `reward`, e.g. "
+                                                "[color_match] beside brightness: prompt-following falling while "
+                                                "the reward rises is reward hacking")
+    eval_reward_kwargs: dict = option({}, "options of the eval_rewards' loaders, by name, e.g. "
+                                          "{hpsv2: {path: /weights/HPSv2}}")
+
     # --- memory
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
                                                   "update's estimated peak fits this many GiB (overrides them)")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
-    decode_chunk: int = option(1, "samples decoded by the VAE at a time in the reward")
+    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -163,7 +216,10 @@ class Config(EstimatorOptions):
         for key, value in overrides.items():
             if key not in types_:
                 raise ValueError(unknown_key_message(key))
-            changes[key] = coerce(key, value, types_[key])
+            changes[key] = value if key == "prompt_schedule" else coerce(key, value, types_[key])
+        if "prompt_schedule" in changes:  # a file path becomes the schedule it holds; errors name the steps
+            changes["prompt_schedule"] = schedule_value(changes["prompt_schedule"],
+                                                        changes.get("num_steps", self.num_steps))
         new = dataclasses.replace(self, **changes)
         return new.validate() if validate else new
 
@@ -205,12 +261,14 @@ class Config(EstimatorOptions):
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
-                          ("decode_chunk", 1), ("ddpo_rollout_batches", 1), ("ddpo_inner_epochs", 1),
-                          ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1), ("ddpo_min_count", 1)):
+                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
+                          ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1), ("ddpo_rollout_batches", 1),
+                          ("ddpo_inner_epochs", 1), ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1),
+                          ("ddpo_min_count", 1)):
             check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "adam_eps", "ddpo_adv_clip"):
+        for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout", "ddpo_adv_clip"):
             check_positive(name, getattr(self, name))
-        for name in ("max_grad_norm", "max_memory_gb"):
+        for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
         if self.resolution is not None:
@@ -227,6 +285,12 @@ class Config(EstimatorOptions):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
 
+        if self.eval_every and not self.eval_seeds:
+            raise ValueError(f"eval_every={self.eval_every} needs at least one seed in eval_seeds, got []")
+        stray = sorted(set(self.eval_reward_kwargs) - set(self.eval_rewards))
+        if stray:
+            raise ValueError(f"eval_reward_kwargs names {stray}, which eval_rewards ({list(self.eval_rewards)}) "
+                             "does not list; options of the trained reward go in reward_kwargs")
         if self.batch_size % self.images_per_prompt:
             raise ValueError(f"images_per_prompt={self.images_per_prompt} must divide batch_size={self.batch_size}")
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
@@ -244,6 +308,8 @@ class Config(EstimatorOptions):
             raise ValueError(f"baseline='value' with value_fit='loo' fits a slope on the other samples of a "
                              f"micro-batch, which needs batch_size >= 5 (got {self.batch_size}); use "
                              "value_fit='running', which adds earlier updates' samples")
+        if self.prompt_schedule is not None:
+            PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
         if chain:
             self.check_chain(self.num_steps, self.eta)
         return self
@@ -430,6 +496,12 @@ def load_prompts(spec: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts (only blank lines or comments)")
     return prompts
+
+
+def eval_prompts_of(spec: str) -> tuple[str, bool]:
+    """The prompts to evaluate a run trained on `spec` with, and whether they are held out from it: a
+    built-in set's held-out set, else `spec` itself (a file, or a set without a held-out one)."""
+    return (HELD_OUT[spec], True) if spec in HELD_OUT else (spec, False)
 
 
 def config_help(preset: str = "demo") -> str:

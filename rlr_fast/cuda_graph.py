@@ -35,7 +35,8 @@ import torch
 
 from .ddim import ddim_step, log_density_dtype, step_coefficients, x0_coefficients
 from .profiling import nvtx_range
-from .rollout import Trajectory, check_rollout_args, check_scheduler, model_key, predict
+from .rollout import (Trajectory, check_rollout_args, check_scheduler, model_key, predict, step_conditioning,
+                      step_noises)
 
 # max |graph - eager| / max |eager| over the stored latents, by dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -46,8 +47,9 @@ class StaticStep:
 
     Inputs (refilled by `load` before each step): the sample x_t, the 0-dim timestep, the
     per-sample coefficients c_x, c_e, sigma (float64, as `rollout` passes them) and the step's
-    noise; the prompt embeddings are filled once per rollout by `set_conditioning`. `run()`
-    returns (prev_sample, log_prob); under capture these become the graph's static outputs.
+    noise; the prompt embeddings are filled once per rollout by `set_conditioning` (before every
+    step under a prompt schedule). `run()` returns (prev_sample, log_prob); under capture these
+    become the graph's static outputs.
     """
 
     def __init__(self, model, latents: torch.Tensor, cond: Optional[torch.Tensor], negative: Optional[torch.Tensor],
@@ -158,15 +160,16 @@ class GraphedRollout:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, *, num_steps: int, eta: float, encoder_hidden_states=None,
-                 guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-                 progress: bool = False) -> Trajectory:
+                 guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None,
+                 generator=None, noises=None, progress: bool = False) -> Trajectory:
         if self.capture and (not torch.is_tensor(latents) or latents.device.type != "cuda"):
             where = latents.device if torch.is_tensor(latents) else type(latents).__name__
             raise RuntimeError(f"CUDA-graph rollouts need latents on a CUDA device, got {where} "
                                f"(CUDA available: {torch.cuda.is_available()}); use rlr_fast.rollout, or "
                                "GraphedRollout(..., capture=False) to run the same step without a graph")
-        cond, negative = check_rollout_args(self.model, self.scheduler, latents, num_steps, eta, guidance_scale,
-                                            encoder_hidden_states, negative_encoder_hidden_states)
+        cond, negative, prompt_index = check_rollout_args(self.model, self.scheduler, latents, num_steps, eta,
+                                                          guidance_scale, encoder_hidden_states,
+                                                          negative_encoder_hidden_states, prompt_index)
         batch, device, dtype = latents.shape[0], latents.device, latents.dtype
         if guidance_scale == 1.0:
             negative_for_step = None  # predict() ignores it without guidance; keep the graph smaller
@@ -175,37 +178,41 @@ class GraphedRollout:
 
         self.scheduler.set_timesteps(num_steps)
         coef = step_coefficients(self.scheduler, eta)
-        # drawn exactly as rlr_fast.rollout draws them, so the same generator gives the same chain
-        noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
-                             device=device if generator is None else generator.device, dtype=dtype).to(device)
+        # given or drawn exactly as rlr_fast.rollout does, so the same generator gives the same chain
+        noises = step_noises(latents, num_steps, generator, noises)
         timesteps, c_x, c_e, sigmas = (v.to(device) for v in (coef.timesteps, coef.c_x, coef.c_e, coef.sigmas))
         d_x, d_e = (v.to(device) for v in x0_coefficients(self.scheduler))
         xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
         log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
         xs[0] = latents
 
+        # under a prompt schedule the static conditioning is one step's (B, L, D), refilled every step
+        first = cond if prompt_index is None else step_conditioning(cond, prompt_index, 0)
         with nvtx_range("graphed rollout"):
-            step = self._prepare(latents, cond, negative_for_step, guidance_scale)
-            step.set_conditioning(cond, negative_for_step)
+            step = self._prepare(latents, first, negative_for_step, guidance_scale)
+            step.set_conditioning(first, negative_for_step)
             steps = range(num_steps)
             if progress:
                 from tqdm.auto import tqdm
                 steps = tqdm(steps, desc="rollout (CUDA graph)" if self.capture else "rollout", leave=False)
             for k in steps:
                 with nvtx_range(f"step {k}"):
+                    if prompt_index is not None:
+                        step.set_conditioning(step_conditioning(cond, prompt_index, k), negative_for_step)
                     step.load(xs[k], noises[k], timesteps[k], c_x[k], c_e[k], sigmas[k])
                     prev, log_prob = self._replay()
                     xs[k + 1].copy_(prev)
                     log_probs[k].copy_(log_prob)
         return Trajectory(latents=xs, noises=noises, timesteps=timesteps, sigmas=sigmas, c_x=c_x, c_e=c_e,
                           log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
-                          negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                          model_key=model_key(self.model), d_x=d_x, d_e=d_e)
+                          negative_encoder_hidden_states=negative, prompt_index=prompt_index,
+                          guidance_scale=float(guidance_scale), model_key=model_key(self.model), d_x=d_x, d_e=d_e)
 
 
 def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
-                       guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-                       progress: bool = False, split_cfg: bool = False, backend: str = "auto") -> Trajectory:
+                       guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None,
+                       generator=None, noises=None, progress: bool = False, split_cfg: bool = False,
+                       backend: str = "auto") -> Trajectory:
     """`rlr_fast.rollout` (same signature and result) with every step replayed from a CUDA graph.
 
     Captures once per call; to amortise the capture over many rollouts keep a `GraphedRollout`.
@@ -213,4 +220,4 @@ def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float,
     graphed = GraphedRollout(model, scheduler, split_cfg=split_cfg, backend=backend)
     return graphed(latents, num_steps=num_steps, eta=eta, encoder_hidden_states=encoder_hidden_states,
                    guidance_scale=guidance_scale, negative_encoder_hidden_states=negative_encoder_hidden_states,
-                   generator=generator, progress=progress)
+                   prompt_index=prompt_index, generator=generator, noises=noises, progress=progress)

@@ -1,6 +1,6 @@
 """The DDIM step as rlr_fast computes it: coefficients, and the dispatcher to the fused op's backends.
 
-`rlr_math.md` section 1 writes one step as
+docs/estimator.md §2 writes one step as
 
     x0_hat = (x_t - sqrt(1 - a) e) / sqrt(a)
     mu     = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) e
@@ -32,9 +32,9 @@ import torch
 from . import _C, compiled
 from .kernels.reference import (check_tensor, ddim_step_reference, gaussian_log_prob_reference,  # noqa: F401
                                 log_density_dtype)
+from .options import BACKENDS
 from .profiling import nvtx_range
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 @dataclass(frozen=True)

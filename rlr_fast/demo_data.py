@@ -44,6 +44,27 @@ PROMPTS: list[str] = [
     "an orange circle on a purple background",
 ]
 
+
+
+def held_out_prompts(training: tuple[str, ...] = tuple(PROMPTS)) -> list[str]:
+    """Evaluation prompts that share no (colour, shape) and no (colour, background) pair with `training`:
+    each shape colour of `training` in COLORS order with the shape it never has there, on each of the
+    first two other colours (cyclically after it in COLORS) it is never drawn on there. For `PROMPTS`:
+    16 prompts asking for combinations the demo never fine-tunes on (the embedded model itself was
+    trained on random combinations of every colour and shape, `make_dataset`)."""
+    parsed = [parse_prompt(p) for p in training]
+    names = list(COLORS)
+    prompts = []
+    for i, color in enumerate(names):
+        own = [p for p in parsed if p["color"] == color]
+        missing = [shape for shape in SHAPES if shape not in {p["shape"] for p in own}]
+        if not own or not missing:
+            continue
+        backgrounds = [c for c in names[i + 1:] + names[:i] if c not in {p["background"] for p in own}][:2]
+        prompts += [caption(color, missing[0], background) for background in backgrounds]
+    return prompts
+
+
 _SUPERSAMPLE = 4
 
 

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
+from .distributed import Ranks
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
@@ -51,17 +52,23 @@ class Terms:
 # Rewards
 
 
-def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool):
-    """R(x_0) (B,) of the chain and, when `need_grad`, dR/dx_0; the reward's graph is freed before returning.
+class NonFiniteRewards(ValueError):
+    """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
+
+
+def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks = Ranks()):
+    """R(x_0) (B,), the whole batch's rewards (all ranks' in rank order: `group.gather`) and, when
+    `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 
     Computing dR/dx_0 first (phase one) and sweeping the model afterwards (phase two) means the
-    reward's activations and the model's are never alive together.
+    reward's activations and the model's are never alive together. Finiteness is checked on the
+    whole batch, so every rank refuses the same batch.
     """
-    return _score(reward_fn, traj.x0, need_grad)
+    return _score(reward_fn, traj.x0, need_grad, group)
 
 
-def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool):
-    """R(x0) (B,) of latents x0 and, when `need_grad`, dR/dx0 (see `_rewards`)."""
+def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool, group: Ranks = Ranks()):
+    """R(x0) (B,) of latents x0, the whole batch's, and when `need_grad` dR/dx0 (see `_rewards`)."""
     batch = x0.shape[0]
     x0 = x0.detach().requires_grad_(need_grad)
     with nvtx_range("reward"), torch.set_grad_enabled(need_grad):
@@ -69,18 +76,19 @@ def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool):
     if not torch.is_tensor(r) or r.shape != (batch,):
         raise ValueError(f"reward_fn must return a tensor of shape ({batch},) (one reward "
                          f"per sample), got {getattr(r, 'shape', type(r).__name__)}")
-    bad = int((~torch.isfinite(r.detach())).sum())
+    everyone = group.gather(r.detach())
+    bad = int((~torch.isfinite(everyone)).sum())
     if bad:
-        raise ValueError(f"{bad} of {batch} rewards are not finite (NaN or Inf); "
-                         "no gradient was applied")
+        raise NonFiniteRewards(f"{bad} of {everyone.numel()} rewards are not finite (NaN or Inf); "
+                               "no gradient was applied")
     if not need_grad:
-        return r.detach(), None
+        return r.detach(), everyone, None
     if r.grad_fn is None:
         raise ValueError("this estimator needs dR/dx0 but the reward is not differentiable "
                          "(its output has no gradient path to x0); use method='zo' or 'ddpo', "
                          "or method='rlr' with first_order_steps=0")
     (dr,) = torch.autograd.grad(r.sum(), x0)  # rewards are per sample: d(sum R)/dx0_b = dR_b/dx0_b
-    return r.detach(), dr
+    return r.detach(), everyone, dr
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,16 +208,18 @@ def likelihood_ratio_steps(traj: Trajectory, terms: Terms) -> list[int]:
     return sorted(traj.step_index(t) for t in ts)
 
 
-def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, rewards: torch.Tensor,
-                options: EstimatorOptions, prompt_ids, value_state: Optional[ValueStatistics]) -> tuple[torch.Tensor, dict]:
-    """-(R - b_k) / B per step k and sample, (T, B), and the baseline's stats.
+def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, everyone: torch.Tensor, options: EstimatorOptions,
+                prompt_ids, value_state: Optional[ValueStatistics], group: Ranks) -> tuple[torch.Tensor, dict]:
+    """-(R - b_k) / B per step k and sample of this rank's B, (T, B), and the baseline's stats.
 
-    Rows of steps without a likelihood ratio are NaN under the value baseline, which computes b_k
-    only where a term needs it.
+    Baselines are fitted on the whole batch: `everyone`'s rewards (all ranks') and, for the value
+    baseline, every rank's proxy rewards. Rows of steps without a likelihood ratio are NaN under the
+    value baseline, which computes b_k only where a term needs it.
     """
     T, B = traj.num_steps, traj.batch_size
+    rewards = group.mine(everyone)
     if options.baseline != "value":
-        return (-(rewards - reward_baseline(rewards, options, prompt_ids)) / B).expand(T, -1), {}
+        return (-(rewards - group.mine(reward_baseline(everyone, options, prompt_ids))) / B).expand(T, -1), {}
     ks = likelihood_ratio_steps(traj, terms)
     adv = torch.full((T, B), float("nan"), dtype=rewards.dtype, device=rewards.device)
     if not ks:
@@ -218,13 +228,13 @@ def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, rewards: to
         raise ValueError("baseline='value' scores each step's x0 estimate, which this trajectory does not hold: "
                          "roll out with rlr_fast.rollout(..., store_x0_hat=True)")
     with nvtx_range("value baseline"):
-        q = proxy_rewards(reward_fn, traj.x0_hat, ks)
+        q = group.gather(proxy_rewards(reward_fn, traj.x0_hat, ks).T, "gathering the value baseline's proxy rewards").T
         running = options.value_fit == "running"
         history = value_state.history(T, ks) if running else None
-        b, fallbacks = value_baseline(q, rewards, history)
+        b, fallbacks = value_baseline(q, everyone, history)
         if running:  # after the fit: the batch enters the baselines of later estimates only
-            value_state.update(T, ks, q, rewards, options.value_decay)
-    adv[ks] = (-(rewards.double() - b) / B).to(rewards.dtype)
+            value_state.update(T, ks, q, everyone, options.value_decay)
+    adv[ks] = (-(rewards.double() - group.mine(b.T).T) / B).to(rewards.dtype)
     return adv, {"value_fallbacks": fallbacks, "reward_forward": len(ks)}
 
 
@@ -268,8 +278,8 @@ def _trainable(model) -> list:
 
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
-             value_state: Optional[ValueStatistics] = None, reference=None, track_memory: bool = False,
-             **overrides) -> dict:
+             group: Optional[Ranks] = None, value_state: Optional[ValueStatistics] = None, reference=None,
+             track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b) (for sqdf: of its
     KL-regularised loss, docs/estimator.md §11).
 
@@ -282,22 +292,28 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     advantages  ddpo only: (B,) advantages instead of the rewards standardised within each prompt's
                 samples; the reward is then not evaluated and `reward_fn` may be None (a DDPO
                 minibatch of samples whose rewards were taken when they were drawn)
+    group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
+                of the batch: rewards, prompt ids and the value baseline's proxy rewards are
+                all-gathered, so baselines, value fits, normalize's scale and ddpo's advantages are
+                the whole batch's; each rank estimates from its own samples, and the ranks' mean
+                .grad is the whole batch's estimate
     value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
-                used for this estimate's baselines and then updated with this batch
+                used for this estimate's baselines and then updated with this batch (the whole
+                batch's, so it stays the same on every rank)
     reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
-    Returns stats: method, reward_mean/std, rewards (None when not evaluated), j, F/H/C
-    (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward (model calls),
-    unet_steps (steps recomputed with grad, each a forward and a backward of the batch), reward_forward
-    (reward_fn calls on the batch: R(x_0) and, with baseline="value", one per likelihood-ratio step),
-    reward_backward (0 or 1: dR/dx_0), unet_forward_samples, unet_backward_samples (sample-steps,
-    docs/estimator.md §7), reward_queries (images whose reward the objective takes: R(x_0), sqdf's soft
-    Q; the value baseline's proxy scores are counted in reward_forward only), term_norms, peak_saved_bytes,
-    for ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl, with baseline="value"
-    value_fallbacks (step-sample baselines that fell back to a mean reward: too few pairs or no
-    spread of q), and for sqdf those of `estimate_states` (its rewards are R(x_0) of the chain,
-    scored once more than the soft Q).
+    Returns stats: method, reward_mean/std, rewards (the whole batch's with a group; None when not
+    evaluated), j, F/H/C (docs/estimator.md step indices), zo_weight, unet_forward, unet_backward
+    (model calls), unet_steps (steps recomputed with grad, each a forward and a backward of the batch),
+    reward_forward (reward_fn calls on the batch: R(x_0) and, with baseline="value", one per
+    likelihood-ratio step), reward_backward (0 or 1: dR/dx_0), unet_forward_samples,
+    unet_backward_samples (sample-steps, docs/estimator.md §7), reward_queries (images whose reward the
+    objective takes: R(x_0), sqdf's soft Q; the value baseline's proxy scores are counted in
+    reward_forward only), term_norms, peak_saved_bytes, for ddpo clip_fraction, ratio_max_deviation
+    (max |r - 1|) and approx_kl, with baseline="value" value_fallbacks (step-sample baselines that fell
+    back to a mean reward: too few pairs or no spread of q), and for sqdf those of `estimate_states`
+    (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
     if not isinstance(traj, Trajectory):
@@ -311,8 +327,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
     if reference is not None and options.method != "sqdf":
         raise ValueError(f"reference is used by method='sqdf' only, not by method={options.method!r}")
+    group = Ranks() if group is None else group
     if prompt_ids is not None:
-        prompt_ids = torch.as_tensor(prompt_ids)
+        prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
     needs_state = options.needs_value_state
     if needs_state and not isinstance(value_state, ValueStatistics):
         raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
@@ -322,22 +339,22 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
     if options.method == "sqdf":
         steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
-        rewards, _ = _rewards(reward_fn, traj, need_grad=False)  # the chain's own, for the record
+        _, rewards, _ = _rewards(reward_fn, traj, False, group)  # the chain's own, for the record
         stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
                                 reference=reference, track_memory=track_memory)
         return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
                     reward_forward=stats["reward_forward"] + 1)
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
-    rewards = dr = None
+    rewards = everyone = dr = None
     if options.method == "ddpo" and advantages is not None:
         advantages = torch.as_tensor(advantages, dtype=torch.float64, device=traj.latents.device)
         if advantages.shape != (traj.batch_size,):
             raise ValueError(f"advantages must have shape ({traj.batch_size},), got {tuple(advantages.shape)}")
     else:
-        rewards, dr = _rewards(reward_fn, traj, need_grad=terms is not None and terms.first_order > 0)
+        rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
         if options.method == "ddpo":
-            advantages = ddpo_advantages(rewards, prompt_ids)
+            advantages = group.mine(ddpo_advantages(everyone, prompt_ids))
     memory = SavedTensorMemory(exclude=resident_tensors(model, traj)) if track_memory else None
     counter, grads, extra = CallCounter(), GradTerms(params), {}
     with contextlib.ExitStack() as stack:
@@ -347,17 +364,25 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
-            adv, extra = _advantages(reward_fn, traj, terms, rewards, options, prompt_ids, value_state)
-            s, b = reward_scale(rewards, options), traj.batch_size
+            adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)
+            s, b = reward_scale(everyone, options), traj.batch_size
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
                 _run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
     extra["reward_forward"] = int(rewards is not None) + extra.get("reward_forward", 0)
-    return dict(_stats(options.method, rewards, terms), unet_forward=counter.forward,
+    return dict(_stats(options.method, everyone, terms), unet_forward=counter.forward,
                 unet_backward=counter.backward, reward_backward=int(dr is not None),
                 unet_forward_samples=counter.forward_samples, unet_backward_samples=counter.backward_samples,
                 reward_queries=0 if rewards is None else traj.batch_size, term_norms=grads.norms,
                 peak_saved_bytes=None if memory is None else memory.peak, **extra)
+
+
+def _local_score(reward_fn: RewardFn):
+    """x0 -> (R(x0), dR/dx0) of this process's samples, as `sqdf_gradient` takes the soft Q."""
+    def score(x0: torch.Tensor):
+        r, _, dr = _score(reward_fn, x0, True)
+        return r, dr
+    return score
 
 
 def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
@@ -391,7 +416,7 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
         if memory is not None:
             stack.enter_context(memory.track())
         with grads.term("total"):
-            out = sqdf_gradient(model, states, noise, lambda x0: _score(reward_fn, x0, need_grad=True), options,
+            out = sqdf_gradient(model, states, noise, _local_score(reward_fn), options,
                                 counter, reference=reference)
     return {"method": "sqdf", "k": states.steps.tolist(), "q": out["q"].tolist(), "kl": out["kl"].tolist(),
             "q_mean": float(out["q"].mean()), "kl_mean": float(out["kl"].mean()), "unet_forward": counter.forward,

@@ -1,6 +1,6 @@
-"""Models for sampling and the pictures and numbers made from them: device and precision, loading
-(with a LoRA), seeded sampling, decoding, image grids, and reward evaluation over a prompt set.
-The training loop samples its grids with these, and the CLI's `sample` and `evaluate` are built on them.
+"""Models for sampling and the pictures made from them: device and precision, loading (with a
+LoRA), seeded sampling, decoding and image grids. The training loop samples its grids with these,
+and the CLI's `sample` and `evaluate` (rlr_fast.evaluation) are built on them.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config
 from .models import SDModels, check_sd_folder, load_lora, load_sd
-from .rewards import Reward
-from .rollout import rollout
+from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
+from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,14 +46,19 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
     return device, cfg
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, motion_adapter: Optional[str] = None) -> None:
     """Refuse a model that cannot load, before anything slow runs (the full check is `load_models`)."""
     if model != "default":
         check_sd_folder(Path(model))
+    if motion_adapter is not None and not Path(motion_adapter).is_dir():
+        raise FileNotFoundError(f"motion adapter folder {motion_adapter} does not exist")
 
 
-def load_models(model: str, device: torch.device, dtype: torch.dtype) -> SDModels:
-    """The embedded default model or a local diffusers Stable Diffusion folder."""
+def load_models(model: str, device: torch.device, dtype: torch.dtype, motion_adapter: Optional[str] = None) -> SDModels:
+    """The embedded default model, a local diffusers Stable Diffusion folder, or a video model
+    (`rlr_fast.video.load_video`: a text-to-video folder, or SD plus a motion adapter)."""
+    if is_video_model(model, motion_adapter):
+        return load_video(model, dtype=dtype, device=device, motion_adapter=motion_adapter)
     if model == "default":
         from .default_model import load_default
 
@@ -62,20 +66,31 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype) -> SDModel
     return load_sd(model, dtype=dtype, device=device)
 
 
-def load_for_inference(model: str, lora: Optional[str], device: torch.device, dtype: torch.dtype) -> SDModels:
+def load_for_inference(model: str, lora: Optional[str], device: torch.device, dtype: torch.dtype,
+                       motion_adapter: Optional[str] = None) -> SDModels:
     """A model for sampling, with a LoRA written by `finetune` (or `save_lora`) when given."""
-    models = load_models(model, device, dtype)
+    models = load_models(model, device, dtype, motion_adapter)
     if lora is not None:
         load_lora(models.unet, lora)
     return models
 
 
 def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
-                  latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """x_T (batch, C, h, w) in float32, drawn on the CPU from `generator` (the same on every device);
-    latent_hw None: the UNet's native size."""
+                  latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> torch.Tensor:
+    """x_T (batch, *latent_shape(...)) in float32, drawn on the CPU from `generator` (the same on every
+    device)."""
+    return torch.randn((batch, *latent_shape(unet, latent_hw, num_frames)), generator=generator).to(device)
+
+
+def latent_shape(unet, latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> tuple:
+    """One sample's latent shape: (C, h, w), or (C, num_frames, h, w) for a video UNet; latent_hw None:
+    the UNet's native size."""
     h, w = latent_hw or (unet.config.sample_size,) * 2
-    return torch.randn((batch, unet.config.in_channels, h, w), generator=generator).to(device)
+    frames = ()
+    if is_video_unet(unet):
+        check_num_frames(unet, num_frames)
+        frames = (num_frames,)
+    return (unet.config.in_channels, *frames, h, w)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -86,51 +101,85 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1], float32 (B, 3, H, W), of latents in the diffusion model's scale."""
+def decode_latents(vae, latents: torch.Tensor, frame_chunk: int = 8) -> torch.Tensor:
+    """Images in [0, 1], float32 (B, 3, H, W), of latents in the diffusion model's scale; videos
+    (B, F, 3, H, W) of video latents (B, C, F, h, w), decoded `frame_chunk` frames at a time."""
+    if latents.dim() == 5:
+        b, c, f, h, w = latents.shape
+        frames = latents.transpose(1, 2).reshape(b * f, c, h, w)
+        images = torch.cat([decode_latents(vae, chunk) for chunk in frames.split(frame_chunk)])
+        return images.reshape((b, f) + tuple(images.shape[1:]))
     z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
-def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False):
-    """A tqdm bar on stderr for a long phase."""
+def progress(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = False, enabled: bool = True):
+    """A tqdm bar on stderr for a long phase (one that shows nothing unless `enabled`)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                disable=not enabled)
+
+
+@torch.no_grad()
+def sample_chain(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seed: int, *, num_steps: int,
+                 eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
+                 latent_hw: Optional[tuple[int, int]] = None, prompt_index: Optional[torch.Tensor] = None,
+                 num_frames: Optional[int] = None) -> Trajectory:
+    """The sampling chain of P prompt embeddings `cond` (P, L, D) for one seed: x_T and every step's
+    noise are drawn from a generator seeded with `seed`, so a fixed (prompt list, seed) always gives
+    the same chain of a given model, and two models given the same seed start from the same x_T and
+    draw the same noises. Under a prompt schedule (`PromptBank.conditioning`), `cond` holds the
+    distinct embeddings and `prompt_index` (num_steps, P) which one each of the P samples uses at each
+    step; `num_frames` is a video model's."""
+    device = models.unet.device
+    batch = len(cond) if prompt_index is None else prompt_index.shape[1]
+    generator = torch.Generator().manual_seed(int(seed))
+    x_T = initial_noise(models.unet, batch, generator, device, latent_hw, num_frames)
+    with autocast(device, dtype):
+        return rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta, encoder_hidden_states=cond,
+                       prompt_index=prompt_index, guidance_scale=guidance_scale,
+                       negative_encoder_hidden_states=None if guidance_scale == 1.0 else negative.expand(batch, -1, -1),
+                       generator=generator)
 
 
 @torch.no_grad()
 def generate_images(models: SDModels, cond: torch.Tensor, negative: Optional[torch.Tensor], seeds, *,
                     num_steps: int, eta: float, guidance_scale: float, dtype: torch.dtype = torch.float32,
-                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major.
-
-    Each seed draws x_T and the sampling noise of all P prompts from its own generator, so the
-    images of a fixed (prompt list, seed) never change between calls. With `desc`, a progress bar
-    counts the seeds.
-    """
-    device = models.unet.device
+                    desc: Optional[str] = None, latent_hw: Optional[tuple[int, int]] = None,
+                    prompt_index: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> torch.Tensor:
+    """Images (len(seeds) * P, 3, H, W) in [0, 1] for P prompt embeddings `cond` (P, L, D), seed-major;
+    videos (len(seeds) * P, num_frames, 3, H, W) from a video model. Each seed's come from
+    `sample_chain` (see it for `prompt_index`). With `desc`, a progress bar counts the seeds."""
     images = []
     bar = progress(len(seeds), desc, "seed") if desc else contextlib.nullcontext()
     with bar:
         for seed in seeds:
-            generator = torch.Generator().manual_seed(int(seed))
-            x_T = initial_noise(models.unet, len(cond), generator, device, latent_hw)
-            with autocast(device, dtype):
-                traj = rollout(models.unet, models.scheduler, x_T, num_steps=num_steps, eta=eta,
-                               encoder_hidden_states=cond, guidance_scale=guidance_scale,
-                               negative_encoder_hidden_states=None if guidance_scale == 1.0 else
-                               negative.expand(len(cond), -1, -1), generator=generator)
+            traj = sample_chain(models, cond, negative, seed, num_steps=num_steps, eta=eta,
+                                guidance_scale=guidance_scale, dtype=dtype, latent_hw=latent_hw,
+                                prompt_index=prompt_index, num_frames=num_frames)
             images.append(decode_latents(models.vae, traj.x0).cpu())
             if desc:
                 bar.update(1)
     return torch.cat(images)
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2) -> Path:
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, pad: int = 2,
+              fps: int = 8) -> Path:
     """Images (rows * cols, 3, H, W) in [0, 1], row-major, as one PNG with `pad` white pixels between
     them; small images are enlarged (nearest neighbour) to at least `min_cell` pixels so a 32 px
-    sample stays visible. One image with min_cell=0, pad=0 is saved as it is."""
+    sample stays visible. One image with min_cell=0, pad=0 is saved as it is. Videos
+    (rows * cols, F, 3, H, W) are saved as an animated GIF of such grids, `fps` frames a second."""
+    if images.dim() == 5:
+        frames = [grid_image(images[:, f], rows, min_cell, pad) for f in range(images.shape[1])]
+        return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, loop=0,
+                                                             append_images=frames[1:], duration=1000 // fps))
+    canvas = grid_image(images, rows, min_cell, pad)
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def grid_image(images: torch.Tensor, rows: int, min_cell: int = 128, pad: int = 2) -> Image.Image:
+    """Images (rows * cols, 3, H, W) tiled as `save_grid` saves them."""
     n, _, h, w = images.shape
     cols = math.ceil(n / rows)
     scale = max(1, math.ceil(min_cell / max(h, w)))
@@ -140,37 +189,10 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 128, 
         tile = Image.fromarray(pixels[i]).resize((w * scale, h * scale), Image.NEAREST)
         r, c = divmod(i, cols)
         canvas.paste(tile, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return canvas
 
 
 def prompt_rows(images: torch.Tensor, seeds: int) -> torch.Tensor:
     """`generate_images`' seed-major images reordered prompt-major: prompts as rows, seeds as columns."""
     grid = images.reshape(seeds, -1, *images.shape[1:]).transpose(0, 1)
     return grid.reshape(-1, *images.shape[1:])
-
-
-def evaluate_reward(models: SDModels, reward: Reward, prompts: list[str], seeds, *, num_steps: int, eta: float,
-                    guidance_scale: float, negative_prompt: str = "", dtype: torch.dtype = torch.float32,
-                    batch_size: int = 16) -> dict:
-    """Reward statistics over every (prompt, seed): mean, std, standard error, and per-prompt means."""
-    negative = models.encode_prompts([negative_prompt])
-    values = []  # (seed, prompt) order
-    chunks = range(0, len(prompts), batch_size)
-    with progress(len(chunks) * len(seeds), "evaluate", "batch") as bar:
-        for start in chunks:
-            chunk = prompts[start:start + batch_size]
-            cond = models.encode_prompts(chunk)
-            for seed in seeds:
-                images = generate_images(models, cond, negative, [seed], num_steps=num_steps, eta=eta,
-                                         guidance_scale=guidance_scale, dtype=dtype)
-                with torch.no_grad():
-                    r = reward(images.to(models.unet.device), chunk).float().cpu()
-                values += [(seed, p, float(v)) for p, v in zip(chunk, r)]
-                bar.update(1)
-    scores = np.array([v for _, _, v in values])
-    per_prompt = {p: float(np.mean([v for _, q, v in values if q == p])) for p in prompts}
-    n = len(scores)
-    std = float(scores.std(ddof=1)) if n > 1 else 0.0
-    return {"n": n, "mean": float(scores.mean()), "std": std, "stderr": std / math.sqrt(n),
-            "nonfinite": int((~np.isfinite(scores)).sum()), "per_prompt": per_prompt,
-            "seeds": [int(s) for s in seeds], "num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}

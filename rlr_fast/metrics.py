@@ -43,16 +43,19 @@ def read_metrics(path: Path, keep_until: int) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl (one object per step) plus TensorBoard scalars when it is installed.
 
-    Starts the file with `records` (a resumed run's earlier steps) or empty.
+    Starts the file with `records` (a resumed run's earlier steps) or empty. With `write=False`
+    (the ranks of a data-parallel run but rank 0) it only keeps the records.
     """
 
-    def __init__(self, out: Path, records: list[dict], tensorboard: bool):
+    def __init__(self, out: Path, records: list[dict], tensorboard: bool, write: bool = True):
         self.path = out / "metrics.jsonl"
         self.records = list(records)
-        atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records),
-                                                            encoding="utf-8"))
+        self.write_files = write
+        if write:
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records),
+                                                                encoding="utf-8"))
         self.writer = None
-        if tensorboard:
+        if tensorboard and write:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
@@ -62,6 +65,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write_files:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -125,40 +130,65 @@ def summarize(records: list[dict], seconds: float) -> dict:
     return summary
 
 
-def draw_reward_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 400)) -> Path:
-    """The reward of each step's records: mean (dots), +- one std across the batch (bars), and a
-    moving average (line), as a PNG drawn with PIL."""
-    ok = [r for r in records if r.get("reward_mean") is not None]
-    steps, means, stds = [r["step"] for r in ok], [r["reward_mean"] for r in ok], [r["reward_std"] for r in ok]
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 45
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, steps: list, means: list,
+               spreads: Optional[list] = None, *, line: Optional[list] = None,
+               reference: Optional[tuple[float, str]] = None) -> None:
+    """One chart in `box` (left, top, right, bottom) of the frame: a dot per (step, mean), a bar of
+    +- spread, optionally a line through `line` (a value per step) and a dashed horizontal line at a
+    labelled `reference` value; the value range is labelled on the left, the first and last step below."""
+    left, top, right, bottom = box
+    spreads = spreads or [0.0] * len(means)
     if steps:
-        low = min(m - s for m, s in zip(means, stds))
-        high = max(m + s for m, s in zip(means, stds))
+        ends = [m + s for m, s in zip(means, spreads)] + [m - s for m, s in zip(means, spreads)]
+        ends += [reference[0]] if reference is not None else []
+        low, high = min(ends), max(ends)
         if high - low < 1e-12:
             low, high = low - 1, high + 1
         x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
 
         def xy(step, value):
-            x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
-            y = top + (high - value) / (high - low) * (height - top - bottom)
-            return x, y
+            return (left + (step - x_lo) / (x_hi - x_lo) * (right - left),
+                    top + (high - value) / (high - low) * (bottom - top))
 
-        for step, m, s in zip(steps, means, stds):
-            draw.line([xy(step, m - s), xy(step, m + s)], fill=(200, 210, 235))
+        if reference is not None:
+            y = xy(x_lo, reference[0])[1]
+            for x in range(left, right, 12):
+                draw.line([(x, y), (min(x + 6, right), y)], fill=(120, 120, 120))
+            draw.text((right - 8 * len(reference[1]) - 4, y - 13), reference[1], fill=(100, 100, 100))
+        for step, m, s in zip(steps, means, spreads):
+            if s:
+                draw.line([xy(step, m - s), xy(step, m + s)], fill=(200, 210, 235) if line else (60, 90, 200))
         for step, m in zip(steps, means):
             x, y = xy(step, m)
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(60, 90, 200))
-        window = max(1, len(means) // 10)
-        smooth = [float(np.mean(means[max(0, i - window + 1):i + 1])) for i in range(len(means))]
-        draw.line([xy(s, m) for s, m in zip(steps, smooth)], fill=(220, 60, 40), width=2)
+        if line is not None:
+            draw.line([xy(s, v) for s, v in zip(steps, line)], fill=(220, 60, 40), width=2)
         for value in (low, (low + high) / 2, high):
             draw.text((4, xy(x_lo, value)[1] - 6), f"{value:.4g}", fill="black")
-        draw.text((left, height - bottom + 8), f"step {x_lo}", fill="black")
-        draw.text((width - right - 70, height - bottom + 8), f"step {x_hi}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 8), f"reward per step: batch mean (dots), +-1 std (bars), moving average of "
-                         f"{max(1, len(means) // 10)} (line)", fill="black")
+        draw.text((left, bottom + 8), f"step {x_lo}", fill="black")
+        draw.text((right - 70, bottom + 8), f"step {x_hi}", fill="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, top - 22), title, fill="black")
+
+
+def save_panels(panels: list[dict], path: Path, size: tuple[int, int]) -> Path:
+    """`draw_panel(**panel)` for each panel, stacked top to bottom in one PNG of `size`."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    share = height // max(1, len(panels))
+    for i, panel in enumerate(panels):
+        draw_panel(draw, (70, i * share + 30, width - 20, (i + 1) * share - 45), **panel)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def draw_reward_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 400)) -> Path:
+    """The reward of each step's records: mean (dots), +- one std across the batch (bars), and a
+    moving average (line), as a PNG drawn with PIL."""
+    ok = [r for r in records if r.get("reward_mean") is not None]
+    means = [r["reward_mean"] for r in ok]
+    window = max(1, len(means) // 10)
+    smooth = [float(np.mean(means[max(0, i - window + 1):i + 1])) for i in range(len(means))]
+    return save_panels([dict(title=f"reward per step: batch mean (dots), +-1 std (bars), moving average of {window} "
+                                   "(line)", steps=[r["step"] for r in ok], means=means,
+                             spreads=[r["reward_std"] for r in ok], line=smooth)], path, size)

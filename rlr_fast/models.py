@@ -11,12 +11,14 @@ the ecosystem reads back:
   and FLOP estimates without weights.
 * `add_lora` / `save_lora` / `load_lora`: LoRA adapters on the UNet via diffusers' native peft
   integration, saved as `pytorch_lora_weights.safetensors` that
-  `StableDiffusionPipeline.load_lora_weights` reads.
+  `StableDiffusionPipeline.load_lora_weights` reads; `lora_disabled` runs the base model without a
+  second copy.
 
 This module imports only torch, diffusers, transformers, peft and safetensors (no other rlr_fast
 module), so it can be used on its own.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -28,14 +30,15 @@ import safetensors
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta", "latent_size",
-    "add_lora", "save_lora", "load_lora", "lora_parameters", "LORA_WEIGHT_NAME",
+    "add_lora", "save_lora", "load_lora", "has_lora", "lora_disabled", "lora_parameters", "LORA_WEIGHT_NAME",
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -350,7 +353,10 @@ def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        unet.add_adapter(config, adapter_name=_ADAPTER)
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=_ADAPTER)
+        else:  # diffusers gives some UNets (UNet3DConditionModel) no peft mixin: the same peft layers, injected
+            inject_adapter_in_model(config, unet, adapter_name=_ADAPTER)  # also sets unet.peft_config
     return unet
 
 
@@ -358,6 +364,32 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should update: those that require grad (the LoRA matrices
     after `add_lora`)."""
     return [p for p in module.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def lora_disabled(unet: UNet2DConditionModel):
+    """While entered, the UNet is its base model: its LoRA adapter is switched off (not removed), and
+    every requires_grad flag is as before afterwards (peft's switch sets the adapter's flags). A UNet
+    without an adapter is a ValueError: there is no base model to switch to."""
+    if not has_lora(unet):
+        raise ValueError("the UNet has no LoRA adapter to switch off; load one with load_lora (or add_lora)")
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    # peft's layers directly: diffusers gives some UNets (UNet3DConditionModel) no disable_adapters
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def has_lora(unet: nn.Module) -> bool:
+    """Whether the UNet carries the LoRA adapter `add_lora` / `load_lora` give it."""
+    return _adapter_config(unet) is not None
 
 
 def _adapter_config(unet: nn.Module) -> LoraConfig | None:

@@ -21,11 +21,13 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
 METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo", "sqdf")
+# A method value for a run (Config, finetune) only: rlr_fast.design chooses the concrete estimator.
+AUTO = "auto"
 BASELINES = ("none", "loo", "loo_prompt", "value")
 VALUE_FITS = ("loo", "running")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
@@ -195,7 +197,8 @@ class EstimatorOptions:
     Defaults are the library's neutral ones; `rlr_fast.config` presets set the runs we ship.
     """
 
-    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}")
+    method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}, or for a run {AUTO} (rlr_fast.design "
+                                f"chooses an unbiased one from pilot rollouts; design_* keys)")
     first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0")
     h: int = option(2, "rlr: length of the half-order sub-chain")
     j: Union[int, str, tuple[float, ...]] = option(
@@ -238,6 +241,8 @@ class EstimatorOptions:
                                     "(and back-propagate them one at a time)")
     backend: str = option("auto", f"fused DDIM step backend: {', '.join(BACKENDS)}")
 
+    accepts_auto: ClassVar[bool] = False  # Config (a run) may leave the method to rlr_fast.design
+
     def __post_init__(self):
         # a subclass (Config) is validated as a whole by its own validate(), which calls this one
         if type(self) is EstimatorOptions:
@@ -246,7 +251,10 @@ class EstimatorOptions:
     def validate(self):
         """Raise ValueError/TypeError naming the first bad estimator value; returns self."""
         check_types(self)
-        check_choice("method", self.method, METHODS)
+        if self.method == AUTO and not self.accepts_auto:
+            raise ValueError("method='auto' is chosen by rlr_fast.design (finetune runs it); estimate needs a "
+                             f"concrete method: one of {list(METHODS)}")
+        check_choice("method", self.method, METHODS + ((AUTO,) if self.accepts_auto else ()))
         check_choice("backend", self.backend, BACKENDS)
         if isinstance(self.baseline, str):
             check_choice("baseline", self.baseline, BASELINES)

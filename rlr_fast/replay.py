@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .estimators import estimate_states
+from .estimators import NonFiniteRewards, estimate_states
 from .inference import autocast
 from .profiling import nvtx_range
 from .rollout import Trajectory
@@ -244,9 +244,7 @@ class SQDFReplay(StepMethod):
                 with nvtx_range("estimate"), autocast(ctx.device, ctx.dtype):
                     micro = estimate_states(ctx.models.unet, states, reward_fn, cfg.estimator_options(),
                                             generator=ctx.generators["estimator"])
-            except ValueError:
-                if not reward_fn.nonfinite:
-                    raise
+            except NonFiniteRewards:
                 return Gradients(rewards, stats, "reward", None, state=after, cost=cost)
             stats = ctx.count(micro, cost, stats)
         ages = state.updates - buffer.chains("added_at", chains)

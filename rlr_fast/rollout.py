@@ -1,8 +1,13 @@
 """Sampling rollouts that store what an estimator needs, and exact recomputation of any step.
 
 Step indices: step k = 0 .. T-1 in `scheduler.timesteps` order (k = 0 is the noisiest).
-`rlr_math.md` numbers steps t = T .. 1 instead; step k is math step t = T - k.
+docs/estimator.md §1 numbers steps t = T .. 1 instead; step k is math step t = T - k.
 Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `noises[k]`.
+
+Conditioning is per sample, or per step and sample (a prompt schedule, `rlr_fast.prompts`): then
+`encoder_hidden_states` holds one embedding per distinct prompt (P, L, D) and `prompt_index` (T, B)
+says which one sample b uses at step k. Every model call, in the rollout and in any recomputation,
+reads its conditioning through `step_conditioning`.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ class Trajectory:
     c_e: torch.Tensor  # (T,) float64
     log_probs: torch.Tensor  # (T, B) log-density of each step's draw (0 where sigma == 0)
     eta: float
-    encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D)
+    encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D); (P, L, D) with prompt_index
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
+    prompt_index: Optional[torch.Tensor] = None  # (T, B) int64: row of encoder_hidden_states per step, sample
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
     d_x: Optional[torch.Tensor] = None  # (T,) float64, Tweedie x0_hat = d_x * x_t + d_e * model_output
@@ -54,27 +60,38 @@ class Trajectory:
     def uses_cfg(self) -> bool:
         return self.negative_encoder_hidden_states is not None and self.guidance_scale != 1.0
 
+    def step_conditioning(self, ks: torch.Tensor) -> Optional[torch.Tensor]:
+        """The conditioning of steps `ks` (n,), stacked step-major along the batch: (n * B, L, D)."""
+        return step_conditioning(self.encoder_hidden_states, self.prompt_index, ks)
+
     def math_step(self, k: int) -> int:
-        """The `rlr_math.md` index t of step k."""
+        """The math index t (docs/estimator.md §1) of step k."""
         return self.num_steps - k
 
     def step_index(self, t: int) -> int:
-        """The step k of the `rlr_math.md` index t."""
+        """The step k of the math index t (docs/estimator.md §1)."""
         return self.num_steps - t
 
 
 # Where each tensor field of a Trajectory keeps its samples; the other tensor fields are per step
-# and shared by every sample. A new field must be added to one of the two (tests check).
+# and shared by every sample. A new field must be added to one of the two (tests check). Under a
+# prompt schedule encoder_hidden_states holds distinct prompts, not samples: prompt_index says which.
 PER_SAMPLE_DIM = {"latents": 1, "noises": 1, "log_probs": 1, "x0_hat": 1, "encoder_hidden_states": 0,
-                  "negative_encoder_hidden_states": 0}
+                  "negative_encoder_hidden_states": 0, "prompt_index": 1}
 PER_STEP = ("timesteps", "sigmas", "c_x", "c_e", "d_x", "d_e")
+
+
+def _sample_dims(traj: Trajectory) -> dict[str, int]:
+    if traj.prompt_index is None:
+        return PER_SAMPLE_DIM
+    return {name: dim for name, dim in PER_SAMPLE_DIM.items() if name != "encoder_hidden_states"}
 
 
 def select_samples(traj: Trajectory, index: torch.Tensor) -> Trajectory:
     """The chains of samples `index` (a 1-D index tensor) of `traj`, as a Trajectory of their own."""
     index = torch.as_tensor(index, device=traj.latents.device)
     picked = {name: None if getattr(traj, name) is None else getattr(traj, name).index_select(dim, index)
-              for name, dim in PER_SAMPLE_DIM.items()}
+              for name, dim in _sample_dims(traj).items()}
     return dataclasses.replace(traj, **picked)
 
 
@@ -97,6 +114,9 @@ def concat_samples(trajs: Sequence[Trajectory]) -> Trajectory:
         if any(p is None for p in parts) and not all(p is None for p in parts):
             raise ValueError(f"concat_samples: {name} is set in some trajectories and not in others")
         joined[name] = None if parts[0] is None else torch.cat(parts, dim)
+    if first.prompt_index is not None:  # each part's rows of distinct prompts follow the previous parts'
+        offsets = torch.tensor([0] + [len(t.encoder_hidden_states) for t in trajs[:-1]]).cumsum(0)
+        joined["prompt_index"] = torch.cat([t.prompt_index + int(o) for t, o in zip(trajs, offsets)], 1)
     return dataclasses.replace(first, **joined)
 
 
@@ -121,7 +141,24 @@ def model_key(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def step_conditioning(cond: Optional[torch.Tensor], prompt_index: Optional[torch.Tensor],
+                      ks: torch.Tensor) -> Optional[torch.Tensor]:
+    """What steps `ks` (n,) are conditioned on, stacked step-major: (n * B, L, D), or None.
+
+    Per-sample conditioning (B, L, D) is the same at every step; with `prompt_index` (T, B) each
+    (step, sample) picks its row of `cond` (P, L, D).
+    """
+    if cond is None:
+        return None
+    if prompt_index is None:
+        return cond.repeat(len(ks), 1, 1)
+    return cond[prompt_index[ks].flatten()]
+
+
 def _model_output(model, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    if encoder_hidden_states is not None and _conditions_per_frame(model):
+        # AnimateDiff's UNet takes one prompt per frame, (B * F, L, D), as its pipeline passes it
+        encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
     out = model(sample, timestep, encoder_hidden_states=encoder_hidden_states)
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
@@ -169,25 +206,63 @@ def _batch_cond(name: str, cond: Optional[torch.Tensor], batch: int) -> Optional
     return cond
 
 
+# The latent layout of the diffusers models we know by class name (subclasses included); any other
+# model is only asked for a batch dimension and, when its config names in_channels, channels at dim 1.
+LATENT_LAYOUTS = {
+    "UNet2DConditionModel": ("batch", "channels", "height", "width"),
+    "UNet3DConditionModel": ("batch", "channels", "frames", "height", "width"),
+    "UNetMotionModel": ("batch", "channels", "frames", "height", "width"),
+}
+
+
+def _class_names(model) -> list[str]:
+    return [cls.__name__ for cls in type(model).__mro__]
+
+
+def latent_layout(model) -> Optional[tuple[str, ...]]:
+    """The dimension names of the latents `model` takes, or None for a model we do not know."""
+    return next((LATENT_LAYOUTS[n] for n in _class_names(model) if n in LATENT_LAYOUTS), None)
+
+
+def _conditions_per_frame(model) -> bool:
+    return "UNetMotionModel" in _class_names(model)
+
+
 def _check_latents(model, latents: torch.Tensor) -> None:
     if not torch.is_tensor(latents):
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     _check_float("latents", latents)
+    layout = latent_layout(model)
     in_channels = getattr(getattr(model, "config", None), "in_channels", None)
-    if in_channels is not None:
-        if latents.dim() != 4:
-            raise ValueError(f"latents must be (batch, {in_channels}, height, width), got shape "
-                             f"{tuple(latents.shape)} (rank {latents.dim()})")
-        if latents.shape[1] != in_channels:
-            raise ValueError(f"latents have {latents.shape[1]} channels but the model expects "
-                             f"{in_channels}: shape {tuple(latents.shape)}")
-    elif latents.dim() < 2:
+    if layout is not None and latents.dim() != len(layout):
+        names = ", ".join(str(in_channels) if d == "channels" and in_channels else d for d in layout)
+        raise ValueError(f"{type(model).__name__} takes latents ({names}), got shape {tuple(latents.shape)} "
+                         f"(rank {latents.dim()})")
+    if latents.dim() < 2:
         raise ValueError(f"latents must have a batch dimension, got shape {tuple(latents.shape)}")
+    if in_channels is not None and latents.shape[1] != in_channels:
+        raise ValueError(f"latents have {latents.shape[1]} channels but the model expects "
+                         f"{in_channels}: shape {tuple(latents.shape)}")
+
+
+def _check_prompt_index(prompt_index, cond: torch.Tensor, num_steps: int, batch: int) -> torch.Tensor:
+    if not torch.is_tensor(prompt_index) or prompt_index.is_floating_point() or prompt_index.is_complex() \
+            or prompt_index.dtype == torch.bool:
+        raise TypeError(f"prompt_index must be an integer tensor (num_steps, batch), got "
+                        f"{getattr(prompt_index, 'dtype', type(prompt_index).__name__)}")
+    if prompt_index.shape != (num_steps, batch):
+        raise ValueError(f"prompt_index must have shape (num_steps, batch) = ({num_steps}, {batch}), got "
+                         f"{tuple(prompt_index.shape)}")
+    if prompt_index.numel() and not 0 <= int(prompt_index.min()) <= int(prompt_index.max()) < cond.shape[0]:
+        raise ValueError(f"prompt_index values must index the {cond.shape[0]} embeddings of "
+                         f"encoder_hidden_states, got values in [{int(prompt_index.min())}, {int(prompt_index.max())}]")
+    return prompt_index.to(device=cond.device, dtype=torch.int64)
 
 
 def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale, encoder_hidden_states,
-                       negative_encoder_hidden_states):
-    """Validate a rollout's arguments; returns the conditioning broadcast to the batch."""
+                       negative_encoder_hidden_states, prompt_index=None):
+    """Validate a rollout's arguments; returns the conditioning broadcast to the batch (the
+    embeddings as given with `prompt_index`), the negative conditioning and the prompt index."""
     _check_latents(model, latents)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int):
         raise TypeError(f"num_steps must be an int, got {num_steps!r}")
@@ -200,36 +275,62 @@ def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale
         raise ValueError(f"guidance_scale={guidance_scale} needs negative_encoder_hidden_states "
                          "(the unconditional / negative-prompt embeddings)")
     batch = latents.shape[0]
-    cond = _batch_cond("encoder_hidden_states", encoder_hidden_states, batch)
+    if prompt_index is None:
+        cond = _batch_cond("encoder_hidden_states", encoder_hidden_states, batch)
+    else:
+        if not torch.is_tensor(encoder_hidden_states):
+            raise ValueError("prompt_index needs encoder_hidden_states: the (P, L, D) embeddings it indexes, "
+                             f"got {type(encoder_hidden_states).__name__}")
+        cond = _batch_cond("encoder_hidden_states", encoder_hidden_states, encoder_hidden_states.shape[0])
+        prompt_index = _check_prompt_index(prompt_index, cond, num_steps, batch)
     negative = _batch_cond("negative_encoder_hidden_states", negative_encoder_hidden_states, batch)
     if negative is not None and cond is None:
         raise ValueError("negative_encoder_hidden_states given without encoder_hidden_states")
-    return cond, negative
+    return cond, negative, prompt_index
+
+
+def step_noises(latents: torch.Tensor, num_steps: int, generator=None, noises=None) -> torch.Tensor:
+    """Every step's standard normal noise (T, B, ...): `noises` when given (checked and moved to the
+    latents), else drawn from `generator` on its own device."""
+    shape = (num_steps,) + tuple(latents.shape)
+    if noises is None:
+        device = latents.device if generator is None else generator.device
+        return torch.randn(shape, generator=generator, device=device, dtype=latents.dtype).to(latents.device)
+    if not torch.is_tensor(noises) or tuple(noises.shape) != shape:
+        raise ValueError(f"noises must be a tensor of shape {shape} (num_steps, *latents.shape), got "
+                         f"{tuple(noises.shape) if torch.is_tensor(noises) else type(noises).__name__}")
+    return noises.to(latents.device, latents.dtype)
 
 
 @torch.no_grad()
 def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
-            guidance_scale: float = 1.0, negative_encoder_hidden_states=None, generator=None,
-            progress: bool = False, split_cfg: bool = False, backend: str = "auto",
+            guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None, generator=None,
+            noises=None, progress: bool = False, split_cfg: bool = False, backend: str = "auto",
             store_x0_hat: bool = False) -> Trajectory:
     """Sample x_T -> x_0 with DDIM under no grad and store the chain.
 
-    `latents` is x_T (B, C, H, W). The scheduler must be a `DDIMScheduler`; this calls
-    `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn with `generator`.
+    `latents` is x_T: (B, C, H, W) for an image UNet, (B, C, F, H, W) for a video UNet (F frames),
+    any shape with a leading batch dimension for other models. The scheduler must be a
+    `DDIMScheduler`; this calls `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn
+    with `generator`, or given as `noises` (T, B, ...) (the training loop draws each sample's from
+    its own generator).
+    `encoder_hidden_states` is (B, L, D) (or (1, L, D), shared), or with `prompt_index` (T, B) one
+    embedding per distinct prompt (P, L, D): step k of sample b is conditioned on row
+    prompt_index[k, b] (`rlr_fast.prompts.step_conditioning` builds both from a prompt schedule).
     `store_x0_hat` also keeps each step's Tweedie estimate of x_0 (T more latents per sample), which
     `baseline="value"` scores; it costs no model call.
     """
     check_scheduler(scheduler)
-    cond, negative = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
-                                        encoder_hidden_states, negative_encoder_hidden_states)
+    cond, negative, prompt_index = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
+                                                      encoder_hidden_states, negative_encoder_hidden_states,
+                                                      prompt_index)
     batch = latents.shape[0]
 
     scheduler.set_timesteps(num_steps)
     coef = step_coefficients(scheduler, eta)
     device, dtype = latents.device, latents.dtype
     xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
-    noises = torch.randn((num_steps,) + tuple(latents.shape), generator=generator,
-                         device=device if generator is None else generator.device, dtype=dtype).to(device)
+    noises = step_noises(latents, num_steps, generator, noises)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
     x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
     d_x, d_e = x0_coefficients(scheduler)
@@ -240,7 +341,8 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
         steps = tqdm(steps, desc="rollout", leave=False)
     for k in steps:
         t = coef.timesteps[k].to(device)
-        out, out_cond = predict(model, xs[k], t, cond, negative, guidance_scale, split_cfg)
+        cond_k = cond if prompt_index is None else step_conditioning(cond, prompt_index, k)
+        out, out_cond = predict(model, xs[k], t, cond_k, negative, guidance_scale, split_cfg)
         per = [v[k].expand(batch).to(device) for v in (coef.c_x, coef.c_e, coef.sigmas)]
         prev, _, logp = ddim_step(xs[k], out, noises[k], *per, model_output_cond=out_cond,
                                   guidance_scale=guidance_scale, backend=backend)
@@ -254,8 +356,9 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
     return Trajectory(latents=xs, noises=noises, timesteps=coef.timesteps.to(device),
                       sigmas=coef.sigmas.to(device), c_x=coef.c_x.to(device), c_e=coef.c_e.to(device),
                       log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
-                      negative_encoder_hidden_states=negative, guidance_scale=float(guidance_scale),
-                      model_key=model_key(model), d_x=d_x.to(device), d_e=d_e.to(device), x0_hat=x0_hat)
+                      negative_encoder_hidden_states=negative, prompt_index=prompt_index,
+                      guidance_scale=float(guidance_scale), model_key=model_key(model), d_x=d_x.to(device),
+                      d_e=d_e.to(device), x0_hat=x0_hat)
 
 
 def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):
@@ -271,7 +374,7 @@ def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.T
     flat = x.reshape((n * b,) + tuple(x.shape[2:]))
     repeat = (lambda c: None if c is None else c.repeat(n, 1, 1))
     coefficients = tuple(v[idx].repeat_interleave(b) for v in (traj.c_x, traj.c_e, traj.sigmas))
-    return (flat, traj.timesteps[idx].repeat_interleave(b), repeat(traj.encoder_hidden_states),
+    return (flat, traj.timesteps[idx].repeat_interleave(b), traj.step_conditioning(idx),
             repeat(traj.negative_encoder_hidden_states), coefficients)
 
 

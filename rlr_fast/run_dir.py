@@ -26,10 +26,11 @@ from typing import Callable
 
 # Everything a run writes into its out_dir (removed when a run starts afresh there).
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples", "checkpoints", "tensorboard", "reward_curve.png",
-               "summary.json", "memory_plan.md", "pytorch_lora_weights.safetensors")
+               "summary.json", "memory_plan.md", "designs", "pytorch_lora_weights.safetensors", "eval.jsonl",
+               "eval_curve.png", "eval")
 LOCK_NAME = ".rlr_fast.lock"
 # Folders of a run where an interrupted atomic write can leave its temporary file.
-_WRITTEN_FOLDERS = (".", "checkpoints", "samples")
+_WRITTEN_FOLDERS = (".", "checkpoints", "samples", "designs")
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:

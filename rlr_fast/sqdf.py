@@ -53,18 +53,14 @@ def reference_policy(model: torch.nn.Module, reference: Optional[torch.nn.Module
                              "back-propagates through its input only")
         yield reference
         return
-    if not getattr(model, "_hf_peft_config_loaded", False):
+    from .models import has_lora, lora_disabled  # peft and diffusers load only when SQDF runs
+
+    if not has_lora(model):
         raise ValueError(f"method='sqdf' compares the policy with the base model: {type(model).__name__} has no "
                          "LoRA adapters to switch off (add them with rlr_fast.models.add_lora), and no "
                          "reference= module was given")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.disable_adapters()  # peft also sets requires_grad=False on the adapters while they are off
-    try:
+    with lora_disabled(model):
         yield model
-    finally:
-        model.enable_adapters()
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def step_range(options: EstimatorOptions, num_steps: int) -> tuple[int, int]:

@@ -103,6 +103,13 @@ def resident_tensors(model, traj: Trajectory) -> list:
             + [c for c in cond if c is not None])
 
 
+def supports_gradient_checkpointing(model) -> bool:
+    """Whether `checkpoint_unet=True` can work on `model`: diffusers models say so per class
+    (UNet3DConditionModel, for one, implements none)."""
+    return (hasattr(model, "enable_gradient_checkpointing")
+            and getattr(model, "_supports_gradient_checkpointing", True) is not False)
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model, enabled: bool):
     """Turn on the model's own (per-block) gradient checkpointing for the duration.
@@ -113,9 +120,10 @@ def gradient_checkpointing(model, enabled: bool):
     if not enabled:
         yield
         return
-    if not hasattr(model, "enable_gradient_checkpointing"):
-        raise ValueError(f"checkpoint_unet=True needs a model with enable_gradient_checkpointing() "
-                         f"(diffusers models have it); {type(model).__name__} has not")
+    if not supports_gradient_checkpointing(model):
+        raise ValueError(f"checkpoint_unet=True, but {type(model).__name__} has no gradient checkpointing of its "
+                         "own; set checkpoint_unet=False (and lower max_batch or the batch size if one step's "
+                         "activations do not fit)")
     was = bool(getattr(model, "is_gradient_checkpointing", False))
     model.enable_gradient_checkpointing()
     try:
@@ -175,12 +183,14 @@ def _split_guidance_backward(model, x: torch.Tensor, t: torch.Tensor, cond, nega
 
 
 def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: torch.Tensor,
-                   options: EstimatorOptions, counter: CallCounter) -> None:
+                   options: EstimatorOptions, counter: CallCounter,
+                   after_step: Optional[Callable[[int], None]] = None) -> None:
     """Back-propagate `cotangent`, given on the mean of step `last`, through steps last .. first.
 
     Steps are indices k (scheduler order), `first <= last`. The output of step k is
     mean_k + sigma_k * noise_k with the noise held fixed, so a cotangent on x_{k+1} is a
-    cotangent on mean_k. Parameter gradients accumulate into `.grad`.
+    cotangent on mean_k. Parameter gradients accumulate into `.grad`; `after_step(k)`, when
+    given, runs once step k's share is in `.grad` (rlr_fast.design reads each step's share there).
     """
     g = cotangent
     for k in range(last, first - 1, -1):
@@ -189,6 +199,8 @@ def pathwise_sweep(model, traj: Trajectory, last: int, first: int, cotangent: to
             x = traj.latents[k].detach().requires_grad_(needs_input)
             _backward_steps(model, traj, [k], x.unsqueeze(0), g.unsqueeze(0), options, counter)
             g = x.grad if needs_input else None
+        if after_step is not None:
+            after_step(k)
 
 
 def _chunks(ks: Sequence[int], batch: int, max_batch: Optional[int]) -> Iterator[tuple[slice, list[int]]]:

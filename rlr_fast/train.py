@@ -13,6 +13,11 @@ Everything random draws from two CPU generators seeded by `config.seed` (one for
 sampling noise, one for the estimator's j and subsampling), so a run is reproducible and a
 checkpoint that stores their states (and every global RNG) resumes bit-exactly on the CPU.
 
+Launched by torchrun, the run is data parallel (rlr_fast.distributed): each rank rolls out its
+share of every micro-batch, and rank 0 alone writes the out_dir. The same config gives the same
+run at any world size (up to floating-point rounding), and resumes at any world size that divides
+batch_size (bit-exactly on the CPU at the world size that wrote the checkpoint).
+
 A run checks everything it can (config, device, prompts, model folder, resume checkpoint, out_dir)
 before it writes anything, holds its out_dir's lock while it runs, and loads reward and model before
 it changes the out_dir. Ctrl-C and SIGTERM abandon the step in progress (or finish one being
@@ -21,15 +26,19 @@ committed), write a checkpoint and say how to resume.
 Files in `out_dir` (rlr_fast.run_dir keeps them safe):
     config.yaml                        the resolved config
     metrics.jsonl                      one JSON object per optimizer step (rlr_fast.metrics)
-    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns)
-    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step and config (rlr_fast.checkpoint)
+    samples/step_NNNNNN.png            sample grids: fixed prompts (rows) x fixed seeds (columns); .gif for videos
+    checkpoints/step_NNNNNN.safetensors   LoRA, optimizer, RNG states, step, config and counters (the current
+                                       estimator design with method=auto) (rlr_fast.checkpoint)
+    designs/step_NNNNNN.md, .png       method=auto: each design's report (rlr_fast.design)
     pytorch_lora_weights.safetensors   the final LoRA (StableDiffusionPipeline.load_lora_weights)
     reward_curve.png, summary.json     the reward per step, and the run's final numbers
+    eval.jsonl, eval_curve.png         with eval_every: LoRA vs base model every N steps (rlr_fast.evaluation)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import random
@@ -44,17 +53,23 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint,
+from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, meta_checksum,
                          restore_checkpoint, restore_rng, save_checkpoint)
 from .config import PRESETS, Config, load_config, load_prompts
+from .design import Design
+from .distributed import RankFailure, Ranks, process_group
+from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
-from .models import SDModels, add_lora, latent_size, lora_parameters, save_lora
+from .models import LORA_WEIGHT_NAME, SDModels, add_lora, latent_size, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
-from .rewards import Reward, get_reward
+from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh
-from .update import PromptBank, StepContext, StepMethod, TrainingRollout, apply, step_method
+from .options import AUTO
+from .prompts import PromptBank, PromptSchedule
+from .update import StepContext, StepMethod, TrainingRollout, apply, design_estimator, step_method
+from .video import check_num_frames, is_video_model, is_video_unet
 
 
 class NonFiniteError(RuntimeError):
@@ -104,7 +119,8 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
 
 def load_reward(cfg: Config, device: torch.device) -> Reward:
     """The configured reward, on `device`; checks that it suits the estimator."""
-    reward = get_reward(cfg.reward, **cfg.reward_kwargs).to(device)
+    load = get_video_reward if is_video_model(cfg.model, cfg.motion_adapter) else get_reward
+    reward = load(cfg.reward, **cfg.reward_kwargs).to(device)
     needs_dr = cfg.method in ("full_bp", "truncated_bp", "sqdf") or (cfg.method == "rlr" and cfg.first_order_steps > 0)
     if needs_dr and not reward.differentiable:
         raise ValueError(f"reward {cfg.reward!r} is not differentiable, but method={cfg.method!r} "
@@ -113,13 +129,13 @@ def load_reward(cfg: Config, device: torch.device) -> Reward:
     return reward
 
 
-def plan_memory(cfg: Config) -> tuple[Config, str]:
+def plan_memory(cfg: Config, world: int = 1) -> tuple[Config, str]:
     """`cfg` with the memory options `rlr_fast.plan` chooses to fit `max_memory_gb` (for the
-    architectures in cfg.model's folder), and the plan's table. A budget nothing fits is a
-    ValueError (plan.PlanError)."""
+    architectures in cfg.model's folder) on each of `world` ranks, each rolling out batch_size /
+    world samples; and the plan's table. A budget nothing fits is a ValueError (plan.PlanError)."""
     from .plan import plan
 
-    chosen = plan(cfg)
+    chosen = plan(dataclasses.replace(cfg, batch_size=cfg.batch_size // world))
     return cfg.with_overrides(chosen.config_overrides()), chosen.table()
 
 
@@ -169,23 +185,36 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
 
     `config`: a Config, a preset name or a YAML path; None runs the `demo` preset (or, with
     `resume=`, the resumed run's config). `overrides` set config keys (`finetune(lr=1e-3)`).
-    `callback(step, metrics)` runs after every optimizer step. Ctrl-C or SIGTERM writes a checkpoint
-    and raises StopRequested (a KeyboardInterrupt); `resume=out_dir` continues from it.
+    `callback(step, metrics)` runs after every optimizer step (on every rank of a torchrun launch).
+    Ctrl-C or SIGTERM writes a checkpoint and raises StopRequested (a KeyboardInterrupt);
+    `resume=out_dir` continues from it. Under torchrun, a rank that dies makes the others raise
+    RankFailure after rank 0 wrote a checkpoint of the last step all ranks completed.
     """
     cfg, checkpoint = _resolve_config(config, overrides)
     device, cfg = resolve_device(cfg)
-    records: list[dict] = []
-    if checkpoint is not None:
-        check_compatible(checkpoint.config, cfg, checkpoint.path)
-        cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
-        records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
-    prompts = load_prompts(cfg.prompts)
-    check_model(cfg.model)  # before the reward's weights load: a wrong model path shows at once
-    out = Path(cfg.out_dir)
-    check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
-    with RunLock(out), StopSignals() as stops:
-        run = _load(cfg, device, checkpoint, prompts, out)
-        return _train(run, records, checkpoint is not None, stops, callback)
+    with process_group(device, cfg.distributed_timeout) as (ranks, device):
+        ranks.share(cfg.batch_size)  # a batch the ranks cannot split is refused before anything loads
+        records: list[dict] = []
+        if checkpoint is not None:
+            check_compatible(checkpoint.config, cfg, checkpoint.path)
+            ranks.agree(f"{checkpoint.path.name} ({meta_checksum(checkpoint.meta)})", "checkpoints to resume")
+            cfg = cfg.with_overrides({"out_dir": str(checkpoint.path.parent.parent)})  # continue in the run's folder
+            if ranks.main:
+                records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", keep_until=checkpoint.step)
+        prompts = load_prompts(cfg.prompts)
+        if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
+            PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
+        check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
+        out = Path(cfg.out_dir)
+        with contextlib.ExitStack() as held:
+            def claim_out_dir():
+                check_out_dir(out, resuming=checkpoint is not None, overwrite=cfg.overwrite)
+                held.enter_context(RunLock(out))
+
+            ranks.first_on_main(claim_out_dir, "checking the out_dir")  # rank 0's refusal stops every rank
+            stops = held.enter_context(StopSignals())
+            run = _load(cfg, device, checkpoint, prompts, out, ranks)
+            return _train(run, records, checkpoint is not None, stops, callback)
 
 
 @dataclass
@@ -206,6 +235,8 @@ class _Run:
     start: int
     counters: dict
     plan_table: Optional[str]
+    evaluation: Optional[RunEvaluation] = None
+    ranks: Ranks = field(default_factory=Ranks)
     grids: list[Path] = field(default_factory=list)
 
     @property
@@ -217,40 +248,88 @@ class _Run:
         return self.method.ctx.rollout
 
     def sample_grid(self, step: int) -> None:
-        """samples/step_NNNNNN.png: the first `sample_prompts` prompts (rows) x `sample_seeds` (columns)."""
-        cfg, prompts = self.cfg, list(range(min(self.cfg.sample_prompts, len(self.bank.prompts))))
-        if not prompts or not cfg.sample_seeds:
+        """samples/step_NNNNNN.png (.gif for videos; rank 0 draws it): the first `sample_prompts` prompts
+        (rows) x `sample_seeds` (columns)."""
+        cfg, prompts = self.cfg, min(self.cfg.sample_prompts, len(self.bank.prompts))
+        if not prompts or not cfg.sample_seeds or not self.ranks.main:
             return
+        cond = self.bank.conditioning(torch.arange(prompts))  # under the prompt schedule when there is one
         with nvtx_range("sample grid"):
-            images = generate_images(self.models, self.bank.cond[prompts], self.bank.negative, cfg.sample_seeds,
+            images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
                                      latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config))
-        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), len(prompts),
-                                    self.out / "samples" / f"step_{step:06d}.png"))
+                                                           self.models.vae.config),
+                                     prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+        suffix = "gif" if images.dim() == 5 else "png"
+        self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
+                                    self.out / "samples" / f"step_{step:06d}.{suffix}"))
+
+    def step_config(self, step: int) -> tuple[Config, Optional[Design]]:
+        """The config update `step` runs: with method='auto', the current design applied, and a new design
+        (from pilot batches) at the first update and every design_every updates; a new one is kept only
+        when its update commits (`commit_design`), so a stopped step designs again on resume."""
+        cfg = self.cfg
+        if cfg.method != AUTO:
+            return cfg, None
+        designed = None
+        if "design" not in self.counters or (cfg.design_every and step % cfg.design_every == 0):
+            designed = design_estimator(cfg, self.models, self.bank, self.reward, self.rollout,
+                                        self.generators["design"], self.device, self.dtype)
+            # every rank designs from the same pilots (its "design" generator and LoRA are the same everywhere)
+            self.ranks.agree(json.dumps(jsonable(designed.config_overrides()), sort_keys=True), "estimator designs",
+                             hint="the same pilots should give the same design; rerun with a fixed method")
+        return cfg.with_overrides(designed.config_overrides() if designed else self.counters["design"]), designed
+
+    def commit_design(self, step: int, designed: Design) -> dict:
+        """Keep a design made for update `step` (counters, so checkpoints carry it; its report in
+        designs/step_NNNNNN.md and .png); returns its metrics entry."""
+        if self.ranks.main:
+            designed.save(self.out / "designs", f"step_{step:06d}")
+        self.counters["design"] = jsonable(designed.config_overrides())
+        self.counters["designs"] = self.counters.get("designs", 0) + 1
+        self.counters["design_forward_equivalents"] = (self.counters.get("design_forward_equivalents", 0.0)
+                                                      + designed.pilot_cost["forward_equivalents"])
+        return jsonable(designed.summary())
+
+    def evaluate(self, step: int, last: bool = False) -> None:
+        """The eval_every evaluation at `step` when one is due there (RunEvaluation says when)."""
+        if self.evaluation is not None:
+            with nvtx_range("evaluation"):
+                self.evaluation(step, last)
 
     def checkpoint(self, step: int, rng: dict) -> Path:
-        return save_checkpoint(self.out / "checkpoints" / f"step_{step:06d}.safetensors", step=step,
-                               cfg=self.cfg.as_run(), unet=self.models.unet, optimizer=self.optimizer, rng=rng,
-                               counters=self.counters, method_state=self.method_state)
+        """checkpoints/step_NNNNNN.safetensors, written by rank 0 (the state is the same on every rank)."""
+        path = self.out / "checkpoints" / f"step_{step:06d}.safetensors"
+        if not self.ranks.main:
+            return path
+        return save_checkpoint(path, step=step, cfg=self.cfg.as_run(), unet=self.models.unet,
+                               optimizer=self.optimizer, rng=rng, counters=self.counters,
+                               method_state=self.method_state, world_size=self.ranks.world)
 
 
-def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path) -> _Run:
-    """Reward, model, LoRA, optimizer and RNGs of a run (restored from `checkpoint` when resuming)."""
+def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], prompts: list[str], out: Path,
+          ranks: Ranks) -> _Run:
+    """Reward, model, LoRA, optimizer and RNGs of a run (restored from `checkpoint` when resuming);
+    the LoRA is rank 0's on every rank."""
     reward = load_reward(cfg, device)
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
-    models = load_models(cfg.model, device, DTYPES[cfg.dtype])
+    models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
+    if is_video_unet(models.unet):
+        check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
-    if cfg.max_memory_gb is not None:
-        cfg, plan_table = plan_memory(cfg)
+    if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
+        cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
-    bank = PromptBank(models, prompts, cfg.negative_prompt)
+    bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
+    # encodes its prompts (before free_text_encoder); rank 0 alone evaluates, the others wait for it at
+    # the next collective (within distributed_timeout)
+    evaluation = RunEvaluation(cfg, models, reward, device) if cfg.eval_every and ranks.main else None
     if cfg.free_text_encoder:
         models.text_encoder = None
         gc.collect()
@@ -259,48 +338,60 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     generators = {"sampling": torch.Generator().manual_seed(cfg.seed),
                   "estimator": torch.Generator().manual_seed(cfg.seed + 1)}
+    if cfg.method == AUTO:  # pilot batches: the training batches stay those of a fixed method
+        generators["design"] = torch.Generator().manual_seed(cfg.seed + 2)
     method = step_method(StepContext(cfg, models, bank, reward, TrainingRollout(cfg, models, device), params,
-                                     generators, device, DTYPES[cfg.dtype]))
+                                     generators, device, DTYPES[cfg.dtype], ranks))
     start, counters, state = 0, {"consecutive_nonfinite": 0, "seconds": 0.0}, method.initial_state()
     if checkpoint is not None:
         restore_rng(restore_checkpoint(checkpoint, models.unet, optimizer), generators)
         start, counters = checkpoint.step, checkpoint.meta["counters"]
         if checkpoint.method_state() is not None:
             state = method.load_state(*checkpoint.method_state())
-        print(f"resuming {out} at step {start} from {checkpoint.path}", file=sys.stderr)
+        if ranks.main:
+            written = checkpoint.meta.get("world_size", 1)
+            print(f"resuming {out} at step {start} from {checkpoint.path}" + (
+                f" (written by {written} ranks, continued by {ranks.world}: the same batches, equal up to "
+                "floating-point rounding)" if written != ranks.world else ""), file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
+    ranks.broadcast_parameters(params)
     return _Run(cfg=cfg, out=out, device=device, models=models, reward=reward, bank=bank, params=params,
                 optimizer=optimizer, generators=generators, method=method, method_state=state, start=start,
-                counters=counters, plan_table=plan_table)
+                counters=counters, plan_table=plan_table, evaluation=evaluation, ranks=ranks)
 
 
 def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, callback) -> Result:
-    """The loop, from the run's start to `train_steps`, and the run's final outputs."""
-    cfg, out, counters = run.cfg, run.out, run.counters
+    """The loop, from the run's start to `train_steps`, and the run's final outputs (rank 0 writes)."""
+    cfg, out, counters, main = run.cfg, run.out, run.counters, run.ranks.main
     # Everything is loaded and checked: only now does the out_dir change.
-    if not resumed:
-        start_afresh(out)
-    clear_leftovers(out)
-    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(cfg.as_run().to_yaml(), encoding="utf-8"))
-    if run.plan_table is not None:
-        atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
-    log = MetricsLog(out, records, tensorboard=cfg.tensorboard)
+    if main:
+        if not resumed:
+            start_afresh(out)
+        clear_leftovers(out)
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(cfg.as_run().to_yaml(), encoding="utf-8"))
+        if run.plan_table is not None:
+            atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
+    log = MetricsLog(out, records, tensorboard=cfg.tensorboard, write=main)
+    if run.evaluation is not None:
+        run.evaluation.start(out, run.start)
     if not resumed:
         run.sample_grid(0)
+    run.evaluate(run.start)
     rng_after_step = capture_rng(run.generators)  # the RNG state at the last step boundary
     step, checkpoint_step = run.start, run.start if resumed else None
     stopped = None
     t_run = time.perf_counter()
-    bar = progress(cfg.train_steps, "finetune", "step", initial=step, leave=True)
+    bar = progress(cfg.train_steps, "finetune", "step", initial=step, leave=True, enabled=main)
     try:
         while step < cfg.train_steps:
             t0 = time.perf_counter()
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            grads = run.method.step(run.method_state)
+            step_cfg, designed = run.step_config(step)
+            grads = run.method.step(run.method_state, step_cfg)
             with stops.deferred():  # the update is applied, logged and its RNG and method state kept as one
                 record = apply(cfg, step, grads, run.optimizer)
                 run.method_state = grads.state
@@ -310,6 +401,13 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 counters["seconds"] += seconds
                 record.update(seconds=seconds, peak_memory_bytes=peak_memory_bytes(run.device),
                               rollout=run.rollout.kind, nonfinite_in_a_row=counters["consecutive_nonfinite"])
+                if designed is not None:  # the pilots' work is this update's too
+                    record["design"] = run.commit_design(step - 1, designed)
+                    pilots, batch = designed.pilot_cost, designed.batch_size
+                    record["design_reward_queries"] = pilots["reward_forward"] * batch
+                    record["unet_forward_samples"] += (pilots["rollout_forward_equivalents"]
+                                                       + pilots["recomputed_steps"]) * batch
+                    record["unet_backward_samples"] += pilots["recomputed_steps"] * batch
                 log.write(record)
                 rng_after_step = capture_rng(run.generators)
             bar.update(1)
@@ -322,19 +420,22 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
                 break
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.train_steps:
                 run.sample_grid(step)
+            run.evaluate(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 run.checkpoint(step, rng_after_step)
                 checkpoint_step = step
             if callback is not None:
                 callback(step, record)
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, RankFailure) as stop:  # every rank holds the state after `step`: rank 0 keeps it
         bar.close()
         with stops.deferred():  # a second signal waits until the checkpoint is written and the way back said
             path = run.checkpoint(step, rng_after_step)
-            why = f"stopped by {stop}" if isinstance(stop, StopRequested) else "interrupted"
-            print(f"\n{why} after step {step}/{cfg.train_steps}; checkpoint written to {path}.\n"
-                  f"Resume with: rlr-fast finetune --resume {out}   (Python: rlr_fast.finetune(resume={str(out)!r}))",
-                  file=sys.stderr)
+            why = (f"stopped by {stop}" if isinstance(stop, StopRequested) else "interrupted"
+                   if isinstance(stop, KeyboardInterrupt) else "another rank failed")
+            if main:
+                print(f"\n{why} after step {step}/{cfg.train_steps}; checkpoint written to {path}.\n"
+                      f"Resume with: rlr-fast finetune --resume {out}   (Python: rlr_fast.finetune(resume="
+                      f"{str(out)!r}); under torchrun, at any world size that divides batch_size)", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -343,20 +444,29 @@ def _train(run: _Run, records: list[dict], resumed: bool, stops: StopSignals, ca
     # The end, or a stop for non-finite updates: nothing trained so far may be lost.
     if checkpoint_step != step:
         run.checkpoint(step, rng_after_step)
+    run.evaluate(step, last=True)
     run.sample_grid(step)
-    lora_path = save_lora(run.models.unet, out)
-    curve = draw_reward_curve(log.records, out / "reward_curve.png")
+    lora_path, curve = out / LORA_WEIGHT_NAME, out / "reward_curve.png"
     summary = jsonable({**summarize(log.records, counters["seconds"]),
                         "wall_seconds_this_session": time.perf_counter() - t_run,
-                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason}})
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+                        "rollout": {"kind": run.rollout.kind, "reason": run.rollout.reason},
+                        **({"design": {k: counters.get(k) for k in ("design", "designs", "design_forward_equivalents")}}
+                           if cfg.method == AUTO else {}),
+                        **({"eval": run.evaluation.records[-1]} if run.evaluation and run.evaluation.records else {})})
+    if main:
+        save_lora(run.models.unet, out)
+        draw_reward_curve(log.records, curve)
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+    run.ranks.barrier("waiting for rank 0's final outputs")  # so that every rank returns paths that exist
     last_checkpoint = out / "checkpoints" / f"step_{step:06d}.safetensors"
     outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "tensorboard") if p.exists()]
+                           out / "designs", out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png")
+               if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:
         raise NonFiniteError(f"{stopped}. The LoRA of the last applied update and a checkpoint are in {out} "
                              f"({listing})")
-    print(f"done: {step} steps; outputs in {out}: {listing}", file=sys.stderr)
+    if main:
+        print(f"done: {step} steps; outputs in {out}: {listing}", file=sys.stderr)
     return Result(out_dir=out, lora_path=lora_path, config_path=out / "config.yaml", metrics_path=log.path,
                   curve_path=curve, checkpoint_path=last_checkpoint, grid_paths=run.grids, metrics=summary)

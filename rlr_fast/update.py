@@ -20,6 +20,13 @@ and per-prompt reward history, rlr_fast.ddpo; SQDF's replay buffer, rlr_fast.rep
 step returns a new one, sharing unchanged tensors), and written to checkpoints as tensors + JSON
 (`to_checkpoint`, read back by `load_state`), so a run
 resumes bit-exactly at any step, mid-epoch included.
+
+A micro-batch is drawn so that it is the same at any number of ranks: the "sampling" generator
+draws the global micro-batch's prompt ids and one seed, and each sample's x_T and step noises come
+from its own generator seeded from that seed and the sample's global index (`draw_micro_batch`);
+each rank rolls out its share, and `StepContext.average_and_clip` averages the ranks' gradients
+(rlr_fast.distributed). DDPO and SQDF's replay keep per-run state that is not sharded: they run on
+one process.
 """
 
 from __future__ import annotations
@@ -36,30 +43,17 @@ import torch
 from .baselines import ValueStatistics
 from .config import Config
 from .cuda_graph import GraphedRollout
-from .estimators import _rewards, estimate
-from .inference import autocast, initial_noise
+from .distributed import Ranks, sample_seeds
+from .estimators import NonFiniteRewards, _rewards, estimate
+from .inference import autocast, latent_shape
 from .metrics import diversity, jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
-from .rewards import Reward, latent_reward
+from .prompts import PromptBank
+from .rewards import Reward, latent_reward, video_latent_reward
 from .rollout import Trajectory, rollout
 from .sqdf import chain_kl
-
-
-class PromptBank:
-    """Every prompt's text embedding, computed once, and the negative prompt's."""
-
-    def __init__(self, models: SDModels, prompts: list[str], negative_prompt: str, chunk: int = 32):
-        self.prompts = prompts
-        self.cond = torch.cat([models.encode_prompts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-        self.negative = models.encode_prompts([negative_prompt])
-
-    def batch(self, ids: torch.Tensor, guidance_scale: float) -> dict:
-        """rollout's conditioning keywords for prompts `ids`."""
-        cond = self.cond[ids.to(self.cond.device)]
-        negative = self.negative.expand(len(ids), -1, -1) if guidance_scale != 1.0 else None
-        return dict(encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
-                    guidance_scale=guidance_scale)
+from .video import is_video_unet
 
 
 def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
@@ -74,17 +68,42 @@ def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
     return chosen.repeat_interleave(images_per_prompt)
 
 
+def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T (B, *shape) and every step's noise (T, B, *shape) in float32, sample b drawn on the CPU
+    from a generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others'."""
+    x_T, noises = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        x_T.append(torch.randn(shape, generator=generator))
+        noises.append(torch.randn((num_steps, *shape), generator=generator))
+    return torch.stack(x_T).to(device), torch.stack(noises, dim=1).to(device)
+
+
+def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator: torch.Generator, ranks: Ranks,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of a global micro-batch of `cfg.batch_size`: its prompt ids (b,), x_T and
+    step noises (`sample_noise`) at cfg.resolution (and cfg.num_frames for a video UNet).
+    `generator` advances the same on every rank and at any world size."""
+    ids = draw_prompt_ids(num_prompts, cfg.batch_size, cfg.images_per_prompt, generator)
+    seed = int(torch.randint(2**63 - 1, (), generator=generator))
+    mine = ranks.share(cfg.batch_size)
+    shape = latent_shape(models.unet, latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+    x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
+    return ids[mine], x_T, noises
+
+
 class TrainingRollout:
     """The loop's rollout: replayed from a CUDA graph on a GPU (rlr_fast.cuda_graph), eager otherwise.
 
     `kind` ("cuda_graph" or "eager") and `reason` (why eager) are recorded in every metrics record
     and the summary. A graph that fails (capture, memory) falls back to eager for the rest of the
-    run with a one-line reason, redrawing the failed rollout's noise from the same generator state.
+    run with a one-line reason, rolling out the failed rollout's noise again.
     """
 
     def __init__(self, cfg: Config, models: SDModels, device: torch.device):
         self.models, self.split_cfg, self.backend = models, cfg.split_cfg, cfg.backend
-        self.store_x0_hat = cfg.estimator_options().needs_x0_hat
+        self.store_x0_hat = cfg.needs_x0_hat  # never with method=auto: designs do not use the value baseline
         self.graphed, self.kind, self.reason = None, "eager", None
         if cfg.rollout == "eager":
             self.reason = "rollout='eager' was asked for"
@@ -96,18 +115,17 @@ class TrainingRollout:
             self.graphed, self.kind = GraphedRollout(models.unet, models.scheduler, split_cfg=cfg.split_cfg,
                                                      backend=cfg.backend), "cuda_graph"
 
-    def __call__(self, x_T: torch.Tensor, *, generator: torch.Generator, **kwargs):
+    def __call__(self, x_T: torch.Tensor, noises: torch.Tensor, **kwargs):
+        """The chain from x_T with the given step `noises` (T, B, ...); kwargs as `rollout`'s."""
         if self.graphed is not None:
-            state = generator.get_state()
             try:
-                return self.graphed(x_T, generator=generator, **kwargs)
+                return self.graphed(x_T, noises=noises, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the graph path falls back to the eager one
                 first_line = (str(e).splitlines() or [""])[0]
                 self.graphed, self.kind = None, "eager"
                 self.reason = f"CUDA graph failed: {type(e).__name__}: {first_line}"
                 print(f"rollout: eager from now on ({self.reason})", file=sys.stderr)
-                generator.set_state(state)
-        return rollout(self.models.unet, self.models.scheduler, x_T, generator=generator, split_cfg=self.split_cfg,
+        return rollout(self.models.unet, self.models.scheduler, x_T, noises=noises, split_cfg=self.split_cfg,
                        backend=self.backend, store_x0_hat=self.store_x0_hat, **kwargs)
 
 
@@ -160,17 +178,23 @@ class _ImageTap(Reward):
         return self.inner(images, prompts)
 
 
-class _WatchedReward:
-    """Passes the reward through and remembers whether its values were all finite."""
+def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, rollout_fn: TrainingRollout,
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, Trajectory]:
+    """This rank's share of one micro-batch as training draws it from `generator` (`draw_micro_batch`):
+    its prompt ids and its rollout at the run's resolution (and frames)."""
+    ids, x_T, noises = draw_micro_batch(cfg, len(bank.prompts), models, generator, ranks, device)
+    with nvtx_range("rollout"), autocast(device, dtype):
+        traj = rollout_fn(x_T, noises, num_steps=cfg.num_steps, eta=cfg.eta, **bank.batch(ids, cfg.guidance_scale))
+    return ids, traj
 
-    def __init__(self, reward_fn):
-        self.reward_fn = reward_fn
-        self.nonfinite = False
 
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        values = self.reward_fn(x0)
-        self.nonfinite = bool(torch.is_tensor(values) and not torch.isfinite(values.detach()).all())
-        return values
+def batch_reward(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, ids: torch.Tensor):
+    """The reward of prompts `ids` on x_0 latents (B, ...) -> (B,): decoded by the VAE in chunks, frame
+    by frame for video."""
+    to_latent = video_latent_reward if is_video_unet(models.unet) else latent_reward
+    return to_latent(models.vae, reward, [bank.prompts[i] for i in ids], decode_chunk=cfg.decode_chunk,
+                     checkpoint_vae=cfg.checkpoint_vae)
 
 
 @dataclass
@@ -188,19 +212,15 @@ class StepContext:
     generators: dict
     device: torch.device
     dtype: torch.dtype
+    ranks: Ranks = field(default_factory=Ranks)  # a data-parallel run's processes (one by default)
     # per batch sampled since the last `policy_metrics`: its chains' KL estimates and its image tap
     sampled: list = field(default_factory=list)
 
-    def sample(self, cost: dict) -> tuple[torch.Tensor, Trajectory, _WatchedReward]:
-        """One rollout batch: its prompt ids, its chain and its reward (x0 latents -> (B,)); the
-        rollout's model evaluations are added to `cost` (not the KL metric's two, `policy_metrics`)."""
-        cfg = self.cfg
-        ids = draw_prompt_ids(len(self.bank.prompts), cfg.batch_size, cfg.images_per_prompt, self.generators["sampling"])
-        x_T = initial_noise(self.models.unet, cfg.batch_size, self.generators["sampling"], self.device,
-                            latent_size(cfg.resolution, self.models.unet.config, self.models.vae.config))
-        with nvtx_range("rollout"), autocast(self.device, self.dtype):
-            traj = self.rollout(x_T, num_steps=cfg.num_steps, eta=cfg.eta, generator=self.generators["sampling"],
-                                **self.bank.batch(ids, cfg.guidance_scale))
+    def sample(self, cost: dict) -> tuple[torch.Tensor, Trajectory, callable]:
+        """One rollout batch (this rank's share): its prompt ids, its chain and its reward (x0 latents ->
+        (B,)); the rollout's model evaluations are added to `cost` (not the KL metric's two, `policy_metrics`)."""
+        ids, traj = sample_batch(self.cfg, self.models, self.bank, self.rollout, self.generators["sampling"],
+                                 self.device, self.dtype, self.ranks)
         cost["unet_forward_samples"] += traj.num_steps * traj.batch_size
         tap = _ImageTap(self.reward, ids)
         self.sampled.append((self._chain_kl(traj), tap))
@@ -213,17 +233,14 @@ class StepContext:
         cost["reward_queries"] += traj.batch_size
         try:
             with autocast(self.device, self.dtype):
-                rewards, _ = _rewards(reward_fn, traj, need_grad=False)
-        except ValueError:
-            if not reward_fn.nonfinite:
-                raise
+                rewards, _, _ = _rewards(reward_fn, traj, need_grad=False)
+        except NonFiniteRewards:
             return None
         return ids, traj, rewards
 
-    def reward_fn(self, ids: torch.Tensor, reward: Optional[Reward] = None) -> _WatchedReward:
+    def reward_fn(self, ids: torch.Tensor, reward: Optional[Reward] = None):
         """The reward of prompts `ids` on x0 latents (decoded by the VAE): (B, ...) -> (B,)."""
-        return _WatchedReward(latent_reward(self.models.vae, reward or self.reward, [self.bank.prompts[i] for i in ids],
-                                            decode_chunk=self.cfg.decode_chunk, checkpoint_vae=self.cfg.checkpoint_vae))
+        return batch_reward(self.cfg, self.models, self.bank, reward or self.reward, ids)
 
     def _chain_kl(self, traj: Trajectory) -> torch.Tensor:
         """Each chain's KL to the base model (rlr_fast.sqdf.chain_kl), its step drawn by a generator seeded
@@ -246,7 +263,7 @@ class StepContext:
         """`estimate` on `traj` into .grad; its counts are added to `cost` and to the step's `stats`."""
         with nvtx_range("estimate"), autocast(self.device, self.dtype):
             micro = estimate(self.models.unet, traj, reward_fn, self.cfg.estimator_options(),
-                             generator=self.generators["estimator"], **kwargs)
+                             generator=self.generators["estimator"], group=self.ranks, **kwargs)
         return self.count(micro, cost, stats)
 
     @staticmethod
@@ -264,7 +281,9 @@ class StepContext:
             p.grad = None
 
     def average_and_clip(self, estimates: int) -> float:
-        """The accumulated .grad divided by the number of `estimates`, clipped to max_grad_norm; its norm."""
+        """The accumulated .grad averaged over the ranks and divided by the number of `estimates`, clipped
+        to max_grad_norm; its norm."""
+        self.ranks.average_gradients(self.params)
         for p in self.params:
             if p.grad is not None:
                 p.grad /= estimates
@@ -284,8 +303,11 @@ class StepMethod:
     def gradients(self, state: Optional[MethodState]) -> Gradients:
         raise NotImplementedError
 
-    def step(self, state: Optional[MethodState]) -> Gradients:
-        """`gradients(state)` with the policy metrics of the batches it sampled (before any update)."""
+    def step(self, state: Optional[MethodState], cfg: Optional[Config] = None) -> Gradients:
+        """`gradients(state)` with the policy metrics of the batches it sampled (before any update); `cfg`,
+        when given, is this step's config from now on (method='auto': the current design applied)."""
+        if cfg is not None:
+            self.ctx.cfg = cfg
         grads = self.gradients(state)
         grads.policy = self.ctx.policy_metrics()
         return grads
@@ -300,7 +322,7 @@ class OnPolicy(StepMethod):
     is the running value fit (baseline='value', value_fit='running'), None otherwise."""
 
     def initial_state(self) -> Optional[ValueStatistics]:
-        return ValueStatistics() if self.ctx.cfg.estimator_options().needs_value_state else None
+        return ValueStatistics() if self.ctx.cfg.needs_value_state else None
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> Optional[ValueStatistics]:
         state = self.initial_state()
@@ -324,9 +346,7 @@ class OnPolicy(StepMethod):
             ids, traj, reward_fn = ctx.sample(cost)
             try:
                 stats = ctx.estimate(traj, reward_fn, cost, stats, prompt_ids=ids, value_state=state)
-            except ValueError:
-                if not reward_fn.nonfinite:
-                    raise
+            except NonFiniteRewards:
                 return Gradients(rewards, stats, "reward", None, state, cost=cost)
             rewards += stats["rewards"]
         grad_norm = ctx.average_and_clip(ctx.cfg.grad_accum)
@@ -336,6 +356,11 @@ class OnPolicy(StepMethod):
 
 def step_method(ctx: StepContext) -> StepMethod:
     """The StepMethod of the run's `method`: OnPolicy unless the method keeps state across steps."""
+    stateful = ctx.cfg.method == "ddpo" or ctx.cfg.method == "sqdf" and ctx.cfg.replay_capacity
+    if stateful and ctx.ranks.world > 1:
+        raise ValueError(f"method={ctx.cfg.method!r} keeps per-run state (DDPO's sampled epoch and reward history, "
+                         "SQDF's replay buffer) that data parallel does not shard; run it as one process, or use "
+                         "sqdf with replay_capacity=0 or rlr, zo, full_bp, truncated_bp, auto under torchrun")
     if ctx.cfg.method == "ddpo":
         from .ddpo import DDPOSteps  # ddpo builds on this module
 
@@ -366,3 +391,18 @@ def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optim
         "grad_norm": grads.grad_norm, "lr": lr,
         "skipped": grads.skipped or False, **grads.cost, "estimator": estimator,
     })
+
+
+def design_estimator(cfg: Config, models: SDModels, bank: PromptBank, reward: Reward, rollout_fn: TrainingRollout,
+                     generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+    """method='auto': the estimator rlr_fast.design chooses from cfg.design_pilots pilot batches, drawn as
+    training batches are but from `generator` (the training batches stay those of any fixed method)."""
+    from .design import Pilot, design
+
+    def pilot() -> Pilot:
+        ids, traj = sample_batch(cfg, models, bank, rollout_fn, generator, device, dtype)
+        return Pilot(traj, batch_reward(cfg, models, bank, reward, ids), ids)
+
+    with nvtx_range("design"), autocast(device, dtype):
+        return design(models.unet, pilot, pilots=cfg.design_pilots, budget=cfg.design_budget, max_h=cfg.design_max_h,
+                      max_memory_gb=cfg.max_memory_gb, config=cfg, differentiable=reward.differentiable, seed=cfg.seed)

@@ -88,18 +88,19 @@ def test_sample_writes_images(run_dir, tmp_path, capsys):
     assert Image.open(out / "prompt000_seed0.png").size == (16, 16)  # tiny_sd: 8x8 latents, 16 px images
 
 
-def test_evaluate_prints_reward_statistics(run_dir, tmp_path, capsys):
+def test_evaluate_on_a_prompts_file(run_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval"
     assert main(["evaluate", "--lora", str(run_dir), "--prompts", str(prompts), "--seeds", "0,1",
                  "--reward", "color_match", "--out", str(out)]) == 0
-    stats = json.loads(out.read_text())
-    printed = capsys.readouterr()
-    assert json.loads(printed.out) == stats and "evaluate:" in printed.err  # a progress bar
-    assert stats["n"] == 4 and stats["reward"] == "color_match" and len(stats["per_prompt"]) == 2
-    assert stats["stderr"] == pytest.approx(stats["std"] / 2)
-    assert -1 <= stats["mean"] <= 0  # color_match lies in [-1, 0]
+    report = json.loads((out / "eval.json").read_text())
+    assert "| reward `color_match` |" in capsys.readouterr().out
+    assert report["samples"] == 4 and report["settings"]["prompts"] == str(prompts)
+    assert report["settings"]["held_out"] is None  # a file: neither the training prompts nor their held-out set
+    for sampler in ("base", "lora"):
+        assert -1 <= report["rewards"]["color_match"][sampler]["mean"] <= 0  # color_match lies in [-1, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "eval_grid.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -110,7 +111,7 @@ def test_evaluate_prints_reward_statistics(run_dir, tmp_path, capsys):
     (["finetune", "--set", "rollout=graph"], "rollout must be one of ['auto', 'cuda_graph', 'eager']"),
     (["sample", "--seeds", "a-b", "--prompt", "x"], "--seeds expects integers"),
     (["sample"], "needs --prompt"),
-    (["evaluate", "--prompts", "no_such_set"], "neither a built-in prompt set"),
+    (["evaluate", "--prompts", "no_such_set"], "pass --lora DIR"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -118,23 +119,17 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert len(err) == 1 and message in err[0] and err[0].startswith(f"rlr-fast {argv[0]}: error:")
 
 
-def test_evaluate_a_model_without_a_lora_uses_the_preset_made_for_it(tiny_folder, tmp_path, capsys):
+def test_sample_without_a_lora_uses_the_preset_made_for_the_model(tiny_folder, tmp_path, capsys):
     """A Stable Diffusion folder without a run's config samples with the sd14 preset, and says so."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\n")
-    argv = ["evaluate", "--model", str(tiny_folder), "--device", "cpu", "--steps", "2", "--seeds", "0",
-            "--prompts", str(prompts), "--reward", "brightness"]
+    argv = ["sample", "--model", str(tiny_folder), "--device", "cpu", "--steps", "2", "--seeds", "0",
+            "--prompt", "a photo of a cat", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
-    printed = capsys.readouterr()
-    stats = json.loads(printed.out)
-    assert stats["guidance_scale"] == 7.5 and stats["num_steps"] == 2 and stats["settings"] == "preset sd14"
-    assert (f"evaluate: model {tiny_folder} (no LoRA); settings from preset sd14 and flags: 2 steps, guidance 7.5, "
-            "eta 1.0, float32 on cpu") in printed.err
+    assert (f"sample: model {tiny_folder} (no LoRA); settings from preset sd14 and flags: 2 steps, guidance 7.5, "
+            "eta 1.0, float32 on cpu") in capsys.readouterr().err
     config = tmp_path / "mine.yaml"
     config.write_text("preset: demo\nguidance_scale: 3.0\n")
     assert main(argv + ["--config", str(config)]) == 0
-    printed = capsys.readouterr()
-    assert json.loads(printed.out)["guidance_scale"] == 3.0 and f"settings from config {config}" in printed.err
+    assert f"settings from config {config} and flags: 2 steps, guidance 3.0" in capsys.readouterr().err
 
 
 def test_sample_with_a_pickle_as_the_lora_is_one_line(tiny_folder, tmp_path, capsys):

@@ -1,12 +1,11 @@
-"""Sampling and evaluation helpers: device and precision, seeded images, grids, progress bars."""
+"""Sampling helpers: device and precision, seeded images, grids, progress bars."""
 
 import pytest
 import torch
 
 from rlr_fast.config import Config
-from rlr_fast.inference import evaluate_reward, generate_images, prompt_rows, resolve_device
+from rlr_fast.inference import generate_images, prompt_rows, resolve_device, sample_chain
 from rlr_fast.models import tiny_sd
-from rlr_fast.rewards import get_reward
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +47,10 @@ def test_prompt_rows_puts_prompts_in_rows_and_seeds_in_columns():
     assert rows[:, :, 0, 0].tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
 
 
-def test_evaluate_reward_statistics_and_progress(models, capsys):
-    stats = evaluate_reward(models, get_reward("brightness"), ["a", "b", "c"], [0, 1], num_steps=2, eta=1.0,
-                            guidance_scale=1.0, batch_size=2)
-    assert stats["n"] == 6 and set(stats["per_prompt"]) == {"a", "b", "c"}
-    assert stats["stderr"] == pytest.approx(stats["std"] / 6 ** 0.5)
-    err = capsys.readouterr().err
-    assert "evaluate:" in err and "/4 [" in err  # a bar over 2 batches of prompts x 2 seeds
+def test_a_seed_gives_every_model_the_same_start_and_noises(models):
+    cond, kw = models.encode_prompts(["a", "b"]), dict(num_steps=2, eta=1.0, guidance_scale=1.0)
+    other = tiny_sd(1)
+    first, second = sample_chain(models, cond, None, 5, **kw), sample_chain(other, cond, None, 5, **kw)
+    assert torch.equal(first.latents[0], second.latents[0]) and torch.equal(first.noises, second.noises)
+    assert not torch.equal(first.x0, second.x0)  # the models differ, their samples too
+    assert not torch.equal(sample_chain(models, cond, None, 6, **kw).noises, first.noises)

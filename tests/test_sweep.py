@@ -10,10 +10,10 @@ import torch
 
 import rlr_fast
 from rlr_fast.estimators import Terms, _run_terms
-from rlr_fast.models import add_lora, lora_parameters
+from rlr_fast.models import lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
-from rlr_fast.testing import make_scheduler, make_unet, naive_backprop
+from rlr_fast.testing import make_lora_unet, make_scheduler, naive_backprop
 
 METHODS = ("rlr", "zo", "full_bp", "truncated_bp", "ddpo")
 
@@ -32,18 +32,9 @@ def _traj(unet, steps, *, batch=2, guidance=1.0, seed=0):
                             generator=g, **cfg)
 
 
-def _lora_unet(dtype=torch.float32):
-    unet = make_unet().to(dtype)
-    add_lora(unet, rank=2, alpha=2)
-    g = torch.Generator().manual_seed(3)
-    for p in lora_parameters(unet):  # peft zeroes lora_B: random weights give every coordinate a gradient
-        p.data = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def lora_unet():
-    return _lora_unet()
+    return make_lora_unet()
 
 
 def _estimate(unet, traj, method, **options):
@@ -115,7 +106,7 @@ def test_checkpointing_lowers_the_step_peak(lora_unet):
     ("ddpo", {}),
 ])
 def test_split_guidance_gives_the_same_gradient(method, options):
-    unet = _lora_unet(torch.float64)
+    unet = make_lora_unet(torch.float64)
     traj = _traj(unet, 6, guidance=7.5)
     together = _estimate(unet, traj, method, **options)
     grad_together = _grads(unet)

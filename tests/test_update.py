@@ -39,35 +39,37 @@ def test_rollout_choice(models, choice, device, kind, reason):
 
 
 def test_a_failing_cuda_graph_falls_back_to_the_same_eager_chain(models, capsys):
-    """On the CPU a graph cannot capture: the rollout says why once, then runs eagerly from the
-    generator state the failed attempt started with, so the chain is the eager one."""
+    """On the CPU a graph cannot capture: the rollout says why once, then runs eagerly with the
+    noise it was given, so the chain is the eager one."""
     chosen = TrainingRollout(Config(rollout="cuda_graph"), models, torch.device("cpu"))
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = models.encode_prompts(["a", "b"])
     kw = dict(num_steps=3, eta=1.0, encoder_hidden_states=cond)
-    got = [chosen(x_T, generator=torch.Generator().manual_seed(s), **kw) for s in (1, 2)]
+    noises = [torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    got = [chosen(x_T, noise, **kw) for noise in noises]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rollout: eager from now on (CUDA graph failed: RuntimeError: "
                                                "CUDA-graph rollouts need latents on a CUDA device, got cpu")
     assert chosen.kind == "eager" and chosen.reason.startswith("CUDA graph failed: RuntimeError")
-    for seed, traj in zip((1, 2), got):
-        eager = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(seed), **kw)
-        assert torch.equal(traj.latents, eager.latents) and torch.equal(traj.log_probs, eager.log_probs)
+    for noise, traj in zip(noises, got):
+        eager = rollout(models.unet, models.scheduler, x_T, noises=noise, **kw)
+        assert torch.equal(traj.noises, noise) and torch.equal(traj.latents, eager.latents)
+        assert torch.equal(traj.log_probs, eager.log_probs)
 
 
-def test_the_fallback_redraws_from_the_generator_state_the_graph_started_with(models, capsys):
-    """A graph that fails after drawing its chain's noise (as a failed capture on a GPU does)."""
+def test_a_graph_failing_mid_rollout_falls_back_with_its_first_line(models, capsys):
+    """A graph that fails after starting (as a failed capture on a GPU does) rolls out the same noise eagerly."""
     chosen = TrainingRollout(Config(rollout="cuda_graph"), models, torch.device("cpu"))
 
-    def capture_fails(x_T, *, generator, **kwargs):
-        torch.randn(3, *x_T.shape, generator=generator)
+    def capture_fails(x_T, *, noises, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     chosen.graphed = capture_fails
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noises = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     kw = dict(num_steps=3, eta=1.0, encoder_hidden_states=models.encode_prompts(["a", "b"]))
-    traj = chosen(x_T, generator=torch.Generator().manual_seed(1), **kw)
-    eager = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(1), **kw)
+    traj = chosen(x_T, noises, **kw)
+    eager = rollout(models.unet, models.scheduler, x_T, noises=noises, **kw)
     assert torch.equal(traj.latents, eager.latents)
     assert capsys.readouterr().err == ("rollout: eager from now on (CUDA graph failed: RuntimeError: operation not "
                                        "permitted when stream is capturing)\n")

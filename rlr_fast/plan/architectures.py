@@ -2,7 +2,9 @@
 
 A model is described by its component configs {"unet", "vae", "text_encoder"}: SD1.4's
 (`"sd14"`), the embedded default model's (`"default"`), a local diffusers folder's (only the
-config.json files are read) or such a dict. Measurements are cached under `architecture_id`, a
+config.json files are read) or such a dict. A UNet config's `_class_name` names a video UNet
+(UNet3DConditionModel, UNetMotionModel); an image UNet with a MotionAdapter's config becomes the
+UNetMotionModel AnimateDiff makes of them. Measurements are cached under `architecture_id`, a
 hash of the full config with every default filled in, so a downloaded SD1.4 folder and the
 built-in "sd14" description share one cache entry.
 
@@ -40,8 +42,29 @@ def quiet_diffusers() -> Iterator[None]:
         dlogging.set_verbosity(level)
 
 
-def component_configs(model: Model) -> dict[str, dict]:
-    """{"unet", "vae", "text_encoder"} constructor configs of `model` (see the module docstring)."""
+def component_configs(model: Model, motion_adapter: Optional[Union[str, Path]] = None) -> dict[str, dict]:
+    """{"unet", "vae", "text_encoder"} constructor configs of `model` (see the module docstring), the
+    UNet's made a UNetMotionModel's with the MotionAdapter folder `motion_adapter`."""
+    configs = _component_configs(model)
+    if motion_adapter is not None:
+        adapter = Path(motion_adapter) / "config.json"
+        if not adapter.is_file():
+            raise ValueError(f"motion_adapter {str(motion_adapter)!r} is not a MotionAdapter folder (no {adapter})")
+        configs["unet"] = motion_unet_config(configs["unet"], json.loads(adapter.read_text()))
+    return configs
+
+
+def motion_unet_config(unet: dict, adapter: dict) -> dict:
+    """The config of the UNetMotionModel diffusers makes of an image UNet and a MotionAdapter."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    with quiet_diffusers(), torch.device("meta"):
+        joined = UNetMotionModel.from_unet2d(UNet2DConditionModel.from_config(unet),
+                                             MotionAdapter.from_config(adapter), load_weights=False)
+    return dict(joined.config)
+
+
+def _component_configs(model: Model) -> dict[str, dict]:
     from ..default_model import default_model_path
     from ..models import sd14_config
 
@@ -72,12 +95,12 @@ def _canonical(config) -> dict:
 
 def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> nn.Module:
     """One component on meta in `dtype`, frozen, in eval mode."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with quiet_diffusers(), torch.device("meta"):
         if component == "unet":
-            module = UNet2DConditionModel.from_config(config)
+            module = unet_class(config).from_config(config)
         elif component == "vae":
             module = AutoencoderKL.from_config(config)
         elif component == "text_encoder":
@@ -85,6 +108,15 @@ def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> n
         else:
             raise ValueError(f"component must be one of {COMPONENT_NAMES}, got {component!r}")
         return module.to(dtype).eval().requires_grad_(False)
+
+
+def unet_class(config: dict) -> type:
+    """The diffusers class of a UNet config: its `_class_name` when that is a video UNet, else
+    UNet2DConditionModel."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+
+    video = {cls.__name__: cls for cls in (UNet3DConditionModel, UNetMotionModel)}
+    return video.get(config.get("_class_name"), UNet2DConditionModel)
 
 
 def architecture_id(component: str, config: dict) -> str:

@@ -38,9 +38,10 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, int], unet: nn.Module, *, cfg: bool):
+def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn.Module, *, cfg: bool):
     """A stored chain of `steps` steps on meta, as `rollout` stores it: latents in float32 (the loop
-    draws x_T in float32 and the chain stays there), prompt embeddings in the weights' dtype."""
+    draws x_T in float32 and the chain stays there), prompt embeddings in the weights' dtype.
+    latent_hw is (h, w), or (frames, h, w) for a video UNet."""
     from ..rollout import Trajectory
 
     cond_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
@@ -156,14 +157,17 @@ def combined_reward_bytes(decode: Measurement, network_peak: int) -> int:
     return max(reward_phase_parts(decode, network_peak).values())
 
 
-def forward_flops(module: nn.Module, part: str, latent_hw: tuple[int, int], image_hw: Optional[tuple] = None) -> int:
-    """FLOPs of one sample's forward: part "unet" (one step), "vae_decode" or "reward"."""
+def forward_flops(module: nn.Module, part: str, latent_hw: tuple[int, ...], image_hw: Optional[tuple] = None) -> int:
+    """FLOPs of one sample's forward: part "unet" (one step; latent_hw (frames, h, w) for a video
+    UNet), "vae_decode" or "reward"."""
+    from ..rollout import predict
+
     with torch.no_grad():
         if part == "unet":
             x = torch.empty((1, module.config.in_channels) + tuple(latent_hw), device="meta", dtype=module.dtype)
             cond = torch.empty((1, PROMPT_TOKENS, module.config.cross_attention_dim), device="meta", dtype=module.dtype)
             t = torch.empty((1,), device="meta", dtype=torch.int64)
-            return count_flops(lambda: module(x, t, encoder_hidden_states=cond))
+            return count_flops(lambda: predict(module, x, t, cond))
         if part == "vae_decode":
             z = torch.empty((1, module.config.latent_channels) + tuple(latent_hw), device="meta", dtype=module.dtype)
             return count_flops(lambda: module.decode(z))

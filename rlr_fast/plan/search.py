@@ -53,6 +53,7 @@ class Run:
     attention: str
     latent_hw: tuple[int, int]
     notes: tuple[str, ...]
+    frames: Optional[int] = None  # a video UNet's frames per sample (None: an image UNet)
 
     @property
     def autocast(self) -> bool:
@@ -78,6 +79,21 @@ class Run:
     def guidance(self) -> bool:
         return self.config.guidance_scale != 1.0
 
+    @property
+    def unet_latent(self) -> tuple[int, ...]:
+        """One sample's latent shape after the channels: (h, w), or (frames, h, w) for a video UNet."""
+        return self.latent_hw if self.frames is None else (self.frames,) + tuple(self.latent_hw)
+
+    @property
+    def images(self) -> int:
+        """Images the VAE decodes and the reward scores in one micro-batch: every frame of every sample."""
+        return self.config.batch_size * (self.frames or 1)
+
+    @property
+    def unet_checkpointing(self) -> bool:
+        """Whether the UNet has gradient checkpointing (diffusers implements none for UNet3DConditionModel)."""
+        return arch.unet_class(self.components["unet"])._supports_gradient_checkpointing
+
 
 def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **settings) -> Config:
     """A validated Config: a Config, a preset name, EstimatorOptions or a dict of Config keys (both on
@@ -102,13 +118,14 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    notes = []
+    notes, motion_adapter = [], None
     if model is None:
-        model = cfg.model
+        model, motion_adapter = cfg.model, cfg.motion_adapter
         if model != "default" and not Path(model).is_dir():
             notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
-            model = "sd14"
-    components = arch.component_configs(model)
+            model, motion_adapter = "sd14", None
+    components = arch.component_configs(model, motion_adapter)
+    video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
     if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
         pass  # a reward network built on meta
@@ -119,7 +136,8 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
         reward = "pixels"
     return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
                reward=reward, attention=attention,
-               latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes))
+               latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes),
+               frames=cfg.num_frames if video else None)
 
 
 @dataclass
@@ -232,8 +250,8 @@ def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
     if not options["free_text_encoder"]:
         parameters += table.param_bytes(f"{run.ids['text_encoder']}|{precision}", lambda: arch.module_state(
             arch.build("text_encoder", components["text_encoder"], wd)))
-    B, T, (h, w) = cfg.batch_size, cfg.num_steps, run.latent_hw
-    latent = components["unet"]["in_channels"] * h * w * 4  # float32 chain
+    B, T = cfg.batch_size, cfg.num_steps
+    latent = components["unet"]["in_channels"] * math.prod(run.unet_latent) * 4  # float32 chain
     cond = B * PROMPT_TOKENS * components["unet"]["cross_attention_dim"] * wd.itemsize * (2 if run.guidance else 1)
     trajectory = B * latent * (2 * T + 1) + B * T * 4 + cond + B * latent  # x_T..x_0, noises, log p, prompts, dR/dx0
     return {"parameters": parameters, "optimizer_state": lora * (1 + ADAMW_STATE_PER_PARAM), "trajectory": trajectory}
@@ -247,20 +265,21 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
     unet = dict(autocast=run.autocast, attention=run.attention, lora_rank=cfg.lora_rank, cfg_mode=cfg_mode)
     unet_args = (run.ids["unet"], run.components["unet"])
 
-    decode = table.decode_phase(run.ids["vae"], run.components["vae"], B, options["decode_chunk"], hw,
+    latent, images = run.unet_latent, run.images  # a video's frames decode and score as images
+    decode = table.decode_phase(run.ids["vae"], run.components["vae"], images, options["decode_chunk"], hw,
                                 dtype=run.weight_dtype, attention=run.attention, grad=counts.reward_grad,
                                 checkpoint_vae=options["checkpoint_vae"])
-    network = table.reward_network(run.reward, B, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
+    network = table.reward_network(run.reward, images, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
                                    grad=counts.reward_grad, checkpoint=options["checkpoint_reward"])
-    phases = {"rollout": table.unet_phase(*unet_args, B, hw, grad="none", checkpoint=False, **unet),
+    phases = {"rollout": table.unet_phase(*unet_args, B, latent, grad="none", checkpoint=False, **unet),
               **reward_phase_parts(decode, network)}
     if counts.pathwise:
-        phases["unet_step"] = table.unet_phase(*unet_args, B, hw, grad="input", checkpoint=options["checkpoint_unet"],
-                                               **unet)
+        phases["unet_step"] = table.unet_phase(*unet_args, B, latent, grad="input",
+                                               checkpoint=options["checkpoint_unet"], **unet)
     steps_per_call = 0
     if counts.likelihood_ratio:
         steps_per_call = (options["max_batch"] or B) // B
-        phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, hw, grad="params",
+        phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, latent, grad="params",
                                               checkpoint=options["checkpoint_unet"], **unet)
     resident = _resident(run, options, table)
     peak_phase = max(phases, key=phases.get)
@@ -269,17 +288,17 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
     calls_per_step = 2 if cfg_mode == "split" else 1
     lr_calls = math.ceil(counts.likelihood_ratio / steps_per_call) if steps_per_call else 0
     model_calls = (calls_per_step * (T + counts.pathwise + lr_calls + counts.forwards)
-                   + math.ceil(B / options["decode_chunk"]))
+                   + math.ceil(images / options["decode_chunk"]))
     extra = 0
     if options["checkpoint_unet"]:
-        unet_flops = table.flops(f"{run.ids['unet']}|{hw[0]}x{hw[1]}",
-                                 lambda: table.unet(run.components["unet"], torch.float32, 0), "unet", hw)
+        unet_flops = table.flops(f"{run.ids['unet']}|{'x'.join(map(str, latent))}",
+                                 lambda: table.unet(run.components["unet"], torch.float32, 0), "unet", latent)
         extra += (counts.pathwise + counts.likelihood_ratio) * B * (2 if run.guidance else 1) * unet_flops
     if counts.reward_grad and options["checkpoint_vae"]:  # the chunk's and then each block's recomputation
-        extra += 2 * B * table.flops(f"{run.ids['vae']}|{hw[0]}x{hw[1]}",
-                                     lambda: table.vae(run.components["vae"], torch.float32), "vae_decode", hw)
+        extra += 2 * images * table.flops(f"{run.ids['vae']}|{hw[0]}x{hw[1]}",
+                                          lambda: table.vae(run.components["vae"], torch.float32), "vae_decode", hw)
     if counts.reward_grad and options["checkpoint_reward"]:
-        extra += B * table.flops(f"reward:{arch.reward_id(run.reward)}|{run.image_hw[0]}x{run.image_hw[1]}",
+        extra += images * table.flops(f"reward:{arch.reward_id(run.reward)}|{run.image_hw[0]}x{run.image_hw[1]}",
                                  lambda: table.reward(run.reward, torch.float32, False), "reward", hw, run.image_hw)
     return Plan(run=run, max_memory_gb=max_memory_gb, options=dict(options), peak_bytes=sum(breakdown.values()),
                 breakdown=breakdown, phases=phases, peak_phase=peak_phase, extra_flops=extra, model_calls=model_calls)
@@ -292,10 +311,11 @@ def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
         both if counts.reward_grad and run.reward != "pixels" else (False,)
     choices = {
         "max_batch": [None] + [B * m for m in range(2, counts.likelihood_ratio + 1)],  # None: one step per call
-        "checkpoint_unet": both if counts.pathwise or counts.likelihood_ratio else (False,),
+        "checkpoint_unet": (both if (counts.pathwise or counts.likelihood_ratio) and run.unet_checkpointing
+                            else (False,)),
         "split_cfg": both if run.guidance else (False,),
         "checkpoint_vae": both if counts.reward_grad else (False,),
-        "decode_chunk": range(1, B + 1),
+        "decode_chunk": range(1, run.images + 1),
         "free_text_encoder": both,
         "checkpoint_reward": reward_ckpt,
     }
@@ -348,12 +368,16 @@ def _notes(run: Run) -> list[str]:
     reward = "" if run.reward == "pixels" else f"; reward network in {str(run.reward_dtype).replace('torch.', '')}"
     attention = ("flash / memory-efficient SDPA (no stored softmax)" if run.attention == "flash" else
                  "MATH SDPA (stores the softmax)")
+    frames = "" if run.frames is None else f"{run.frames} frames of "
+    unet = arch.unet_class(run.components["unet"]).__name__
+    no_checkpointing = [] if run.unet_checkpointing else [
+        f"{unet} has no gradient checkpointing: checkpoint_unet stays False"]
     return ["tensor bytes only (what torch.cuda.max_memory_allocated counts): the CUDA context (~0.3-0.5 GiB) "
             "and allocator caching come on top",
             f"attention: {attention}",
             precision + reward,
-            f"{run.config.batch_size} samples of {run.image_hw[0]}x{run.image_hw[1]} px, T = {run.config.num_steps}, "
-            f"method {run.config.method}"] + list(run.notes)
+            f"{run.config.batch_size} samples of {frames}{run.image_hw[0]}x{run.image_hw[1]} px, "
+            f"T = {run.config.num_steps}, method {run.config.method}"] + no_checkpointing + list(run.notes)
 
 
 def candidate_runs() -> Iterator[Config]:

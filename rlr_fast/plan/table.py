@@ -81,7 +81,7 @@ class MeasurementTable:
         """Peak bytes (or, with `saved`, bytes saved for backward) of a UNet phase on `samples`."""
         checkpoint = checkpoint and grad != "none"
         dtype = torch.float16 if autocast else torch.float32
-        key = (f"{unet_id}|{latent_hw[0]}x{latent_hw[1]}|{'autocast' if autocast else 'float32'}|{attention}"
+        key = (f"{unet_id}|{'x'.join(map(str, latent_hw))}|{'autocast' if autocast else 'float32'}|{attention}"
                f"|lora{lora_rank}|cfg={cfg_mode}|grad={grad}|ckpt={int(checkpoint)}")
 
         def points():

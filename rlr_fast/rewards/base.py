@@ -77,6 +77,11 @@ class Reward(nn.Module):
         values = self.score(images, prompts)
         return _check_values(values, images, self)
 
+    def features(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, D) embeddings of `images` by the reward's image network (a CLIP vision tower, say), the
+        feature space `rlr-fast evaluate` measures diversity in; None for a reward without one."""
+        return None
+
 
 def _check_values(values, images: torch.Tensor, reward: object) -> torch.Tensor:
     if not torch.is_tensor(values):

@@ -186,10 +186,13 @@ class LaionAesthetic(Reward):
         freeze(self)
         self.to(device)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embedding (B, projection_dim) the head scores, before normalisation."""
         pixels = tower_pixels(images, self.vision, self.image_size, self.mean, self.std)
-        embedding = self.projection(self.vision(pixel_values=pixels).pooler_output)
-        return self.head(F.normalize(embedding.float(), dim=-1)).to(images.device)
+        return self.projection(self.vision(pixel_values=pixels).pooler_output).float()
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.head(F.normalize(self.features(images), dim=-1)).to(images.device)
 
 
 class ClipSimilarity(Reward):
@@ -228,6 +231,11 @@ class ClipSimilarity(Reward):
         freeze(self)
         self.to(device)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embedding (B, projection_dim) compared with the text's, before normalisation."""
+        pixels = tower_pixels(images, self.model.vision_model, self.image_size, self.mean, self.std)
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output).float()
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device, _ = device_of(self.model)
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
@@ -235,9 +243,7 @@ class ClipSimilarity(Reward):
         with torch.no_grad():
             text = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             text_embedding = F.normalize(self.model.text_projection(text.pooler_output).float(), dim=-1)
-        pixels = tower_pixels(images, self.model.vision_model, self.image_size, self.mean, self.std)
-        vision = self.model.vision_model(pixel_values=pixels)
-        image_embedding = F.normalize(self.model.visual_projection(vision.pooler_output).float(), dim=-1)
+        image_embedding = F.normalize(self.features(images), dim=-1)
         similarity = (image_embedding * text_embedding).sum(dim=-1)
         if self.use_logit_scale:
             similarity = self.model.logit_scale.float().exp() * similarity

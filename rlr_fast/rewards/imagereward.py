@@ -70,6 +70,11 @@ class ImageReward(Reward):
         freeze(self)
         self.to(device)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """BLIP's pooled image feature (B, hidden): the layer-normed [CLS] token of the vision tower."""
+        pixels = tower_pixels(images, self.vision, self.image_size, self.mean, self.std, crop_rounding="round")
+        return self.vision(pixel_values=pixels).pooler_output.float()
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = tower_pixels(images, self.vision, self.image_size, self.mean, self.std, crop_rounding="round")
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,

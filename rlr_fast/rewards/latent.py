@@ -75,24 +75,32 @@ class LatentReward:
         return latents.requires_grad or any(p.requires_grad for p in self.vae.parameters())
 
     def __call__(self, x0_latents: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(x0_latents) or x0_latents.dim() != 4:
-            raise ValueError(f"x0_latents must be a (B, C, h, w) tensor, got "
+        self._check(x0_latents, "(B, C, h, w)")
+        with _autocast_off():
+            return self.reward(self.images(x0_latents), self.prompts)
+
+    def _check(self, x0_latents: torch.Tensor, layout: str) -> None:
+        if not torch.is_tensor(x0_latents) or x0_latents.dim() != len(layout.split(",")):
+            raise ValueError(f"x0_latents must be a {layout} tensor, got "
                              f"{tuple(x0_latents.shape) if torch.is_tensor(x0_latents) else type(x0_latents).__name__}")
         if self.latent_channels is not None and x0_latents.shape[1] != self.latent_channels:
             raise ValueError(f"x0_latents has {x0_latents.shape[1]} channels, the vae expects {self.latent_channels}")
         if x0_latents.shape[0] != len(self.prompts):
             raise ValueError(f"x0_latents holds {x0_latents.shape[0]} samples but {len(self.prompts)} prompts "
                              "were given")
-        chunks = x0_latents.split(self.decode_chunk)
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` of latents (N, C, h, w), `decode_chunk` at a time, outside autocast; with a gradient
+        to flow and `checkpoint_vae`, each chunk (and each decoder block inside it) is checkpointed;
+        under no_grad when no gradient is to flow."""
+        chunks = latents.split(self.decode_chunk)
         with _autocast_off():
-            if not self._needs_graph(x0_latents):
+            if not self._needs_graph(latents):
                 with torch.no_grad():
-                    images = torch.cat([self.decode(chunk) for chunk in chunks])
-            elif self.checkpoint_vae:
-                images = torch.cat([checkpoint(self._decode_by_blocks, chunk, use_reentrant=False) for chunk in chunks])
-            else:
-                images = torch.cat([self.decode(chunk) for chunk in chunks])
-            return self.reward(images, self.prompts)
+                    return torch.cat([self.decode(chunk) for chunk in chunks])
+            if self.checkpoint_vae:
+                return torch.cat([checkpoint(self._decode_by_blocks, chunk, use_reentrant=False) for chunk in chunks])
+            return torch.cat([self.decode(chunk) for chunk in chunks])
 
     def _decode_by_blocks(self, latents: torch.Tensor) -> torch.Tensor:
         # Called again by the chunk's recomputation in the backward, which is when the block
