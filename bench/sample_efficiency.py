@@ -270,7 +270,7 @@ def base_reward(settings: Settings) -> float:
 
 def held_out_reward(models, settings: Settings) -> float:
     """Mean reward of `models` on the first `eval_prompts` demo prompts x `eval_seeds` (fixed noise)."""
-    from rlr_fast.config import load_prompts
+    from rlr_fast.presets import load_prompts
     from rlr_fast.inference import generate_images
 
     prompts = load_prompts("demo")[:settings.eval_prompts]

@@ -41,7 +41,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
     """The parser; `finetune --help` lists every config key with its value in `help_preset`."""
-    from .config import PRESETS, config_help
+    from .config import config_help
+    from .presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="rlr-fast", description="Reward fine-tuning of Stable Diffusion with the RLR gradient estimator.")
@@ -190,7 +191,7 @@ def _load(args, cfg, source: str):
 def _run_sample(args) -> int:
     import torch
 
-    from .config import load_prompts
+    from .presets import load_prompts
     from .inference import generate_images, prompt_rows, save_grid
     from .prompts import PromptBank
 
@@ -246,7 +247,7 @@ def _run_evaluate(args) -> int:
     import time
     from datetime import datetime
 
-    from .config import HELD_OUT, eval_prompts_of, load_prompts
+    from .presets import HELD_OUT, eval_prompts_of, load_prompts
     from .eval_report import table, write_report
     from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
     from .models import LORA_WEIGHT_NAME
@@ -306,7 +307,8 @@ def _run_convert(args) -> int:
 
 def _help_preset(argv: list[str]) -> str:
     """The preset `finetune --help` shows values of: --preset's, else the --config file's, else demo."""
-    from .config import PRESETS, read_yaml
+    from .config import read_yaml
+    from .presets import PRESETS
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")

@@ -255,7 +255,7 @@ class RunEvaluation:
     eval_curve.png. The base model's pass runs once per session. Draws from no generator of the run."""
 
     def __init__(self, cfg: Config, models: SDModels, reward: Reward, device: torch.device):
-        from .config import eval_prompts_of, load_prompts
+        from .presets import eval_prompts_of, load_prompts
         from .rewards import get_reward, get_video_reward
         from .video import is_video_unet
 

@@ -55,7 +55,8 @@ import torch
 
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, meta_checksum,
                          restore_checkpoint, restore_rng, save_checkpoint)
-from .config import PRESETS, Config, load_config, load_prompts
+from .config import Config, load_config
+from .presets import PRESETS, load_prompts
 from .design import Design
 from .distributed import RankFailure, Ranks, process_group
 from .evaluation import RunEvaluation

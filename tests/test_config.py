@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from rlr_fast.config import PRESETS, Config, config_help, load_config, load_prompts
+from rlr_fast.config import Config, config_help, load_config
+from rlr_fast.presets import PRESETS, load_prompts
 
 
 def test_presets_validate_and_carry_their_documented_settings():

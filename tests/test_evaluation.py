@@ -14,7 +14,8 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from rlr_fast.cli import main
-from rlr_fast.config import HELD_OUT, PROMPT_SETS, Config
+from rlr_fast.config import Config
+from rlr_fast.presets import HELD_OUT, PROMPT_SETS
 from rlr_fast.demo_data import parse_prompt
 from rlr_fast.evaluation import Evaluator, chain_kl, pairwise_distance, spread
 from rlr_fast.inference import generate_images, sample_chain

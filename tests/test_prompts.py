@@ -187,7 +187,8 @@ def test_shipped_schedule_config_fits_the_demo_prompts():
     from pathlib import Path
 
     import rlr_fast
-    from rlr_fast.config import load_config, load_prompts
+    from rlr_fast.config import load_config
+    from rlr_fast.presets import load_prompts
 
     cfg = load_config(path=Path(rlr_fast.__file__).parent / "configs" / "dcot_demo.yaml")
     schedule = PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, load_prompts(cfg.prompts))

@@ -397,7 +397,7 @@ def test_cli_samples_and_evaluates_a_video_run(video_run, tmp_path, capsys):
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for sampler in ("base", "lora"):
         stats = report["rewards"]["temporal_consistency"][sampler]
-        assert stats["n"] == 2 * len(rlr_fast.config.PROMPT_SETS["demo"]) and -1 <= stats["mean"] <= 0
+        assert stats["n"] == 2 * len(rlr_fast.presets.PROMPT_SETS["demo"]) and -1 <= stats["mean"] <= 0
     assert report["kl"]["lora"]["mean"] > 0 and report["diversity"]["pixels"]["lora"]["mean"] > 0
     assert (tmp_path / "eval" / "eval_grid.png").is_file()
 
