@@ -93,7 +93,7 @@ def jsonable(value):
 
 
 def diversity(images: torch.Tensor, prompt_ids: torch.Tensor) -> Optional[float]:
-    """The mean pairwise RMS distance between images (B, C, H, W) in [0, 1] of the same prompt,
+    """The mean pairwise RMS distance between images (B, ...) in [0, 1] of the same prompt,
     averaged over the prompts with at least two; None when no prompt has two."""
     flat = images.detach().double().flatten(1)
     per_prompt = []

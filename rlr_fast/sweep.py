@@ -287,9 +287,12 @@ class StepStates:
             raise ValueError("this trajectory holds no Tweedie coefficients (d_x, d_e); roll it out with "
                              "rlr_fast.rollout")
         steps = torch.as_tensor(steps, dtype=torch.int64, device=traj.latents.device)
-        x = traj.latents[steps, torch.arange(traj.batch_size, device=steps.device)]
-        return cls(x, steps, traj.timesteps, traj.c_x, traj.c_e, traj.sigmas, traj.d_x, traj.d_e,
-                   traj.encoder_hidden_states, traj.negative_encoder_hidden_states, traj.guidance_scale)
+        rows = torch.arange(traj.batch_size, device=steps.device)
+        cond = traj.encoder_hidden_states
+        if traj.prompt_index is not None:  # a prompt schedule: each sample's prompt at its own step
+            cond = cond[traj.prompt_index.to(steps.device)[steps, rows]]
+        return cls(traj.latents[steps, rows], steps, traj.timesteps, traj.c_x, traj.c_e, traj.sigmas, traj.d_x,
+                   traj.d_e, cond, traj.negative_encoder_hidden_states, traj.guidance_scale)
 
     @property
     def batch_size(self) -> int:

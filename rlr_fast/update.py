@@ -50,7 +50,7 @@ from .metrics import diversity, jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
 from .prompts import PromptBank
-from .rewards import Reward, latent_reward, video_latent_reward
+from .rewards import Reward, VideoReward, latent_reward, video_latent_reward
 from .rollout import Trajectory, rollout
 from .sqdf import chain_kl
 from .video import is_video_unet
@@ -174,8 +174,13 @@ class _ImageTap(Reward):
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if not self.seen:
-            self.seen, self.diversity = True, diversity(images, self.prompt_ids)
+            # a video reward scores its frames as images: a sample's frames together are its image here
+            self.seen, self.diversity = True, diversity(images.reshape(len(self.prompt_ids), -1), self.prompt_ids)
         return self.inner(images, prompts)
+
+
+class _VideoTap(_ImageTap, VideoReward):
+    """`_ImageTap` of a video reward: checked and scored as a video, each sample's frames one "image"."""
 
 
 def sample_batch(cfg: Config, models: SDModels, bank: PromptBank, rollout_fn: TrainingRollout,
@@ -222,7 +227,7 @@ class StepContext:
         ids, traj = sample_batch(self.cfg, self.models, self.bank, self.rollout, self.generators["sampling"],
                                  self.device, self.dtype, self.ranks)
         cost["unet_forward_samples"] += traj.num_steps * traj.batch_size
-        tap = _ImageTap(self.reward, ids)
+        tap = (_VideoTap if isinstance(self.reward, VideoReward) else _ImageTap)(self.reward, ids)
         self.sampled.append((self._chain_kl(traj), tap))
         return ids, traj, self.reward_fn(ids, tap)
 

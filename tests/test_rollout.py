@@ -215,7 +215,19 @@ def test_samples_selected_joined_and_stored_as_tensors(unet, scheduler):
     joined = concat_samples([select_samples(traj, torch.tensor([0, 1])), select_samples(traj, torch.tensor([2, 3]))])
     stored = trajectory_from(*trajectory_tensors(joined))
     for name in PER_SAMPLE_DIM:
-        assert torch.equal(getattr(stored, name), getattr(traj, name)), name
+        if getattr(traj, name) is None:
+            assert getattr(stored, name) is None, name
+        else:
+            assert torch.equal(getattr(stored, name), getattr(traj, name)), name
+    # under a prompt schedule the conditioning rows are distinct prompts, prompt_index the samples'
+    steps = torch.arange(traj.num_steps)
+    scheduled = dataclasses.replace(traj, encoder_hidden_states=traj.encoder_hidden_states[:2],
+                                    prompt_index=torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]]))
+    parts = [select_samples(scheduled, torch.tensor([3, 1])), select_samples(scheduled, torch.tensor([0, 2]))]
+    joined = concat_samples(parts)
+    assert torch.equal(joined.step_conditioning(steps).reshape(3, 4, *traj.encoder_hidden_states.shape[1:]),
+                       scheduled.step_conditioning(steps).reshape(3, 4, -1, traj.encoder_hidden_states.shape[-1])
+                       [:, [3, 1, 0, 2]])
     assert (stored.eta, stored.guidance_scale, stored.model_key) == (traj.eta, traj.guidance_scale, traj.model_key)
     other, _ = _run(unet, scheduler, 0.5, cfg=True, steps=3, batch=4)
     with pytest.raises(ValueError, match="one schedule, eta, guidance scale and model"):
