@@ -220,14 +220,26 @@ def test_samples_selected_joined_and_stored_as_tensors(unet, scheduler):
         else:
             assert torch.equal(getattr(stored, name), getattr(traj, name)), name
     # under a prompt schedule the conditioning rows are distinct prompts, prompt_index the samples'
-    steps = torch.arange(traj.num_steps)
-    scheduled = dataclasses.replace(traj, encoder_hidden_states=traj.encoder_hidden_states[:2],
-                                    prompt_index=torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]]))
-    parts = [select_samples(scheduled, torch.tensor([3, 1])), select_samples(scheduled, torch.tensor([0, 2]))]
+    steps, shape = torch.arange(traj.num_steps), traj.encoder_hidden_states.shape[1:]
+    index = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+    scheduled = dataclasses.replace(traj, encoder_hidden_states=traj.encoder_hidden_states[:2], prompt_index=index)
+    per_sample = scheduled.step_conditioning(steps).reshape(3, 4, *shape)  # (T, B, L, D)
+    for b in range(4):
+        for k in range(3):
+            assert torch.equal(per_sample[k, b], traj.encoder_hidden_states[index[k, b]])
+    # two parts whose prompt rows differ: the joined trajectory must point each sample at its own part's rows
+    other = dataclasses.replace(scheduled, encoder_hidden_states=traj.encoder_hidden_states[2:])
+    parts = [select_samples(scheduled, torch.tensor([3, 1])), select_samples(other, torch.tensor([0, 2]))]
     joined = concat_samples(parts)
-    assert torch.equal(joined.step_conditioning(steps).reshape(3, 4, *traj.encoder_hidden_states.shape[1:]),
-                       scheduled.step_conditioning(steps).reshape(3, 4, -1, traj.encoder_hidden_states.shape[-1])
-                       [:, [3, 1, 0, 2]])
+    expected = torch.cat([p.step_conditioning(steps).reshape(3, 2, *shape) for p in parts], 1)
+    assert torch.equal(joined.step_conditioning(steps).reshape(3, 4, *shape), expected)
+    # SQDF's states: each sample conditioned on its prompt at its own step
+    from rlr_fast.sweep import StepStates
+
+    at = torch.tensor([2, 0, 1, 2])
+    states = StepStates.of(scheduled, at)
+    for b in range(4):
+        assert torch.equal(states.encoder_hidden_states[b], per_sample[at[b], b])
     assert (stored.eta, stored.guidance_scale, stored.model_key) == (traj.eta, traj.guidance_scale, traj.model_key)
     other, _ = _run(unet, scheduler, 0.5, cfg=True, steps=3, batch=4)
     with pytest.raises(ValueError, match="one schedule, eta, guidance scale and model"):
