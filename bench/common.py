@@ -148,7 +148,8 @@ class BenchModels:
 def build_models(device: Device, *, tiny: bool, dtype: torch.dtype, lora_rank: int = 4, seed: int = 0) -> BenchModels:
     """SD1.4's UNet and VAE and the aesthetic reward's network with random weights (speed and memory do
     not depend on the weights), or the tiny SD with a pixel reward; LoRA added, in fp32 as train.py has it."""
-    from rlr_fast.models import add_lora, sd14_config, tiny_sd
+    from rlr_fast.models import sd14_config, tiny_sd
+    from rlr_fast.lora import add_lora
     from rlr_fast.plan import PixelReward, aesthetic_architecture
 
     torch.manual_seed(seed)

@@ -41,7 +41,8 @@ from bench.common import current_device, median, time_it, write_results, zero_gr
 
 import rlr_fast  # noqa: E402
 from rlr_fast.baselines import ValueStatistics  # noqa: E402
-from rlr_fast.models import add_lora, lora_parameters  # noqa: E402
+from rlr_fast.lora import lora_parameters  # noqa: E402
+from rlr_fast.lora import add_lora
 from rlr_fast.options import EstimatorOptions  # noqa: E402
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,  # noqa: E402
                               naive_backprop, quadratic_reward)

@@ -243,7 +243,7 @@ def backward_cost() -> float:
     """FLOPs of one UNet backward (LoRA and input gradients) per FLOP of its forward, on the embedded model."""
     from bench.common import flops_of
     from rlr_fast.default_model import load_default
-    from rlr_fast.models import add_lora
+    from rlr_fast.lora import add_lora
 
     models = load_default()
     unet = add_lora(models.unet, rank=4, alpha=4, seed=0)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import current_device, median, time_it, write_results  # noqa: E402
 from rlr_fast import estimate, rollout  # noqa: E402
-from rlr_fast.models import add_lora, lora_parameters  # noqa: E402
+from rlr_fast.lora import lora_parameters  # noqa: E402
+from rlr_fast.lora import add_lora
 from rlr_fast.testing import make_scheduler, naive_backprop  # noqa: E402
 from rlr_fast.video import tiny_video_unet  # noqa: E402
 

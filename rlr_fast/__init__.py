@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
 _LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
-         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation", "eval_report")
+         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation", "eval_report", "lora")
 
 
 _LAZY_NAMES = {"finetune": "train", "Result": "train", "Config": "config"}

@@ -250,7 +250,7 @@ def _run_evaluate(args) -> int:
     from .presets import HELD_OUT, eval_prompts_of, load_prompts
     from .eval_report import table, write_report
     from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
-    from .models import LORA_WEIGHT_NAME
+    from .lora import LORA_WEIGHT_NAME
     from .rewards import get_reward, get_video_reward
     from .video import is_video_model
 

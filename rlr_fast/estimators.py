@@ -272,7 +272,7 @@ def _trainable(model) -> list:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False); "
-                         "add LoRA (rlr_fast.models.add_lora) or unfreeze some parameters")
+                         "add LoRA (rlr_fast.lora.add_lora) or unfreeze some parameters")
     return params
 
 

@@ -44,7 +44,8 @@ from .config import Config
 from .eval_report import draw_eval_curves
 from .inference import DTYPES, autocast, decode_latents, progress, sample_chain
 from .metrics import diversity, jsonable, read_metrics
-from .models import SDModels, has_lora, latent_size, lora_disabled
+from .models import SDModels, latent_size
+from .lora import has_lora, lora_disabled
 from .prompts import PromptBank
 from .rewards import Reward
 from .rollout import Trajectory, recompute_steps
@@ -129,7 +130,7 @@ class Evaluator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not has_lora(models.unet):
             raise ValueError("evaluation compares a LoRA with its base model, but the UNet has no LoRA; load one "
-                             "(rlr-fast evaluate --lora DIR, or rlr_fast.models.load_lora)")
+                             "(rlr-fast evaluate --lora DIR, or rlr_fast.lora.load_lora)")
         self.models, self.cfg, self.rewards = models, cfg, dict(rewards)
         self.prompts, self.seeds, self.batch_size = list(prompts), seeds, batch_size
         self.feature_model = next((name for name, r in rewards.items() if type(r).features is not Reward.features),

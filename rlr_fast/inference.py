@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from .config import Config
-from .models import SDModels, check_sd_folder, load_lora, load_sd
+from .models import SDModels, check_sd_folder, load_sd
+from .lora import load_lora
 from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video

@@ -53,11 +53,11 @@ def reference_policy(model: torch.nn.Module, reference: Optional[torch.nn.Module
                              "back-propagates through its input only")
         yield reference
         return
-    from .models import has_lora, lora_disabled  # peft and diffusers load only when SQDF runs
+    from .lora import has_lora, lora_disabled  # peft loads only when SQDF runs
 
     if not has_lora(model):
         raise ValueError(f"method='sqdf' compares the policy with the base model: {type(model).__name__} has no "
-                         "LoRA adapters to switch off (add them with rlr_fast.models.add_lora), and no "
+                         "LoRA adapters to switch off (add them with rlr_fast.lora.add_lora), and no "
                          "reference= module was given")
     with lora_disabled(model):
         yield model

@@ -127,7 +127,7 @@ def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
 def make_lora_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """`make_unet` in `dtype` with rank-2 LoRA whose weights are all random (peft zeroes lora_B, which
     would leave half the LoRA parameters without a gradient)."""
-    from .models import add_lora, lora_parameters
+    from .lora import add_lora, lora_parameters
 
     unet = make_unet().to(dtype)
     add_lora(unet, rank=2, alpha=2)

@@ -63,7 +63,8 @@ from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, read_metrics, summarize
-from .models import LORA_WEIGHT_NAME, SDModels, add_lora, latent_size, lora_parameters, save_lora
+from .models import SDModels, latent_size
+from .lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, atomic_write, check_out_dir, clear_leftovers, start_afresh

@@ -6,7 +6,7 @@ of every frame, so rollout, recompute and every estimator run on them unchanged:
 * ModelScope text-to-video (`TextToVideoSDPipeline` folders): a `UNet3DConditionModel`. diffusers
   implements no gradient checkpointing for it (checkpoint_unet=True is refused) and gives it no
   peft mixin (`add_lora` injects peft's layers directly; `TextToVideoSDPipeline.load_lora_weights`
-  cannot load a LoRA into it in diffusers 0.42, `rlr_fast.models.load_lora(pipe.unet, dir)` can).
+  cannot load a LoRA into it in diffusers 0.42, `rlr_fast.lora.load_lora(pipe.unet, dir)` can).
 * AnimateDiff (`AnimateDiffPipeline` folders, or a Stable Diffusion 1.x folder plus a
   `MotionAdapter` folder): a `UNetMotionModel`, an SD1.x UNet with temporal layers. It takes
   one prompt embedding per frame; `rollout` repeats the conditioning F times as the pipeline does.
@@ -51,7 +51,7 @@ class VideoModels(SDModels):
         """Write the folder the stock diffusers pipeline (`pipeline_class`) and `load_video` read.
 
         The UNet must not carry a LoRA adapter (its layers would be saved as base weights); save
-        the adapter with `models.save_lora`.
+        the adapter with `lora.save_lora`.
         """
         from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
 

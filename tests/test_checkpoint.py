@@ -14,7 +14,7 @@ import torch
 from rlr_fast.checkpoint import capture_rng, find_checkpoint, read_checkpoint, restore_checkpoint, restore_rng, \
     save_checkpoint
 from rlr_fast.config import Config
-from rlr_fast.models import add_lora, lora_parameters
+from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.testing import make_unet
 
 LORA = "lora/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"

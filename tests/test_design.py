@@ -288,7 +288,8 @@ def test_memory_budget_keeps_only_designs_whose_plan_fits(tiny_folder):
     from the config's model folder: the smallest estimated peak of one update is 4,680,556 bytes with a
     pathwise step (any rlr or full_bp) and 4,631,284 without (zo), so 0.00434 GiB leaves only zo, and
     0.0043 GiB nothing."""
-    from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+    from rlr_fast.models import tiny_sd
+    from rlr_fast.lora import add_lora, lora_parameters
 
     unet = tiny_sd(seed=0).unet
     add_lora(unet, rank=4, alpha=4)

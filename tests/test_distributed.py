@@ -19,7 +19,8 @@ from rlr_fast.checkpoint import read_checkpoint
 from rlr_fast.cli import main
 from rlr_fast.config import Config
 from rlr_fast.distributed import RankFailure, Ranks, _rank_device, process_group
-from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+from rlr_fast.models import tiny_sd
+from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.rewards import get_reward
 from rlr_fast.rollout import rollout
 from rlr_fast.train import finetune

@@ -151,8 +151,8 @@ def _unet_traj(unet, steps, batch=1, seed=0):
 
 def test_seeded_estimate_is_bit_identical():
     unet = make_unet()
-    rlr_fast.models.add_lora(unet, rank=2, alpha=2)
-    for p in rlr_fast.models.lora_parameters(unet):
+    rlr_fast.lora.add_lora(unet, rank=2, alpha=2)
+    for p in rlr_fast.lora.lora_parameters(unet):
         torch.nn.init.normal_(p, std=0.1)
     traj = _unet_traj(unet, steps=6)
     reward = lambda x0: -x0.pow(2).flatten(1).mean(1)
@@ -161,7 +161,7 @@ def test_seeded_estimate_is_bit_identical():
         unet.zero_grad(set_to_none=True)
         rlr_fast.estimate(unet, traj, reward, method="rlr", h=2, zo_steps=2,
                           generator=torch.Generator().manual_seed(5))
-        grads.append([p.grad.clone() for p in rlr_fast.models.lora_parameters(unet)])
+        grads.append([p.grad.clone() for p in rlr_fast.lora.lora_parameters(unet)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert any(g.abs().sum() > 0 for g in grads[0])
 

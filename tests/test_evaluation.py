@@ -19,7 +19,8 @@ from rlr_fast.presets import HELD_OUT, PROMPT_SETS
 from rlr_fast.demo_data import parse_prompt
 from rlr_fast.evaluation import Evaluator, chain_kl, pairwise_distance, spread
 from rlr_fast.inference import generate_images, sample_chain
-from rlr_fast.models import add_lora, lora_disabled, lora_parameters, tiny_sd
+from rlr_fast.models import tiny_sd
+from rlr_fast.lora import add_lora, lora_disabled, lora_parameters
 from rlr_fast.rewards import Reward, get_reward
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]

@@ -11,6 +11,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from rlr_fast import models
 
+from rlr_fast import lora
+
 
 def _unet_inputs(seed: int = 0, batch: int = 2):
     g = torch.Generator().manual_seed(seed)
@@ -43,7 +45,7 @@ def _simulate_training(unet, seed: int = 0) -> None:
     """Non-zero LoRA weights, as after some optimizer steps (peft starts lora_B at zero)."""
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        for p in models.lora_parameters(unet):
+        for p in lora.lora_parameters(unet):
             torch.nn.init.normal_(p, std=0.05)
 
 
@@ -189,7 +191,7 @@ def test_load_sd_reads_safetensors_only_where_a_component_has_them(tmp_path, mon
 
 def test_save_pretrained_refuses_a_unet_with_lora(tmp_path):
     sd = models.tiny_sd(0)
-    models.add_lora(sd.unet)
+    lora.add_lora(sd.unet)
     with pytest.raises(ValueError, match="LoRA adapter"):
         sd.save_pretrained(tmp_path / "out")
 
@@ -248,21 +250,21 @@ def test_sd14_on_meta_has_the_real_parameter_counts_and_no_storage():
 def test_add_lora_trains_only_lora_and_starts_as_a_no_op():
     unet = models.tiny_sd(0).unet.requires_grad_(True)  # as if the base had been trainable
     base = _eps(unet)
-    models.add_lora(unet, rank=4, alpha=4, seed=0)
-    params = models.lora_parameters(unet)
+    lora.add_lora(unet, rank=4, alpha=4, seed=0)
+    params = lora.lora_parameters(unet)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     # 4 projections x (A, B) x 8 attention layers (2 per transformer block, 4 blocks)
     assert len(params) == len(names) == 64 and all(".lora_" in n for n in names)
     assert torch.equal(_eps(unet), base)
-    again = models.add_lora(models.tiny_sd(0).unet, rank=4, alpha=4, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(params, models.lora_parameters(again)))
+    again = lora.add_lora(models.tiny_sd(0).unet, rank=4, alpha=4, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(params, lora.lora_parameters(again)))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"rank": 0}, "rank.*0"), ({"rank": -2}, "rank.*-2"),
                                            ({"alpha": 0}, "alpha.*0"), ({"alpha": -1.5}, r"alpha.*-1\.5")])
 def test_add_lora_rejects_bad_rank_or_alpha(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        models.add_lora(models.tiny_sd(0).unet, **kwargs)
+        lora.add_lora(models.tiny_sd(0).unet, **kwargs)
 
 
 def test_lora_round_trip_through_stock_diffusers(tiny_dir, tmp_path):
@@ -271,13 +273,13 @@ def test_lora_round_trip_through_stock_diffusers(tiny_dir, tmp_path):
     alpha != rank, so a file that lost the LoRA scaling would fail the comparison."""
     unet = models.tiny_sd(0).unet
     base = _eps(unet)
-    models.add_lora(unet, rank=4, alpha=8)
+    lora.add_lora(unet, rank=4, alpha=8)
     _simulate_training(unet)
     trained = _eps(unet)
     assert (trained - base).abs().max() > 1e-3
 
-    weights = models.save_lora(unet, tmp_path / "lora")
-    assert weights == tmp_path / "lora" / models.LORA_WEIGHT_NAME and weights.is_file()
+    weights = lora.save_lora(unet, tmp_path / "lora")
+    assert weights == tmp_path / "lora" / lora.LORA_WEIGHT_NAME and weights.is_file()
 
     pipe = _stock_pipeline(tiny_dir)
     assert torch.equal(_eps(pipe.unet), base)
@@ -290,70 +292,70 @@ def test_lora_round_trip_through_stock_diffusers(tiny_dir, tmp_path):
 
 
 def test_load_lora_reproduces_outputs_fresh_and_in_place(tmp_path):
-    unet = models.add_lora(models.tiny_sd(0).unet, rank=2, alpha=3, targets=("to_q", "to_v"))
+    unet = lora.add_lora(models.tiny_sd(0).unet, rank=2, alpha=3, targets=("to_q", "to_v"))
     _simulate_training(unet)
     trained = _eps(unet)
-    models.save_lora(unet, tmp_path)
+    lora.save_lora(unet, tmp_path)
 
-    fresh = models.load_lora(models.tiny_sd(0).unet, tmp_path)
+    fresh = lora.load_lora(models.tiny_sd(0).unet, tmp_path)
     torch.testing.assert_close(_eps(fresh), trained, atol=1e-6, rtol=0)
-    assert len(models.lora_parameters(fresh)) == len(models.lora_parameters(unet))
+    assert len(lora.lora_parameters(fresh)) == len(lora.lora_parameters(unet))
 
     # into an existing adapter: same Parameter objects (an optimizer keeps working), new values
-    target = models.add_lora(models.tiny_sd(0).unet, rank=2, alpha=3, targets=("to_q", "to_v"))
-    params = models.lora_parameters(target)
-    models.load_lora(target, tmp_path)
-    assert all(a is b for a, b in zip(params, models.lora_parameters(target)))
+    target = lora.add_lora(models.tiny_sd(0).unet, rank=2, alpha=3, targets=("to_q", "to_v"))
+    params = lora.lora_parameters(target)
+    lora.load_lora(target, tmp_path)
+    assert all(a is b for a, b in zip(params, lora.lora_parameters(target)))
     torch.testing.assert_close(_eps(target), trained, atol=1e-6, rtol=0)
 
 
 def test_load_lora_rejects_an_adapter_of_another_shape(tmp_path):
-    unet = models.add_lora(models.tiny_sd(0).unet, rank=4, alpha=4)
-    models.save_lora(unet, tmp_path)
-    other = models.add_lora(models.tiny_sd(0).unet, rank=2, alpha=4)
+    unet = lora.add_lora(models.tiny_sd(0).unet, rank=4, alpha=4)
+    lora.save_lora(unet, tmp_path)
+    other = lora.add_lora(models.tiny_sd(0).unet, rank=2, alpha=4)
     with pytest.raises(ValueError, match="rank 2.*rank 4"):
-        models.load_lora(other, tmp_path)
+        lora.load_lora(other, tmp_path)
 
 
 def test_load_lora_rejects_a_file_without_our_metadata(tmp_path):
     """Without the saved LoraConfig the scaling alpha / rank is unknown; diffusers' loader guesses."""
-    unet = models.add_lora(models.tiny_sd(0).unet)
+    unet = lora.add_lora(models.tiny_sd(0).unet)
     state = {f"unet.{k}": v for k, v in unet.state_dict().items() if ".lora_" in k}
     StableDiffusionPipeline.save_lora_weights(save_directory=tmp_path, unet_lora_layers=state)
     with pytest.raises(ValueError, match="load_lora_weights"):
-        models.load_lora(models.tiny_sd(0).unet, tmp_path)
+        lora.load_lora(models.tiny_sd(0).unet, tmp_path)
 
 
 def test_save_lora_onto_a_file_path(tmp_path):
-    unet = models.add_lora(models.tiny_sd(0).unet)
+    unet = lora.add_lora(models.tiny_sd(0).unet)
     path = tmp_path / "taken"
     path.write_text("not a directory")
     with pytest.raises(NotADirectoryError, match=re.escape(str(path))):
-        models.save_lora(unet, path)
+        lora.save_lora(unet, path)
 
 
 def test_save_lora_without_adapter(tmp_path):
     with pytest.raises(ValueError, match="add_lora"):
-        models.save_lora(models.tiny_sd(0).unet, tmp_path)
+        lora.save_lora(models.tiny_sd(0).unet, tmp_path)
 
 
 def test_load_lora_of_a_pickle_is_one_clear_error(tmp_path):
-    torch.save({"weights": torch.ones(2)}, tmp_path / models.LORA_WEIGHT_NAME)
+    torch.save({"weights": torch.ones(2)}, tmp_path / lora.LORA_WEIGHT_NAME)
     with pytest.raises(ValueError, match=r"is not a readable safetensors file \(SafetensorError") as error:
-        models.load_lora(models.tiny_sd(0).unet, tmp_path)
+        lora.load_lora(models.tiny_sd(0).unet, tmp_path)
     assert "\n" not in str(error.value)
 
 
 def test_save_lora_replaces_the_file_and_leaves_no_temporary_folder(tmp_path):
-    unet = models.add_lora(models.tiny_sd(0).unet)
-    models.save_lora(unet, tmp_path)
+    unet = lora.add_lora(models.tiny_sd(0).unet)
+    lora.save_lora(unet, tmp_path)
     _simulate_training(unet)
-    models.save_lora(unet, tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [models.LORA_WEIGHT_NAME]
-    fresh = models.load_lora(models.tiny_sd(0).unet, tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(models.lora_parameters(unet), models.lora_parameters(fresh)))
+    lora.save_lora(unet, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [lora.LORA_WEIGHT_NAME]
+    fresh = lora.load_lora(models.tiny_sd(0).unet, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(lora.lora_parameters(unet), lora.lora_parameters(fresh)))
 
 
 def test_load_lora_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / models.LORA_WEIGHT_NAME))):
-        models.load_lora(models.tiny_sd(0).unet, tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / lora.LORA_WEIGHT_NAME))):
+        lora.load_lora(models.tiny_sd(0).unet, tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlr_fast.config import Config
-from rlr_fast.models import add_lora
+from rlr_fast.lora import add_lora
 from rlr_fast.plan.architectures import component_configs, meta_unet
 from rlr_fast.testing import make_unet
 

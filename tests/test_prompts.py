@@ -159,7 +159,8 @@ def test_config_reads_a_schedule_file_and_records_its_contents(tmp_path):
 def test_training_rollouts_follow_the_schedule(tmp_path):
     """What one update's rollout is conditioned on, read back as texts per (step, sample)."""
     from rlr_fast.config import Config
-    from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+    from rlr_fast.models import tiny_sd
+    from rlr_fast.lora import add_lora, lora_parameters
     from rlr_fast.rewards import get_reward
     from rlr_fast.rollout import rollout
     from rlr_fast.update import OnPolicy, StepContext

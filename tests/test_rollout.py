@@ -112,13 +112,13 @@ def test_plain_callable_model(scheduler):
 def test_rollout_and_estimate_under_autocast(unet, scheduler):
     """Autocast makes the UNet answer in bf16; the chain stays in the latents' fp32."""
     lora_unet = make_unet()
-    rlr_fast.models.add_lora(lora_unet, rank=2, alpha=2)
+    rlr_fast.lora.add_lora(lora_unet, rank=2, alpha=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         traj, _ = _run(lora_unet, scheduler, 1.0, cfg=True, steps=4)
         stats = rlr_fast.estimate(lora_unet, traj, lambda x0: -x0.float().pow(2).flatten(1).mean(1), h=2)
     assert traj.latents.dtype == torch.float32 and torch.isfinite(traj.latents).all()
     assert stats["unet_backward"] > 0
-    assert all(p.grad is not None for p in rlr_fast.models.lora_parameters(lora_unet))
+    assert all(p.grad is not None for p in rlr_fast.lora.lora_parameters(lora_unet))
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

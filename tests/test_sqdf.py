@@ -15,7 +15,7 @@ import torch
 import rlr_fast
 from rlr_fast.config import Config, load_config
 from rlr_fast.estimators import estimate_states
-from rlr_fast.models import add_lora, lora_parameters
+from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.replay import ReplayBuffer
 from rlr_fast.sqdf import chain_kl, draw_steps, kl_to_base, sqdf_gradient

@@ -13,7 +13,7 @@ import torch
 import rlr_fast
 from rlr_fast.cuda_graph import TOLERANCE, GraphedRollout
 from rlr_fast.ddim import ddim_step
-from rlr_fast.models import lora_parameters
+from rlr_fast.lora import lora_parameters
 from rlr_fast.prompts import PromptSteps, step_conditioning
 from rlr_fast.rollout import predict, recompute_steps
 from rlr_fast.testing import (TOY_SCHEDULE, ConditionedLinearEps, exact_loss_gradient, make_lora_unet, make_scheduler,

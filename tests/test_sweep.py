@@ -10,7 +10,7 @@ import torch
 
 import rlr_fast
 from rlr_fast.estimators import Terms, _run_terms
-from rlr_fast.models import lora_parameters
+from rlr_fast.lora import lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
 from rlr_fast.testing import make_lora_unet, make_scheduler, naive_backprop

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlr_fast.config import Config
-from rlr_fast.models import add_lora, lora_parameters, tiny_sd
+from rlr_fast.models import tiny_sd
+from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.rewards import get_reward
 from rlr_fast.rollout import rollout
 from rlr_fast.update import OnPolicy, PromptBank, StepContext, TrainingRollout, apply, draw_prompt_ids

@@ -16,6 +16,7 @@ from diffusers import AnimateDiffPipeline, MotionAdapter, TextToVideoSDPipeline,
 
 import rlr_fast
 from rlr_fast import models, video
+from rlr_fast import lora
 from rlr_fast.config import Config
 from rlr_fast.inference import initial_noise
 from rlr_fast.rollout import recompute_steps
@@ -33,9 +34,9 @@ def _cond(batch, seed, tokens=5, dim=32):
 
 def _lora_unet(kind, rank=2, alpha=2):
     unet = video.tiny_video_unet(kind)
-    models.add_lora(unet, rank=rank, alpha=alpha)
+    lora.add_lora(unet, rank=rank, alpha=alpha)
     g = torch.Generator().manual_seed(3)
-    for p in models.lora_parameters(unet):  # peft zeroes lora_B: random weights give every coordinate a gradient
+    for p in lora.lora_parameters(unet):  # peft zeroes lora_B: random weights give every coordinate a gradient
         p.data = 0.1 * torch.randn(p.shape, generator=g)
     return unet
 
@@ -58,7 +59,7 @@ def _reward(x0):
 
 
 def _grads(unet):
-    return torch.cat([p.grad.flatten() for p in models.lora_parameters(unet)])
+    return torch.cat([p.grad.flatten() for p in lora.lora_parameters(unet)])
 
 
 # ---- rollout: diffusers' own steps on 5-D latents ---------------------------------------------------
@@ -189,7 +190,7 @@ def test_checkpoint_unet_on_modelscope_is_a_clear_error_that_applies_nothing():
     with pytest.raises(ValueError, match="checkpoint_unet=True, but UNet3DConditionModel has no gradient "
                                          "checkpointing of its own; set checkpoint_unet=False"):
         rlr_fast.estimate(unet, traj, _reward, method="full_bp", checkpoint_unet=True)
-    assert all(p.grad is None for p in models.lora_parameters(unet))
+    assert all(p.grad is None for p in lora.lora_parameters(unet))
 
 
 # The linear-Gaussian toy on samples shaped (C, F, H, W): E[R] and its gradient in closed form
@@ -301,7 +302,7 @@ def test_load_video_errors(folders, tmp_path):
         video.load_video(folders["animatediff"], motion_adapter=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="save the base model before add_lora"):
         parts = video.tiny_video("modelscope")
-        models.add_lora(parts.unet)
+        lora.add_lora(parts.unet)
         parts.save_pretrained(tmp_path / "x")
     with pytest.raises(ValueError, match="num_frames=40 exceeds this motion model's motion_max_seq_length"):
         initial_noise(video.tiny_video_unet("animatediff"), 1, torch.Generator(), torch.device("cpu"), num_frames=40)
@@ -311,7 +312,7 @@ def test_load_video_errors(folders, tmp_path):
 def test_add_lora_trains_only_lora_and_starts_as_a_no_op(kind):
     unet = video.tiny_video_unet(kind)
     base = _eps(unet)
-    models.add_lora(unet, rank=2, alpha=2, seed=0)
+    lora.add_lora(unet, rank=2, alpha=2, seed=0)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
     assert any("temp_attentions" in n or "motion_modules" in n for n in names)  # the temporal layers too
@@ -323,7 +324,7 @@ def test_animatediff_pipeline_loads_our_lora(folders, tmp_path):
     unet = _lora_unet("animatediff", rank=2, alpha=6)
     trained, base = _eps(unet), _eps(video.tiny_video_unet("animatediff"))
     assert (trained - base).abs().max() > 1e-3
-    models.save_lora(unet, tmp_path)
+    lora.save_lora(unet, tmp_path)
     pipe = AnimateDiffPipeline.from_pretrained(folders["animatediff"], local_files_only=True)
     pipe.load_lora_weights(tmp_path)
     torch.testing.assert_close(_eps(pipe.unet), trained, atol=1e-5, rtol=0)
@@ -338,9 +339,9 @@ def test_text_to_video_pipeline_runs_our_lora(folders, tmp_path):
     unet = _lora_unet("modelscope", rank=2, alpha=6)
     trained = _eps(unet)
     assert (trained - _eps(video.tiny_video_unet("modelscope"))).abs().max() > 1e-3
-    models.save_lora(unet, tmp_path)
+    lora.save_lora(unet, tmp_path)
     pipe = TextToVideoSDPipeline.from_pretrained(folders["modelscope"], local_files_only=True)
-    models.load_lora(pipe.unet, tmp_path)
+    lora.load_lora(pipe.unet, tmp_path)
     torch.testing.assert_close(_eps(pipe.unet), trained, atol=1e-5, rtol=0)
     frames = pipe("a red circle", num_frames=FRAMES, num_inference_steps=2, output_type="latent",
                   generator=torch.Generator().manual_seed(0)).frames
@@ -377,7 +378,7 @@ def test_finetune_a_text_to_video_folder(video_run, folders, tmp_path):
         assert gif.n_frames == FRAMES
     pipe = TextToVideoSDPipeline.from_pretrained(folders["modelscope"], local_files_only=True)
     base = _eps(pipe.unet)
-    models.load_lora(pipe.unet, video_run.out_dir)
+    lora.load_lora(pipe.unet, video_run.out_dir)
     assert (_eps(pipe.unet) - base).abs().max() > 0
 
 
@@ -414,7 +415,7 @@ def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
         tmp_path / "motion"), local_files_only=True)
     pipe.load_lora_weights(run.out_dir)
     lora_unet = video.load_video(tmp_path / "sd", motion_adapter=tmp_path / "motion").unet
-    models.load_lora(lora_unet, run.out_dir)
+    lora.load_lora(lora_unet, run.out_dir)
     torch.testing.assert_close(_eps(pipe.unet), _eps(lora_unet), atol=1e-5, rtol=0)
     assert (_eps(lora_unet) - base).abs().max() > 0
 
@@ -447,8 +448,8 @@ def test_planner_covers_a_video_update(folders):
     assert refused.value.smallest.options["checkpoint_unet"] is False
 
     parts = video.load_video(folders["modelscope"])
-    models.add_lora(parts.unet, rank=2, alpha=2, seed=0)
-    for q in models.lora_parameters(parts.unet):  # as after the first step: gradients are resident
+    lora.add_lora(parts.unet, rank=2, alpha=2, seed=0)
+    for q in lora.lora_parameters(parts.unet):  # as after the first step: gradients are resident
         q.grad = torch.zeros_like(q)
     x_T = initial_noise(parts.unet, 2, torch.Generator().manual_seed(0), torch.device("cpu"), num_frames=FRAMES)
     traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=3, eta=1.0,

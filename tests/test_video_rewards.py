@@ -6,6 +6,7 @@ import torch
 
 import rlr_fast
 from rlr_fast import models, video
+from rlr_fast import lora
 from rlr_fast.inference import initial_noise
 from rlr_fast.rewards import FrameAverage, TemporalConsistency, get_reward, get_video_reward, video_latent_reward
 
@@ -95,7 +96,7 @@ def test_video_latent_reward_decodes_each_frame():
 @pytest.mark.parametrize("kind", ("modelscope", "animatediff"))
 def test_estimate_through_the_vae_on_a_video_model(kind):
     parts = video.tiny_video(kind)
-    models.add_lora(parts.unet, rank=2, alpha=2, seed=0)
+    lora.add_lora(parts.unet, rank=2, alpha=2, seed=0)
     cond = parts.encode_prompts(PROMPTS)
     x_T = initial_noise(parts.unet, 2, torch.Generator().manual_seed(0), torch.device("cpu"), num_frames=FRAMES)
     traj = rlr_fast.rollout(parts.unet, parts.scheduler, x_T, num_steps=4, eta=1.0, encoder_hidden_states=cond,
@@ -103,4 +104,4 @@ def test_estimate_through_the_vae_on_a_video_model(kind):
     reward = video_latent_reward(parts.vae, get_video_reward("color_match"), PROMPTS)
     stats = rlr_fast.estimate(parts.unet, traj, reward, h=2, track_memory=True)
     assert len(stats["rewards"]) == 2 and stats["unet_backward"] > 0
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in models.lora_parameters(parts.unet))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.lora_parameters(parts.unet))

@@ -136,7 +136,7 @@ def _architecture_id(component: str, config_json: str) -> str:
 def meta_unet(config: dict, *, dtype: torch.dtype, lora_rank: Optional[int]) -> nn.Module:
     """The UNet on meta, frozen weights in `dtype`, with a float32 LoRA whose .grad exists (as the
     loop accumulates it: gradients are optimizer-resident state, not activations)."""
-    from ..models import add_lora
+    from ..lora import add_lora
 
     unet = build("unet", config, dtype)
     if lora_rank:
