@@ -51,7 +51,8 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
     left, top, right, bottom = box
     draw = ImageDraw.Draw(image, "RGBA")
     xs = [v for s in panel.series for v in s.x]
-    ys = [v for s in panel.series for i, y in enumerate(s.y) for v in ((y - s.se[i], y + s.se[i]) if len(s.se) else (y,))]
+    ys = [v for s in panel.series for i, y in enumerate(s.y)
+          for v in ((y - s.se[i], y + s.se[i]) if len(s.se) else (y,))]
     if not xs:
         return
     x_lo, x_hi = min(0.0, min(xs)), max(xs)
@@ -61,7 +62,8 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
     x_hi = x_hi if x_hi > x_lo else x_lo + 1
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
     for value in _ticks(y_lo, y_hi):
         _, y = at(x_lo, value)

@@ -226,6 +226,12 @@ def late_gain(smoothed: np.ndarray, bins: int) -> float:
     return float(smoothed[-1] - smoothed[max(0, len(smoothed) - 1 - bins)])
 
 
+def _with_se(name: str, values: np.ndarray) -> dict:
+    """{name: mean, name_se: its standard error} of per-seed values."""
+    mean, se = mean_se(values[:, None])
+    return {name: float(mean[0]), f"{name}_se": float(se[0])}
+
+
 def first_reaching(queries: np.ndarray, smoothed: np.ndarray, target: float) -> Optional[int]:
     hits = np.nonzero(smoothed >= target)[0]
     return int(queries[hits[0]]) if hits.size else None
@@ -381,9 +387,8 @@ def summarise(study: Study) -> tuple[list[dict], dict, dict]:
                       if "clip_fraction" in r["estimator"] and not r["reward_queries"]]
         rows.append({
             "method": m.label, "lr": study.chosen[m.label],
-            "final_reward": float(final[m.label].mean()), "final_reward_se": float(mean_se(final[m.label][:, None])[1][0]),
-            "held_out_reward": float(held_out.mean()), "held_out_reward_se": float(mean_se(held_out[:, None])[1][0]),
-            "gain_last_quarter": float(late.mean()), "gain_last_quarter_se": float(mean_se(late[:, None])[1][0]),
+            **_with_se("final_reward", final[m.label]), **_with_se("held_out_reward", held_out),
+            **_with_se("gain_last_quarter", late),
             "queries_to_ddpo_final": first_reaching(mc["queries"], smooth, ddpo_final),
             "queries_to_90pct_full_bp_gain": first_reaching(mc["queries"], smooth, gain_target),
             "unet_fwd_equiv_per_query": float(mc["unet"][-1] / s.budget),

@@ -117,8 +117,8 @@ class DDPOSteps(StepMethod):
         rewards = torch.cat(values)
         advantages, history = state.history.advantages(prompts, rewards)
         epoch = concat_samples(trajs)
-        return DDPOState(history, epoch, advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip).to(epoch.latents.device),
-                         passes_left=cfg.ddpo_inner_epochs), rewards.tolist()
+        advantages = advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip).to(epoch.latents.device)
+        return DDPOState(history, epoch, advantages, passes_left=cfg.ddpo_inner_epochs), rewards.tolist()
 
     def _shuffle(self, state: DDPOState) -> DDPOState:
         """The next pass: the epoch's samples shuffled and split into ddpo_minibatches minibatches."""
