@@ -353,11 +353,10 @@ def test_equal_loras_are_equal_bytes_in_any_process(tmp_path):
     the process's hash seed."""
     code = ("import sys; from rlr_fast import lora, models\n"
             "lora.save_lora(lora.add_lora(models.tiny_sd(0).unet, seed=0), sys.argv[1])\n")
-    for hash_seed in ("1", "2", "3"):
+    for hash_seed in ("1", "2"):  # seeds under which both orders differed
         subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], check=True, timeout=300,
                        env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True)
-    files = [(tmp_path / seed / lora.LORA_WEIGHT_NAME).read_bytes() for seed in ("1", "2", "3")]
-    assert files[0] == files[1] == files[2]
+    assert (tmp_path / "1" / lora.LORA_WEIGHT_NAME).read_bytes() == (tmp_path / "2" / lora.LORA_WEIGHT_NAME).read_bytes()
 
 
 def test_save_lora_onto_a_file_path(tmp_path):
