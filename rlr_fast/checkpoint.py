@@ -40,7 +40,8 @@ CHECKPOINT_FORMAT = 2
 # not the numbers of the updates (device, rollout and memory options may change floating-point rounding).
 RESUMABLE_CHANGES = {
     "preset", "out_dir", "overwrite", "resume", "train_steps", "sample_every", "sample_prompts", "sample_seeds",
-    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "profile", "tensorboard", "device", "max_memory_gb", "max_batch",
+    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "profile", "tensorboard", "device", "max_memory_gb",
+    "max_batch",
     "checkpoint_unet", "checkpoint_vae", "decode_chunk", "split_cfg", "free_text_encoder", "rollout",
     "distributed_timeout", "eval_every", "eval_prompts", "eval_num_prompts", "eval_seeds", "eval_rewards",
     "eval_reward_kwargs",

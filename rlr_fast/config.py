@@ -238,7 +238,8 @@ class Config(EstimatorOptions):
 
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
-                          ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("max_nonfinite", 1),
+                          ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
+                          ("max_nonfinite", 1),
                           ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
                           ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1), ("ddpo_rollout_batches", 1),
                           ("ddpo_inner_epochs", 1), ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1),

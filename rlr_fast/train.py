@@ -126,12 +126,13 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
     config = config.with_overrides(overrides)
     if checkpoint is not None:
         if "out_dir" in overrides and Path(overrides["out_dir"]).resolve() != checkpoint.run.resolve():
-            raise ValueError(f"out_dir={overrides['out_dir']!r} is not the folder of the run resumed ({checkpoint.run}): "
-                             "a run continues in its own folder (copy that folder to continue it elsewhere)")
+            raise ValueError(f"out_dir={overrides['out_dir']!r} is not the folder of the run resumed "
+                             f"({checkpoint.run}): a run continues in its own folder (copy that folder to continue it "
+                             "elsewhere)")
         if config.train_steps < checkpoint.step:
             raise ValueError(f"train_steps={config.train_steps} is below the step of {checkpoint.path} "
-                             f"({checkpoint.step}): set train_steps >= {checkpoint.step} (to go on from an earlier step, "
-                             "resume its checkpoint file)")
+                             f"({checkpoint.step}): set train_steps >= {checkpoint.step} (to go on from an earlier "
+                             "step, resume its checkpoint file)")
     return config, checkpoint
 
 
@@ -269,8 +270,8 @@ def _complete(out: Path, checkpoint: Checkpoint, repaired: Optional[list[dict]],
               f"To train longer: rlr-fast finetune --resume {out} --set train_steps=N (N > {checkpoint.step})",
               file=sys.stderr)
     return Result(out_dir=out, lora_path=out / LORA_WEIGHT_NAME, config_path=out / "config.yaml",
-                  metrics_path=out / "metrics.jsonl", curve_path=out / "reward_curve.png", checkpoint_path=checkpoint.path,
-                  grid_paths=sorted((out / "samples").glob("step_*")),
+                  metrics_path=out / "metrics.jsonl", curve_path=out / "reward_curve.png",
+                  checkpoint_path=checkpoint.path, grid_paths=sorted((out / "samples").glob("step_*")),
                   metrics=json.loads((out / "summary.json").read_text(encoding="utf-8")))
 
 

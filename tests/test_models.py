@@ -356,7 +356,8 @@ def test_equal_loras_are_equal_bytes_in_any_process(tmp_path):
     for hash_seed in ("1", "2"):  # seeds under which both orders differed
         subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], check=True, timeout=300,
                        env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True)
-    assert (tmp_path / "1" / lora.LORA_WEIGHT_NAME).read_bytes() == (tmp_path / "2" / lora.LORA_WEIGHT_NAME).read_bytes()
+    first, second = ((tmp_path / seed / lora.LORA_WEIGHT_NAME).read_bytes() for seed in ("1", "2"))
+    assert first == second
 
 
 def test_save_lora_onto_a_file_path(tmp_path):

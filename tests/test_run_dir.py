@@ -69,9 +69,9 @@ def test_a_folder_we_did_not_mark_is_refused_listing_what_it_holds(tmp_path):
     out = tmp_path / "mine"
     user_files(out)
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match=rf"out_dir {out} holds files rlr_fast did not write \(.hidden, checkpoints/, "
-                                             r"config.yaml, eval/, metrics.jsonl, notes.tmp and 1 more\); a run starts "
-                                             r"only in a new or empty folder or one of its own"):
+        with pytest.raises(ValueError, match=rf"out_dir {out} holds files rlr_fast did not write \(.hidden, "
+                                             r"checkpoints/, config.yaml, eval/, metrics.jsonl, notes.tmp and 1 "
+                                             r"more\); a run starts only in a new or empty folder or one of its own"):
             check_out_dir(out, resuming=False, overwrite=overwrite)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -52,7 +52,8 @@ def test_a_folder_of_someone_elses_is_refused_and_left_as_it_was(tiny, tmp_path)
     before = snapshot(out)
     for overwrite in (False, True):
         with pytest.raises(ValueError, match=r"holds files rlr_fast did not write \(checkpoints/, eval/, notes.tmp, "
-                                             r"samples/\); a run starts only in a new or empty folder or one of its own"):
+                                             r"samples/\); a run starts only in a new or empty folder or one of "
+                                             r"its own"):
             finetune(out_dir=str(out), train_steps=1, overwrite=overwrite, **tiny)
         assert snapshot(out) == before
 
@@ -67,7 +68,8 @@ def test_a_failed_start_is_reused_without_deleting_the_users_files(tiny, tmp_pat
     (out / "notes.txt").write_text("mine")
     (out / "samples" / "photo_of_my_cat.png").write_bytes(b"cat")
     finetune(out_dir=str(out), train_steps=1, **tiny)
-    assert (out / "notes.txt").read_text() == "mine" and (out / "samples" / "photo_of_my_cat.png").read_bytes() == b"cat"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "samples" / "photo_of_my_cat.png").read_bytes() == b"cat"
     assert [r["step"] for r in records(out)] == [1]
 
 
@@ -109,7 +111,8 @@ def failing_writes(monkeypatch, where: str, code: int) -> None:
     ("step_000002.png", errno.ENOSPC, ["checkpoint_every=2"], "samples/step_000002.png",
      "the checkpoint of step 2 is in"),
     # no checkpoint due (the default): one is written before the run stops
-    ("step_000002.png", errno.ENOSPC, [], "samples/step_000002.png", "checkpoint written to {out}/checkpoints/step_000002"),
+    ("step_000002.png", errno.ENOSPC, [], "samples/step_000002.png",
+     "checkpoint written to {out}/checkpoints/step_000002"),
     ("checkpoints/.step_000002", errno.EIO, ["checkpoint_every=2"], "checkpoints/step_000002.safetensors",
      "the checkpoint of step 2 could not be written either (Input/output error)"),
     ("config.yaml", errno.EIO, [], "config.yaml", "no step was trained"),

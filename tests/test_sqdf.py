@@ -532,7 +532,8 @@ def test_the_replay_buffer_is_stored_once(straight):
     assert sorted(p.name for p in folder.iterdir()) == [
         "state_000005.safetensors", "step_000002.safetensors", "step_000004.safetensors", "step_000005.safetensors"]
     for step in (2, 4, 5):
-        assert not any(k.startswith("method/") for k in read_checkpoint(folder / f"step_{step:06d}.safetensors").tensors)
+        tensors = read_checkpoint(folder / f"step_{step:06d}.safetensors").tensors
+        assert not any(k.startswith("method/") for k in tensors)
     tensors, meta = find_checkpoint(straight.out_dir).method_state()
     assert tensors["latents"].shape[0] == meta["buffer"]["size"] == 6
 

@@ -92,7 +92,8 @@ def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
     assert len(records(tmp_path)) == 3  # step 3 was logged, but the last checkpoint is step 2
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "reward_me')
-    leftovers = [tmp_path / "checkpoints" / ".step_000004.safetensors.0a1b2c3d.tmp", tmp_path / ".summary.json.a8b7c6d5.tmp"]
+    leftovers = [tmp_path / "checkpoints" / ".step_000004.safetensors.0a1b2c3d.tmp",
+                 tmp_path / ".summary.json.a8b7c6d5.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
     result = finetune(resume=str(tmp_path))
