@@ -2,9 +2,10 @@
 
 `add_lora` puts peft LoRA layers on the attention projections (diffusers' native route, or peft's
 injection for UNets without the mixin); `save_lora` writes `pytorch_lora_weights.safetensors`, which
-`StableDiffusionPipeline.load_lora_weights` reads, with the exact alpha / rank in its metadata;
+the model family's pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...:
+rlr_fast.families) reads with `load_lora_weights`, with the exact alpha / rank in its metadata;
 `load_lora` reads it back; `lora_disabled` runs the base model without a second copy of its weights.
-Imports only torch, diffusers, peft and safetensors (no other rlr_fast module).
+Imports only torch, diffusers, peft, safetensors and rlr_fast.families (torch only).
 """
 
 import contextlib
@@ -13,25 +14,27 @@ import os
 import tempfile
 from pathlib import Path
 
+import diffusers
 import safetensors
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from .families import family_of
+
 __all__ = ["add_lora", "save_lora", "load_lora", "has_lora", "lora_disabled", "lora_parameters", "LORA_WEIGHT_NAME"]
 
-# The file name `StableDiffusionPipeline.load_lora_weights(dir)` looks for first.
+# The file name a diffusers pipeline's `load_lora_weights(dir)` looks for first.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # diffusers' default adapter name (`ModelMixin.add_adapter`); we keep one adapter per UNet.
 _ADAPTER = "default"
-# Where diffusers stores the peft LoraConfig inside the safetensors header, and the key prefix it
-# gives UNet entries (both in the weights and in that metadata).
+# Where diffusers stores the peft LoraConfig inside the safetensors header (its entries, like the
+# weights', prefixed with the network's component name: the family's lora_prefix).
 _LORA_METADATA_KEY = "lora_adapter_metadata"
-_UNET_PREFIX = "unet."
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
@@ -100,9 +103,10 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
     """Save the UNet's LoRA as `directory/pytorch_lora_weights.safetensors`; returns the file path.
 
     diffusers format (keys `unet.<module>.lora.down/up.weight`) with the peft LoraConfig in the
-    safetensors metadata, so `StableDiffusionPipeline.load_lora_weights(directory)` restores the
-    exact scaling alpha / rank (without it, diffusers would assume alpha = rank). Written into a
-    hidden temporary folder and renamed, so a crash leaves the old file or the new one.
+    safetensors metadata, written by the model family's pipeline (rlr_fast.families), so that its
+    `load_lora_weights(directory)` (`StableDiffusionXLPipeline`'s for SDXL) restores the exact scaling
+    alpha / rank (without it, diffusers would assume alpha = rank). Written into a hidden temporary
+    folder and renamed, so a crash leaves the old file or the new one.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -114,11 +118,12 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
     peft_state = get_peft_model_state_dict(unet, adapter_name=_ADAPTER)
     state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
     directory.mkdir(parents=True, exist_ok=True)
+    family = family_of(unet)
     with tempfile.TemporaryDirectory(prefix=".tmp", dir=directory) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=tmp, unet_lora_layers=state, safe_serialization=True,
-            unet_lora_adapter_metadata=config.to_dict(),
-        )
+        layers = {f"{family.lora_prefix}_lora_layers": state,
+                  f"{family.lora_prefix}_lora_adapter_metadata": config.to_dict()}
+        getattr(diffusers, family.lora_pipeline).save_lora_weights(save_directory=tmp, safe_serialization=True,
+                                                                   **layers)
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, directory / LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
 
@@ -128,7 +133,7 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
 
     Adds the adapter (with the saved rank, alpha and targets) if the UNet has none; if it has one,
     its weights are overwritten in place, so an optimizer holding them stays valid. For LoRA files
-    from other trainers use `StableDiffusionPipeline.load_lora_weights`.
+    from other trainers use the pipeline's `load_lora_weights`.
     """
     file = Path(directory) / LORA_WEIGHT_NAME
     if not file.is_file():
@@ -141,9 +146,10 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
         raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if _LORA_METADATA_KEY not in header:
         raise ValueError(f"{file} has no LoRA config in its metadata, so it was not written by save_lora; "
-                         "load it with StableDiffusionPipeline.load_lora_weights")
-    saved = {k.removeprefix(_UNET_PREFIX): v for k, v in json.loads(header[_LORA_METADATA_KEY]).items()
-             if k.startswith(_UNET_PREFIX)}
+                         "load it with the pipeline's load_lora_weights")
+    prefix = family_of(unet).lora_prefix + "."
+    saved = {k.removeprefix(prefix): v for k, v in json.loads(header[_LORA_METADATA_KEY]).items()
+             if k.startswith(prefix)}
 
     config = _adapter_config(unet)
     if config is None:
@@ -154,7 +160,7 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
                          f"(rank {saved['r']}, alpha {saved['lora_alpha']})")
 
     peft_state = convert_unet_state_dict_to_peft(
-        {k.removeprefix(_UNET_PREFIX): v for k, v in weights.items() if k.startswith(_UNET_PREFIX)})
+        {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)})
     result = set_peft_model_state_dict(unet, peft_state, adapter_name=_ADAPTER)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing or len(peft_state) == 0:

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ddim import ddim_step, gaussian_log_prob, log_density_dtype
+from .families import family_of
 from .samplers import TABLES, Sampler, StepSchedule, as_sampler
 
 
@@ -175,10 +176,7 @@ def step_conditioning(cond: Optional[torch.Tensor], prompt_index: Optional[torch
 
 
 def _model_output(model, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-    if encoder_hidden_states is not None and _conditions_per_frame(model):
-        # AnimateDiff's UNet takes one prompt per frame, (B * F, L, D), as its pipeline passes it
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
-    out = model(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+    out = family_of(model).call(model, sample, timestep, encoder_hidden_states)
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -225,33 +223,11 @@ def _batch_cond(name: str, cond: Optional[torch.Tensor], batch: int) -> Optional
     return cond
 
 
-# The latent layout of the diffusers models we know by class name (subclasses included); any other
-# model is only asked for a batch dimension and, when its config names in_channels, channels at dim 1.
-LATENT_LAYOUTS = {
-    "UNet2DConditionModel": ("batch", "channels", "height", "width"),
-    "UNet3DConditionModel": ("batch", "channels", "frames", "height", "width"),
-    "UNetMotionModel": ("batch", "channels", "frames", "height", "width"),
-}
-
-
-def _class_names(model) -> list[str]:
-    return [cls.__name__ for cls in type(model).__mro__]
-
-
-def latent_layout(model) -> Optional[tuple[str, ...]]:
-    """The dimension names of the latents `model` takes, or None for a model we do not know."""
-    return next((LATENT_LAYOUTS[n] for n in _class_names(model) if n in LATENT_LAYOUTS), None)
-
-
-def _conditions_per_frame(model) -> bool:
-    return "UNetMotionModel" in _class_names(model)
-
-
 def _check_latents(model, latents: torch.Tensor) -> None:
     if not torch.is_tensor(latents):
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     _check_float("latents", latents)
-    layout = latent_layout(model)
+    layout = family_of(model).latent_layout
     in_channels = getattr(getattr(model, "config", None), "in_channels", None)
     if layout is not None and latents.dim() != len(layout):
         names = ", ".join(str(in_channels) if d == "channels" and in_channels else d for d in layout)
@@ -299,6 +275,8 @@ def check_rollout_args(model, sampler: Sampler, latents, num_steps, eta, guidanc
     negative = _batch_cond("negative_encoder_hidden_states", negative_encoder_hidden_states, batch)
     if negative is not None and cond is None:
         raise ValueError("negative_encoder_hidden_states given without encoder_hidden_states")
+    for conditioning in (cond, negative):
+        family_of(model).check_conditioning(model, conditioning)
     return cond, negative, prompt_index
 
 
