@@ -121,6 +121,11 @@ def test_conditioning_without_the_added_conditions_is_refused(sdxl):
                                                  (tokens, pooled, time_ids)))
 
 
+def test_the_planner_says_it_does_not_model_sdxl(sdxl_folder):
+    with pytest.raises(ValueError, match="does not model UNets with added conditions \\(SDXL"):
+        rlr_fast.plan("sdxl", max_memory_gb=10, model=str(sdxl_folder))
+
+
 def _lora_unet(unet, seed=3):
     """`unet` with rank-2 LoRA whose weights are all random (peft zeroes lora_B)."""
     add_lora(unet, rank=2, alpha=2)
