@@ -3,6 +3,7 @@ one, a torchrun run equals a 1-process run, a killed rank stops the other with a
 leaves intact checkpoints that resume (bit-exactly at the same world size); and the pieces that
 need no process group: world-size-invariant micro-batches, given rollout noises, refusals."""
 
+import contextlib
 import json
 import os
 import signal
@@ -41,11 +42,18 @@ GRADIENT_CASES = {
     "rlr, value baseline, running fit over 2 micro-batches": dict(method="rlr", baseline="value",
                                                                   value_fit="running", grad_accum=2),
 }
-# The value baseline predicts the tiny model's rewards almost exactly, so its gradient is a small
-# residual R - b that amplifies rounding: rewards changed by 1e-7 relative (measured) move it by up to
-# 2e-3 relative, and rolling out 3 samples instead of 6 changes rewards by about that much (measured
-# 2-rank error 6e-4). Fitting each rank's half alone, the bug this catches, moves it by 1.4 to 12 (measured).
-VALUE_RTOL = 1e-2
+# The gradients are compared in float64. In float32 the 2-rank and 1-process runs differ by rounding
+# alone: the CPU's matmul kernels sum in an order that depends on the number of rows (tiny_sd's time
+# embedding on 4 samples vs 2 + 2: 2e-7 apart, its UNet output 8e-7; measured), and the estimators
+# amplify it (loo_prompt with 2 images a prompt and the value baseline weigh small residuals R - b, DDPO
+# a ratio of nearly equal likelihoods): measured 2-rank errors of 8e-7 to 7e-4 of the gradient's scale
+# (float32, AMD EPYC), where the last CI's CPU had kept the cases without a value baseline below 1e-6.
+# In float64 the same comparison is at most 6e-13 (value baseline, loo fit; 3e-14 without a value
+# baseline; measured), the same amplification of float64's 2e-16. RTOL leaves a margin of 100+ for
+# another CPU's kernels; the bugs this catches move the gradient by 0.3 to 0.9 of its scale in every
+# case (measured: a rank's share left out of the all-reduce, a wrong averaging factor, rewards not
+# gathered so that baselines, scales and advantages come from one rank's samples alone).
+RTOL = 1e-10
 
 
 def _free_port() -> int:
@@ -97,15 +105,28 @@ def _read(path):
 # The gradient of one update
 
 
+@contextlib.contextmanager
+def _float64():
+    """Everything made inside in float64: tiny_sd's weights, the LoRA, the noise, hence the chain."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _one_update(cfg: Config, ranks: Ranks) -> dict:
-    models = tiny_sd(0)
-    add_lora(models.unet, seed=0)
-    params = lora_parameters(models.unet)
-    generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
-    cpu = torch.device("cpu")
-    method = OnPolicy(StepContext(cfg, models, PromptBank(models, PROMPTS, ""), get_reward("brightness"),
-                                  TrainingRollout(cfg, models, cpu), params, generators, cpu, torch.float32, ranks))
-    grads = method.gradients(method.initial_state())
+    """The gradient of one update, in float64 (RTOL says why)."""
+    with _float64():
+        models = tiny_sd(0)
+        add_lora(models.unet, seed=0)
+        params = lora_parameters(models.unet)
+        generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
+        cpu = torch.device("cpu")
+        method = OnPolicy(StepContext(cfg, models, PromptBank(models, PROMPTS, ""), get_reward("brightness"),
+                                      TrainingRollout(cfg, models, cpu), params, generators, cpu, torch.float64, ranks))
+        grads = method.gradients(method.initial_state())
     return {"grads": [p.grad.clone() for p in params], "rewards": grads.rewards, "stats": grads.stats,
             "value_state": None if grads.state is None else grads.state.state_dict()}
 
@@ -141,18 +162,18 @@ def test_the_two_rank_gradient_is_the_one_process_gradient(two_rank_gradients, n
     single = _one_update(_case_config(GRADIENT_CASES[name]), Ranks())
     for rank in range(2):
         got = _read(out / f"grads{rank}.pt")[name]
-        assert got["rewards"] == pytest.approx(single["rewards"], rel=1e-6, abs=1e-7)  # the same global batch
+        assert got["rewards"] == pytest.approx(single["rewards"], rel=RTOL)  # the same global batch
+        assert {g.dtype for g in got["grads"] + single["grads"]} == {torch.float64}
         scale = max(float(g.abs().max()) for g in single["grads"])
         assert scale > 0
         worst = max(float((a - b).abs().max()) for a, b in zip(got["grads"], single["grads"]))
-        tolerance = (VALUE_RTOL if "value" in name else 1e-6) * scale
-        assert worst <= tolerance, f"rank {rank}: max |2-rank - 1-process| = {worst:.3g} (scale {scale:.3g})"
+        assert worst <= RTOL * scale, f"rank {rank}: max |2-rank - 1-process| = {worst:.3g} (scale {scale:.3g})"
         # the value baseline fits on the whole batch: the same fits, the same running state
         assert got["stats"].get("value_fallbacks") == single["stats"].get("value_fallbacks")
         if single["value_state"] is not None:
             assert got["value_state"].keys() == single["value_state"].keys() != set()
             for key, value in single["value_state"].items():
-                torch.testing.assert_close(got["value_state"][key], value, rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(got["value_state"][key], value, rtol=RTOL, atol=0)
 
 
 @pytest.mark.slow
@@ -170,7 +191,7 @@ def test_a_rank_that_stops_answering_times_out_with_one_line(two_rank_gradients)
 
 def _run_overrides(model, out_dir) -> dict:
     """The demo preset on the tiny model, 4 steps, with AdamW's eps at 1e-6. Runs at different world
-    sizes agree to rounding in their gradients (1e-6 relative, above); AdamW divides each gradient
+    sizes agree to float32 rounding in their gradients (RTOL's comment, above); AdamW divides each gradient
     component by its own running scale, so with eps = 1e-8 a component whose gradient is itself at
     rounding level (a LoRA A matrix while B is still near zero: |g| ~ 1e-8) moves by a good part of
     lr on rounding noise alone (measured: LoRAs 4e-5 apart after 4 steps). eps = 1e-6 leaves every

@@ -63,11 +63,12 @@ class LatentReward:
         return self.reward.differentiable
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], float32 (N, 3, H, W), of latents (N, C, h, w) in the diffusion model's scale."""
+        """Images in [0, 1] (N, 3, H, W) of latents (N, C, h, w) in the diffusion model's scale: float32, or
+        float64 from a float64 VAE (so a float64 run keeps its precision through the reward)."""
         vae_dtype = next(self.vae.parameters()).dtype
         z = latents.to(vae_dtype) / self.scaling_factor + self.shift_factor
         images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return (images.to(torch.promote_types(images.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
 
     def _needs_graph(self, latents: torch.Tensor) -> bool:
         if not (torch.is_grad_enabled() and self.reward.differentiable):
