@@ -70,9 +70,10 @@ TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop top-left (y, x)
 
 @dataclass(frozen=True)
 class TextTimeFamily(Family):
-    """SDXL: a UNet whose config says addition_embed_type="text_time" also takes `added_cond_kwargs`
-    text_embeds (B, P), the second text encoder's pooled embedding, and time_ids (B, 6). They ride in
-    the conditioning as ceil((P + 6) / D) extra rows after the tokens, zero-padded."""
+    """SDXL: a network whose config says addition_embed_type="text_time" (whatever its class: SDXL's
+    UNet2DConditionModel, a test's toy) also takes `added_cond_kwargs` text_embeds (B, P), the second
+    text encoder's pooled embedding, and time_ids (B, 6). They ride in the conditioning as
+    ceil((P + 6) / D) extra rows after the tokens, zero-padded."""
 
     def matches(self, model) -> bool:
         return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
@@ -126,7 +127,7 @@ class TextTimeFamily(Family):
 
 
 SD = Family("sd", ("UNet2DConditionModel",))
-SDXL = TextTimeFamily("sdxl", ("UNet2DConditionModel",), lora_pipeline="StableDiffusionXLPipeline")
+SDXL = TextTimeFamily("sdxl", (), lora_pipeline="StableDiffusionXLPipeline")
 MODELSCOPE = Family("modelscope", ("UNet3DConditionModel",), lora_pipeline="TextToVideoSDPipeline",
                     latent_layout=VIDEO)
 ANIMATEDIFF = PerFrameFamily("animatediff", ("UNetMotionModel",), lora_pipeline="AnimateDiffPipeline",
