@@ -2,11 +2,12 @@
 
 `add_lora` puts peft LoRA layers on the attention projections (diffusers' native route, or peft's
 injection for UNets without the mixin); `save_lora` writes `pytorch_lora_weights.safetensors`, which
-`StableDiffusionPipeline.load_lora_weights` reads, with the exact alpha / rank in its metadata and a
+the model family's pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...:
+rlr_fast.families) reads with `load_lora_weights`, with the exact alpha / rank in its metadata and a
 checksum of its weights and settings; `load_lora` reads it back (verifying the checksum when there
 is one: a file of another trainer has none); `lora_disabled` runs the base model without a second
 copy of its weights. Equal weights give equal bytes, in any process.
-Imports only torch, diffusers, peft, safetensors and rlr_fast.run_dir (the standard library's).
+Imports only torch, diffusers, peft, safetensors, rlr_fast.run_dir and rlr_fast.families.
 """
 
 import contextlib
@@ -15,29 +16,30 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import diffusers
 import safetensors
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from .families import family_of
 from .run_dir import atomic_write
 
 __all__ = ["add_lora", "save_lora", "load_lora", "read_lora", "lora_step", "has_lora", "lora_disabled",
            "lora_parameters", "LORA_WEIGHT_NAME"]
 
-# The file name `StableDiffusionPipeline.load_lora_weights(dir)` looks for first.
+# The file name a diffusers pipeline's `load_lora_weights(dir)` looks for first.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # diffusers' default adapter name (`ModelMixin.add_adapter`); we keep one adapter per UNet.
 _ADAPTER = "default"
-# Where diffusers stores the peft LoraConfig inside the safetensors header, and the key prefix it
-# gives UNet entries (both in the weights and in that metadata).
+# Where diffusers stores the peft LoraConfig inside the safetensors header (its entries, like the
+# weights', prefixed with the network's component name: the family's lora_prefix).
 _LORA_METADATA_KEY = "lora_adapter_metadata"
-_UNET_PREFIX = "unet."
 # Our metadata keys: the BLAKE2b checksum of the weights and the adapter metadata, and the training
 # step the weights are of.
 _CHECKSUM_KEY, _STEP_KEY = "rlr_fast_checksum", "rlr_fast_step"
@@ -49,7 +51,7 @@ def add_lora(unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4,
     """Add a LoRA adapter to the UNet's attention projections, in place; returns the UNet.
 
     Uses `unet.add_adapter(LoraConfig(...))`, the diffusers-native route, so the adapter saves in
-    the format `StableDiffusionPipeline.load_lora_weights` reads. The base weights are frozen; only
+    the format the pipelines' `load_lora_weights` reads. The base weights are frozen; only
     the LoRA matrices require grad. peft zeroes lora_B, so a fresh adapter leaves the output
     unchanged; `seed` makes lora_A's random init reproducible without touching the global RNG.
     """
@@ -119,10 +121,11 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path, step: Optional[
     """Save the UNet's LoRA as `directory/pytorch_lora_weights.safetensors`; returns the file path.
 
     diffusers format (keys `unet.<module>.lora.down/up.weight`, the peft LoraConfig in the
-    safetensors metadata, as `StableDiffusionPipeline.save_lora_weights` writes them), so
-    `StableDiffusionPipeline.load_lora_weights(directory)` restores the exact scaling alpha / rank
-    (without it, diffusers would assume alpha = rank); plus a checksum that `load_lora` verifies and
-    the training `step` when given. Written atomically: a crash leaves the old file or the new one.
+    safetensors metadata, as the model family's pipeline's `save_lora_weights` writes them:
+    rlr_fast.families), so its `load_lora_weights(directory)` (`StableDiffusionXLPipeline`'s for SDXL)
+    restores the exact scaling alpha / rank (without it, diffusers would assume alpha = rank); plus a
+    checksum that `load_lora` verifies and the training `step` when given. Written atomically: a crash
+    leaves the old file or the new one.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -131,10 +134,12 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path, step: Optional[
     if config is None:
         raise ValueError("the UNet has no LoRA adapter to save; call add_lora first")
     peft_state = get_peft_model_state_dict(unet, adapter_name=_ADAPTER)
-    weights = StableDiffusionPipeline.pack_weights(
-        {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}, "unet")
+    family = family_of(unet)
+    weights = getattr(diffusers, family.lora_pipeline).pack_weights(
+        {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()},
+        family.lora_prefix)
     # sets (target_modules) as sorted lists: a set's order changes with the process's hash seed
-    adapter = {_UNET_PREFIX + k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    adapter = {f"{family.lora_prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     metadata = {"format": "pt", _LORA_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True)}
     if step is not None:
         metadata[_STEP_KEY] = str(step)
@@ -181,7 +186,7 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
 
     Adds the adapter (with the saved rank, alpha and targets) if the UNet has none; if it has one,
     its weights are overwritten in place, so an optimizer holding them stays valid. For LoRA files
-    from other trainers use `StableDiffusionPipeline.load_lora_weights`.
+    from other trainers use the pipeline's `load_lora_weights`.
     """
     file = Path(directory) / LORA_WEIGHT_NAME
     if not file.is_file():
@@ -189,9 +194,10 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
     weights, header = read_lora(file)
     if _LORA_METADATA_KEY not in header:
         raise ValueError(f"{file} has no LoRA config in its metadata, so it was not written by save_lora; "
-                         "load it with StableDiffusionPipeline.load_lora_weights")
-    saved = {k.removeprefix(_UNET_PREFIX): v for k, v in json.loads(header[_LORA_METADATA_KEY]).items()
-             if k.startswith(_UNET_PREFIX)}
+                         "load it with the pipeline's load_lora_weights")
+    prefix = family_of(unet).lora_prefix + "."
+    saved = {k.removeprefix(prefix): v for k, v in json.loads(header[_LORA_METADATA_KEY]).items()
+             if k.startswith(prefix)}
 
     config = _adapter_config(unet)
     if config is None:
@@ -202,7 +208,7 @@ def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> UNet2DCondit
                          f"(rank {saved['r']}, alpha {saved['lora_alpha']})")
 
     peft_state = convert_unet_state_dict_to_peft(
-        {k.removeprefix(_UNET_PREFIX): v for k, v in weights.items() if k.startswith(_UNET_PREFIX)})
+        {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)})
     result = set_peft_model_state_dict(unet, peft_state, adapter_name=_ADAPTER)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing or len(peft_state) == 0:

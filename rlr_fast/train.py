@@ -403,7 +403,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.profile:  # ranges here and inside estimate; profiling may also be on from RLR_FAST_PROFILE=1
         enable_profiling(True)
     models = load_models(cfg.model, device, DTYPES[cfg.dtype], cfg.motion_adapter)
-    latent_size(cfg.resolution, models.unet.config, models.vae.config)  # a size the model cannot take stops here
+    models.set_resolution(cfg.resolution)  # a size the model cannot take stops here; SDXL's time ids follow it
     if is_video_unet(models.unet):
         check_num_frames(models.unet, cfg.num_frames)
     plan_table = None
@@ -418,7 +418,7 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     # the next collective (within distributed_timeout)
     evaluation = RunEvaluation(cfg, models, reward, device) if cfg.eval_every and ranks.main else None
     if cfg.free_text_encoder:
-        models.text_encoder = None
+        models.free_text_encoders()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -146,7 +146,7 @@ def test_load_sd_subset_dtype_and_device(tiny_dir):
 def test_load_sd_turns_pndm_scheduler_config_into_ddim(tiny_dir, tmp_path, capsys):
     """SD1.4 ships a PNDMScheduler config, without clip_sample: load_sd must hand back DDIM with the
     same betas and clip_sample=False (DDIM's default, True, is not how SD samples), and say so once."""
-    from rlr_fast.rollout import check_scheduler
+    from rlr_fast.samplers import check_scheduler
 
     folder = tmp_path / "sd"
     models.tiny_sd(0).save_pretrained(folder)
