@@ -205,8 +205,9 @@ def naive_rlr_update(model, scheduler, x_T: torch.Tensor, reward_fn, *, num_step
     Memory grows with T (every step's activations stay alive until the backward); this is the
     baseline bench/memory.py and bench/speed.py compare the engine against.
     """
-    from rlr_fast.ddim import ddim_step, step_coefficients
+    from rlr_fast.ddim import ddim_step
     from rlr_fast.rollout import predict
+    from rlr_fast.samplers import step_coefficients
 
     f, T, batch = first_order_steps, num_steps, x_T.shape[0]
     scheduler.set_timesteps(num_steps)

@@ -11,7 +11,8 @@ functional entry point:
     rlr_fast.kernels.ddim_step.ddim_step                   fused DDIM step + log-density of its draw
     rlr_fast.kernels.gaussian_log_prob.gaussian_log_prob   Gaussian log-density and its score
 
-beside them utils.py (the grid, the reduction, launch sizes, checks both ops share) and
+(the fused step's Function is ddim_step_function.py, torch only: one Function for every backend of
+that op, the compiled rlr_fast._C included), beside them utils.py (the grid, the reduction, launch sizes, checks both ops share) and
 reference.py: the ops' specification in plain PyTorch (torch only, no triton), which every
 backend, the compiled rlr_fast._C ops included, is tested against and which rlr_fast.ddim uses
 as its "reference" backend.

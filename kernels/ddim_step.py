@@ -22,21 +22,23 @@ launch-latency bound either way; one extra tiny launch is the cheaper price than
 programs, and fixed-order partials keep the result reproducible without atomics.
 (Reasoned, not yet measured on a GPU.)
 
-Layers, Liger-Kernel style: kernels, launchers, `DDIMStepFunction`, the functional `ddim_step`;
-the grid helpers and the reduction's second kernel are in utils.py.
+Layers, Liger-Kernel style: the kernels, their launchers and the functional `ddim_step` here; the
+autograd Function, one for every backend of the op (rlr_fast._C's too), in ddim_step_function.py;
+the grid helpers and the reduction's second kernel in utils.py; the specification in reference.py.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import check_step_inputs
+from .ddim_step_function import fused_ddim_step
 from .utils import (NUM_WARPS, check_triton_device, compute_dtype, empty_partials, finalize_log_density,
-                    launch_shape, per_sample, sample_block, split_float, store_partial)
+                    launch_shape, sample_block, split_float, store_partial)
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -102,11 +104,13 @@ def _ddim_step_backward_kernel(grad_prev_ptr, grad_mean_ptr, grad_logp_ptr, nois
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: inputs already checked, contiguous, coefficients float64 (B,) on the tensors' device
+# Launchers (this module is a backend of ddim_step_function.DDIMStepFunction): inputs already
+# checked, contiguous, coefficients float64 (B,) on the tensors' device
 
 
 def ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale: float):
     """(prev, mean, log_prob) of the fused step."""
+    check_triton_device("sample", sample)
     d, block, grid = launch_shape(sample)
     prev, mean = torch.empty_like(sample), torch.empty_like(sample)
     partials = empty_partials(sample, grid)
@@ -146,47 +150,16 @@ def ddim_step_backward(grad_prev: Optional[torch.Tensor], grad_mean: Optional[to
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd and the functional API
-
-
-class DDIMStepFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale):
-        ctx.set_materialize_grads(False)  # unused outputs stay None: no zero tensors to read
-        ctx.save_for_backward(noise, c_x, c_e, sigma)
-        ctx.guidance_scale = guidance_scale
-        ctx.has_cond = model_output_cond is not None
-        return ddim_step_forward(sample, model_output, model_output_cond, noise, c_x, c_e, sigma, guidance_scale)
-
-    @staticmethod
-    def backward(ctx, grad_prev, grad_mean, grad_logp):
-        noise, c_x, c_e, sigma = ctx.saved_tensors
-        need_x, need_u, need_c, need_noise = ctx.needs_input_grad[:4]
-        if not any((need_x, need_u, need_c, need_noise)):
-            return (None,) * 8
-        gx, gu, gc, gn = ddim_step_backward(grad_prev, grad_mean, grad_logp, noise, c_x, c_e, sigma,
-                                            ctx.guidance_scale, ctx.has_cond,
-                                            (need_x, need_u, need_c, need_noise))
-        return gx, gu, gc, gn, None, None, None, None
+# The functional API (the autograd Function, shared with the compiled backend, is ddim_step_function.py)
 
 
 def ddim_step(sample: torch.Tensor, model_output: torch.Tensor, noise: torch.Tensor, c_x: torch.Tensor,
               c_e: torch.Tensor, sigma: torch.Tensor, *, model_output_cond: Optional[torch.Tensor] = None,
               guidance_scale: float = 1.0):
-    """One fused DDIM step and the log-density of its draw: (prev_sample, mean, log_prob).
-
-    sample, model_output, noise (and model_output_cond with guidance) (B, ...): same shape,
-    dtype (fp16, bf16, fp32, fp64) and device. c_x, c_e, sigma (B,): per-sample coefficients,
-    any float dtype and device, not differentiated. log_prob (B,) is fp32 (fp64 for fp64 input:
-    a summed log-density of 4x64x64 elements overflows fp16), 0 where sigma == 0. Arithmetic and
-    the reduction run in fp32 (fp64 for fp64 inputs). Differentiable in sample, model outputs and
-    noise; the backward computes only the gradients autograd asks for.
+    """One fused DDIM step and the log-density of its draw, by the Triton kernels: (prev_sample, mean,
+    log_prob). Arguments, results and gradients as `ddim_step_function.fused_ddim_step`; arithmetic and
+    the reduction run in fp32 (fp64 for fp64 inputs); the backward computes only the gradients autograd
+    asks for.
     """
-    check_step_inputs(sample, model_output, noise, c_x, c_e, sigma, model_output_cond, guidance_scale,
-                      differentiable_coefficients=False)
-    check_triton_device("sample", sample)
-    coefficients = [per_sample(t, sample.device) for t in (c_x, c_e, sigma)]
-    cond = None if model_output_cond is None else model_output_cond.contiguous()
-    return DDIMStepFunction.apply(sample.contiguous(), model_output.contiguous(), cond, noise.contiguous(),
-                                  *coefficients, float(guidance_scale))
-
+    return fused_ddim_step(sys.modules[__name__], sample, model_output, noise, c_x, c_e, sigma,
+                           model_output_cond=model_output_cond, guidance_scale=guidance_scale)

@@ -12,11 +12,12 @@ except ImportError as e:  # the package is importable from a source tree without
     ) from e
 
 from .baselines import ValueStatistics
-from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference, step_coefficients
+from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference
 from .design import design  # binds the function over the subpackage's name, as plan does
 from .estimators import estimate
 from .plan import plan  # binds the function over the submodule's name: rlr_fast.plan(config)
 from .rollout import Trajectory, recompute_step, rollout
+from .samplers import DDIMSampler, Sampler, StepSchedule, step_coefficients
 
 __version__ = "0.1.0"
 

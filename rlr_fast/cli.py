@@ -10,7 +10,8 @@
 
 User errors (a bad key, value, path or file) print one line and exit with status 2; a run stopped
 by Ctrl-C or SIGTERM exits with 128 + the signal number after writing its checkpoint; a rank that
-lost the others (RankFailure) or a run of non-finite updates prints one line and exits with 1.
+lost the others (RankFailure), a run of non-finite updates or a write that failed (a full disk:
+after a checkpoint) prints one line and exits with 1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def parse_seeds(text: str) -> list[int]:
             seeds += list(range(int(low), int(high) + 1)) if sep else [int(part)]
         except ValueError:
             raise ValueError(f"--seeds expects integers like '0,1,2' or '0-3', got {text!r}") from None
+        if sep and int(high) < int(low):
+            raise ValueError(f"--seeds range {part!r} runs backwards; write it low-high, e.g. '{high}-{low}'")
     if not seeds:
         raise ValueError(f"--seeds names no seed: {text!r}")
     return seeds
@@ -76,7 +79,8 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
         sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
                                                                  "with AnimateDiff")
         sub.add_argument("--frames", type=int, help="frames of each video (video models)")
-        sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora)")
+        sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora), or a "
+                                                         "checkpoint of a run: RUN/checkpoints/step_N.safetensors")
         sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
         sub.add_argument("--steps", type=int, help="DDIM steps")
         sub.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -141,7 +145,7 @@ def _run_finetune(args) -> int:
         cfg = load_config(preset=args.preset, path=args.config, sets=tuple(sets))
         if args.resume is not None:
             cfg = cfg.with_overrides({"resume": args.resume})
-        result = finetune(cfg)
+        result = finetune(cfg, **({"out_dir": args.out} if args.out is not None else {}))  # --out is checked on resume
     summary = {k: v for k, v in result.metrics.items() if k != "last"}
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run
         return 0
@@ -160,6 +164,11 @@ def _inference_config(args):
     if args.config is not None or args.preset is not None:
         source = f"config {args.config}" if args.config is not None else f"preset {args.preset}"
         base = load_config(preset=args.preset, path=args.config)
+    elif args.lora is not None and Path(args.lora).is_file():
+        from .checkpoint import read_checkpoint
+
+        source = f"the config of checkpoint {args.lora}"
+        base = Config().with_overrides(read_checkpoint(args.lora).config, validate=False)
     elif args.lora is not None and (Path(args.lora) / "config.yaml").is_file():
         source = f"the LoRA run's {Path(args.lora) / 'config.yaml'}"
         base = load_config(path=Path(args.lora) / "config.yaml")
@@ -179,13 +188,28 @@ def _load(args, cfg, source: str):
     stderr which settings they use."""
     from .inference import DTYPES, check_model, load_for_inference, resolve_device
 
+    check_model(cfg.model, cfg.motion_adapter)  # a missing folder before a missing GPU
     device, cfg = resolve_device(cfg)
-    check_model(cfg.model, cfg.motion_adapter)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
           f"{cfg.dtype} on {device}", file=sys.stderr)
     models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     return cfg, models, DTYPES[cfg.dtype]
+
+
+def _lora_argument(args) -> None:
+    """--lora as `load_for_inference` takes it: a LoRA folder or a checkpoint file (a LoRA file itself
+    stands for its folder)."""
+    from .lora import LORA_WEIGHT_NAME
+
+    if args.lora is None:
+        return
+    lora = Path(args.lora)
+    if lora.is_file() and lora.name == LORA_WEIGHT_NAME:
+        args.lora = str(lora.parent)
+    elif not lora.is_file() and not (lora / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"--lora {args.lora} holds no {LORA_WEIGHT_NAME}: give a finetune out_dir after its "
+                                "run ended, or one of its checkpoints (RUN/checkpoints/step_N.safetensors)")
 
 
 def _run_sample(args) -> int:
@@ -202,6 +226,7 @@ def _run_sample(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
+    _lora_argument(args)
     cfg, models, dtype = _load(args, *_inference_config(args))
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     if bank.steps.scheduled:
@@ -250,17 +275,17 @@ def _run_evaluate(args) -> int:
     from .presets import HELD_OUT, eval_prompts_of, load_prompts
     from .eval_report import table, write_report
     from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
-    from .lora import LORA_WEIGHT_NAME
+    from .inference import check_model
     from .rewards import get_reward, get_video_reward
     from .video import is_video_model
 
     if args.lora is None:
         raise ValueError("evaluate compares a LoRA with its base model: pass --lora DIR (a finetune out_dir, or a "
-                         "folder holding pytorch_lora_weights.safetensors)")
-    if not (Path(args.lora) / LORA_WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"--lora {args.lora} holds no {LORA_WEIGHT_NAME}: give a finetune out_dir after its "
-                                "run ended (an interrupted run: `rlr-fast finetune --resume` it to the end first)")
+                         "folder holding pytorch_lora_weights.safetensors), or a checkpoint RUN/checkpoints/step_N."
+                         "safetensors")
+    _lora_argument(args)
     cfg, source = _inference_config(args)
+    check_model(cfg.model, cfg.motion_adapter)  # before the rewards load
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompts is None:
@@ -272,7 +297,7 @@ def _run_evaluate(args) -> int:
         spec = args.prompts
         held_out = True if spec == HELD_OUT.get(cfg.prompts) else False if spec == cfg.prompts else None
     prompts, seeds = load_prompts(spec), parse_seeds(args.seeds)
-    out = Path(args.out) if args.out is not None else Path(args.lora) / "eval"
+    out = Path(args.out) if args.out is not None else _default_eval_out(Path(args.lora))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     names = list(dict.fromkeys(args.reward or [cfg.reward]))
@@ -295,6 +320,15 @@ def _run_evaluate(args) -> int:
     print(table(report))
     print(f"\nwrote {paths['json']}, {paths['markdown']} and {paths['grid']}")
     return 0
+
+
+def _default_eval_out(lora: Path) -> Path:
+    """LORA/eval for a LoRA folder; RUN/eval/step_N for a checkpoint RUN/checkpoints/step_N.safetensors
+    (beside any other checkpoint file: eval_step_N)."""
+    if lora.is_dir():
+        return lora / "eval"
+    return lora.parent.parent / "eval" / lora.stem if lora.parent.name == "checkpoints" else (
+        lora.parent / f"eval_{lora.stem}")
 
 
 def _run_convert(args) -> int:
@@ -339,9 +373,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 128 + signum
     except RuntimeError as e:
         from .distributed import RankFailure
+        from .run_dir import WriteError
         from .train import NonFiniteError
 
-        if not isinstance(e, (NonFiniteError, RankFailure)):
+        if not isinstance(e, (NonFiniteError, RankFailure, WriteError)):
             raise
         print(f"rlr-fast {args.command}: {e}", file=sys.stderr)
         return 1

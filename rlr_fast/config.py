@@ -136,6 +136,8 @@ class Config(EstimatorOptions):
     sample_prompts: int = option(4, "prompts (the first of the set) in each sample grid")
     sample_seeds: tuple[int, ...] = option((0, 1, 2, 3), "seeds of the sample grid's columns")
     checkpoint_every: int = option(0, "write a checkpoint every N steps (0: only at the end or on Ctrl-C)")
+    keep_checkpoints: int = option(3, "keep the newest N checkpoints, deleting older ones (0: keep all); the newest "
+                                      "one that verifies is never deleted")
     max_nonfinite: int = option(3, "stop after this many updates in a row skipped for a NaN/Inf "
                                    "reward or gradient")
     profile: bool = option(False, "NVTX ranges around rollout, reward, estimate and optimizer step")
@@ -238,7 +240,8 @@ class Config(EstimatorOptions):
 
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
-                          ("sample_prompts", 0), ("checkpoint_every", 0), ("max_nonfinite", 1),
+                          ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
+                          ("max_nonfinite", 1),
                           ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
                           ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1), ("ddpo_rollout_batches", 1),
                           ("ddpo_inner_epochs", 1), ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1),
@@ -246,6 +249,8 @@ class Config(EstimatorOptions):
             check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout", "ddpo_adv_clip"):
             check_positive(name, getattr(self, name))
+        if self.lr > 1:  # AdamW moves each weight by about lr a step; far above 1 its float32 step overflows
+            raise ValueError(f"lr must be at most 1 (AdamW moves each LoRA weight by about lr per step), got {self.lr}")
         for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))

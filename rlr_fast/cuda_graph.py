@@ -33,10 +33,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step, log_density_dtype, step_coefficients, x0_coefficients
+from .ddim import ddim_step, log_density_dtype
 from .profiling import nvtx_range
-from .rollout import (Trajectory, check_rollout_args, check_scheduler, model_key, predict, step_conditioning,
-                      step_noises)
+from .rollout import Trajectory, check_rollout_args, model_key, predict, step_conditioning, step_noises
+from .samplers import as_sampler
 
 # max |graph - eager| / max |eager| over the stored latents, by dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -45,7 +45,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 class StaticStep:
     """One DDIM step reading and writing fixed tensors: the function a CUDA graph captures.
 
-    Inputs (refilled by `load` before each step): the sample x_t, the 0-dim timestep, the
+    Inputs (refilled by `load` before each step): the sample x_t, the 0-dim timestep (in the sampler's
+    timestep dtype), the
     per-sample coefficients c_x, c_e, sigma (float64, as `rollout` passes them) and the step's
     noise; the prompt embeddings are filled once per rollout by `set_conditioning` (before every
     step under a prompt schedule). `run()` returns (prev_sample, log_prob); under capture these
@@ -53,7 +54,7 @@ class StaticStep:
     """
 
     def __init__(self, model, latents: torch.Tensor, cond: Optional[torch.Tensor], negative: Optional[torch.Tensor],
-                 guidance_scale: float, split_cfg: bool, backend: str):
+                 guidance_scale: float, split_cfg: bool, backend: str, timestep_dtype: torch.dtype):
         batch, device = latents.shape[0], latents.device
         self.model = model
         self.guidance_scale = guidance_scale
@@ -61,7 +62,7 @@ class StaticStep:
         self.backend = backend
         self.sample = torch.empty_like(latents)
         self.noise = torch.empty_like(latents)
-        self.timestep = torch.zeros((), dtype=torch.int64, device=device)
+        self.timestep = torch.zeros((), dtype=timestep_dtype, device=device)
         self.c_x, self.c_e, self.sigma = (torch.zeros(batch, dtype=torch.float64, device=device) for _ in range(3))
         self.cond = None if cond is None else torch.empty_like(cond)
         self.negative = None if negative is None else torch.empty_like(negative)
@@ -113,17 +114,18 @@ def _capture(step: StaticStep, warmup: int) -> tuple[torch.cuda.CUDAGraph, tuple
 class GraphedRollout:
     """`rlr_fast.rollout` with each step replayed from one CUDA graph (see the module docstring).
 
-    model, scheduler, split_cfg, backend: as for `rollout`. warmup: eager steps before capture.
+    model, sampler (a Sampler or a DDIMScheduler), split_cfg, backend: as for `rollout`. warmup: eager
+    steps before capture.
     capture=False runs the same static-buffer step eagerly (any device; for tests and debugging).
     """
 
-    def __init__(self, model, scheduler, *, split_cfg: bool = False, backend: str = "auto", warmup: int = 3,
+    def __init__(self, model, sampler, *, split_cfg: bool = False, backend: str = "auto", warmup: int = 3,
                  capture: bool = True):
-        check_scheduler(scheduler)
+        sampler = as_sampler(sampler)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (eager steps before capture), got {warmup!r}")
         self.model = model
-        self.scheduler = scheduler
+        self.sampler = sampler
         self.split_cfg = split_cfg
         self.backend = backend
         self.warmup = warmup
@@ -134,20 +136,21 @@ class GraphedRollout:
         self._replay: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None
         self._graph = None
 
-    def _graph_key(self, latents, cond, negative, guidance_scale) -> tuple:
+    def _graph_key(self, latents, cond, negative, guidance_scale, timestep_dtype) -> tuple:
         shape = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
         params = tuple(p.data_ptr() for p in self.model.parameters())
         return (tuple(latents.shape), latents.dtype, latents.device, shape(cond), shape(negative),
-                float(guidance_scale), torch.is_autocast_enabled("cuda"), params)
+                float(guidance_scale), timestep_dtype, torch.is_autocast_enabled("cuda"), params)
 
-    def _prepare(self, latents, cond, negative, guidance_scale) -> StaticStep:
-        key = self._graph_key(latents, cond, negative, guidance_scale)
+    def _prepare(self, latents, cond, negative, guidance_scale, timestep_dtype) -> StaticStep:
+        key = self._graph_key(latents, cond, negative, guidance_scale, timestep_dtype)
         if key == self._key:
             return self._step
         self._graph = self._replay = None  # frees the old graph's memory pool before the new capture
-        step = StaticStep(self.model, latents, cond, negative, guidance_scale, self.split_cfg, self.backend)
+        step = StaticStep(self.model, latents, cond, negative, guidance_scale, self.split_cfg, self.backend,
+                          timestep_dtype)
         if self.capture:
-            step.load(latents, torch.zeros_like(latents), torch.zeros((), dtype=torch.int64), *([torch.ones(())] * 3))
+            step.load(latents, torch.zeros_like(latents), torch.zeros((), dtype=timestep_dtype), *([torch.ones(())] * 3))
             step.set_conditioning(cond, negative)
             graph, outputs = _capture(step, self.warmup)
             self._graph = graph
@@ -167,7 +170,7 @@ class GraphedRollout:
             raise RuntimeError(f"CUDA-graph rollouts need latents on a CUDA device, got {where} "
                                f"(CUDA available: {torch.cuda.is_available()}); use rlr_fast.rollout, or "
                                "GraphedRollout(..., capture=False) to run the same step without a graph")
-        cond, negative, prompt_index = check_rollout_args(self.model, self.scheduler, latents, num_steps, eta,
+        cond, negative, prompt_index = check_rollout_args(self.model, self.sampler, latents, num_steps, eta,
                                                           guidance_scale, encoder_hidden_states,
                                                           negative_encoder_hidden_states, prompt_index)
         batch, device, dtype = latents.shape[0], latents.device, latents.dtype
@@ -176,12 +179,9 @@ class GraphedRollout:
         else:
             negative_for_step = negative
 
-        self.scheduler.set_timesteps(num_steps)
-        coef = step_coefficients(self.scheduler, eta)
+        schedule = self.sampler.schedule(num_steps, eta).to(device)
         # given or drawn exactly as rlr_fast.rollout does, so the same generator gives the same chain
         noises = step_noises(latents, num_steps, generator, noises)
-        timesteps, c_x, c_e, sigmas = (v.to(device) for v in (coef.timesteps, coef.c_x, coef.c_e, coef.sigmas))
-        d_x, d_e = (v.to(device) for v in x0_coefficients(self.scheduler))
         xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
         log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
         xs[0] = latents
@@ -189,7 +189,7 @@ class GraphedRollout:
         # under a prompt schedule the static conditioning is one step's (B, L, D), refilled every step
         first = cond if prompt_index is None else step_conditioning(cond, prompt_index, 0)
         with nvtx_range("graphed rollout"):
-            step = self._prepare(latents, first, negative_for_step, guidance_scale)
+            step = self._prepare(latents, first, negative_for_step, guidance_scale, schedule.timesteps.dtype)
             step.set_conditioning(first, negative_for_step)
             steps = range(num_steps)
             if progress:
@@ -199,17 +199,18 @@ class GraphedRollout:
                 with nvtx_range(f"step {k}"):
                     if prompt_index is not None:
                         step.set_conditioning(step_conditioning(cond, prompt_index, k), negative_for_step)
-                    step.load(xs[k], noises[k], timesteps[k], c_x[k], c_e[k], sigmas[k])
+                    step.load(xs[k], noises[k], schedule.timesteps[k], schedule.c_x[k], schedule.c_e[k],
+                              schedule.sigmas[k])
                     prev, log_prob = self._replay()
                     xs[k + 1].copy_(prev)
                     log_probs[k].copy_(log_prob)
-        return Trajectory(latents=xs, noises=noises, timesteps=timesteps, sigmas=sigmas, c_x=c_x, c_e=c_e,
-                          log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
-                          negative_encoder_hidden_states=negative, prompt_index=prompt_index,
-                          guidance_scale=float(guidance_scale), model_key=model_key(self.model), d_x=d_x, d_e=d_e)
+        return Trajectory(latents=xs, noises=noises, schedule=schedule, log_probs=log_probs, eta=float(eta),
+                          encoder_hidden_states=cond, negative_encoder_hidden_states=negative,
+                          prompt_index=prompt_index, guidance_scale=float(guidance_scale),
+                          model_key=model_key(self.model))
 
 
-def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
+def rollout_cuda_graph(model, sampler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
                        guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None,
                        generator=None, noises=None, progress: bool = False, split_cfg: bool = False,
                        backend: str = "auto") -> Trajectory:
@@ -217,7 +218,7 @@ def rollout_cuda_graph(model, scheduler, latents, *, num_steps: int, eta: float,
 
     Captures once per call; to amortise the capture over many rollouts keep a `GraphedRollout`.
     """
-    graphed = GraphedRollout(model, scheduler, split_cfg=split_cfg, backend=backend)
+    graphed = GraphedRollout(model, sampler, split_cfg=split_cfg, backend=backend)
     return graphed(latents, num_steps=num_steps, eta=eta, encoder_hidden_states=encoder_hidden_states,
                    guidance_scale=guidance_scale, negative_encoder_hidden_states=negative_encoder_hidden_states,
                    prompt_index=prompt_index, generator=generator, noises=noises, progress=progress)

@@ -1,15 +1,12 @@
-"""The DDIM step as rlr_fast computes it: coefficients, and the dispatcher to the fused op's backends.
+"""The fused sampling step and its Gaussian log-density: the dispatcher to the op's backends.
 
-docs/estimator.md §2 writes one step as
-
-    x0_hat = (x_t - sqrt(1 - a) e) / sqrt(a)
-    mu     = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) e
-    x_prev = mu + sigma * noise
-
-which is linear in (x_t, e). We fold the scheduler arithmetic into two per-step scalars,
-mu = c_x * x_t + c_e * e, computed once in float64, so the fused op reads each element once
-and the same op serves epsilon, v and sample prediction. Coefficients are per *sample* (not
-per step) so one call can hold several timesteps, as the batched likelihood-ratio terms need.
+Every step rlr_fast samples has a mean linear in (x_t, e), e the model output (with guidance,
+e = e_u + w (e_c - e_u)): mu = c_x * x_t + c_e * e, x_prev = mu + sigma * noise. The sampler
+(rlr_fast/samplers.py) folds its arithmetic (DDIM's is docs/estimator.md §2) into those per-step
+scalars, computed once in float64, so the fused op reads each element once and serves any sampler
+and any prediction type. The op keeps its first sampler's name, `ddim_step`. Coefficients are per
+*sample* (not per step) so one call can hold several timesteps, as the batched likelihood-ratio
+terms need.
 
 Backends, all computing the same op (`ddim_step`) under one contract (kernels/reference.py:
 inputs alike in shape, dtype and device, errors naming the one that is not; log-densities in
@@ -25,7 +22,6 @@ select the fused kernel: `ncu --nvtx --nvtx-include "ddim_step/"`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -35,79 +31,6 @@ from .kernels.reference import (check_tensor, ddim_step_reference, gaussian_log_
 from .options import BACKENDS
 from .profiling import nvtx_range
 
-
-
-@dataclass(frozen=True)
-class StepCoefficients:
-    """Per-step constants of a DDIM schedule, float64, in `scheduler.timesteps` order."""
-
-    timesteps: torch.Tensor  # (T,) int64
-    c_x: torch.Tensor  # (T,) coefficient of x_t in the mean
-    c_e: torch.Tensor  # (T,) coefficient of the model output in the mean
-    sigmas: torch.Tensor  # (T,) standard deviation of the step's noise
-
-
-def check_scheduler(scheduler) -> None:
-    """Raise a clear error for schedulers or settings whose step is not the linear DDIM step."""
-    from diffusers import DDIMScheduler
-
-    if not isinstance(scheduler, DDIMScheduler):
-        raise TypeError(
-            f"rlr_fast needs a diffusers DDIMScheduler, got {type(scheduler).__name__}; convert it "
-            "with `DDIMScheduler.from_config(scheduler.config)` (same noise schedule, DDIM sampling)"
-        )
-    cfg = scheduler.config
-    if cfg.thresholding or cfg.clip_sample:
-        raise ValueError(
-            "DDIMScheduler with clip_sample=True or thresholding=True makes the step nonlinear in the "
-            "model output; Stable Diffusion uses neither: build it with clip_sample=False, "
-            "thresholding=False (e.g. DDIMScheduler.from_config(cfg, clip_sample=False))"
-        )
-    if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
-
-
-def step_coefficients(scheduler, eta: float) -> StepCoefficients:
-    """The per-step (c_x, c_e, sigma) of `scheduler.timesteps` after `set_timesteps`.
-
-    Follows `DDIMScheduler.step`: previous timestep = t - num_train_timesteps // T, whatever
-    the timestep spacing, and `final_alpha_cumprod` below timestep 0.
-    """
-    check_scheduler(scheduler)
-    cfg = scheduler.config
-    num_steps = scheduler.num_inference_steps
-    timesteps = scheduler.timesteps.to("cpu", torch.int64)
-    alphas = scheduler.alphas_cumprod.to("cpu", torch.float64)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
-    prev_t = timesteps - cfg.num_train_timesteps // num_steps
-    a = alphas[timesteps]
-    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
-    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    sigma = eta * variance.clamp(min=0).sqrt()
-    direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # coefficient of eps in the mean
-    if cfg.prediction_type == "epsilon":  # x0 = (x - sqrt(1-a) m) / sqrt(a), eps = m
-        c_x = a_prev.sqrt() / a.sqrt()
-        c_e = direction - a_prev.sqrt() * (1 - a).sqrt() / a.sqrt()
-    elif cfg.prediction_type == "v_prediction":  # x0 = sqrt(a) x - sqrt(1-a) m, eps = sqrt(a) m + sqrt(1-a) x
-        c_x = a_prev.sqrt() * a.sqrt() + direction * (1 - a).sqrt()
-        c_e = -a_prev.sqrt() * (1 - a).sqrt() + direction * a.sqrt()
-    else:  # sample: x0 = m, eps = (x - sqrt(a) m) / sqrt(1-a)
-        c_x = direction / (1 - a).sqrt()
-        c_e = a_prev.sqrt() - direction * a.sqrt() / (1 - a).sqrt()
-    return StepCoefficients(timesteps, c_x, c_e, sigma)
-
-
-def x0_coefficients(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_x, d_e), each (T,) float64: the Tweedie estimate x0_hat = d_x * x_t + d_e * model_output of
-    every step of `scheduler.timesteps` (DDIMScheduler.step's pred_original_sample)."""
-    check_scheduler(scheduler)
-    a = scheduler.alphas_cumprod.to("cpu", torch.float64)[scheduler.timesteps.to("cpu", torch.int64)]
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return 1 / a.sqrt(), -(1 - a).sqrt() / a.sqrt()
-    if prediction == "v_prediction":
-        return a.sqrt(), -(1 - a).sqrt()
-    return torch.zeros_like(a), torch.ones_like(a)
 
 
 def gaussian_log_prob(sample, mean, sigma, *, backend="auto"):

@@ -17,7 +17,8 @@ from PIL import Image
 
 from .config import Config
 from .models import SDModels, check_sd_folder, load_sd
-from .lora import load_lora
+from .checkpoint import read_checkpoint, restore_lora
+from .lora import add_lora, load_lora
 from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video
@@ -72,9 +73,14 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype, motion_ada
 
 def load_for_inference(model: str, lora: Optional[str], device: torch.device, dtype: torch.dtype,
                        motion_adapter: Optional[str] = None) -> SDModels:
-    """A model for sampling, with a LoRA written by `finetune` (or `save_lora`) when given."""
+    """A model for sampling, with a LoRA when given: a folder of `finetune`'s final LoRA (or
+    `save_lora`'s), or a checkpoint file of a run (its LoRA at that step). Either is verified."""
     models = load_models(model, device, dtype, motion_adapter)
-    if lora is not None:
+    if lora is not None and Path(lora).is_file():
+        checkpoint = read_checkpoint(lora)
+        add_lora(models.unet, rank=checkpoint.config["lora_rank"], alpha=checkpoint.config["lora_alpha"])
+        restore_lora(checkpoint, models.unet)
+    elif lora is not None:
         load_lora(models.unet, lora)
     return models
 

@@ -14,7 +14,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .run_dir import atomic_write
+from .run_dir import atomic_write, writing
+
+
+def _read_records(path: Path) -> tuple[list[dict], Optional[int], Optional[str]]:
+    """The records of a JSON-lines file; the number of its last line when that one is torn (a write
+    cut short); and what is wrong with the first unreadable line before it, if one is."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                return records, number, None
+            return records, None, f"{path} line {number} is not JSON ({e})"
+    return records, None, None
 
 
 def read_metrics(path: Path, keep_until: int) -> list[dict]:
@@ -25,19 +42,41 @@ def read_metrics(path: Path, keep_until: int) -> list[dict]:
     """
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                print(f"dropped the torn last line of {path} (line {number}, a write cut short)", file=sys.stderr)
-                break
-            raise ValueError(f"{path} line {number} is not JSON ({e}); remove or repair that line to resume") from None
+    records, torn, bad = _read_records(path)
+    if bad:
+        raise ValueError(f"{bad}; remove or repair that line to resume")
+    if torn:
+        print(f"dropped the torn last line of {path} (line {torn}, a write cut short)", file=sys.stderr)
     return [r for r in records if r.get("step", math.inf) <= keep_until]
+
+
+def _lines(records: list[dict]) -> list[str]:
+    return [json.dumps(r) for r in records]
+
+
+def resume_records(path: Path, step: int, saved: Optional[list[dict]], source: Path) -> tuple[list[dict], bool]:
+    """metrics.jsonl's records up to `step` (the resumed checkpoint's), and whether the file must be
+    written again. `saved` is the checkpoint `source`'s copy of them (None: it holds none). A missing
+    file, a damaged line among those records or records that differ from the checkpoint's are said
+    on stderr in one line, and rebuilt from `saved` when there is one."""
+    if saved is None:
+        if not path.exists() and step:
+            print(f"note: {path} is missing and {source.name} holds no copy of its records: the log restarts at "
+                  f"step {step + 1}", file=sys.stderr)
+        return read_metrics(path, step), False
+    if not path.exists():
+        problem = f"{path} is missing"
+    else:
+        records, torn, bad = _read_records(path)
+        kept = [r for r in records if r.get("step", math.inf) <= step]
+        if not bad and _lines(kept) == _lines(saved):
+            if torn:
+                print(f"dropped the torn last line of {path} (line {torn}, a write cut short)", file=sys.stderr)
+            return saved, False
+        problem = bad or (f"the last line of {path} is torn (line {torn})" if torn and len(kept) < len(saved) else
+                          f"{path} differs from the records of steps 1-{step} kept with the checkpoint")
+    print(f"{problem}: rebuilt its {len(saved)} records up to step {step} from {source}", file=sys.stderr)
+    return saved, True
 
 
 class MetricsLog:
@@ -67,7 +106,7 @@ class MetricsLog:
         self.records.append(record)
         if not self.write_files:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with writing(self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():

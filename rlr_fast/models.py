@@ -4,7 +4,8 @@ Three jobs, each kept to stock diffusers / transformers calls so that what we wr
 the ecosystem reads back:
 
 * `load_sd`: load a LOCAL diffusers Stable Diffusion folder (never the network) with errors that
-  say which path or component is wrong.
+  say which path or component is wrong (an SDXL folder goes to rlr_fast.sdxl, which builds on the
+  loaders here).
 * `tiny_sd`: a randomly initialised pipeline with the SD1.4 component types at toy width, built
   offline (tokenizer included), so tests and CI run on a CPU in seconds.
 * `sd14_config` / `build_sd14_on_meta`: the real SD1.4 architectures on the meta device, for memory
@@ -12,8 +13,8 @@ the ecosystem reads back:
 
 LoRA adapters on the UNet are rlr_fast.lora's.
 
-This module imports only torch, diffusers and transformers (no other rlr_fast
-module), so it can be used on its own.
+This module imports only torch, diffusers and transformers (no other rlr_fast module but
+rlr_fast.sdxl, on first use for an SDXL folder), so it can be used on its own.
 """
 
 import json
@@ -21,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -33,7 +35,8 @@ __all__ = [
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # The weight file names (without extension) diffusers and transformers save each model component as.
-_WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                 "text_encoder_2": "model"}
 
 
 @dataclass
@@ -61,6 +64,16 @@ class SDModels:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
+    def set_resolution(self, resolution) -> tuple[int, int]:
+        """The latent (height, width) of images of `resolution` pixels (`latent_size`: an error for a
+        size the model cannot make); the size later prompts are encoded for where the family conditions
+        on it (SDXL's time ids)."""
+        return latent_size(resolution, self.unet.config, self.vae.config)
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoder(s) once every prompt is encoded."""
+        self.text_encoder = None
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a diffusers Stable Diffusion folder (safetensors) that both `load_sd` and stock
         `StableDiffusionPipeline.from_pretrained` read. The UNet must not carry a LoRA adapter: the
@@ -85,10 +98,11 @@ def _check_components(components: tuple[str, ...] | list[str], allowed: tuple[st
         raise ValueError(f"unknown component(s) {unknown}; choose from {allowed}")
 
 
-def check_sd_folder(path: Path, components: tuple[str, ...] = COMPONENTS) -> None:
-    """Refuse a path that is not a diffusers Stable Diffusion folder with these components, naming
-    what is missing (cheap: reads no weights)."""
-    _check_components(components, COMPONENTS)
+def check_sd_folder(path: Path, components: tuple[str, ...] = COMPONENTS,
+                    allowed: tuple[str, ...] = COMPONENTS) -> None:
+    """Refuse a path that is not a diffusers Stable Diffusion folder with these components (of
+    `allowed`), naming what is missing (cheap: reads no weights)."""
+    _check_components(components, allowed)
     if not path.exists():
         raise FileNotFoundError(f"Stable Diffusion folder {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -101,12 +115,24 @@ def check_sd_folder(path: Path, components: tuple[str, ...] = COMPONENTS) -> Non
             raise FileNotFoundError(f"component {name!r} is missing: no folder {path / name}")
 
 
-def _load_ddim(path: Path) -> DDIMScheduler:
+def pipeline_class(path: Path) -> str | None:
+    """The diffusers pipeline class a folder's model_index.json names (None without a readable one)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_ddim_scheduler(path: Path) -> DDIMScheduler:
     """The folder's scheduler config as a DDIMScheduler that samples as Stable Diffusion does.
 
-    A config without `clip_sample` (diffusers writes PNDMScheduler configs, SD1.4's, without it)
-    would become DDIM's default clip_sample=True, which SD does not use; it becomes False, said
-    once. A config that sets clip_sample or thresholding is refused, naming the file and key.
+    A config without `clip_sample` (diffusers writes PNDMScheduler configs, SD1.4's, and
+    EulerDiscreteScheduler configs, SDXL's, without it) would become DDIM's default clip_sample=True,
+    which SD does not use; it becomes False, said once. A config that sets clip_sample or thresholding
+    is refused, naming the file and key.
     """
     file = path / "scheduler" / "scheduler_config.json"
     config = json.loads(file.read_text(encoding="utf-8"))
@@ -123,40 +149,35 @@ def _load_ddim(path: Path) -> DDIMScheduler:
     return scheduler
 
 
-def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-            components: tuple[str, ...] = COMPONENTS) -> SDModels:
-    """Load Stable Diffusion components from a local diffusers folder, frozen and in eval mode.
-
-    The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json plus
-    unet/, vae/, text_encoder/, tokenizer/, scheduler/). Every load passes `local_files_only=True`,
-    so a wrong path fails here instead of turning into a hub download.
-
-    The scheduler is always loaded as a `DDIMScheduler` from scheduler/scheduler_config.json: the RLR
-    estimator needs DDIM's Gaussian transition, and SD1.4 ships a PNDMScheduler config that
-    `DDIMScheduler.from_pretrained` converts (same betas; PNDM-only keys are ignored; see `_load_ddim`
-    for clip_sample). Weights load from safetensors wherever a component has them.
-    """
+def check_dtype(dtype) -> None:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
-    path = Path(path)
-    check_sd_folder(path, components)
 
-    def weights(name: str) -> dict:
-        # safetensors only where the folder has them, so no pickle loading path is even tried
-        stem = path / name / _WEIGHTS_STEM[name]
-        has = any(Path(f"{stem}{ext}").is_file() for ext in (".safetensors", ".safetensors.index.json"))
-        return {"use_safetensors": True} if has else {}
 
-    loaders = {
+def safetensors_kwargs(path: Path, name: str) -> dict:
+    """`use_safetensors=True` where component `name` of the folder has safetensors weights, so that no
+    pickle loading path is even tried."""
+    stem = path / name / _WEIGHTS_STEM[name]
+    has = any(Path(f"{stem}{ext}").is_file() for ext in (".safetensors", ".safetensors.index.json"))
+    return {"use_safetensors": True} if has else {}
+
+
+def component_loaders(path: Path, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """A loader per Stable Diffusion component of the folder; every one passes `local_files_only=True`."""
+    return {
         "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
-                                                             local_files_only=True, **weights("unet")),
+                                                             local_files_only=True, **safetensors_kwargs(path, "unet")),
         "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
-                                                     **weights("vae")),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                              local_files_only=True, **weights("text_encoder")),
+                                                     **safetensors_kwargs(path, "vae")),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True,
+                                                              **safetensors_kwargs(path, "text_encoder")),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-        "scheduler": lambda: _load_ddim(path),
+        "scheduler": lambda: load_ddim_scheduler(path),
     }
+
+
+def load_components(path: Path, loaders: dict, components, device) -> dict:
+    """Run the loaders of `components`, naming the folder of one that fails; modules frozen, in eval mode."""
     loaded = {}
     for name in components:
         try:
@@ -166,7 +187,33 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         if isinstance(obj, nn.Module):
             obj = obj.to(device).eval().requires_grad_(False)
         loaded[name] = obj
-    return SDModels(**loaded, path=path)
+    return loaded
+
+
+def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            components: tuple[str, ...] | None = None) -> SDModels:
+    """Load Stable Diffusion components from a local diffusers folder, frozen and in eval mode.
+
+    The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json plus
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/); `components` None loads all of them. A folder
+    of a `StableDiffusionXLPipeline` loads with `rlr_fast.sdxl.load_sdxl` (its components, its
+    `SDXLModels`). Every load passes `local_files_only=True`, so a wrong path fails here instead of
+    turning into a hub download.
+
+    The scheduler is always loaded as a `DDIMScheduler` from scheduler/scheduler_config.json: the RLR
+    estimator needs DDIM's Gaussian transition, and SD1.4 ships a PNDMScheduler config that
+    `DDIMScheduler.from_pretrained` converts (same betas; PNDM-only keys are ignored; see
+    `load_ddim_scheduler` for clip_sample). Weights load from safetensors wherever a component has them.
+    """
+    check_dtype(dtype)
+    path = Path(path)
+    if pipeline_class(path) == "StableDiffusionXLPipeline":
+        from .sdxl import load_sdxl
+
+        return load_sdxl(path, dtype, device, components)
+    components = COMPONENTS if components is None else components
+    check_sd_folder(path, components)
+    return SDModels(**load_components(path, component_loaders(path, dtype), components, device), path=path)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -201,7 +248,7 @@ def write_byte_tokenizer(folder: Path) -> int:
     return len(tokens)
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer over the bare byte alphabet (`write_byte_tokenizer`), built offline.
 
     Loaded with `from_pretrained` on files we write because that is the constructor path that
@@ -220,7 +267,7 @@ def tiny_sd(seed: int = 0, *, sample_size: int = 8, cross_attention_dim: int = 3
     downsamples 2x, so images are 2 * sample_size pixels. Weights depend only on `seed`: they are
     drawn inside `torch.random.fork_rng`, leaving the caller's global RNG state untouched.
     """
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(

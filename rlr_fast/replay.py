@@ -35,12 +35,12 @@ from .estimators import NonFiniteRewards, estimate_states
 from .inference import autocast
 from .profiling import nvtx_range
 from .rollout import Trajectory
+from .samplers import TABLES, StepSchedule
 from .sqdf import step_range, stochastic_steps
 from .sweep import StepStates
 from .update import COST_KEYS, Gradients, StepMethod
 
 SAMPLINGS = ("uniform", "reward")
-_SCHEDULE = ("timesteps", "c_x", "c_e", "sigmas", "d_x", "d_e")
 _PER_CHAIN = ("rewards", "prompt_ids", "added_at")
 
 
@@ -48,7 +48,7 @@ class _Storage:
     """The slots the buffers of one run share, allocated by the first chain added."""
 
     def __init__(self, slots: int, chain_shape: tuple[int, ...], dtype: torch.dtype,
-                 schedule: dict[str, torch.Tensor], guidance_scale: float):
+                 schedule: StepSchedule, guidance_scale: float):
         self.latents = torch.zeros((slots,) + chain_shape, dtype=dtype)  # per slot: (states, ...)
         self.rewards = torch.zeros(slots, dtype=torch.float64)
         self.prompt_ids = torch.zeros(slots, dtype=torch.int64)
@@ -100,15 +100,12 @@ class ReplayBuffer:
             raise ValueError(f"the buffer stores steps [{first}, {stop}) but the chain has {traj.num_steps}")
         if batch > self.headroom:
             raise ValueError(f"{batch} chains exceed the replay buffer's headroom of {self.headroom} per update")
-        if traj.d_x is None or traj.d_e is None:
-            raise ValueError("the chain holds no Tweedie coefficients (d_x, d_e); roll it out with rlr_fast.rollout")
-        schedule = {name: getattr(traj, name).detach().cpu() for name in _SCHEDULE}
+        schedule = traj.schedule.to("cpu")
         storage = self.storage
         if storage is None:
             storage = _Storage(self.capacity + self.headroom, (stop - first,) + tuple(traj.latents.shape[2:]),
                                traj.latents.dtype, schedule, traj.guidance_scale)
-        elif traj.guidance_scale != storage.guidance_scale or any(
-                not torch.equal(schedule[k], storage.schedule[k]) for k in _SCHEDULE):
+        elif traj.guidance_scale != storage.guidance_scale or not schedule.equal(storage.schedule):
             raise ValueError("these chains were sampled with another schedule (timesteps, eta or guidance) than "
                              "the chains in the replay buffer")
         slots = (self.start + self.size + torch.arange(batch)) % (self.capacity + self.headroom)
@@ -125,14 +122,14 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("cannot draw from an empty replay buffer")
         first, stop = self.steps
-        steps = stochastic_steps(self.storage.schedule["sigmas"], first, stop)
+        steps = stochastic_steps(self.storage.schedule.sigmas, first, stop)
         if self.sampling == "uniform":
             if n > self.size:
                 raise ValueError(f"cannot draw {n} distinct chains from a replay buffer holding {self.size} "
                                  f"(capacity {self.capacity})")
             chains = torch.randperm(self.size, generator=generator)[:n]
             return chains, steps[torch.randint(len(steps), (n,), generator=generator)]
-        num_steps = self.storage.schedule["timesteps"].shape[0]
+        num_steps = self.storage.schedule.num_steps
         discount = self.gamma ** (num_steps - 1 - steps.double())
         weights = self.storage.rewards[self.slots].clamp(min=0)[:, None] * discount[None, :]
         if not weights.sum() > 0:
@@ -150,8 +147,8 @@ class ReplayBuffer:
                negative_encoder_hidden_states: Optional[torch.Tensor] = None) -> StepStates:
         """The drawn chains at their steps, on `device`, with the caller's conditioning for their prompts."""
         x = self.storage.latents[self.slots[chains], steps - self.steps[0]].to(device)
-        schedule = {name: value.to(device) for name, value in self.storage.schedule.items()}
-        return StepStates(x=x, steps=steps.to(device), **schedule, encoder_hidden_states=encoder_hidden_states,
+        return StepStates(x=x, steps=steps.to(device), schedule=self.storage.schedule.to(device),
+                          encoder_hidden_states=encoder_hidden_states,
                           negative_encoder_hidden_states=negative_encoder_hidden_states,
                           guidance_scale=self.storage.guidance_scale)
 
@@ -167,7 +164,7 @@ class ReplayBuffer:
         meta["guidance_scale"] = self.storage.guidance_scale
         slots = self.slots
         tensors = {name: getattr(self.storage, name)[slots].contiguous() for name in ("latents",) + _PER_CHAIN}
-        tensors.update({f"schedule/{k}": v.contiguous() for k, v in self.storage.schedule.items()})
+        tensors.update({f"schedule/{k}": v.contiguous() for k, v in self.storage.schedule.tables().items()})
         return tensors, meta
 
     @classmethod
@@ -177,7 +174,7 @@ class ReplayBuffer:
             return buffer
         latents = tensors["latents"]
         storage = _Storage(buffer.capacity + buffer.headroom, tuple(latents.shape[1:]), latents.dtype,
-                           {k: tensors[f"schedule/{k}"] for k in _SCHEDULE}, meta["guidance_scale"])
+                           StepSchedule(**{k: tensors[f"schedule/{k}"] for k in TABLES}), meta["guidance_scale"])
         size = meta["size"]
         storage.latents[:size] = latents
         for name in _PER_CHAIN:
@@ -195,6 +192,8 @@ class ReplayState:
 
     buffer: ReplayBuffer
     updates: int = 0
+    # too large to copy into every checkpoint (3.1 GiB at SD1.4 size): rlr_fast.checkpoint keeps it once
+    stored_once = True
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = self.buffer.to_checkpoint()

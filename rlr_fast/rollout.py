@@ -1,6 +1,6 @@
 """Sampling rollouts that store what an estimator needs, and exact recomputation of any step.
 
-Step indices: step k = 0 .. T-1 in `scheduler.timesteps` order (k = 0 is the noisiest).
+Step indices: step k = 0 .. T-1 in sampling order (k = 0 is the noisiest; `scheduler.timesteps` order for DDIM).
 docs/estimator.md §1 numbers steps t = T .. 1 instead; step k is math step t = T - k.
 Step k reads `latents[k]` (x_t) and writes `latents[k + 1]` (x_{t-1}) with `noises[k]`.
 
@@ -19,8 +19,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ddim import (check_scheduler, ddim_step, log_density_dtype, gaussian_log_prob, step_coefficients,
-                   x0_coefficients)
+from .ddim import ddim_step, gaussian_log_prob, log_density_dtype
+from .families import family_of
+from .samplers import TABLES, Sampler, StepSchedule, as_sampler
 
 
 @dataclass
@@ -29,10 +30,7 @@ class Trajectory:
 
     latents: torch.Tensor  # (T+1, B, ...) x_T .. x_0
     noises: torch.Tensor  # (T, B, ...) standard normal noise of each step
-    timesteps: torch.Tensor  # (T,) int64, scheduler order
-    sigmas: torch.Tensor  # (T,) float64, std of each step's noise (0: deterministic step)
-    c_x: torch.Tensor  # (T,) float64, mean = c_x * x_t + c_e * model_output
-    c_e: torch.Tensor  # (T,) float64
+    schedule: StepSchedule  # the sampler's per-step tables (samplers.py): timesteps, coefficients, sigmas
     log_probs: torch.Tensor  # (T, B) log-density of each step's draw (0 where sigma == 0)
     eta: float
     encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D); (P, L, D) with prompt_index
@@ -40,9 +38,33 @@ class Trajectory:
     prompt_index: Optional[torch.Tensor] = None  # (T, B) int64: row of encoder_hidden_states per step, sample
     guidance_scale: float = 1.0
     model_key: str = ""  # fingerprint of the model architecture that made it
-    d_x: Optional[torch.Tensor] = None  # (T,) float64, Tweedie x0_hat = d_x * x_t + d_e * model_output
-    d_e: Optional[torch.Tensor] = None  # (T,) float64 (both None for a chain built without a scheduler)
     x0_hat: Optional[torch.Tensor] = None  # (T, B, ...) Tweedie estimate of x_0 at each step (store_x0_hat)
+
+    # The schedule's tables under their own names: mean = c_x x_t + c_e m, x_{t-1} = mean + sigma noise,
+    # x0_hat = d_x x_t + d_e m, each (T,) float64; timesteps (T,), the network's time input.
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.schedule.timesteps
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.schedule.sigmas
+
+    @property
+    def c_x(self) -> torch.Tensor:
+        return self.schedule.c_x
+
+    @property
+    def c_e(self) -> torch.Tensor:
+        return self.schedule.c_e
+
+    @property
+    def d_x(self) -> torch.Tensor:
+        return self.schedule.d_x
+
+    @property
+    def d_e(self) -> torch.Tensor:
+        return self.schedule.d_e
 
     @property
     def num_steps(self) -> int:
@@ -73,12 +95,12 @@ class Trajectory:
         return self.num_steps - t
 
 
-# Where each tensor field of a Trajectory keeps its samples; the other tensor fields are per step
-# and shared by every sample. A new field must be added to one of the two (tests check). Under a
-# prompt schedule encoder_hidden_states holds distinct prompts, not samples: prompt_index says which.
+# Where each tensor field of a Trajectory keeps its samples; the schedule is per step and shared by
+# every sample. A new field must be added to one of the two (tests check). Under a prompt schedule
+# encoder_hidden_states holds distinct prompts, not samples: prompt_index says which.
 PER_SAMPLE_DIM = {"latents": 1, "noises": 1, "log_probs": 1, "x0_hat": 1, "encoder_hidden_states": 0,
                   "negative_encoder_hidden_states": 0, "prompt_index": 1}
-PER_STEP = ("timesteps", "sigmas", "c_x", "c_e", "d_x", "d_e")
+PER_STEP = ("schedule",)
 
 
 def _sample_dims(traj: Trajectory) -> dict[str, int]:
@@ -95,17 +117,12 @@ def select_samples(traj: Trajectory, index: torch.Tensor) -> Trajectory:
     return dataclasses.replace(traj, **picked)
 
 
-def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
-    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
-
-
 def concat_samples(trajs: Sequence[Trajectory]) -> Trajectory:
     """One Trajectory holding the samples of `trajs` (same schedule, model and guidance) side by side."""
     first = trajs[0]
     for other in trajs[1:]:
         same = (other.eta == first.eta and other.guidance_scale == first.guidance_scale
-                and other.model_key == first.model_key
-                and all(_same(getattr(other, name), getattr(first, name)) for name in PER_STEP))
+                and other.model_key == first.model_key and other.schedule.equal(first.schedule))
         if not same:
             raise ValueError("concat_samples needs trajectories of one schedule, eta, guidance scale and model")
     joined = {}
@@ -121,15 +138,18 @@ def concat_samples(trajs: Sequence[Trajectory]) -> Trajectory:
 
 
 def trajectory_tensors(traj: Trajectory) -> tuple[dict[str, torch.Tensor], dict]:
-    """A Trajectory as named tensors and JSON-ready values (for checkpoints); `trajectory_from` reverses it."""
-    names = tuple(PER_SAMPLE_DIM) + PER_STEP
-    tensors = {n: getattr(traj, n).detach().cpu().contiguous() for n in names if getattr(traj, n) is not None}
+    """A Trajectory as named tensors and JSON-ready values (for checkpoints); `trajectory_from` reverses it.
+    The schedule's tables are stored under their own names."""
+    tensors = {n: getattr(traj, n) for n in PER_SAMPLE_DIM if getattr(traj, n) is not None}
+    tensors.update(traj.schedule.tables())
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     return tensors, {"eta": traj.eta, "guidance_scale": traj.guidance_scale, "model_key": traj.model_key}
 
 
 def trajectory_from(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device | str = "cpu") -> Trajectory:
-    names = tuple(PER_SAMPLE_DIM) + PER_STEP
-    return Trajectory(**{n: tensors[n].to(device) if n in tensors else None for n in names}, **meta)
+    per_sample = {n: tensors[n].to(device) if n in tensors else None for n in PER_SAMPLE_DIM}
+    schedule = StepSchedule(**{n: tensors[n] for n in TABLES}).to(device)
+    return Trajectory(**per_sample, schedule=schedule, **meta)
 
 
 def model_key(model: torch.nn.Module) -> str:
@@ -156,10 +176,7 @@ def step_conditioning(cond: Optional[torch.Tensor], prompt_index: Optional[torch
 
 
 def _model_output(model, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-    if encoder_hidden_states is not None and _conditions_per_frame(model):
-        # AnimateDiff's UNet takes one prompt per frame, (B * F, L, D), as its pipeline passes it
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
-    out = model(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+    out = family_of(model).call(model, sample, timestep, encoder_hidden_states)
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -206,33 +223,11 @@ def _batch_cond(name: str, cond: Optional[torch.Tensor], batch: int) -> Optional
     return cond
 
 
-# The latent layout of the diffusers models we know by class name (subclasses included); any other
-# model is only asked for a batch dimension and, when its config names in_channels, channels at dim 1.
-LATENT_LAYOUTS = {
-    "UNet2DConditionModel": ("batch", "channels", "height", "width"),
-    "UNet3DConditionModel": ("batch", "channels", "frames", "height", "width"),
-    "UNetMotionModel": ("batch", "channels", "frames", "height", "width"),
-}
-
-
-def _class_names(model) -> list[str]:
-    return [cls.__name__ for cls in type(model).__mro__]
-
-
-def latent_layout(model) -> Optional[tuple[str, ...]]:
-    """The dimension names of the latents `model` takes, or None for a model we do not know."""
-    return next((LATENT_LAYOUTS[n] for n in _class_names(model) if n in LATENT_LAYOUTS), None)
-
-
-def _conditions_per_frame(model) -> bool:
-    return "UNetMotionModel" in _class_names(model)
-
-
 def _check_latents(model, latents: torch.Tensor) -> None:
     if not torch.is_tensor(latents):
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     _check_float("latents", latents)
-    layout = latent_layout(model)
+    layout = family_of(model).latent_layout
     in_channels = getattr(getattr(model, "config", None), "in_channels", None)
     if layout is not None and latents.dim() != len(layout):
         names = ", ".join(str(in_channels) if d == "channels" and in_channels else d for d in layout)
@@ -259,18 +254,12 @@ def _check_prompt_index(prompt_index, cond: torch.Tensor, num_steps: int, batch:
     return prompt_index.to(device=cond.device, dtype=torch.int64)
 
 
-def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale, encoder_hidden_states,
+def check_rollout_args(model, sampler: Sampler, latents, num_steps, eta, guidance_scale, encoder_hidden_states,
                        negative_encoder_hidden_states, prompt_index=None):
     """Validate a rollout's arguments; returns the conditioning broadcast to the batch (the
     embeddings as given with `prompt_index`), the negative conditioning and the prompt index."""
     _check_latents(model, latents)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-        raise TypeError(f"num_steps must be an int, got {num_steps!r}")
-    n_train = scheduler.config.num_train_timesteps
-    if not 1 <= num_steps <= n_train:
-        raise ValueError(f"num_steps must be in [1, {n_train}] (num_train_timesteps), got {num_steps}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    sampler.check(num_steps, eta)
     if guidance_scale != 1.0 and negative_encoder_hidden_states is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs negative_encoder_hidden_states "
                          "(the unconditional / negative-prompt embeddings)")
@@ -286,6 +275,8 @@ def check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale
     negative = _batch_cond("negative_encoder_hidden_states", negative_encoder_hidden_states, batch)
     if negative is not None and cond is None:
         raise ValueError("negative_encoder_hidden_states given without encoder_hidden_states")
+    for conditioning in (cond, negative):
+        family_of(model).check_conditioning(model, conditioning)
     return cond, negative, prompt_index
 
 
@@ -303,47 +294,43 @@ def step_noises(latents: torch.Tensor, num_steps: int, generator=None, noises=No
 
 
 @torch.no_grad()
-def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
+def rollout(model, sampler, latents, *, num_steps: int, eta: float, encoder_hidden_states=None,
             guidance_scale: float = 1.0, negative_encoder_hidden_states=None, prompt_index=None, generator=None,
             noises=None, progress: bool = False, split_cfg: bool = False, backend: str = "auto",
             store_x0_hat: bool = False) -> Trajectory:
-    """Sample x_T -> x_0 with DDIM under no grad and store the chain.
+    """Sample x_T -> x_0 under no grad and store the chain.
 
-    `latents` is x_T: (B, C, H, W) for an image UNet, (B, C, F, H, W) for a video UNet (F frames),
-    any shape with a leading batch dimension for other models. The scheduler must be a
-    `DDIMScheduler`; this calls `scheduler.set_timesteps(num_steps)`. Noise for every step is drawn
-    with `generator`, or given as `noises` (T, B, ...) (the training loop draws each sample's from
-    its own generator).
+    `sampler` is a `rlr_fast.samplers.Sampler`, or a diffusers `DDIMScheduler` (sampled with DDIM;
+    this calls its `set_timesteps(num_steps)`). `latents` is x_T: (B, C, H, W) for an image UNet,
+    (B, C, F, H, W) for a video UNet (F frames), any shape with a leading batch dimension for other
+    models. Noise for every step is drawn with `generator`, or given as `noises` (T, B, ...) (the
+    training loop draws each sample's from its own generator).
     `encoder_hidden_states` is (B, L, D) (or (1, L, D), shared), or with `prompt_index` (T, B) one
     embedding per distinct prompt (P, L, D): step k of sample b is conditioned on row
     prompt_index[k, b] (`rlr_fast.prompts.step_conditioning` builds both from a prompt schedule).
     `store_x0_hat` also keeps each step's Tweedie estimate of x_0 (T more latents per sample), which
     `baseline="value"` scores; it costs no model call.
     """
-    check_scheduler(scheduler)
-    cond, negative, prompt_index = check_rollout_args(model, scheduler, latents, num_steps, eta, guidance_scale,
+    sampler = as_sampler(sampler)
+    cond, negative, prompt_index = check_rollout_args(model, sampler, latents, num_steps, eta, guidance_scale,
                                                       encoder_hidden_states, negative_encoder_hidden_states,
                                                       prompt_index)
-    batch = latents.shape[0]
-
-    scheduler.set_timesteps(num_steps)
-    coef = step_coefficients(scheduler, eta)
-    device, dtype = latents.device, latents.dtype
+    batch, device, dtype = latents.shape[0], latents.device, latents.dtype
+    schedule = sampler.schedule(num_steps, eta)
     xs = latents.new_empty((num_steps + 1,) + tuple(latents.shape))
     noises = step_noises(latents, num_steps, generator, noises)
     log_probs = latents.new_empty((num_steps, batch), dtype=log_density_dtype(dtype))
     x0_hat = torch.empty_like(xs[1:]) if store_x0_hat else None
-    d_x, d_e = x0_coefficients(scheduler)
     xs[0] = latents
     steps = range(num_steps)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="rollout", leave=False)
     for k in steps:
-        t = coef.timesteps[k].to(device)
+        t = schedule.timesteps[k].to(device)
         cond_k = cond if prompt_index is None else step_conditioning(cond, prompt_index, k)
         out, out_cond = predict(model, xs[k], t, cond_k, negative, guidance_scale, split_cfg)
-        per = [v[k].expand(batch).to(device) for v in (coef.c_x, coef.c_e, coef.sigmas)]
+        per = [v[k].expand(batch).to(device) for v in (schedule.c_x, schedule.c_e, schedule.sigmas)]
         prev, _, logp = ddim_step(xs[k], out, noises[k], *per, model_output_cond=out_cond,
                                   guidance_scale=guidance_scale, backend=backend)
         xs[k + 1] = prev
@@ -352,13 +339,10 @@ def rollout(model, scheduler, latents, *, num_steps: int, eta: float, encoder_hi
             # the guided prediction, the one the chain follows: its x0_hat is where the sampled chain
             # heads (any function of x_t keeps a baseline unbiased; the choice only moves the variance)
             e = out if out_cond is None else out + guidance_scale * (out_cond - out)
-            x0_hat[k] = float(d_x[k]) * xs[k] + float(d_e[k]) * e
-    return Trajectory(latents=xs, noises=noises, timesteps=coef.timesteps.to(device),
-                      sigmas=coef.sigmas.to(device), c_x=coef.c_x.to(device), c_e=coef.c_e.to(device),
-                      log_probs=log_probs, eta=float(eta), encoder_hidden_states=cond,
-                      negative_encoder_hidden_states=negative, prompt_index=prompt_index,
-                      guidance_scale=float(guidance_scale), model_key=model_key(model), d_x=d_x.to(device),
-                      d_e=d_e.to(device), x0_hat=x0_hat)
+            x0_hat[k] = float(schedule.d_x[k]) * xs[k] + float(schedule.d_e[k]) * e
+    return Trajectory(latents=xs, noises=noises, schedule=schedule.to(device), log_probs=log_probs, eta=float(eta),
+                      encoder_hidden_states=cond, negative_encoder_hidden_states=negative, prompt_index=prompt_index,
+                      guidance_scale=float(guidance_scale), model_key=model_key(model), x0_hat=x0_hat)
 
 
 def stacked_inputs(traj: Trajectory, ks: Sequence[int], sample: Optional[torch.Tensor] = None):

@@ -112,7 +112,7 @@ def _kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigma: torch.Tensor) -> torc
 def kl_to_base(model, states: StepStates, options: EstimatorOptions, *, reference=None,
                counter: Optional[CallCounter] = None) -> torch.Tensor:
     """KL(p_theta(. | x_k) || p_base(. | x_k)) of every sample's step, (B,) float64, without grad."""
-    sigma = states.per_sample(states.sigmas)[0]
+    sigma = states.own_steps().sigmas
     _, mean, mean_ref = _means(model, states, None, options, reference, counter or CallCounter())
     return _kl(mean, mean_ref, sigma)
 
@@ -155,7 +155,7 @@ def sqdf_gradient(model, states: StepStates, noise: torch.Tensor, score: Score, 
     """Accumulate into `.grad` the gradient of loss = mean_b -(gamma^n_b Q_b - alpha KL_b) at the given
     states and fresh noise (B, ...); returns Q, KL and the discount weight of every sample, (B,) each."""
     batch, last_step = states.batch_size, states.num_steps - 1
-    sigma = states.per_sample(states.sigmas)[0]
+    sigma = states.own_steps().sigmas
     if bool((sigma == 0).any()):
         raise ValueError(f"sqdf needs sigma > 0 at every drawn step; steps {states.steps[sigma == 0].tolist()} are "
                          "deterministic")

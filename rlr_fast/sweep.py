@@ -27,6 +27,7 @@ from .options import EstimatorOptions
 from .ddim import ddim_step
 from .profiling import nvtx_range
 from .rollout import Trajectory, predict, recompute_steps, stacked_inputs
+from .samplers import StepSchedule
 
 # A cotangent on the recomputed means (n, B, ...), or a function of those means that returns it
 # (DDPO's surrogate depends on them).
@@ -264,18 +265,13 @@ def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate) -> Callable
 
 @dataclass
 class StepStates:
-    """Per sample b: `x[b]`, the input of step `steps[b]` (scheduler order, 0 the noisiest) of a chain,
-    and what recomputing that step needs: the schedule's per-step tensors and the sample's conditioning.
+    """Per sample b: `x[b]`, the input of step `steps[b]` (sampling order, 0 the noisiest) of a chain,
+    and what recomputing that step needs: the chain's schedule and the sample's conditioning.
     """
 
     x: torch.Tensor  # (B, ...)
     steps: torch.Tensor  # (B,) int64
-    timesteps: torch.Tensor  # (T,) int64, and the rest as in Trajectory
-    c_x: torch.Tensor
-    c_e: torch.Tensor
-    sigmas: torch.Tensor
-    d_x: torch.Tensor
-    d_e: torch.Tensor
+    schedule: StepSchedule  # the chain's per-step tables (T,), as in Trajectory
     encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D)
     negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
     guidance_scale: float = 1.0
@@ -283,16 +279,13 @@ class StepStates:
     @classmethod
     def of(cls, traj: Trajectory, steps: torch.Tensor) -> "StepStates":
         """Sample b of `traj` at step steps[b]."""
-        if traj.d_x is None or traj.d_e is None:
-            raise ValueError("this trajectory holds no Tweedie coefficients (d_x, d_e); roll it out with "
-                             "rlr_fast.rollout")
         steps = torch.as_tensor(steps, dtype=torch.int64, device=traj.latents.device)
         rows = torch.arange(traj.batch_size, device=steps.device)
         cond = traj.encoder_hidden_states
         if traj.prompt_index is not None:  # a prompt schedule: each sample's prompt at its own step
             cond = cond[traj.prompt_index.to(steps.device)[steps, rows]]
-        return cls(traj.latents[steps, rows], steps, traj.timesteps, traj.c_x, traj.c_e, traj.sigmas, traj.d_x,
-                   traj.d_e, cond, traj.negative_encoder_hidden_states, traj.guidance_scale)
+        return cls(traj.latents[steps, rows], steps, traj.schedule, cond, traj.negative_encoder_hidden_states,
+                   traj.guidance_scale)
 
     @property
     def batch_size(self) -> int:
@@ -300,7 +293,7 @@ class StepStates:
 
     @property
     def num_steps(self) -> int:
-        return self.timesteps.shape[0]
+        return self.schedule.num_steps
 
     @property
     def uses_cfg(self) -> bool:
@@ -313,9 +306,9 @@ class StepStates:
                                    encoder_hidden_states=pick(self.encoder_hidden_states),
                                    negative_encoder_hidden_states=pick(self.negative_encoder_hidden_states))
 
-    def per_sample(self, *tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each (T,) table at every sample's step: (B,) each."""
-        return tuple(v[self.steps] for v in tables)
+    def own_steps(self) -> StepSchedule:
+        """The schedule at every sample's own step: each table (B,)."""
+        return self.schedule.at(self.steps)
 
 
 def _guided(out: torch.Tensor, out_cond: Optional[torch.Tensor], w: float) -> torch.Tensor:
@@ -326,23 +319,23 @@ def state_step(model, states: StepStates, noise: Optional[torch.Tensor] = None, 
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(x_next, mean) of every sample's own step, x_next = mean + sigma * noise (noise 0 if None),
     in the current grad mode."""
-    t, c_x, c_e, sigma = states.per_sample(states.timesteps, states.c_x, states.c_e, states.sigmas)
-    out, out_cond = predict(model, states.x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
-                            states.guidance_scale, split_cfg)
+    own = states.own_steps()
+    out, out_cond = predict(model, states.x, own.timesteps, states.encoder_hidden_states,
+                            states.negative_encoder_hidden_states, states.guidance_scale, split_cfg)
     noise = torch.zeros_like(states.x) if noise is None else noise
-    prev, mean, _ = ddim_step(states.x, out, noise, c_x, c_e, sigma, model_output_cond=out_cond,
+    prev, mean, _ = ddim_step(states.x, out, noise, own.c_x, own.c_e, own.sigmas, model_output_cond=out_cond,
                               guidance_scale=states.guidance_scale, backend=backend)
     return prev, mean
 
 
 def state_tweedie(model, states: StepStates, *, split_cfg: bool = False) -> torch.Tensor:
     """x0_hat = d_x x + d_e e of every sample's own step (e the guided model output), in the current grad mode."""
-    t, d_x, d_e = states.per_sample(states.timesteps, states.d_x, states.d_e)
-    out, out_cond = predict(model, states.x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
-                            states.guidance_scale, split_cfg)
+    own = states.own_steps()
+    out, out_cond = predict(model, states.x, own.timesteps, states.encoder_hidden_states,
+                            states.negative_encoder_hidden_states, states.guidance_scale, split_cfg)
     per_sample = (-1,) + (1,) * (states.x.dim() - 1)
     e = _guided(out, out_cond, states.guidance_scale)
-    return d_x.to(e.dtype).reshape(per_sample) * states.x + d_e.to(e.dtype).reshape(per_sample) * e
+    return own.d_x.to(e.dtype).reshape(per_sample) * states.x + own.d_e.to(e.dtype).reshape(per_sample) * e
 
 
 def state_backward(model, states: StepStates, cotangent: torch.Tensor, options: EstimatorOptions,
@@ -354,10 +347,11 @@ def state_backward(model, states: StepStates, cotangent: torch.Tensor, options: 
     counter.forward_samples += states.batch_size
     counter.backward_samples += states.batch_size
     if options.split_cfg and states.uses_cfg:
-        t, a_x, a_e = states.per_sample(states.timesteps, *((states.d_x, states.d_e) if tweedie else
-                                                            (states.c_x, states.c_e)))
-        _split_guidance_backward(model, x, t, states.encoder_hidden_states, states.negative_encoder_hidden_states,
-                                 states.guidance_scale, a_x, a_e, cotangent, counter)
+        own = states.own_steps()
+        a_x, a_e = (own.d_x, own.d_e) if tweedie else (own.c_x, own.c_e)
+        _split_guidance_backward(model, x, own.timesteps, states.encoder_hidden_states,
+                                 states.negative_encoder_hidden_states, states.guidance_scale, a_x, a_e, cotangent,
+                                 counter)
     else:
         out = state_tweedie(model, states) if tweedie else state_step(model, states, backend=options.backend)[1]
         counter.forward += 1

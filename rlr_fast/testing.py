@@ -21,9 +21,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .baselines import reward_baseline
-from .ddim import step_coefficients
 from .options import EstimatorOptions
 from .rollout import Trajectory, recompute_steps, rollout
+from .samplers import as_sampler
 from .sweep import CallCounter, SavedTensorMemory, pathwise_sweep, resident_tensors
 
 # A coarse schedule (80 training steps, linear betas up to 0.25): every step's sigma is a sizeable
@@ -79,15 +79,15 @@ def quadratic_reward(target: torch.Tensor):
     return lambda x0: -(x0 - target).pow(2).flatten(1).sum(1)
 
 
-def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, target: torch.Tensor,
+def expected_reward(model: LinearEps, sampler, num_steps: int, eta: float, target: torch.Tensor,
                     cond: Optional[torch.Tensor] = None):
     """E[R(x_0)] in closed form, differentiable in the model's parameters.
 
-    `cond` (T, B, dim): for a `ConditionedLinearEps`, what step k of sample b is conditioned on;
-    the result is then the batch mean of E[R(x_0^b)].
+    `sampler`: a `rlr_fast.samplers.Sampler` or a DDIMScheduler (its timesteps must index the model's
+    `noise_scale`). `cond` (T, B, dim): for a `ConditionedLinearEps`, what step k of sample b is
+    conditioned on; the result is then the batch mean of E[R(x_0^b)].
     """
-    scheduler.set_timesteps(num_steps)
-    coef = step_coefficients(scheduler, eta)
+    coef = as_sampler(sampler).schedule(num_steps, eta)
     m = torch.zeros_like(model.w)
     var = torch.ones_like(model.w)  # x_T ~ N(0, I)
     for k in range(num_steps):
@@ -102,12 +102,12 @@ def expected_reward(model: LinearEps, scheduler, num_steps: int, eta: float, tar
     return -err.flatten(err.dim() - model.w.dim()).sum(-1).mean()
 
 
-def exact_loss_gradient(model: LinearEps, scheduler, num_steps: int, eta: float,
+def exact_loss_gradient(model: LinearEps, sampler, num_steps: int, eta: float,
                         target: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """grad of -E[R] (`cond` as for `expected_reward`) over the parameters, flattened in
+    """grad of -E[R] (`sampler`, `cond` as for `expected_reward`) over the parameters, flattened in
     `model.parameters()` order."""
     params = list(model.parameters())
-    grads = torch.autograd.grad(-expected_reward(model, scheduler, num_steps, eta, target, cond), params)
+    grads = torch.autograd.grad(-expected_reward(model, sampler, num_steps, eta, target, cond), params)
     return torch.cat([g.flatten() for g in grads])
 
 

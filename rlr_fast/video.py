@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 
-from .models import SDModels, load_sd, tiny_sd
+from .models import SDModels, load_sd, pipeline_class, tiny_sd
 
 __all__ = ["VIDEO_PIPELINES", "VideoModels", "check_num_frames", "is_video_folder", "is_video_model", "is_video_unet",
            "load_video", "tiny_motion_adapter", "tiny_video", "tiny_video_unet"]
@@ -70,19 +70,9 @@ class VideoModels(SDModels):
         return Path(directory)
 
 
-def _pipeline_class(path: Path) -> Optional[str]:
-    index = path / "model_index.json"
-    if not index.is_file():
-        return None
-    try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-
-
 def is_video_folder(path: Union[str, Path]) -> bool:
     """Whether `path` is a diffusers folder of a video pipeline `load_video` reads."""
-    return _pipeline_class(Path(path)) in VIDEO_PIPELINES
+    return pipeline_class(Path(path)) in VIDEO_PIPELINES
 
 
 def is_video_model(model: Union[str, Path], motion_adapter: Union[str, Path, None] = None) -> bool:

@@ -53,6 +53,13 @@ def tiny_folder(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    """finetune overrides for a run of a few seconds on the tiny SD: T = 3, one prompt x 2 images per step."""
+    return dict(model=str(tiny_folder), num_steps=3, batch_size=2, images_per_prompt=2, sample_prompts=1,
+                sample_seeds=(0,), tensorboard=False, warmup_steps=1, lr=1e-2)
+
+
 def _corrupt_tensor(path, name: str, how: str = "exponent") -> None:
     """Damage tensor `name` of a safetensors file in place, leaving its header intact: flip the top
     exponent bit of its first (little-endian float32) element, or overwrite all its bytes with random ones."""

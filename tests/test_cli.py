@@ -112,6 +112,10 @@ def test_evaluate_on_a_prompts_file(run_dir, tmp_path, capsys):
     (["sample", "--seeds", "a-b", "--prompt", "x"], "--seeds expects integers"),
     (["sample"], "needs --prompt"),
     (["evaluate", "--prompts", "no_such_set"], "pass --lora DIR"),
+    (["sample", "--seeds", "0,5-2", "--prompt", "x"], "--seeds range '5-2' runs backwards"),  # it ran seed 0 alone
+    (["finetune", "--set", "lr=1e38"], "lr must be at most 1"),  # it used to pass and crash at the first step
+    # on a machine without a GPU: the missing folder, not the missing GPU of the sd14 preset
+    (["sample", "--model", "/no/such/model", "--prompt", "x"], "Stable Diffusion folder /no/such/model does not exist"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -206,3 +210,14 @@ def test_parse_seeds():
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     with pytest.raises(ValueError, match="names no seed"):
         parse_seeds(",")
+    with pytest.raises(ValueError, match="runs backwards; write it low-high, e.g. '2-5'"):
+        parse_seeds("0,5-2")  # it used to give [0]
+
+
+def test_resume_elsewhere_is_refused(run_dir, tmp_path, capsys):
+    """--out with --resume used to be ignored without a word."""
+    assert main(["finetune", "--resume", str(run_dir), "--out", str(tmp_path / "other")]) == 2
+    assert f"is not the folder of the run resumed ({run_dir})" in one_error_line(capsys, "finetune")
+    assert main(["finetune", "--preset", "demo", "--resume", str(run_dir), "--out", str(tmp_path / "other")]) == 2
+    assert f"is not the folder of the run resumed ({run_dir})" in one_error_line(capsys, "finetune")
+    assert not (tmp_path / "other").exists()

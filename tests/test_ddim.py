@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from rlr_fast import profiling  # noqa: E402
-from rlr_fast.ddim import (check_scheduler, ddim_step, gaussian_log_prob, gaussian_log_prob_reference,  # noqa: E402
-                           log_density_dtype, resolve_backend, step_coefficients)
+from rlr_fast.ddim import (ddim_step, gaussian_log_prob, gaussian_log_prob_reference,  # noqa: E402
+                           log_density_dtype, resolve_backend)
+from rlr_fast.samplers import check_scheduler, step_coefficients  # noqa: E402
 from rlr_fast.testing import make_scheduler  # noqa: E402
 from step_cases import ALL_DTYPES, assert_close, check_step, step_inputs, with_backend  # noqa: E402
 

@@ -2,9 +2,14 @@
 stock diffusers reads back exactly. Everything is built offline on the CPU."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -141,7 +146,7 @@ def test_load_sd_subset_dtype_and_device(tiny_dir):
 def test_load_sd_turns_pndm_scheduler_config_into_ddim(tiny_dir, tmp_path, capsys):
     """SD1.4 ships a PNDMScheduler config, without clip_sample: load_sd must hand back DDIM with the
     same betas and clip_sample=False (DDIM's default, True, is not how SD samples), and say so once."""
-    from rlr_fast.rollout import check_scheduler
+    from rlr_fast.samplers import check_scheduler
 
     folder = tmp_path / "sd"
     models.tiny_sd(0).save_pretrained(folder)
@@ -324,6 +329,35 @@ def test_load_lora_rejects_a_file_without_our_metadata(tmp_path):
     StableDiffusionPipeline.save_lora_weights(save_directory=tmp_path, unet_lora_layers=state)
     with pytest.raises(ValueError, match="load_lora_weights"):
         lora.load_lora(models.tiny_sd(0).unet, tmp_path)
+
+
+def test_a_damaged_lora_is_refused_and_one_without_our_checksum_loads(tmp_path, corrupt_tensor):
+    unet = lora.add_lora(models.tiny_sd(0).unet, rank=2, alpha=3)
+    _simulate_training(unet)
+    path = lora.save_lora(unet, tmp_path / "ours", step=7)
+    assert lora.lora_step(path) == 7
+    weights, header = safetensors.torch.load_file(str(path)), safetensors.safe_open(str(path), "pt").metadata()
+    # another trainer's file (or an older rlr_fast's): our LoRA config, no checksum, no step
+    foreign = {k: v for k, v in header.items() if not k.startswith("rlr_fast")}
+    (tmp_path / "foreign").mkdir()
+    safetensors.torch.save_file(weights, str(tmp_path / "foreign" / lora.LORA_WEIGHT_NAME), metadata=foreign)
+    torch.testing.assert_close(_eps(lora.load_lora(models.tiny_sd(0).unet, tmp_path / "foreign")), _eps(unet),
+                               atol=1e-6, rtol=0)
+    corrupt_tensor(path, sorted(weights)[0])  # one flipped exponent bit
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is damaged: its weights do not match the checksum"):
+        lora.load_lora(models.tiny_sd(0).unet, tmp_path / "ours")
+
+
+def test_equal_loras_are_equal_bytes_in_any_process(tmp_path):
+    """The adapter config's target_modules is a set: its order, and so the file, used to change with
+    the process's hash seed."""
+    code = ("import sys; from rlr_fast import lora, models\n"
+            "lora.save_lora(lora.add_lora(models.tiny_sd(0).unet, seed=0), sys.argv[1])\n")
+    for hash_seed in ("1", "2"):  # seeds under which both orders differed
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True)
+    first, second = ((tmp_path / seed / lora.LORA_WEIGHT_NAME).read_bytes() for seed in ("1", "2"))
+    assert first == second
 
 
 def test_save_lora_onto_a_file_path(tmp_path):

@@ -43,6 +43,7 @@ def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn
     draws x_T in float32 and the chain stays there), prompt embeddings in the weights' dtype.
     latent_hw is (h, w), or (frames, h, w) for a video UNet."""
     from ..rollout import Trajectory
+    from ..samplers import StepSchedule
 
     cond_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
 
@@ -51,10 +52,10 @@ def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn
 
     shape = (batch, unet.config.in_channels) + tuple(latent_hw)
     cond = (batch, PROMPT_TOKENS, unet.config.cross_attention_dim)
+    tables = [empty(steps, dtype=torch.float64) for _ in range(5)]
+    schedule = StepSchedule(torch.full((steps,), 500, device="meta", dtype=torch.int64), *tables)
     return Trajectory(
-        latents=empty(steps + 1, *shape), noises=empty(steps, *shape),
-        timesteps=torch.full((steps,), 500, device="meta", dtype=torch.int64), sigmas=empty(steps, dtype=torch.float64),
-        c_x=empty(steps, dtype=torch.float64), c_e=empty(steps, dtype=torch.float64), log_probs=empty(steps, batch),
+        latents=empty(steps + 1, *shape), noises=empty(steps, *shape), schedule=schedule, log_probs=empty(steps, batch),
         eta=1.0, encoder_hidden_states=empty(*cond, dtype=cond_dtype),
         negative_encoder_hidden_states=empty(*cond, dtype=cond_dtype) if cfg else None,
         guidance_scale=7.5 if cfg else 1.0)
@@ -82,7 +83,8 @@ def measure_unet_phase(unet: nn.Module, samples: int, latent_hw: tuple[int, int]
     traj = meta_trajectory(steps, batch, latent_hw, unet, cfg=cfg_mode != "none")
     weights = torch.empty((steps, batch), device="meta")
     cotangent = torch.empty_like(traj.latents[0])
-    existing = module_state(unet) + [weights, cotangent] + [v for v in vars(traj).values() if torch.is_tensor(v)]
+    existing = (module_state(unet) + [weights, cotangent] + [v for v in vars(traj).values() if torch.is_tensor(v)]
+                + list(traj.schedule.tables().values()))
 
     def run():
         if grad == "none":

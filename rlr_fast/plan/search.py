@@ -128,6 +128,10 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
             model, motion_adapter = "sd14", None
     components = arch.component_configs(model, motion_adapter)
+    if components["unet"].get("addition_embed_type") is not None:
+        raise ValueError(f"the memory planner does not model UNets with added conditions (SDXL: "
+                         f"{components['unet']['addition_embed_type']!r}) yet: set max_batch, checkpoint_unet, "
+                         "split_cfg and decode_chunk by hand (the sdxl preset's are the most frugal ones)")
     video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
     if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
