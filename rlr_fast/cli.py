@@ -87,7 +87,7 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
         sub.add_argument("--eta", type=float, help="DDIM eta")
         sub.add_argument("--negative-prompt", help="the negative prompt of guidance")
         sub.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-        sub.add_argument("--dtype", help="float32, or float16/bfloat16 on a GPU")
+        sub.add_argument("--dtype", help="float32, float16/bfloat16 on a GPU, or float64 on the CPU")
 
     sample = commands.add_parser("sample", help="images from a base model and an optional LoRA")
     add_model_args(sample)

@@ -25,7 +25,7 @@ from .presets import PRESETS, PROMPT_SETS
 from .prompts import PromptSchedule, schedule_value
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 ROLLOUTS = ("auto", "cuda_graph", "eager")
 REPLAY_SAMPLINGS = ("uniform", "reward")
 # What one command asks for rather than what a run is: left out of the config a run records.
@@ -53,7 +53,9 @@ class Config(EstimatorOptions):
     num_frames: int = option(16, "frames of each video (video models only)")
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
-                                   "bfloat16 on a GPU (LoRA weights and optimizer state stay float32)")
+                                   "bfloat16 on a GPU (LoRA weights and optimizer state stay float32), or "
+                                   "float64 on the CPU: weights, LoRA, optimizer state and the chain in float64 "
+                                   "(exact reproducibility checks)")
     seed: int = option(0, "seeds LoRA init, prompts, initial noise, sampling noise and the estimator")
     out_dir: str = option("out/run", "directory for metrics, samples, checkpoints and the final LoRA")
     overwrite: bool = option(False, "delete the run (checkpoints, LoRA) an out_dir holds and start afresh; asked "

@@ -23,13 +23,13 @@ from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
     """The torch device of a config, and the config with a precision that device runs: half
     precision is autocast on a GPU, so on the CPU a float16/bfloat16 config runs in float32 (said
-    once on stderr). A device that cannot be had is a ValueError saying why."""
+    once on stderr). A device that cannot be had, or float64 on a GPU, is a ValueError saying why."""
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -42,7 +42,10 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
                 "GPU, or choose the CPU (finetune: --preset demo or --set device=cpu; sample/evaluate: --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={cfg.device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif cfg.dtype != "float32":
+        if cfg.dtype == "float64":
+            raise ValueError(f"dtype='float64' runs on the CPU only (exact reproducibility checks), but device="
+                             f"{cfg.device!r} is a GPU; set device=cpu, or choose float32, float16 or bfloat16")
+    elif cfg.dtype in ("float16", "bfloat16"):
         print(f"note: dtype={cfg.dtype} is for GPUs (autocast); running in float32 on the CPU", file=sys.stderr)
         cfg = dataclasses.replace(cfg, dtype="float32")
     return device, cfg
@@ -84,9 +87,16 @@ def load_for_inference(model: str, lora: Optional[str], device: torch.device, dt
 
 def initial_noise(unet, batch: int, generator: torch.Generator, device: torch.device,
                   latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> torch.Tensor:
-    """x_T (batch, *latent_shape(...)) in float32, drawn on the CPU from `generator` (the same on every
-    device)."""
-    return torch.randn((batch, *latent_shape(unet, latent_hw, num_frames)), generator=generator).to(device)
+    """x_T (batch, *latent_shape(...)) in the UNet's `chain_dtype`, drawn in float32 on the CPU from
+    `generator` (the same on every device and in every dtype)."""
+    x_T = torch.randn((batch, *latent_shape(unet, latent_hw, num_frames)), generator=generator, dtype=torch.float32)
+    return x_T.to(device, chain_dtype(unet))
+
+
+def chain_dtype(unet) -> torch.dtype:
+    """The sampling chain's dtype: float32 (half-precision weights run under autocast, the latents stay
+    float32), or float64 for a float64 UNet (dtype='float64': everything in float64)."""
+    return torch.promote_types(next(unet.parameters()).dtype, torch.float32)
 
 
 def latent_shape(unet, latent_hw: Optional[tuple[int, int]] = None, num_frames: Optional[int] = None) -> tuple:

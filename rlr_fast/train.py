@@ -411,8 +411,8 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
         cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     params = lora_parameters(models.unet)
-    for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype
-        p.data = p.data.float()
+    for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype (fp64 runs: fp64)
+        p.data = p.data.to(torch.promote_types(DTYPES[cfg.dtype], torch.float32))
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     # encodes its prompts (before free_text_encoder); rank 0 alone evaluates, the others wait for it at
     # the next collective (within distributed_timeout)

@@ -45,7 +45,7 @@ from .config import Config
 from .cuda_graph import GraphedRollout
 from .distributed import Ranks, sample_seeds
 from .estimators import NonFiniteRewards, _rewards, estimate
-from .inference import autocast, latent_shape
+from .inference import autocast, chain_dtype, latent_shape
 from .metrics import diversity, jsonable
 from .models import SDModels, latent_size
 from .profiling import nvtx_range
@@ -68,16 +68,17 @@ def draw_prompt_ids(num_prompts: int, batch_size: int, images_per_prompt: int,
     return chosen.repeat_interleave(images_per_prompt)
 
 
-def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_T (B, *shape) and every step's noise (T, B, *shape) in float32, sample b drawn on the CPU
-    from a generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others'."""
+def sample_noise(shape: tuple[int, ...], num_steps: int, seeds: list[int], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T (B, *shape) and every step's noise (T, B, *shape) in `dtype`, sample b drawn in float32 on the
+    CPU from a generator of its own seeded `seeds[b]`: a sample's noise does not depend on the others',
+    and a float64 run draws the float32 run's noises."""
     x_T, noises = [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        x_T.append(torch.randn(shape, generator=generator))
-        noises.append(torch.randn((num_steps, *shape), generator=generator))
-    return torch.stack(x_T).to(device), torch.stack(noises, dim=1).to(device)
+        x_T.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+        noises.append(torch.randn((num_steps, *shape), generator=generator, dtype=torch.float32))
+    return torch.stack(x_T).to(device, dtype), torch.stack(noises, dim=1).to(device, dtype)
 
 
 def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator: torch.Generator, ranks: Ranks,
@@ -89,7 +90,8 @@ def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator:
     seed = int(torch.randint(2**63 - 1, (), generator=generator))
     mine = ranks.share(cfg.batch_size)
     shape = latent_shape(models.unet, latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
-    x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device)
+    x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device,
+                               chain_dtype(models.unet))
     return ids[mine], x_T, noises
 
 

@@ -28,6 +28,26 @@ def test_a_gpu_device_without_a_gpu(monkeypatch):
         resolve_device(Config.from_preset("sd14"))
 
 
+def test_float64_runs_on_the_cpu_only(monkeypatch, capsys):
+    cfg = Config.from_preset("demo", dtype="float64")
+    assert resolve_device(cfg) == (torch.device("cpu"), cfg)  # kept in float64, without a note
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"dtype='float64' runs on the CPU only.*device='cuda' is a GPU; "
+                                         r"set device=cpu"):
+        resolve_device(Config.from_preset("demo", dtype="float64", device="cuda"))
+
+
+def test_a_float64_model_samples_in_float64_from_the_float32_start(models):
+    cond, kw = models.encode_prompts(["a", "b"]), dict(num_steps=2, eta=1.0, guidance_scale=1.0)
+    precise = tiny_sd(0)
+    precise.unet.to(torch.float64)
+    chain = sample_chain(precise, cond.double(), None, 5, **kw)
+    assert chain.latents.dtype == chain.x0.dtype == torch.float64
+    assert torch.equal(chain.latents[0], sample_chain(models, cond, None, 5, **kw).latents[0].double())
+
+
 def test_images_are_fixed_by_their_seed_and_show_progress(models, capsys):
     cond = models.encode_prompts(["a", "b"])
     negative = models.encode_prompts([""])

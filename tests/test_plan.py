@@ -291,6 +291,8 @@ def test_bad_settings_are_named():
         sd14_plan(resolution=500)
     with pytest.raises(ValueError, match="attention must be one of"):
         P.plan("sd14", model="sd14", attention="fast")
+    with pytest.raises(ValueError, match=r"not dtype='float64' \(a CPU reproducibility mode\)"):
+        sd14_plan(dtype="float64")
 
 
 def test_resolution_and_architectures_of_the_default_model_are_measured_on_demand(tmp_path):

@@ -9,7 +9,9 @@ from rlr_fast.models import tiny_sd
 from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.rewards import get_reward
 from rlr_fast.rollout import rollout
-from rlr_fast.update import OnPolicy, PromptBank, StepContext, TrainingRollout, apply, draw_prompt_ids
+from rlr_fast.distributed import Ranks
+from rlr_fast.update import (OnPolicy, PromptBank, StepContext, TrainingRollout, apply, draw_micro_batch,
+                             draw_prompt_ids)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,16 @@ def test_prompt_ids_are_distinct_groups_of_images_per_prompt():
     assert (groups[:, 0] == groups[:, 1]).all() and len(set(groups[:, 0].tolist())) == 3
     few = draw_prompt_ids(2, batch_size=8, images_per_prompt=2, generator=torch.Generator().manual_seed(0))
     assert few.shape == (8,) and set(few.tolist()) <= {0, 1}  # more groups than prompts: drawn with repeats
+
+
+def test_a_float64_run_draws_the_float32_run_s_noises(models):
+    precise = tiny_sd(0)
+    precise.unet.to(torch.float64)
+    cfg, cpu = Config(num_steps=3, batch_size=4, images_per_prompt=2), torch.device("cpu")
+    ids, x_T, noises = draw_micro_batch(cfg, 4, models, torch.Generator().manual_seed(5), Ranks(), cpu)
+    ids64, x_T64, noises64 = draw_micro_batch(cfg, 4, precise, torch.Generator().manual_seed(5), Ranks(), cpu)
+    assert x_T.dtype == noises.dtype == torch.float32 and x_T64.dtype == noises64.dtype == torch.float64
+    assert torch.equal(ids64, ids) and torch.equal(x_T64, x_T.double()) and torch.equal(noises64, noises.double())
 
 
 @pytest.mark.parametrize("choice, device, kind, reason", [

@@ -118,6 +118,9 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if cfg.dtype == "float64":
+        raise ValueError("the memory planner models a GPU's float32, float16 and bfloat16 runs, not dtype='float64' "
+                         "(a CPU reproducibility mode): leave max_memory_gb unset")
     notes, motion_adapter = [], None
     if model is None:
         model, motion_adapter = cfg.model, cfg.motion_adapter
