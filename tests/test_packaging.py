@@ -39,14 +39,17 @@ def __getattr__(name):
 
 @pytest.fixture(scope="module")
 def stand_in_site(tmp_path_factory):
-    """A site directory holding the stand-in `kernels` distribution (package and metadata), version 0.18.2,
-    in the range transformers accepts."""
+    """A site directory holding the stand-in `kernels` distribution (package and metadata), at the lowest
+    version the installed transformers accepts (0.18.2 for 5.24, 0.19.1 for 5.25)."""
+    from transformers.utils import import_utils
+
+    version = getattr(import_utils, "KERNELS_MIN_VERSION", "0.19.1")
     site = tmp_path_factory.mktemp("site")
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text(STAND_IN)
-    info = site / "kernels-0.18.2.dist-info"
+    info = site / f"kernels-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.2\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
     return site
 
 
