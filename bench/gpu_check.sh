@@ -62,8 +62,8 @@ ORDER=(setup build memory speed tests ncu)
 SLOWER=$((DRY_RUN ? 3 : 1))  # the dry run's stages on a busy 2-core CPU, against the GPU machine's 16 cores
 for name in "${ORDER[@]}"; do LIMIT[$name]=$((SLOWER * LIMIT[$name])); done
 BUDGET_S=${BUDGET_S:-$((SLOWER * GPU_BUDGET_S))}
-GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py tests/test_profiling.py
- tests/test_train.py::test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph
+GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py
+ tests/test_profiling.py tests/test_train.py::test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph
  tests/test_step_conditioning.py::test_graph_rollout_under_schedule_equals_eager_on_gpu"
 PY=${PYTHON:-python3}
 SITE=/tmp/rlr_fast_site

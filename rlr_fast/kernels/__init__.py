@@ -19,9 +19,9 @@ functional entry point:
 
 (the fused step's Function is ddim_step_function.py, torch only: one Function for every backend of
 that op, the compiled rlr_fast._C included), beside them utils.py (the grid, the reduction, launch
-sizes, checks both ops share) and reference.py: the ops' specification in plain PyTorch (torch only, no triton), which every
-backend, the compiled rlr_fast._C ops included, is tested against and which rlr_fast.ddim uses
-as its "reference" backend.
+sizes, checks both ops share) and reference.py: the ops' specification in plain PyTorch (torch
+only, no triton), which every backend, the compiled rlr_fast._C ops included, is tested against
+and which rlr_fast.ddim uses as its "reference" backend.
 
 The functions are not re-exported here: they share their modules' names, and re-exporting would
 hide the modules behind them.
