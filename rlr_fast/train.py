@@ -71,6 +71,7 @@ from .inference import (DTYPES, check_model, generate_images, load_models, progr
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, resume_records, summarize
 from .models import SDModels, latent_size
+from .consistency import load_consistency
 from .lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, lora_step, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, get_video_reward
@@ -410,6 +411,9 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # a second, frozen adapter (or UNet)
+        load_consistency(models.unet, cfg.consistency_model, models.scheduler, steps=cfg.consistency_steps,
+                         guidance=cfg.consistency_guidance)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype (fp64 runs: fp64)
         p.data = p.data.to(torch.promote_types(DTYPES[cfg.dtype], torch.float32))
