@@ -202,7 +202,8 @@ def load_consistency(unet: UNet2DConditionModel, folder, scheduler, *, steps: in
         network = None
     else:
         sub = {"subfolder": "unet"} if (folder / "unet").is_dir() else {}
-        network = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=parameter.dtype, **sub)
+        network = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=parameter.dtype,
+                                                       **sub)
         network = network.to(parameter.device).eval().requires_grad_(False)
     estimator = ConsistencyX0(scheduler, network, steps=steps, guidance=guidance)
     setattr(unet, _ATTRIBUTE, estimator)
