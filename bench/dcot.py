@@ -58,7 +58,7 @@ class Settings:
 
 FULL = Settings(base=dict(num_steps=10, batch_size=8, images_per_prompt=2, eta=1.0, guidance_scale=1.0, method="rlr",
                           first_order_steps=1, h=2, zo_steps=4, baseline="loo_prompt", lr=1e-2, warmup_steps=0),
-                train_steps=24, seeds=(0, 1, 2, 3, 4), eval_prompts=16, eval_seeds=(1000, 1001, 1002, 1003))
+                train_steps=12, seeds=(0, 1, 2, 3, 4), eval_prompts=8, eval_seeds=(1000, 1001))
 QUICK = Settings(base=dict(num_steps=5, batch_size=2, images_per_prompt=2, eta=1.0, guidance_scale=1.0, method="rlr",
                            first_order_steps=1, h=2, zo_steps=1, baseline="loo_prompt", lr=1e-2, warmup_steps=0),
                  train_steps=2, seeds=(0,), eval_prompts=2, eval_seeds=(1000,))

@@ -6,6 +6,7 @@ the public code's rewards > 0 mask; a finetune run whose saved LoRA is the polic
 """
 
 import copy
+import importlib
 import sys
 
 import pytest
@@ -299,3 +300,25 @@ def test_the_sqdf_preset_takes_the_consistency_model_with_one_key():
     assert (cfg.x0_estimator, cfg.consistency_model, cfg.consistency_steps) == ("consistency", "lcm-lora-sdv1-5", 1)
     with pytest.raises(ValueError, match="consistency_steps"):
         Config.from_preset("sqdf", x0_estimator="consistency", consistency_steps=0)
+
+
+# ---- the memory planner ------------------------------------------------------------------------
+
+
+def test_the_planner_counts_the_consistency_weights_and_steps(setup):
+    """SD1.4 on meta: the LCM-LoRA's weights resident in the run's dtype, and a phase of N UNet steps
+    with an input gradient (conditional only) for the VJP through N consistency steps."""
+    P = importlib.import_module("rlr_fast.plan")  # the package, not the function rlr_fast.plan
+
+    case = dict(model="sd14", resolution=512, batch_size=2, num_steps=50, guidance_scale=5.0, method="sqdf",
+                dtype="float16")
+    tweedie = P.plan("sqdf", None, **case)
+    one, three = (P.plan("sqdf", None, x0_estimator="consistency", consistency_model=str(setup["folder"]),
+                         consistency_steps=n, **case) for n in (1, 3))
+    weights = safetensors.torch.load_file(str(setup["folder"] / "pytorch_lora_weights.safetensors"))
+    assert one.breakdown["consistency_weights"] == 2 * sum(t.numel() for t in weights.values())
+    assert "consistency_x0" not in tweedie.phases and "consistency_weights" not in tweedie.breakdown
+    assert three.phases["consistency_x0"] == 3 * one.phases["consistency_x0"] > 0
+    assert three.peak_bytes >= one.peak_bytes >= tweedie.peak_bytes
+    missing = P.plan("sqdf", None, x0_estimator="consistency", consistency_model="no/such/folder", **case)
+    assert missing.breakdown["consistency_weights"] == 0 and any("not found here" in n for n in missing.notes)
