@@ -62,14 +62,17 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 @contextlib.contextmanager
 def consistency_adapter_only(unet: torch.nn.Module):
     """While entered, the UNet is the consistency model: the `consistency` adapter on, every other
-    adapter off; each layer's active adapters, its on/off switch and every requires_grad flag are as
-    before afterwards (inside lora.lora_disabled too)."""
+    adapter off, no parameter requiring grad (a VJP runs to the input alone); each layer's active
+    adapters, its on/off switch and every requires_grad flag are as before afterwards (inside
+    lora.lora_disabled too)."""
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
     saved = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     for layer in layers:
         layer.enable_adapters(True)
-        layer.set_adapter([ADAPTER])
+        layer.set_adapter([ADAPTER])  # peft marks the adapter trainable: nothing here is, only the input
+    for p, _ in flags:
+        p.requires_grad_(False)
     try:
         yield unet
     finally:
