@@ -44,7 +44,7 @@ from .config import Config
 from .eval_report import draw_eval_curves
 from .inference import DTYPES, autocast, decode_latents, progress, sample_chain
 from .metrics import diversity, jsonable, read_metrics
-from .models import SDModels, latent_size
+from .models import SDModels
 from .lora import has_lora, lora_disabled
 from .prompts import PromptBank
 from .rewards import Reward
@@ -140,7 +140,7 @@ class Evaluator:
                                  cfg.num_steps).conditioning(torch.arange(len(self.prompts[i:i + batch_size])))
                       for i in range(0, len(self.prompts), batch_size)]
         self.negative = models.encode_prompts([cfg.negative_prompt])
-        self.latent_hw = latent_size(cfg.resolution, models.unet.config, models.vae.config)
+        self.latent_hw = models.latent_hw(cfg.resolution)
         self.base: Optional[Pass] = None
 
     def __call__(self, desc: str = "evaluate") -> dict:

@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 
 from .config import Config
-from .models import SDModels, check_sd_folder, load_sd
+from .families import family_of
+from .models import SDModels, check_sd_folder, load_sd, pipeline_class
 from .checkpoint import read_checkpoint, restore_lora
 from .lora import add_lora, load_lora
 from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
+FLOW_PARTS = ("transformer", "vae", "scheduler")  # what an SD3 or FLUX folder has in place of unet/
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -53,7 +55,9 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
 
 def check_model(model: str, motion_adapter: Optional[str] = None) -> None:
     """Refuse a model that cannot load, before anything slow runs (the full check is `load_models`)."""
-    if model != "default":
+    if model != "default" and pipeline_class(Path(model)) in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        check_sd_folder(Path(model), FLOW_PARTS, allowed=FLOW_PARTS)
+    elif model != "default":
         check_sd_folder(Path(model))
     if motion_adapter is not None and not Path(motion_adapter).is_dir():
         raise FileNotFoundError(f"motion adapter folder {motion_adapter} does not exist")
@@ -107,7 +111,7 @@ def latent_shape(unet, latent_hw: Optional[tuple[int, int]] = None, num_frames: 
     if is_video_unet(unet):
         check_num_frames(unet, num_frames)
         frames = (num_frames,)
-    return (unet.config.in_channels, *frames, h, w)
+    return (family_of(unet).latent_channels(unet), *frames, h, w)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -126,7 +130,8 @@ def decode_latents(vae, latents: torch.Tensor, frame_chunk: int = 8) -> torch.Te
         frames = latents.transpose(1, 2).reshape(b * f, c, h, w)
         images = torch.cat([decode_latents(vae, chunk) for chunk in frames.split(frame_chunk)])
         return images.reshape((b, f) + tuple(images.shape[1:]))
-    z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+    # SD3's and FLUX's VAEs also shift their latents (shift_factor); SD1.x's and SDXL's have none
+    z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0)
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -70,7 +70,7 @@ from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, resume_records, summarize
-from .models import SDModels, latent_size
+from .models import SDModels
 from .lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, lora_step, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, get_video_reward
@@ -319,8 +319,7 @@ class _Run:
             images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
-                                     latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config),
+                                     latent_hw=self.models.latent_hw(cfg.resolution),
                                      prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
         suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
