@@ -206,3 +206,42 @@ def test_finetune_runs_on_a_flow_folder(flow_folder, tmp_path):
     pipe = load_flow(flow_folder).pipeline()
     pipe.load_lora_weights(result.out_dir)
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_t5_is_optional_and_freed(flow_folder):
+    """SD3 without T5 conditions on the pipeline's zero T5 tokens; every text encoder goes with
+    free_text_encoders, after which encoding is refused."""
+    models = load_flow(flow_folder)
+    if models.is_flux:
+        with pytest.raises(ValueError, match="cannot be loaded with t5=False"):
+            load_flow(flow_folder, t5=False)
+        return
+    without = load_flow(flow_folder, t5=False)
+    assert without.text_encoder_3 is None
+    clip_tokens = 77  # the CLIP tokens come first, then T5's max_sequence_length
+    full, zero_t5 = models.encode_prompts(["a red cube"]), without.encode_prompts(["a red cube"])
+    assert float(full[:, clip_tokens:clip_tokens + models.max_sequence_length].abs().max()) > 0
+    assert not bool(zero_t5[:, clip_tokens:clip_tokens + models.max_sequence_length].any())
+    torch.testing.assert_close(zero_t5[:, :clip_tokens], full[:, :clip_tokens])
+    models.free_text_encoders()
+    assert models.text_encoder is models.text_encoder_2 is models.text_encoder_3 is None
+    with pytest.raises(ValueError, match="encode_prompts needs the transformer"):
+        models.encode_prompts(["a red cube"])
+
+
+def test_the_planner_refuses_flow_models(flow_folder):
+    with pytest.raises(ValueError, match="does not model flow transformers"):
+        rlr_fast.plan(dict(model=str(flow_folder)), max_memory_gb=12)
+
+
+def test_the_static_graph_step_takes_float_timesteps():
+    """The CUDA-graph rollout's eager path (capture=False: what a CPU runs) equals the rollout under the
+    flow SDE, whose timesteps are float."""
+    from rlr_fast.cuda_graph import GraphedRollout
+
+    model, sampler = LinearVelocity(3).float(), FlowSampler(sd3_scheduler())
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_steps=5, eta=FLOW_NOISE_LEVEL)
+    traj = rlr_fast.rollout(model, sampler, x_T, generator=torch.Generator().manual_seed(1), **kw)
+    static = GraphedRollout(model, sampler, capture=False)(x_T, generator=torch.Generator().manual_seed(1), **kw)
+    assert traj.timesteps.dtype == torch.float32 and torch.equal(static.latents, traj.latents)
