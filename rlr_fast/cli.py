@@ -228,6 +228,7 @@ def _run_sample(args) -> int:
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     _lora_argument(args)
     cfg, models, dtype = _load(args, *_inference_config(args))
+    latent_hw = models.set_resolution(cfg.resolution)  # before encoding: SDXL's time ids follow it
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     if bank.steps.scheduled:
         print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
@@ -235,7 +236,7 @@ def _run_sample(args) -> int:
     cond = bank.conditioning(torch.arange(len(prompts)))
     images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
                              eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
-                             prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+                             latent_hw=latent_hw, prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
     suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)

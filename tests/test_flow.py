@@ -191,7 +191,10 @@ def test_conditioning_without_the_packed_vectors_is_refused(flow_folder):
 @pytest.mark.slow
 def test_finetune_runs_on_a_flow_folder(flow_folder, tmp_path):
     """Two updates of RLR at the flow SDE's default noise level, with guidance and the text encoders freed:
-    finite rewards, a trained LoRA, which the family's pipeline reads."""
+    finite rewards, a trained LoRA, which the family's pipeline reads and `rlr-fast sample` samples with."""
+    from PIL import Image
+
+    from rlr_fast.cli import main
     from rlr_fast.train import finetune
 
     result = finetune(out_dir=str(tmp_path / "run"), model=str(flow_folder), num_steps=3, batch_size=2,
@@ -206,6 +209,10 @@ def test_finetune_runs_on_a_flow_folder(flow_folder, tmp_path):
     pipe = load_flow(flow_folder).pipeline()
     pipe.load_lora_weights(result.out_dir)
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+    out = tmp_path / "samples"  # `rlr-fast sample` with the run's LoRA and config (its resolution: 16 px)
+    assert main(["sample", "--lora", str(result.out_dir), "--prompt", "a red cube", "--seeds", "0", "--out",
+                 str(out)]) == 0
+    assert Image.open(out / "prompt000_seed0.png").size == (16, 16)
 
 
 def test_t5_is_optional_and_freed(flow_folder):
