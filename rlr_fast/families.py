@@ -233,8 +233,6 @@ OTHER = Family("other", (), latent_layout=None)
 
 # The most specific first: SDXL's UNet is a UNet2DConditionModel too.
 FAMILIES = (SDXL, ANIMATEDIFF, MODELSCOPE, SD, SD3, FLUX)
-# The families whose networks are flow-matching transformers (velocity output, rlr_fast.samplers.FlowSampler).
-FLOW_FAMILIES = (SD3, FLUX)
 
 
 def family_of(model) -> Family:

@@ -33,10 +33,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from .families import pack_vectors
-from .models import SDModels, check_dtype, pipeline_class, tiny_tokenizer
+from .models import FLOW_PIPELINES, SDModels, check_dtype, pipeline_class, tiny_tokenizer
 from .samplers import FlowSampler
 
-FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 FLUX_NATIVE_LATENT = 128  # FluxPipeline's default_sample_size: 1024 px images
 
@@ -116,10 +115,6 @@ class FlowModels(SDModels):
 
 def vae_scale(vae_config) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
-
-
-def is_flow_folder(path: Union[str, Path]) -> bool:
-    return pipeline_class(Path(path)) in FLOW_PIPELINES
 
 
 def load_flow(path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",

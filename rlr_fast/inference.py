@@ -17,7 +17,7 @@ from PIL import Image
 
 from .config import Config
 from .families import family_of
-from .models import SDModels, check_sd_folder, load_sd, pipeline_class
+from .models import FLOW_PIPELINES, SDModels, check_sd_folder, load_sd, pipeline_class
 from .checkpoint import read_checkpoint, restore_lora
 from .lora import add_lora, load_lora
 from .rollout import Trajectory, rollout
@@ -55,7 +55,7 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
 
 def check_model(model: str, motion_adapter: Optional[str] = None) -> None:
     """Refuse a model that cannot load, before anything slow runs (the full check is `load_models`)."""
-    if model != "default" and pipeline_class(Path(model)) in ("StableDiffusion3Pipeline", "FluxPipeline"):
+    if model != "default" and pipeline_class(Path(model)) in FLOW_PIPELINES:
         check_sd_folder(Path(model), FLOW_PARTS, allowed=FLOW_PARTS)
     elif model != "default":
         check_sd_folder(Path(model))

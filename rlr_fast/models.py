@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The pipelines of flow-matching transformer folders (rlr_fast.flow loads them).
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 # The weight file names (without extension) diffusers and transformers save each model component as.
 _WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                  "text_encoder_2": "model"}
@@ -215,7 +217,7 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         from .sdxl import load_sdxl
 
         return load_sdxl(path, dtype, device, components)
-    if pipeline_class(path) in ("StableDiffusion3Pipeline", "FluxPipeline"):
+    if pipeline_class(path) in FLOW_PIPELINES:
         from .flow import load_flow
 
         if components is not None:

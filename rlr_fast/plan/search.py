@@ -114,7 +114,7 @@ def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **setting
 def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
     replaces the architectures read from cfg.model."""
-    from ..models import latent_size, pipeline_class
+    from ..models import FLOW_PIPELINES, latent_size, pipeline_class
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -127,8 +127,8 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
         if model != "default" and not Path(model).is_dir():
             notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
             model, motion_adapter = "sd14", None
-    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        # Hook: a flow family's transformer dims (rlr_fast.families.FLOW_FAMILIES, rlr_fast.flow) would come here
+    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
+        # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
         raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
                          f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
