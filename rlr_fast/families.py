@@ -205,8 +205,10 @@ class FluxFamily(Family):
         tokens, pooled, guidance = unpack_vectors(cond, self.sizes(model))
         b, c, h, w = sample.shape
         patches = sample.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
-        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(sample.device, sample.dtype)
+        # built on the sample's device: no host-to-device copy, so the call can be captured in a CUDA graph
+        rows, cols = torch.meshgrid(*(torch.arange(n // 2, device=sample.device, dtype=sample.dtype) for n in (h, w)),
+                                    indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
         txt_ids = tokens.new_zeros(tokens.shape[1], 3)
         out = model(hidden_states=patches, timestep=batch_timestep(timestep, b) / 1000,
                     guidance=guidance[:, 0].float() if model.config.guidance_embeds else None,
