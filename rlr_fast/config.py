@@ -76,7 +76,8 @@ class Config(EstimatorOptions):
               "pixel count")
     rollout: str = option("auto", "training rollouts: 'auto' (replayed from a CUDA graph on a GPU, eager "
                                   "elsewhere or when capture fails, with the reason), 'cuda_graph' or 'eager'")
-    eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
+    eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise; an SD3 / FLUX model's flow SDE noise "
+                        "level a: 0 the Euler ODE, 0.7 Flow-GRPO's (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
     prompt_schedule: Optional[dict] = option(
