@@ -35,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .families import pack_vectors
 from .models import FLOW_PIPELINES, SDModels, check_dtype, pipeline_class, tiny_tokenizer
 from .samplers import FlowSampler
+from .sdxl import vae_scale
 
 TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 FLUX_NATIVE_LATENT = 128  # FluxPipeline's default_sample_size: 1024 px images
@@ -111,10 +112,6 @@ class FlowModels(SDModels):
                              "adapter with save_lora")
         self.pipeline().save_pretrained(directory, safe_serialization=True)
         return Path(directory)
-
-
-def vae_scale(vae_config) -> int:
-    return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
 def load_flow(path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
