@@ -221,3 +221,39 @@ def test_resume_elsewhere_is_refused(run_dir, tmp_path, capsys):
     assert main(["finetune", "--preset", "demo", "--resume", str(run_dir), "--out", str(tmp_path / "other")]) == 2
     assert f"is not the folder of the run resumed ({run_dir})" in one_error_line(capsys, "finetune")
     assert not (tmp_path / "other").exists()
+
+
+# ---- issue 24 §2 and §9: settings honoured as recorded, and said
+
+
+def test_sample_honours_the_runs_resolution(run_dir, tmp_path, capsys):
+    """`sample` used to draw at the model's native size whatever the run's `resolution`."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("resolution: null", "resolution: 32"))
+    assert main(["sample", "--lora", str(run), "--prompt", "a red circle on a blue background", "--seeds", "0",
+                 "--out", str(tmp_path / "samples")]) == 0
+    assert "resolution 32" in capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "prompt000_seed0.png").size == (32, 32)  # native: 16 px
+
+
+def test_set_preset_on_resume_is_refused_not_recorded(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["finetune", "--resume", str(run), "--set", "preset=sd14", "--set", "train_steps=3"]) == 2
+    assert "--set preset=sd14 with --resume" in one_error_line(capsys, "finetune")
+    assert "preset: demo" in (run / "config.yaml").read_text()
+
+
+def test_help_says_mappings_merge_and_what_the_keys_mean(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a mapping merges key by key into the preset's" in text
+    assert "k, the likelihood-ratio steps drawn per update from C" in text and "|C| the number of steps in C" in text
+    assert "baselines the number of baselines compared" in text
+    assert "'reference' (plain PyTorch, the specification)" in text and "'triton' (the Triton kernel" in text
+    assert "options below" not in text  # max_memory_gb's options are named, not "below" (they are above it)
