@@ -257,3 +257,12 @@ def test_help_says_mappings_merge_and_what_the_keys_mean(capsys):
     assert "baselines the number of baselines compared" in text
     assert "'reference' (plain PyTorch, the specification)" in text and "'triton' (the Triton kernel" in text
     assert "options below" not in text  # max_memory_gb's options are named, not "below" (they are above it)
+
+
+def test_a_command_prints_no_torchvision_warning(tmp_path):
+    """diffusers' pipeline import used to make transformers warn about torchvision on every command."""
+    done = subprocess.run([sys.executable, "-m", "rlr_fast", "sample", "--model", "default", "--prompt", "a red circle",
+                           "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr and "sample: model default (no LoRA)" in done.stderr
