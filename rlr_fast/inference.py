@@ -53,7 +53,7 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
 
 def cpu_precision(cfg: Config) -> Config:
     """`cfg` with float32 for what it asks in half precision, said once on stderr: on the CPU half
-    precision is emulated (a float16 reward network's backward about 100x slower than in float32), so
+    precision is emulated (a float16 reward network's backward far slower than in float32), so
     the weights' dtype and the rewards' (reward_kwargs, eval_reward_kwargs) both run in float32."""
     def is_half(dtype) -> bool:
         return str(dtype).removeprefix("torch.") in HALF_DTYPES
