@@ -198,7 +198,7 @@ class Config(EstimatorOptions):
     def with_overrides(self, overrides: dict, *, validate: bool = True, merge: bool = False) -> "Config":
         """A copy with `overrides` applied; each value is parsed by the field's type. merge=True (a preset,
         YAML file or `--set` on top of another layer): a mapping-valued key (reward_kwargs,
-        eval_reward_kwargs) merges into the current mapping key by key, a key set to None leaving it."""
+        eval_reward_kwargs) merges into the current mapping key by key, a key set to None removing it."""
         types_ = field_types()
         changes = {}
         for key, value in overrides.items():
@@ -314,7 +314,8 @@ class Config(EstimatorOptions):
                              f"(ddpo_rollout_batches={self.ddpo_rollout_batches} x batch_size={self.batch_size})")
         if self.ddpo_minibatches % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide ddpo_minibatches={self.ddpo_minibatches}: with "
-                             f"ddpo an optimizer step accumulates grad_accum minibatches of one pass. {self._ddpo_fix()}")
+                             "ddpo an optimizer step accumulates grad_accum minibatches of one pass. "
+                             f"{self._ddpo_fix()}")
         if self.ddpo_min_count > self.ddpo_buffer_size:
             raise ValueError(f"ddpo_min_count={self.ddpo_min_count} must be <= ddpo_buffer_size="
                              f"{self.ddpo_buffer_size}, or a prompt's own statistics are never used")
@@ -347,8 +348,8 @@ class Config(EstimatorOptions):
         """What a run should say on stderr at its start about settings that are valid but easy to miss."""
         notes = []
         if self.prompt_schedule is not None:
-            notes.append(f"note: a prompt schedule is active: the prompts of {len(self.prompt_schedule)} base prompt(s) "
-                         f"change along the chain (prompt_schedule; README, 'Prompt schedules')")
+            notes.append(f"note: a prompt schedule is active: the prompts of {len(self.prompt_schedule)} base "
+                         "prompt(s) change along the chain (prompt_schedule; docs/training.md, 'Prompt schedules')")
         if self.warmup_steps > self.train_steps:
             notes.append(f"note: warmup_steps={self.warmup_steps} > train_steps={self.train_steps}: the learning rate "
                          f"ends at {self.train_steps / self.warmup_steps:.2g} x lr, still warming up")

@@ -244,7 +244,8 @@ def test_ddpo_grad_accum_refusal_says_which_values_work():
     assert "grad_accum to 1 or 2" in message and "ddpo_rollout_batches=9 with ddpo_minibatches=9" in message
     for fix in (["grad_accum=2"], ["ddpo_rollout_batches=9", "ddpo_minibatches=9"]):  # the values it names work
         assert load_config(preset="sd14", sets=["method=ddpo", *fix]).method == "ddpo"
-    with pytest.raises(ValueError, match="grad_accum to 1 or 2, or, keeping grad_accum=4, ddpo_minibatches=4 or 8 or 16 "):
+    with pytest.raises(ValueError, match="grad_accum to 1 or 2, or, keeping grad_accum=4, ddpo_minibatches=4 or 8 "
+                                         "or 16 "):
         load_config(preset="sqdf", sets=["method=ddpo", "replay_capacity=0", "grad_accum=4",
                                          "ddpo_minibatches=2", "ddpo_rollout_batches=4"])
 
