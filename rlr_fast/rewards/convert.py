@@ -31,7 +31,7 @@ import torch
 
 from .clip_models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .imagereward import HEAD_FILE
-from .loading import PathLike
+from .loading import PathLike, torch_load_reason
 
 Tensors = dict[str, torch.Tensor]
 # source key -> the target tensors it becomes
@@ -81,17 +81,6 @@ def load_checkpoint(path: PathLike, what: str) -> dict:
         raise ValueError(f"{what}: {path} cannot be read with torch.load(weights_only=True), which loads tensors and "
                          f"plain containers but never runs pickled code: {torch_load_reason(e)}. Convert the "
                          "released checkpoint file, not a training checkpoint that pickles other objects") from e
-
-
-def torch_load_reason(error: Exception) -> str:
-    """torch.load's error without its advice to retry with weights_only=False (which would run the
-    file's pickled code: unsafe, and never what a released checkpoint needs)."""
-    text = str(error)
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.strip()
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return "it is not a torch.save file" if "weights_only" in first else first
 
 
 def check_out(out: PathLike, what: str) -> Path:
