@@ -116,6 +116,10 @@ def test_evaluate_on_a_prompts_file(run_dir, tmp_path, capsys):
     (["finetune", "--set", "lr=1e38"], "lr must be at most 1"),  # it used to pass and crash at the first step
     # on a machine without a GPU: the missing folder, not the missing GPU of the sd14 preset
     (["sample", "--model", "/no/such/model", "--prompt", "x"], "Stable Diffusion folder /no/such/model does not exist"),
+    # issue 24: a method switch that would silently turn SQDF's KL off; DDPO's refusal names values that work
+    (["finetune", "--preset", "sd14", "--set", "method=sqdf"], "start from --preset sqdf"),
+    (["finetune", "--preset", "sd14", "--set", "method=ddpo"], "Set grad_accum to 1 or 2"),
+    (["finetune", "--preset", "demo", "--set", "preset=sd14"], "--preset demo and --set preset=sd14 disagree"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
