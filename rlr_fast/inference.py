@@ -26,6 +26,7 @@ from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
 FLOW_PARTS = ("transformer", "vae", "scheduler")  # what an SD3 or FLUX folder has in place of unet/
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
@@ -47,10 +48,33 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
         if cfg.dtype == "float64":
             raise ValueError(f"dtype='float64' runs on the CPU only (exact reproducibility checks), but device="
                              f"{cfg.device!r} is a GPU; set device=cpu, or choose float32, float16 or bfloat16")
-    elif cfg.dtype in ("float16", "bfloat16"):
-        print(f"note: dtype={cfg.dtype} is for GPUs (autocast); running in float32 on the CPU", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, dtype="float32")
+    else:
+        cfg = cpu_precision(cfg)
     return device, cfg
+
+
+def cpu_precision(cfg: Config) -> Config:
+    """`cfg` with float32 for what it asks in half precision, said once on stderr: on the CPU half
+    precision is emulated (a float16 reward network's backward far slower than in float32), so
+    the weights' dtype and the rewards' (reward_kwargs, eval_reward_kwargs) both run in float32."""
+    def is_half(dtype) -> bool:
+        return str(dtype).removeprefix("torch.") in HALF_DTYPES
+
+    changes, said = {}, []
+    if is_half(cfg.dtype):
+        changes["dtype"], said = "float32", [f"dtype={cfg.dtype} (autocast)"]
+    if is_half(cfg.reward_kwargs.get("dtype")):
+        changes["reward_kwargs"] = {**cfg.reward_kwargs, "dtype": "float32"}
+        said.append(f"the reward network's dtype={cfg.reward_kwargs['dtype']}")
+    evals = {name: {**kw, "dtype": "float32"} if is_half(kw.get("dtype")) else kw
+             for name, kw in cfg.eval_reward_kwargs.items()}
+    if evals != cfg.eval_reward_kwargs:
+        changes["eval_reward_kwargs"] = evals
+        said.append("eval_reward_kwargs' half-precision dtypes")
+    if said:
+        print(f"note: {' and '.join(said)} {'is' if len(said) == 1 else 'are'} for GPUs; running in float32 on the "
+              "CPU", file=sys.stderr)
+    return dataclasses.replace(cfg, **changes)
 
 
 def check_model(model: str, motion_adapter: Optional[str] = None) -> None:

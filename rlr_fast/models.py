@@ -18,6 +18,7 @@ rlr_fast.sdxl and rlr_fast.flow, on first use for such a folder), so it can be u
 """
 
 import json
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,9 +26,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# diffusers' pipelines import transformers' CLIPImageProcessor, which without torchvision falls back to its
+# PIL twin and warns on every command; rlr_fast never uses an image processor (the rewards preprocess in
+# torch: rewards/clip_models.py), so that warning alone is dropped, before the import that raises it.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 __all__ = [
     "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta", "latent_size",
