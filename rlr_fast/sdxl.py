@@ -33,9 +33,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .components import (COMPONENTS, SDModels, check_dtype, check_sd_folder, component_loaders, latent_size,
+                         load_components, safetensors_kwargs, tiny_tokenizer)
 from .families import SDXL
-from .models import (COMPONENTS, SDModels, check_dtype, check_sd_folder, component_loaders, latent_size,
-                     load_components, safetensors_kwargs, tiny_tokenizer)
+from .lora import has_lora
 
 SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
@@ -90,8 +91,6 @@ class SDXLModels(SDModels):
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write the folder `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl` read (safetensors).
         The UNet must not carry a LoRA adapter (save that with `lora.save_lora`)."""
-        from .lora import has_lora
-
         missing = [name for name in SDXL_COMPONENTS if getattr(self, name) is None]
         if missing:
             raise ValueError(f"save_pretrained needs all of {SDXL_COMPONENTS}; missing: {missing}")
