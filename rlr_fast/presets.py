@@ -109,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # fp16. Memory: the options `rlr_fast.plan("sdxl", max_memory_gb=10)` chooses (tests/test_plan.py
     # checks they agree): checkpointed UNet steps one per call, the VAE decoded one sample at a time with
     # every block checkpointed, the text encoders freed; ESTIMATED peak 9.90 GiB of tensors (meta-device
-    # estimate, docs/memory.md §8, not measured on a GPU). That needs the fp16-fix VAE
+    # estimate, docs/memory.md §7, not measured on a GPU). That needs the fp16-fix VAE
     # (madebyollin/sdxl-vae-fp16-fix) in the folder's vae/, hence the folder name: SDXL's own VAE
     # overflows in fp16 and is loaded in float32, and its 1024 px decoder backward alone is then 8.5 GiB
     # (estimated smallest peak 14.29 GiB whatever the options).

@@ -399,7 +399,7 @@ def test_the_built_in_sdxl_is_sdxl_1_0_base():
     unet = build("unet", configs["unet"])
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     assert sum(p.numel() for p in build("text_encoder_2", configs["text_encoder_2"]).parameters()) == 694_659_840
-    assert SDXL.conditioning_shape(unet) == (77 + 2, 2048)  # 1280 pooled + 6 time ids in two rows of 2048
+    assert SDXL.conditioning_shape(unet) == (77 + 1, 2048)  # 1280 pooled + 6 time ids: one row of 2048
     assert configs["vae"]["force_upcast"] and not component_configs("sdxl-vae-fp16-fix")["vae"]["force_upcast"]
 
 
