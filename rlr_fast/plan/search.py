@@ -2,15 +2,17 @@
 
 The planner reads a `Config` (the estimator's options and the run's shape: batch, T, guidance,
 LoRA rank, dtype, resolution, reward) and adds only what a Config does not say: the networks'
-architectures (from the config's model folder, or SD1.4's when the folder is not there) and the
-attention kernel. The peak is the resident bytes (weights, LoRA + AdamW state, the stored
-trajectory) plus the largest phase (phases.py).
+architectures (from the config's model folder; where it is not there, the built-in architecture
+its name is known for, architectures.KNOWN_FOLDERS, else SD1.4's) and the attention kernel. The
+peak is the resident bytes (weights, LoRA + AdamW state, the stored trajectory) plus the largest
+phase (phases.py).
 
 Precision, as `finetune` runs on a GPU with dtype float16 or bfloat16: frozen weights in that
 dtype; the UNet (rollout and recomputed steps) under CUDA autocast, because its float32 LoRA
 meets half-precision weights and float32 latents there; the VAE decode and the reward network
-outside autocast in their own weights' dtype (rewards.latent). LoRA, its gradient and AdamW's
-moments are float32. With dtype float32 everything is float32.
+outside autocast in their own weights' dtype (rewards.latent; the VAE's as the model family's
+loader sets it: SDXL's own VAE in float32). LoRA, its gradient and AdamW's moments are float32.
+With dtype float32 everything is float32.
 """
 
 from __future__ import annotations
