@@ -204,8 +204,10 @@ class EstimatorOptions:
     j: Union[int, str, tuple[float, ...]] = option(
         "uniform", "rlr: start j of the sub-chain: an int, 'uniform', or a weight per j = 0, 1, ... (zero "
                    "outside the valid range)")
-    zo_steps: Optional[int] = option(None, "rlr/zo: likelihood-ratio steps subsampled per update, each weighted "
-                                           "|C|/k (None: all)")
+    zo_steps: Optional[int] = option(None, "rlr/zo: k, the likelihood-ratio steps drawn per update from C (the "
+                                           "steps estimated by likelihood ratio: rlr's outside the pathwise F and "
+                                           "half-order H, zo's every stochastic one), each weighted |C|/k, |C| "
+                                           "the number of steps in C, so the sum stays unbiased (None: all of C)")
     baseline: Union[float, str] = option("none", "reward baseline of likelihood-ratio terms: none, loo (batch "
                                                  "leave-one-out), loo_prompt (per prompt), value (per step, fitted "
                                                  "on the reward of the rollout's x0 estimate; rollout with "
@@ -239,7 +241,10 @@ class EstimatorOptions:
     checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     split_cfg: bool = option(False, "guidance: run the unconditional and conditional passes as two calls "
                                     "(and back-propagate them one at a time)")
-    backend: str = option("auto", f"fused DDIM step backend: {', '.join(BACKENDS)}")
+    backend: str = option("auto", "fused sampling-step backend, all the same op: 'auto' (triton, else cuda, on a "
+                                  "GPU; cpu on the CPU; or $RLR_FAST_BACKEND), 'reference' (plain PyTorch, the "
+                                  "specification), 'cpu' (the C++ extension), 'cuda' (its CUDA kernels) or "
+                                  "'triton' (the Triton kernel, CUDA tensors)")
 
     accepts_auto: ClassVar[bool] = False  # Config (a run) may leave the method to rlr_fast.design
 

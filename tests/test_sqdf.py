@@ -445,8 +445,9 @@ def test_bad_config_values():
     with pytest.raises(ValueError, match="sqdf_alpha must be >= 0"):
         load_config(sets=("method=sqdf", "sqdf_alpha=-1e-3"))
     with pytest.raises(ValueError, match=r"sqdf_steps=\[4, 2\] is an empty range"):
-        load_config(sets=("method=sqdf", "sqdf_steps=[4, 2]"))
-    assert load_config(sets=("method=sqdf", "sqdf_gamma=0.5", "sqdf_steps=0,5")).sqdf_steps == (0, 5)
+        load_config(sets=("method=sqdf", "sqdf_alpha=0.01", "sqdf_steps=[4, 2]"))  # on demo: alpha is asked for
+    assert load_config(sets=("method=sqdf", "sqdf_alpha=0.01", "sqdf_gamma=0.5",
+                             "sqdf_steps=0,5")).sqdf_steps == (0, 5)
 
 
 def test_deterministic_steps_are_never_drawn():

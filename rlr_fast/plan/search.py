@@ -38,6 +38,8 @@ from .table import MeasurementTable, dtype_name, default_table
 # `checkpoint_vision` in reward_kwargs.
 OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "decode_chunk", "free_text_encoder",
                 "checkpoint_reward")
+# How an option reads as the Config key that sets it.
+CONFIG_KEYS = {"checkpoint_reward": "reward_kwargs.checkpoint_vision"}
 # AdamW keeps two float32 moments per trainable value; the gradient is a third copy.
 ADAMW_STATE_PER_PARAM = 2
 # Rewards computed from the pixels alone (no network's weights or activations).
@@ -126,7 +128,7 @@ def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **setting
 def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
     replaces the architectures read from cfg.model."""
-    from ..models import latent_size
+    from ..models import FLOW_PIPELINES, latent_size, pipeline_class
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -140,6 +142,10 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             built_in = arch.KNOWN_FOLDERS.get(Path(model).name, "sd14")
             notes.append(f"architecture: {built_in} (model folder {model!r} not found here)")
             model, motion_adapter = built_in, None
+    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
+        # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
+        raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
+                         f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
     video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
@@ -205,6 +211,7 @@ class Plan:
     extra_flops: int  # forward FLOPs recomputed because of checkpointing
     model_calls: int  # UNet + VAE calls of one update
     notes: list = field(default_factory=list)
+    reasons: dict = field(default_factory=dict)  # option -> why it has its value (`option_reasons`)
 
     @property
     def config(self) -> Config:
@@ -236,7 +243,8 @@ class Plan:
 
     def table(self) -> str:
         """A markdown summary: options, then the breakdown at the peak and every phase."""
-        lines = ["| option | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.options.items()]
+        lines = ["| config key | value | why |", "|---|---|---|"] + [
+            f"| {CONFIG_KEYS.get(k, k)} | {v} | {self.reasons.get(k, '')} |" for k, v in self.options.items()]
         budget = "no budget" if self.max_memory_gb is None else f"budget {self.max_memory_gb:g} GiB"
         lines += ["", f"estimated peak {self.peak_gib:.2f} GiB (phase: {self.peak_phase}); {budget}", "",
                   "| part | GiB |", "|---|---|"]
@@ -369,13 +377,51 @@ def plan(config: Union[None, str, dict, EstimatorOptions] = None, max_memory_gb:
     fitting = [p for p in plans if p.fits]
     if not fitting:
         smallest = min(plans, key=lambda p: (p.peak_bytes, _cost(p)))
+        options = {CONFIG_KEYS.get(k, k): v for k, v in smallest.options.items()}
         raise PlanError(
             f"no memory plan fits max_memory_gb={budget}: the smallest achievable estimated peak is "
-            f"{smallest.peak_gib:.2f} GiB (options {smallest.options}; largest phase {smallest.peak_phase}). "
-            "Lower batch_size or resolution, use a smaller reward network, or raise the budget.", smallest)
+            f"{smallest.peak_gib:.2f} GiB (options {options}; largest phase {smallest.peak_phase}). "
+            f"{_refusal_advice(smallest)}", smallest)
     chosen = min(fitting, key=_cost)
     chosen.notes = _notes(run)
+    chosen.reasons = option_reasons(chosen, plans)
     return chosen
+
+
+def _refusal_advice(smallest: Plan) -> str:
+    """What to change when nothing fits, the largest lever first: float32 frozen weights (half the
+    bytes with dtype=float16), then a float32 reward network, then the batch, pixels and budget."""
+    cfg, parameters = smallest.config, smallest.breakdown["parameters"] / GIB
+    if cfg.dtype == "float32":
+        return (f"The frozen float32 weights alone are {parameters:.2f} GiB: set dtype=float16 (half their bytes; the "
+                "UNet under autocast, LoRA and AdamW stay float32), or raise the budget.")
+    if smallest.run.reward != "pixels" and smallest.run.reward_dtype == torch.float32:
+        return ("The reward network is in float32: set reward_kwargs={dtype: float16}; or lower batch_size or "
+                "resolution, or raise the budget.")
+    return "Lower batch_size or resolution, use a smaller reward network, or raise the budget."
+
+
+def option_reasons(chosen: Plan, plans: list[Plan]) -> dict:
+    """Per option, why the chosen plan has its value: 'fixed' (the run leaves no other value), 'needed
+    to fit' (every other value overflows the budget), the cheapest (the others fit but cost more
+    FLOPs or model calls: 'cheapest'), or 'tie-break: lower peak' / 'tie-break: no effect' (another value fits at the
+    same cost: the value is not advice)."""
+    reasons = {}
+    for name, value in chosen.options.items():
+        others = [p for p in plans if p.options[name] != value
+                  and all(p.options[k] == v for k, v in chosen.options.items() if k != name)]
+        fitting = [p for p in others if p.fits]
+        if not others:
+            reasons[name] = "fixed"
+        elif not fitting:
+            reasons[name] = "needed to fit"
+        elif any(_cost(p)[:2] == _cost(chosen)[:2] for p in fitting):
+            same = [p for p in fitting if _cost(p)[:2] == _cost(chosen)[:2]]
+            reasons[name] = ("tie-break: no effect" if all(p.peak_bytes == chosen.peak_bytes for p in same)
+                             else "tie-break: lower peak")
+        else:
+            reasons[name] = "cheapest (the others recompute more or make more calls)"
+    return reasons
 
 
 def _notes(run: Run) -> list[str]:
