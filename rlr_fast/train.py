@@ -63,6 +63,7 @@ import torch
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, meta_checksum,
                          prune_checkpoints, restore_checkpoint, restore_rng, save_checkpoint)
 from .config import Config, load_config
+from .consistency import load_consistency
 from .presets import PRESETS, load_prompts
 from .design import Design
 from .distributed import RankFailure, Ranks, process_group
@@ -412,6 +413,9 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # a second, frozen adapter (or UNet)
+        load_consistency(models.unet, cfg.consistency_model, models.scheduler, steps=cfg.consistency_steps,
+                         guidance=cfg.consistency_guidance)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype (fp64 runs: fp64)
         p.data = p.data.to(torch.promote_types(DTYPES[cfg.dtype], torch.float32))

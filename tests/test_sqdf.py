@@ -423,7 +423,7 @@ def test_replayed_states_give_the_gradient_of_the_same_states_from_the_chain():
     (dict(sqdf_gamma=1.5), r"sqdf_gamma must be in \(0, 1\]"),
     (dict(sqdf_steps=(3, 3)), r"sqdf_steps=\[3, 3\] is an empty range"),
     (dict(sqdf_steps=(0, 9)), "reaches past the chain"),
-    (dict(x0_estimator="consistency"), "x0_estimator must be one of"),
+    (dict(x0_estimator="lcm"), "x0_estimator must be one of"),
 ])
 def test_bad_options(options, message):
     unet = _lora_unet(torch.float32)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import safetensors
 import torch
 from torch import nn
 
@@ -156,6 +157,8 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             notes.append(f"reward {getattr(reward, '__name__', reward)!r} is not modelled: counted without a "
                          "network (its weights and activations come on top)")
         reward = "pixels"
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency" and not Path(cfg.consistency_model).is_dir():
+        notes.append(f"consistency_model folder {cfg.consistency_model!r} not found here: its weights are not counted")
     return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
                reward=reward, attention=attention,
                latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes),
@@ -302,12 +305,20 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
     if counts.pathwise:
         phases["unet_step"] = table.unet_phase(*unet_args, B, latent, grad="input",
                                                checkpoint=options["checkpoint_unet"], **unet)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # docs/estimator.md §11.5: the VJP through
+        # N consistency steps keeps N UNet steps (conditional only unless consistency_guidance > 1)
+        guided = run.guidance and cfg.consistency_guidance != 1
+        phases["consistency_x0"] = cfg.consistency_steps * table.unet_phase(
+            *unet_args, B, latent, grad="input", checkpoint=False,
+            **dict(unet, cfg_mode="together" if guided else "none"))
     steps_per_call = 0
     if counts.likelihood_ratio:
         steps_per_call = (options["max_batch"] or B) // B
         phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, latent, grad="params",
                                               checkpoint=options["checkpoint_unet"], **unet)
     resident = _resident(run, options, table)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":
+        resident["consistency_weights"] = consistency_weight_bytes(cfg.consistency_model, run.weight_dtype)
     peak_phase = max(phases, key=phases.get)
     breakdown = dict(resident, **{name: (v if name == peak_phase else 0) for name, v in phases.items()})
 
@@ -328,6 +339,19 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
                                  lambda: table.reward(run.reward, torch.float32, False), "reward", hw, run.image_hw)
     return Plan(run=run, max_memory_gb=max_memory_gb, options=dict(options), peak_bytes=sum(breakdown.values()),
                 breakdown=breakdown, phases=phases, peak_phase=peak_phase, extra_flops=extra, model_calls=model_calls)
+
+
+def consistency_weight_bytes(folder, dtype: torch.dtype) -> int:
+    """Bytes of a consistency model's weights in `dtype` (rlr_fast.consistency loads them so): every
+    tensor of the folder's (or its unet/'s) .safetensors files, read from their headers; 0 when the
+    folder is not here (describe_run notes it)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted((folder / "unet").glob("*.safetensors"))
+    elements = 0
+    for file in files:
+        with safetensors.safe_open(file, framework="pt") as f:
+            elements += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return elements * dtype.itemsize
 
 
 def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
