@@ -45,11 +45,15 @@ def test_scales():
 
 def test_ddpo_advantages_are_standardised_per_prompt():
     per_prompt = ddpo_advantages(R, PROMPTS)
-    # prompt 0: rewards 1, 4 -> mean 2.5, std 2.121; prompt 1: 2, 7 -> mean 4.5, std 3.536
-    expected = [-1.5 / 4.5 ** 0.5, -2.5 / 12.5 ** 0.5, 1.5 / 4.5 ** 0.5, 2.5 / 12.5 ** 0.5]
-    torch.testing.assert_close(per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    # as the training loop (and ddpo-pytorch's stat tracker): population std + 1e-6
+    # prompt 0: rewards 1, 4 -> mean 2.5, std 1.5; prompt 1: 2, 7 -> mean 4.5, std 2.5
+    expected = [-1.5 / (1.5 + 1e-6), -2.5 / (2.5 + 1e-6), 1.5 / (1.5 + 1e-6), 2.5 / (2.5 + 1e-6)]
+    torch.testing.assert_close(per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     whole = ddpo_advantages(R)
-    torch.testing.assert_close(whole, (R - 3.5) / 7 ** 0.5, rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole, (R - 3.5) / (5.25 ** 0.5 + 1e-6), rtol=1e-12, atol=0)
+    # one ddpo_advantages: the standalone function and the loop's history agree on one epoch
+    loop, _ = PromptRewardHistory(size=16, min_count=16).advantages(["p"] * 4, R)
+    torch.testing.assert_close(whole, loop, rtol=0, atol=0)
 
 
 def test_prompt_reward_history_by_hand():
