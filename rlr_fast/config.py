@@ -83,7 +83,7 @@ class Config(EstimatorOptions):
         None, "prompts that change with the step (diffusive chain of thought): per base prompt of the set, "
               "segments {prompt, from_step, to_step} covering [0, 1], fractions of the chain (0 its first, "
               "noisiest step; step k of T takes the segment holding k/T). A mapping in YAML, or the path of "
-              "a YAML file of one (recorded in the run as its contents); README, 'Prompt schedules'")
+              "a YAML file of one (recorded in the run as its contents); docs/training.md, 'Prompt schedules'")
     batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
                                 "rolls out batch_size / W of them (W must divide it), so a config is the same run "
                                 "at any world size")

@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded tiny model on the CPU: about a minute on 2 cores. The reward is `brightness`
     # (differentiable): the embedded model already follows its prompts' colours (color_match
     # near its maximum, so a colour demo has nothing left to raise), while brightness has headroom
-    # and rises by ~10 standard errors in 60 steps (measured; README). Like every run, a finished
+    # and rises by ~10 standard errors in 60 steps (measured; docs/results.md). Like every run, a finished
     # demo is continued with --resume or replaced with --set overwrite=true, never silently.
     "demo": dict(
         model="default", device="cpu", dtype="float32", out_dir="out/demo",

@@ -77,7 +77,8 @@ from .rewards import Reward, get_reward, get_video_reward
 from .run_dir import RunLock, WriteError, atomic_write, check_out_dir, clear_leftovers, start_afresh, supersede
 from .options import AUTO
 from .prompts import PromptBank, PromptSchedule
-from .update import StepContext, StepMethod, TrainingRollout, apply, design_estimator, step_method
+from .methods import step_method
+from .update import StepContext, StepMethod, TrainingRollout, apply, design_estimator
 from .video import check_num_frames, is_video_model, is_video_unet
 
 

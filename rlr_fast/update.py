@@ -16,7 +16,7 @@ method but ddpo, and sqdf with a replay buffer) samples fresh batches for every 
 is the running value fit of baseline='value' (rlr_fast.baselines.ValueStatistics). A method that
 takes several optimizer steps per sampled batch, or keeps anything across steps (DDPO's stored epoch
 and per-prompt reward history, rlr_fast.ddpo; SQDF's replay buffer, rlr_fast.replay), subclasses
-`StepMethod` and is named in `step_method`. Its state is a `MethodState`: never changed in place (a
+`StepMethod` and is named in `rlr_fast.methods.step_method`. Its state is a `MethodState`: never changed in place (a
 step returns a new one, sharing unchanged tensors), and written to checkpoints as tensors + JSON
 (`to_checkpoint`, read back by `load_state`), so a run
 resumes bit-exactly at any step, mid-epoch included.
@@ -362,24 +362,6 @@ class OnPolicy(StepMethod):
         grad_norm = ctx.average_and_clip(ctx.cfg.grad_accum)
         return Gradients(rewards, stats, None if math.isfinite(grad_norm) else "gradient", grad_norm, state,
                          cost=cost)
-
-
-def step_method(ctx: StepContext) -> StepMethod:
-    """The StepMethod of the run's `method`: OnPolicy unless the method keeps state across steps."""
-    stateful = ctx.cfg.method == "ddpo" or ctx.cfg.method == "sqdf" and ctx.cfg.replay_capacity
-    if stateful and ctx.ranks.world > 1:
-        raise ValueError(f"method={ctx.cfg.method!r} keeps per-run state (DDPO's sampled epoch and reward history, "
-                         "SQDF's replay buffer) that data parallel does not shard; run it as one process, or use "
-                         "sqdf with replay_capacity=0 or rlr, zo, full_bp, truncated_bp, auto under torchrun")
-    if ctx.cfg.method == "ddpo":
-        from .ddpo import DDPOSteps  # ddpo builds on this module
-
-        return DDPOSteps(ctx)
-    if ctx.cfg.method == "sqdf" and ctx.cfg.replay_capacity:
-        from .replay import SQDFReplay  # so does the replay buffer
-
-        return SQDFReplay(ctx)
-    return OnPolicy(ctx)
 
 
 def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
