@@ -93,4 +93,4 @@ def test_table_csv_and_goal_agree(quick):
         assert se.goal_line(goal) in text
     assert "Device: CPU" in text and "Load average" in text and "CPU min" in text
     with Image.open(out / "sample_efficiency.png") as png:
-        assert png.width > 3 * 400 and png.height > 2 * 300  # three panels per track
+        assert png.width > 6 * 400 and png.height > 300  # three panels per track, side by side
