@@ -341,8 +341,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     scored on this rank: R(x_0), the value baseline's x0_hat proxies, sqdf's soft Q and its record of
     R(x_0)), reward_backward_images (images whose dR/dx_0 was taken), reward_queries (images whose
     reward the objective takes: R(x_0), sqdf's soft Q; no proxies), term_norms, peak_saved_bytes, for
-    ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl (per-element-mean log-ratios), with baseline="value" value_fallbacks (step-sample baselines that fell
-    back to a mean reward: too few pairs or no spread of q), and for sqdf those of `estimate_states`
+    ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl (per-element-mean log-ratios),
+    with baseline="value" value_fallbacks (step-sample baselines that fell back to a mean reward: too
+    few pairs or no spread of q), and for sqdf those of `estimate_states`
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
