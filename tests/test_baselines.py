@@ -162,3 +162,25 @@ def test_value_statistics_round_trip_and_errors():
         ValueStatistics().load_state_dict({k: v for k, v in state.state_dict().items() if k != "ss_qr"})
     with pytest.raises(ValueError, match="must all be \\(num_steps,\\)"):
         ValueStatistics().load_state_dict(dict(state.state_dict(), count=torch.zeros(3)))
+
+
+def test_reward_surrogate_fits_a_quadratic_and_round_trips():
+    """The surrogate's features (x, x^2, 1) make a quadratic reward of a vector exactly linear: fitted on
+    earlier pairs it predicts new ones; before as many pairs as features it predicts nothing (NaN)."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+
+    def reward(x):
+        return -(x - target).pow(2).sum(-1)
+
+    state = ValueStatistics()
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    state.surrogate.update(x, reward(x), 0.9)
+    assert torch.isnan(state.surrogate.predict(x)).all()  # 4 pairs < 7 features
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    state.surrogate.update(x, reward(x), 0.9)
+    new = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)  # (steps, batch, dim): as x0_hat[ks]
+    torch.testing.assert_close(state.surrogate.predict(new), reward(new), rtol=1e-4, atol=1e-4)
+    copy = state.copy()
+    assert torch.equal(copy.surrogate.predict(new), state.surrogate.predict(new))
+    assert ValueStatistics().state_dict() == {}

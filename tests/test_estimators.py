@@ -577,7 +577,8 @@ def test_value_baseline_errors(toy):
     model, traj, reward = toy
     with pytest.raises(ValueError, match=r"roll out with rlr_fast.rollout\(..., store_x0_hat=True\)"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="value", value_fit="loo")
-    with pytest.raises(ValueError, match=r"value_fit='running' needs value_state=rlr_fast.ValueStatistics\(\)"):
+    with pytest.raises(ValueError, match=r"value_fit='running' or value_proxy='surrogate' needs value_state="
+                                         r"rlr_fast.ValueStatistics\(\)"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="value")
     with pytest.raises(ValueError, match="value_state is used by baseline='value' with value_fit='running'"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="loo", value_state=rlr_fast.ValueStatistics())
