@@ -12,6 +12,8 @@ from bench import sample_efficiency as se  # the repository root is on sys.path:
 from rlr_fast.config import Config
 from rlr_fast.costs import work
 
+pytestmark = pytest.mark.slow  # 34 short finetune runs: minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
