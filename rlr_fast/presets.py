@@ -81,11 +81,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # train_learning_rate=1e-3 -> lr, Adam betas (0.9, 0.999), weight decay 1e-4, eps 1e-8,
     # train_max_grad_norm=1.0, lora_rank=4, mixed_precision='fp16', num_epochs=2000 -> train_steps
     # (one optimizer step each with replay_ratio 1), seed=0, the empty negative prompt.
-    # Differences, all because we run one GPU and ship no consistency model: their
+    # Differences, because we run one GPU and ship no consistency model: their
     # train_gradient_accumulation_steps=8 on 2 GPUs is 64 samples per optimizer step and 64 fresh
     # chains per buffer refresh, here grad_accum=16 on one; their x0_hat comes from LCM-LoRA
-    # (use_consistency_model=True), ours from the base model's Tweedie estimate (x0_estimator takes a
-    # callable); their model is SD1.5 (runwayml), ours SD1.4; their prompts are drawn independently,
+    # (use_consistency_model=True), ours from the base model's Tweedie estimate unless
+    # x0_estimator=consistency (one key: consistency_model, the LCM-LoRA folder, defaults to
+    # lcm-lora-sdv1-5, loaded as a second adapter on the same UNet); their model is SD1.5 (runwayml),
+    # ours SD1.4; their prompts are drawn independently,
     # ours 2 images per prompt so that the diversity metric has pairs; their LoRA starts from a gaussian
     # B (peft's init_lora_weights="gaussian"), ours from B = 0 (the base model). Memory options: those
     # `rlr_fast.plan(..., max_memory_gb=4)` chooses, as for sd14 (split_cfg too at this batch of 4):
@@ -106,18 +108,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (force_zeros_for_empty_prompt; rlr_fast/sdxl.py). From the sd14 preset, itself the RLR paper's
     # recipe: rlr with f = 1, h = 2, the per-prompt leave-one-out baseline, LoRA rank 4 on the
     # attention projections, lr 1e-3, micro-batches of 2 accumulated 9 times, the aesthetic reward in
-    # fp16. The VAE loads in float32 unless the folder holds the fp16-fix VAE (SDXL's own overflows in
-    # fp16). The memory options below are PLACEHOLDERS, not a plan: the memory planner does not model
-    # SDXL yet (issue 26 §2: the goal is an update in 10 GiB), so they are the most frugal settings there
-    # are (each UNet step checkpointed and one per call, the guidance halves one at a time, the VAE one
-    # sample at a time and checkpointed, the text encoders freed); no peak has been estimated or measured.
+    # fp16. Memory: the options `rlr_fast.plan("sdxl", max_memory_gb=10)` chooses (tests/test_plan.py
+    # checks they agree): checkpointed UNet steps one per call, the VAE decoded one sample at a time with
+    # every block checkpointed, the text encoders freed; ESTIMATED peak 9.90 GiB of tensors (meta-device
+    # estimate, docs/memory.md §7, not measured on a GPU). That needs the fp16-fix VAE
+    # (madebyollin/sdxl-vae-fp16-fix) in the folder's vae/, hence the folder name: SDXL's own VAE
+    # overflows in fp16 and is loaded in float32, and its 1024 px decoder backward alone is then 8.5 GiB
+    # (estimated smallest peak 14.29 GiB whatever the options).
     "sdxl": dict(
-        model="stable-diffusion-xl-base-1.0", device="cuda", dtype="float16", out_dir="out/sdxl", seed=42,
-        prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, resolution=1024, num_steps=50,
-        eta=1.0, guidance_scale=5.0, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
+        model="stable-diffusion-xl-base-1.0-vae-fp16-fix", device="cuda", dtype="float16", out_dir="out/sdxl",
+        seed=42, prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, resolution=1024,
+        num_steps=50, eta=1.0, guidance_scale=5.0, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
         first_order_steps=1, h=2, baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=9,
         train_steps=200, warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25,
-        sample_prompts=4, checkpoint_unet=True, split_cfg=True, checkpoint_vae=True, decode_chunk=1,
+        sample_prompts=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
         free_text_encoder=True,
     ),
 }

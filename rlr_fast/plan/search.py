@@ -2,15 +2,17 @@
 
 The planner reads a `Config` (the estimator's options and the run's shape: batch, T, guidance,
 LoRA rank, dtype, resolution, reward) and adds only what a Config does not say: the networks'
-architectures (from the config's model folder, or SD1.4's when the folder is not there) and the
-attention kernel. The peak is the resident bytes (weights, LoRA + AdamW state, the stored
-trajectory) plus the largest phase (phases.py).
+architectures (from the config's model folder; where it is not there, the built-in architecture
+its name is known for, architectures.KNOWN_FOLDERS, else SD1.4's) and the attention kernel. The
+peak is the resident bytes (weights, LoRA + AdamW state, the stored trajectory) plus the largest
+phase (phases.py).
 
 Precision, as `finetune` runs on a GPU with dtype float16 or bfloat16: frozen weights in that
 dtype; the UNet (rollout and recomputed steps) under CUDA autocast, because its float32 LoRA
 meets half-precision weights and float32 latents there; the VAE decode and the reward network
-outside autocast in their own weights' dtype (rewards.latent). LoRA, its gradient and AdamW's
-moments are float32. With dtype float32 everything is float32.
+outside autocast in their own weights' dtype (rewards.latent; the VAE's as the model family's
+loader sets it: SDXL's own VAE in float32). LoRA, its gradient and AdamW's moments are float32.
+With dtype float32 everything is float32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import safetensors
 import torch
 from torch import nn
 
@@ -30,13 +33,15 @@ from ..costs import work
 from ..options import EstimatorOptions, METHODS
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
-from .phases import PROMPT_TOKENS, reward_phase_parts
+from .phases import conditioning_shape, reward_phase_parts
 from .table import MeasurementTable, dtype_name, default_table
 
 # The options the planner chooses; Config keys, except checkpoint_reward: the reward's
 # `checkpoint_vision` in reward_kwargs.
 OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "decode_chunk", "free_text_encoder",
                 "checkpoint_reward")
+# How an option reads as the Config key that sets it.
+CONFIG_KEYS = {"checkpoint_reward": "reward_kwargs.checkpoint_vision"}
 # AdamW keeps two float32 moments per trainable value; the gradient is a third copy.
 ADAMW_STATE_PER_PARAM = 2
 # Rewards computed from the pixels alone (no network's weights or activations).
@@ -48,7 +53,7 @@ class Run:
     """One update as the planner sees it: a validated Config plus the architectures."""
 
     config: Config
-    components: dict  # "unet", "vae", "text_encoder" -> constructor config
+    components: dict  # "unet", "vae" and the family's text encoders -> constructor config
     ids: dict  # the same keys -> architecture_id
     reward: Union[str, nn.Module]  # "aesthetic", "pixels" or a reward network built on meta
     attention: str
@@ -63,6 +68,16 @@ class Run:
     @property
     def weight_dtype(self) -> torch.dtype:
         return torch.float16 if self.autocast else torch.float32  # bfloat16: the same bytes
+
+    @property
+    def family(self):
+        """The rlr_fast.families Family of the UNet: its text encoders, conditioning and VAE precision."""
+        return arch.family(self.components["unet"])
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's precision as the family's loader sets it (SDXL's own VAE: float32)."""
+        return self.family.vae_dtype(self.components["vae"], self.weight_dtype)
 
     @property
     def reward_dtype(self) -> torch.dtype:
@@ -115,7 +130,7 @@ def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **setting
 def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
     replaces the architectures read from cfg.model."""
-    from ..models import latent_size
+    from ..models import FLOW_PIPELINES, latent_size, pipeline_class
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -126,13 +141,14 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     if model is None:
         model, motion_adapter = cfg.model, cfg.motion_adapter
         if model != "default" and not Path(model).is_dir():
-            notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
-            model, motion_adapter = "sd14", None
+            built_in = arch.KNOWN_FOLDERS.get(Path(model).name, "sd14")
+            notes.append(f"architecture: {built_in} (model folder {model!r} not found here)")
+            model, motion_adapter = built_in, None
+    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
+        # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
+        raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
+                         f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
-    if components["unet"].get("addition_embed_type") is not None:
-        raise ValueError(f"the memory planner does not model UNets with added conditions (SDXL: "
-                         f"{components['unet']['addition_embed_type']!r}) yet: set max_batch, checkpoint_unet, "
-                         "split_cfg and decode_chunk by hand (the sdxl preset's are the most frugal ones)")
     video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
     if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
@@ -142,6 +158,8 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             notes.append(f"reward {getattr(reward, '__name__', reward)!r} is not modelled: counted without a "
                          "network (its weights and activations come on top)")
         reward = "pixels"
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency" and not Path(cfg.consistency_model).is_dir():
+        notes.append(f"consistency_model folder {cfg.consistency_model!r} not found here: its weights are not counted")
     return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
                reward=reward, attention=attention,
                latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes),
@@ -188,6 +206,7 @@ class Plan:
     extra_flops: int  # forward FLOPs recomputed because of checkpointing
     model_calls: int  # UNet + VAE calls of one update
     notes: list = field(default_factory=list)
+    reasons: dict = field(default_factory=dict)  # option -> why it has its value (`option_reasons`)
 
     @property
     def config(self) -> Config:
@@ -219,7 +238,8 @@ class Plan:
 
     def table(self) -> str:
         """A markdown summary: options, then the breakdown at the peak and every phase."""
-        lines = ["| option | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.options.items()]
+        lines = ["| config key | value | why |", "|---|---|---|"] + [
+            f"| {CONFIG_KEYS.get(k, k)} | {v} | {self.reasons.get(k, '')} |" for k, v in self.options.items()]
         budget = "no budget" if self.max_memory_gb is None else f"budget {self.max_memory_gb:g} GiB"
         lines += ["", f"estimated peak {self.peak_gib:.2f} GiB (phase: {self.peak_phase}); {budget}", "",
                   "| part | GiB |", "|---|---|"]
@@ -232,26 +252,28 @@ class Plan:
 def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
     cfg, components = run.config, run.components
     wd, rank = run.weight_dtype, cfg.lora_rank
-    precision = "float32" if wd == torch.float32 else "half"
 
     def unet_params(trainable: bool):
         unet = table.unet(components["unet"], wd, rank)
         return lambda: [p for p in unet.parameters() if p.requires_grad == trainable]
 
+    def frozen(name: str, dtype: torch.dtype, module):
+        return table.param_bytes(f"{run.ids[name]}|{dtype_name(dtype)}", lambda: arch.module_state(module()))
+
     lora = table.param_bytes(f"{run.ids['unet']}|lora{rank}", unet_params(True))
-    parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{precision}", unet_params(False))
-                  + table.param_bytes(f"{run.ids['vae']}|{precision}",
-                                      lambda: arch.module_state(table.vae(components["vae"], wd))))
+    parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{dtype_name(wd)}", unet_params(False))
+                  + frozen("vae", run.vae_dtype, lambda: table.vae(components["vae"], run.vae_dtype)))
     if run.reward != "pixels":
         dtype = run.reward_dtype
         parameters += table.param_bytes(f"reward:{arch.reward_id(run.reward)}|{dtype_name(dtype)}",
                                         lambda: arch.module_state(table.reward(run.reward, dtype, False)))
     if not options["free_text_encoder"]:
-        parameters += table.param_bytes(f"{run.ids['text_encoder']}|{precision}", lambda: arch.module_state(
-            arch.build("text_encoder", components["text_encoder"], wd)))
+        for name in run.family.text_encoders:
+            parameters += frozen(name, wd, lambda: arch.build(name, components[name], wd))
     B, T = cfg.batch_size, cfg.num_steps
     latent = components["unet"]["in_channels"] * math.prod(run.unet_latent) * 4  # float32 chain
-    cond = B * PROMPT_TOKENS * components["unet"]["cross_attention_dim"] * wd.itemsize * (2 if run.guidance else 1)
+    rows, width = conditioning_shape(table.unet(components["unet"], wd, rank))
+    cond = B * rows * width * wd.itemsize * (2 if run.guidance else 1)
     trajectory = B * latent * (2 * T + 1) + B * T * 4 + cond + B * latent  # x_T..x_0, noises, log p, prompts, dR/dx0
     return {"parameters": parameters, "optimizer_state": lora * (1 + ADAMW_STATE_PER_PARAM), "trajectory": trajectory}
 
@@ -266,7 +288,7 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
 
     latent, images = run.unet_latent, run.images  # a video's frames decode and score as images
     decode = table.decode_phase(run.ids["vae"], run.components["vae"], images, options["decode_chunk"], hw,
-                                dtype=run.weight_dtype, attention=run.attention, grad=counts.reward_grad,
+                                dtype=run.vae_dtype, attention=run.attention, grad=counts.reward_grad,
                                 checkpoint_vae=options["checkpoint_vae"])
     network = table.reward_network(run.reward, images, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
                                    grad=counts.reward_grad, checkpoint=options["checkpoint_reward"])
@@ -275,12 +297,20 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
     if counts.pathwise:
         phases["unet_step"] = table.unet_phase(*unet_args, B, latent, grad="input",
                                                checkpoint=options["checkpoint_unet"], **unet)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # docs/estimator.md §11.5: the VJP through
+        # N consistency steps keeps N UNet steps (conditional only unless consistency_guidance > 1)
+        guided = run.guidance and cfg.consistency_guidance != 1
+        phases["consistency_x0"] = cfg.consistency_steps * table.unet_phase(
+            *unet_args, B, latent, grad="input", checkpoint=False,
+            **dict(unet, cfg_mode="together" if guided else "none"))
     steps_per_call = 0
     if counts.likelihood_ratio:
         steps_per_call = (options["max_batch"] or B) // B
         phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, latent, grad="params",
                                               checkpoint=options["checkpoint_unet"], **unet)
     resident = _resident(run, options, table)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":
+        resident["consistency_weights"] = consistency_weight_bytes(cfg.consistency_model, run.weight_dtype)
     peak_phase = max(phases, key=phases.get)
     breakdown = dict(resident, **{name: (v if name == peak_phase else 0) for name, v in phases.items()})
 
@@ -301,6 +331,19 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
                                  lambda: table.reward(run.reward, torch.float32, False), "reward", hw, run.image_hw)
     return Plan(run=run, max_memory_gb=max_memory_gb, options=dict(options), peak_bytes=sum(breakdown.values()),
                 breakdown=breakdown, phases=phases, peak_phase=peak_phase, extra_flops=extra, model_calls=model_calls)
+
+
+def consistency_weight_bytes(folder, dtype: torch.dtype) -> int:
+    """Bytes of a consistency model's weights in `dtype` (rlr_fast.consistency loads them so): every
+    tensor of the folder's (or its unet/'s) .safetensors files, read from their headers; 0 when the
+    folder is not here (describe_run notes it)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted((folder / "unet").glob("*.safetensors"))
+    elements = 0
+    for file in files:
+        with safetensors.safe_open(file, framework="pt") as f:
+            elements += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return elements * dtype.itemsize
 
 
 def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
@@ -350,20 +393,59 @@ def plan(config: Union[None, str, dict, EstimatorOptions] = None, max_memory_gb:
     fitting = [p for p in plans if p.fits]
     if not fitting:
         smallest = min(plans, key=lambda p: (p.peak_bytes, _cost(p)))
+        options = {CONFIG_KEYS.get(k, k): v for k, v in smallest.options.items()}
         raise PlanError(
             f"no memory plan fits max_memory_gb={budget}: the smallest achievable estimated peak is "
-            f"{smallest.peak_gib:.2f} GiB (options {smallest.options}; largest phase {smallest.peak_phase}). "
-            "Lower batch_size or resolution, use a smaller reward network, or raise the budget.", smallest)
+            f"{smallest.peak_gib:.2f} GiB (options {options}; largest phase {smallest.peak_phase}). "
+            f"{_refusal_advice(smallest)}", smallest)
     chosen = min(fitting, key=_cost)
     chosen.notes = _notes(run)
+    chosen.reasons = option_reasons(chosen, plans)
     return chosen
+
+
+def _refusal_advice(smallest: Plan) -> str:
+    """What to change when nothing fits, the largest lever first: float32 frozen weights (half the
+    bytes with dtype=float16), then a float32 reward network, then the batch, pixels and budget."""
+    cfg, parameters = smallest.config, smallest.breakdown["parameters"] / GIB
+    if cfg.dtype == "float32":
+        return (f"The frozen float32 weights alone are {parameters:.2f} GiB: set dtype=float16 (half their bytes; the "
+                "UNet under autocast, LoRA and AdamW stay float32), or raise the budget.")
+    if smallest.run.reward != "pixels" and smallest.run.reward_dtype == torch.float32:
+        return ("The reward network is in float32: set reward_kwargs={dtype: float16}; or lower batch_size or "
+                "resolution, or raise the budget.")
+    return "Lower batch_size or resolution, use a smaller reward network, or raise the budget."
+
+
+def option_reasons(chosen: Plan, plans: list[Plan]) -> dict:
+    """Per option, why the chosen plan has its value: 'fixed' (the run leaves no other value), 'needed
+    to fit' (every other value overflows the budget), the cheapest (the others fit but cost more
+    FLOPs or model calls: 'cheapest'), or 'tie-break: lower peak' / 'tie-break: no effect' (another value fits at the
+    same cost: the value is not advice)."""
+    reasons = {}
+    for name, value in chosen.options.items():
+        others = [p for p in plans if p.options[name] != value
+                  and all(p.options[k] == v for k, v in chosen.options.items() if k != name)]
+        fitting = [p for p in others if p.fits]
+        if not others:
+            reasons[name] = "fixed"
+        elif not fitting:
+            reasons[name] = "needed to fit"
+        elif any(_cost(p)[:2] == _cost(chosen)[:2] for p in fitting):
+            same = [p for p in fitting if _cost(p)[:2] == _cost(chosen)[:2]]
+            reasons[name] = ("tie-break: no effect" if all(p.peak_bytes == chosen.peak_bytes for p in same)
+                             else "tie-break: lower peak")
+        else:
+            reasons[name] = "cheapest (the others recompute more or make more calls)"
+    return reasons
 
 
 def _notes(run: Run) -> list[str]:
     dtype = run.config.dtype
+    vae = "float32 (its config says force_upcast)" if run.vae_dtype != run.weight_dtype else dtype
     precision = ("float32 weights and activations" if not run.autocast else
                  f"{dtype} weights; the UNet under CUDA autocast (group_norm / layer_norm outputs in float32); VAE "
-                 f"decode outside autocast in {dtype}; LoRA + AdamW in float32")
+                 f"decode outside autocast in {vae}; LoRA + AdamW in float32")
     reward = "" if run.reward == "pixels" else f"; reward network in {str(run.reward_dtype).replace('torch.', '')}"
     attention = ("flash / memory-efficient SDPA (no stored softmax)" if run.attention == "flash" else
                  "MATH SDPA (stores the softmax)")
@@ -379,13 +461,17 @@ def _notes(run: Run) -> list[str]:
             f"T = {run.config.num_steps}, method {run.config.method}"] + no_checkpointing + list(run.notes)
 
 
-def candidate_runs() -> Iterator[Config]:
-    """The SD1.4 runs whose measurements ship in the cache: the sd14 preset at 512 px in float16 and
-    float32, every method, with and without guidance, the aesthetic reward (in either precision) and
-    a network-free one; and at 256 px in float16."""
+def candidate_runs() -> Iterator[tuple[Config, str]]:
+    """The runs whose measurements ship in the cache, with their built-in architecture: the sd14 preset
+    at 512 px in float16 and float32, every method, with and without guidance, the aesthetic reward
+    (in either precision) and a network-free one, and at 256 px in float16; the sdxl preset (1024 px,
+    float16) with SDXL's own VAE and with the fp16-fix VAE."""
     for dtype, reward_dtype, resolutions in (("float16", "float16", (None, 256)), ("float16", "float32", (None,)),
                                              ("float32", "float32", (None,))):
         for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
                                                                       ("aesthetic", "brightness")):
+            accum = {"grad_accum": 1} if method == "ddpo" else {}  # ddpo's must divide its minibatches; no bytes
             yield Config.from_preset("sd14", dtype=dtype, guidance_scale=guidance, method=method, reward=reward,
-                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution)
+                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution, **accum), "sd14"
+    for model in ("sdxl-vae-fp16-fix", "sdxl"):
+        yield Config.from_preset("sdxl"), model
