@@ -109,7 +109,8 @@ class Config(EstimatorOptions):
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps")
     train_steps: int = option(100, "optimizer steps of the run")
 
-    # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo)
+    # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo); grpo runs the same
+    # epochs (ddpo_rollout_batches, ddpo_inner_epochs, ddpo_minibatches, ddpo_adv_clip), its advantages per group
     ddpo_rollout_batches: int = option(1, "ddpo: rollout batches of batch_size sampled per epoch; the epoch's "
                                           "samples are then reused for several optimizer steps")
     ddpo_inner_epochs: int = option(1, "ddpo: passes over each epoch's samples")
@@ -279,8 +280,12 @@ class Config(EstimatorOptions):
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
             raise ValueError("baseline='loo_prompt' needs images_per_prompt >= 2 (a leave-one-out mean over "
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
-        if self.method == "ddpo":
+        if self.method in ("ddpo", "grpo"):
             self._check_ddpo()
+        if self.method == "grpo" and self.images_per_prompt < 2:
+            raise ValueError("method='grpo' standardises each reward within its prompt's group of images_per_prompt "
+                             f"samples, which needs images_per_prompt >= 2 (got {self.images_per_prompt}: every "
+                             "advantage would be 0)")
         self._check_replay()
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
@@ -304,7 +309,7 @@ class Config(EstimatorOptions):
                              f"(ddpo_rollout_batches={self.ddpo_rollout_batches} x batch_size={self.batch_size})")
         if self.ddpo_minibatches % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide ddpo_minibatches={self.ddpo_minibatches}: with "
-                             "ddpo an optimizer step accumulates grad_accum minibatches of one pass")
+                             f"{self.method} an optimizer step accumulates grad_accum minibatches of one pass")
         if self.ddpo_min_count > self.ddpo_buffer_size:
             raise ValueError(f"ddpo_min_count={self.ddpo_min_count} must be <= ddpo_buffer_size="
                              f"{self.ddpo_buffer_size}, or a prompt's own statistics are never used")

@@ -12,7 +12,8 @@ which steps get which term, so all four are one `Terms` plan run by `_run_terms`
   F = {1..f}       pathwise from dR/dx_0 (sigma_t = 0 steps must be here or in H)
   H = {j+1..j+h}   likelihood ratio at step j+1, back-propagated through steps j+2..j+h
   C = the rest     likelihood ratio per step, optionally k of |C| with weight |C| / k
-DDPO (a clipped importance-ratio surrogate) and SQDF (rlr_fast.sqdf: a one-step gradient at one
+DDPO (a clipped importance-ratio surrogate), GRPO (rlr_fast.grpo: DDPO's surrogate per latent element, with
+group advantages and a KL to the base model) and SQDF (rlr_fast.sqdf: a one-step gradient at one
 drawn step per sample, `estimate_states`) are separate. This module builds the terms; the model
 runs in rlr_fast.sweep, baselines and scales come from rlr_fast.baselines, and every option is
 validated by rlr_fast.options.
@@ -28,6 +29,7 @@ import torch
 
 from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
 from .distributed import Ranks
+from .grpo import group_advantages, grpo_objective
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
@@ -288,9 +290,9 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 applied on top and validated with them
     generator   draws j, the zeroth-order subsample, a random K, and sqdf's steps and fresh noise;
                 same state -> same estimate
-    prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
-    advantages  ddpo only: (B,) advantages instead of the rewards standardised within each prompt's
-                samples; the reward is then not evaluated and `reward_fn` may be None (a DDPO
+    prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's and GRPO's per-prompt advantages
+    advantages  ddpo and grpo only: (B,) advantages instead of the rewards standardised within each
+                prompt's samples; the reward is then not evaluated and `reward_fn` may be None (a
                 minibatch of samples whose rewards were taken when they were drawn)
     group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
                 of the batch: rewards, prompt ids and the value baseline's proxy rewards are
@@ -300,7 +302,8 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
                 used for this estimate's baselines and then updated with this batch (the whole
                 batch's, so it stays the same on every rank)
-    reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
+    reference   sqdf and grpo (grpo_beta > 0) only: the base model as a frozen module (default: `model` with
+                its LoRA switched off)
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
     Returns stats: method, reward_mean/std, rewards (the whole batch's with a group; None when not
@@ -311,7 +314,8 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     unet_backward_samples (sample-steps, docs/estimator.md §7), reward_queries (images whose reward the
     objective takes: R(x_0), sqdf's soft Q; the value baseline's proxy scores are counted in
     reward_forward only), term_norms, peak_saved_bytes, for ddpo clip_fraction, ratio_max_deviation
-    (max |r - 1|) and approx_kl, with baseline="value" value_fallbacks (step-sample baselines that fell
+    (max |r - 1|) and approx_kl, for grpo also trained_steps and kl_to_reference (rlr_fast.grpo), with
+    baseline="value" value_fallbacks (step-sample baselines that fell
     back to a mean reward: too few pairs or no spread of q), and for sqdf those of `estimate_states`
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
@@ -323,10 +327,11 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     if traj.model_key and traj.model_key != model_key(model):
         raise ValueError("this trajectory was sampled by a model of another architecture "
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
-    if advantages is not None and options.method != "ddpo":
-        raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
-    if reference is not None and options.method != "sqdf":
-        raise ValueError(f"reference is used by method='sqdf' only, not by method={options.method!r}")
+    surrogate = options.method in ("ddpo", "grpo")  # a clipped ratio of stored samples, with advantages
+    if advantages is not None and not surrogate:
+        raise ValueError(f"advantages are used by method='ddpo' and 'grpo' only, not by method={options.method!r}")
+    if reference is not None and options.method not in ("sqdf", "grpo"):
+        raise ValueError(f"reference is used by method='sqdf' and 'grpo' only, not by method={options.method!r}")
     group = Ranks() if group is None else group
     if prompt_ids is not None:
         prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
@@ -345,23 +350,26 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
                     reward_forward=stats["reward_forward"] + 1)
 
-    terms = None if options.method == "ddpo" else _terms(traj, options, generator)
+    terms = None if surrogate else _terms(traj, options, generator)
     rewards = everyone = dr = None
-    if options.method == "ddpo" and advantages is not None:
+    if surrogate and advantages is not None:
         advantages = torch.as_tensor(advantages, dtype=torch.float64, device=traj.latents.device)
         if advantages.shape != (traj.batch_size,):
             raise ValueError(f"advantages must have shape ({traj.batch_size},), got {tuple(advantages.shape)}")
     else:
         rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
-        if options.method == "ddpo":
-            advantages = group.mine(ddpo_advantages(everyone, prompt_ids))
+        if surrogate:
+            standardise = ddpo_advantages if options.method == "ddpo" else group_advantages
+            advantages = group.mine(standardise(everyone, prompt_ids))
     memory = SavedTensorMemory(exclude=resident_tensors(model, traj)) if track_memory else None
     counter, grads, extra = CallCounter(), GradTerms(params), {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(gradient_checkpointing(model, options.checkpoint_unet))
         if memory is not None:
             stack.enter_context(memory.track())
-        if terms is None:
+        if options.method == "grpo":
+            extra = grpo_objective(model, traj, advantages, options, counter, generator, reference)
+        elif terms is None:
             extra = _ddpo(model, traj, advantages, options, counter)
         else:
             adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)

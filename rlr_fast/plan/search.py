@@ -171,6 +171,10 @@ def step_counts(cfg: Config) -> StepCounts:
         # gradient (an upper bound: its LoRA is off), the policy's with a parameter gradient, dQ/dx0_hat,
         # and three forwards (mu_theta, mu_ref, x0_hat)
         return StepCounts(1, 1, True, forwards=3)
+    if cfg.method == "grpo":  # its trained steps (rlr_fast.grpo.trained_steps), with grpo_beta > 0 each also
+        # recomputed by the reference without grad
+        trained = max(1, int(cfg.grpo_step_fraction * T + 1e-9))
+        return StepCounts(0, trained, False, forwards=trained if cfg.grpo_beta else 0)
     return StepCounts(0, T if cfg.zo_steps is None else min(cfg.zo_steps, T), False)  # zo, ddpo
 
 
