@@ -288,8 +288,8 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
                 names of EstimatorOptions (method="rlr", h=2, baseline="loo", truncated_bp_k=4, ...)
                 applied on top and validated with them
-    generator   draws j, the zeroth-order subsample, a random K, and sqdf's steps and fresh noise;
-                same state -> same estimate
+    generator   draws j, the zeroth-order subsample, a random K, grpo's trained steps, and sqdf's steps and
+                fresh noise; same state -> same estimate
     prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's and GRPO's per-prompt advantages
     advantages  ddpo and grpo only: (B,) advantages instead of the rewards standardised within each
                 prompt's samples; the reward is then not evaluated and `reward_fn` may be None (a
