@@ -64,7 +64,9 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                                                                     "--resume the resumed run's config)")
     finetune.add_argument("--config", metavar="YAML", help="YAML file of config keys (may name a `preset:`)")
     finetune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                          help="override one config key (repeatable), e.g. --set lr=1e-3")
+                          help="override one config key (repeatable), e.g. --set lr=1e-3; a mapping merges key "
+                               "by key into the preset's (--set 'reward_kwargs={clip_path: /w/clip}' keeps its "
+                               "dtype; a key set to null is removed); --set preset=NAME is --preset NAME")
     finetune.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its latest checkpoint)")
     finetune.add_argument("--out", metavar="DIR", help="output directory (config key out_dir)")
     finetune.add_argument("--profile", action="store_true", help="NVTX ranges for nsys (config key profile)")
@@ -140,6 +142,9 @@ def _run_finetune(args) -> int:
         sets.append("profile=true")
     if args.resume is not None and args.preset is None and args.config is None:
         overrides = dict(parse_set(text) for text in sets)  # the resumed run's config, with these changes
+        if "preset" in overrides:
+            raise ValueError(f"--set preset={overrides['preset']} with --resume: a resumed run keeps its own config "
+                             "(change single keys with --set, or start a new run with --preset)")
         result = finetune(resume=args.resume, **overrides)
     else:
         cfg = load_config(preset=args.preset, path=args.config, sets=tuple(sets))
@@ -192,7 +197,7 @@ def _load(args, cfg, source: str):
     device, cfg = resolve_device(cfg)
     print(f"{args.command}: model {cfg.model}" + (f" with LoRA {args.lora}" if args.lora else " (no LoRA)") +
           f"; settings from {source} and flags: {cfg.num_steps} steps, guidance {cfg.guidance_scale}, eta {cfg.eta}, "
-          f"{cfg.dtype} on {device}", file=sys.stderr)
+          f"{cfg.dtype} on {device}, resolution {cfg.resolution or 'native'}", file=sys.stderr)
     models = load_for_inference(cfg.model, args.lora, device, DTYPES[cfg.dtype], cfg.motion_adapter)
     return cfg, models, DTYPES[cfg.dtype]
 
@@ -228,14 +233,16 @@ def _run_sample(args) -> int:
         raise ValueError(f"--out {out} is an existing file; choose a directory")
     _lora_argument(args)
     cfg, models, dtype = _load(args, *_inference_config(args))
+    latent_hw = models.set_resolution(cfg.resolution)  # before encoding: SDXL's time ids follow it
     bank = PromptBank(models, prompts, cfg.negative_prompt, cfg.prompt_schedule, cfg.num_steps)
     if bank.steps.scheduled:
         print(f"sample: {bank.steps.scheduled} of the {len(prompts)} prompts follow the config's prompt_schedule",
               file=sys.stderr)
     cond = bank.conditioning(torch.arange(len(prompts)))
+    latent_hw = models.set_resolution(cfg.resolution)  # the run's size, as evaluate and the training grids draw
     images = generate_images(models, cond["encoder_hidden_states"], bank.negative, seeds, num_steps=cfg.num_steps,
                              eta=cfg.eta, guidance_scale=cfg.guidance_scale, dtype=dtype, desc="sample",
-                             prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
+                             latent_hw=latent_hw, prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     images = prompt_rows(images, len(seeds))
     suffix = "gif" if images.dim() == 5 else "png"  # videos are animated GIFs
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +282,7 @@ def _run_evaluate(args) -> int:
     from .presets import HELD_OUT, eval_prompts_of, load_prompts
     from .eval_report import table, write_report
     from .evaluation import GRID_PROMPTS, GRID_SEEDS, Evaluator
-    from .inference import check_model
+    from .inference import check_model, resolve_device
     from .rewards import get_reward, get_video_reward
     from .video import is_video_model
 
@@ -286,6 +293,7 @@ def _run_evaluate(args) -> int:
     _lora_argument(args)
     cfg, source = _inference_config(args)
     check_model(cfg.model, cfg.motion_adapter)  # before the rewards load
+    cfg = resolve_device(cfg)[1]  # on the CPU a half-precision reward network loads in float32
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompts is None:

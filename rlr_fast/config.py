@@ -76,7 +76,8 @@ class Config(EstimatorOptions):
               "pixel count")
     rollout: str = option("auto", "training rollouts: 'auto' (replayed from a CUDA graph on a GPU, eager "
                                   "elsewhere or when capture fails, with the reason), 'cuda_graph' or 'eager'")
-    eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise (likelihood ratios need > 0)")
+    eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise; an SD3 / FLUX model's flow SDE noise "
+                        "level a: 0 the Euler ODE, 0.7 Flow-GRPO's (likelihood ratios need > 0)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = option("", "the prompt of the unconditional pass of guidance")
     prompt_schedule: Optional[dict] = option(
@@ -106,7 +107,8 @@ class Config(EstimatorOptions):
     adam_eps: float = option(1e-8, "AdamW epsilon")
     grad_accum: int = option(1, "micro-batches averaged per optimizer step")
     max_grad_norm: Optional[float] = option(1.0, "clip the gradient to this global norm (None: no clip)")
-    warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps")
+    warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps (more than "
+                                  "train_steps: the run ends still warming up, which it says)")
     train_steps: int = option(100, "optimizer steps of the run")
 
     # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo); grpo runs the same
@@ -147,8 +149,10 @@ class Config(EstimatorOptions):
     # --- estimator design (method=auto)
     design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
     design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
-                                    "baselines * design_max_h)) UNet forward-equivalents; fewer than about 32 can "
-                                    "pick a design several times worse: docs/estimator.md §13)")
+                                    "baselines * design_max_h)) UNet forward-equivalents, baselines the number of "
+                                    "baselines compared: 2 (none, loo), 3 when a micro-batch holds images_per_prompt "
+                                    ">= 2 of a prompt (loo_prompt too); fewer than about 32 can pick a design several "
+                                    "times worse: docs/estimator.md §13)")
     design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
     design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
                                                   "(rollout T and reward included); None: no limit")
@@ -170,8 +174,10 @@ class Config(EstimatorOptions):
                                           "{hpsv2: {path: /weights/HPSv2}}")
 
     # --- memory
-    max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options below so that one "
-                                                  "update's estimated peak fits this many GiB (overrides them)")
+    max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options (checkpoint_vae, "
+                                                  "decode_chunk, free_text_encoder, and max_batch, checkpoint_unet, "
+                                                  "split_cfg) so that one update's estimated peak fits this many GiB "
+                                                  "(overrides them)")
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
     decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
@@ -183,21 +189,26 @@ class Config(EstimatorOptions):
         """The named preset, with `overrides` applied (parsed and validated)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls().with_overrides({"preset": name, **PRESETS[name], **overrides})
+        preset = cls().with_overrides({"preset": name, **PRESETS[name]}, validate=False)
+        return preset.with_overrides(overrides, merge=True)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         """A Config from a mapping such as `to_dict()` wrote (unknown keys are an error)."""
         return cls().with_overrides(values, validate=False).validate()
 
-    def with_overrides(self, overrides: dict, *, validate: bool = True) -> "Config":
-        """A copy with `overrides` applied; each value is parsed by the field's type."""
+    def with_overrides(self, overrides: dict, *, validate: bool = True, merge: bool = False) -> "Config":
+        """A copy with `overrides` applied; each value is parsed by the field's type. merge=True (a preset,
+        YAML file or `--set` on top of another layer): a mapping-valued key (reward_kwargs,
+        eval_reward_kwargs) merges into the current mapping key by key, a key set to None removing it."""
         types_ = field_types()
         changes = {}
         for key, value in overrides.items():
             if key not in types_:
                 raise ValueError(unknown_key_message(key))
             changes[key] = value if key == "prompt_schedule" else coerce(key, value, types_[key])
+            if merge and types_[key] is dict:
+                changes[key] = merged_mapping(getattr(self, key), changes[key])
         if "prompt_schedule" in changes:  # a file path becomes the schedule it holds; errors name the steps
             changes["prompt_schedule"] = schedule_value(changes["prompt_schedule"],
                                                         changes.get("num_steps", self.num_steps))
@@ -309,10 +320,22 @@ class Config(EstimatorOptions):
                              f"(ddpo_rollout_batches={self.ddpo_rollout_batches} x batch_size={self.batch_size})")
         if self.ddpo_minibatches % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide ddpo_minibatches={self.ddpo_minibatches}: with "
-                             f"{self.method} an optimizer step accumulates grad_accum minibatches of one pass")
+                             f"{self.method} an optimizer step accumulates grad_accum minibatches of one pass. "
+                             f"{self._ddpo_fix()}")
         if self.ddpo_min_count > self.ddpo_buffer_size:
             raise ValueError(f"ddpo_min_count={self.ddpo_min_count} must be <= ddpo_buffer_size="
                              f"{self.ddpo_buffer_size}, or a prompt's own statistics are never used")
+
+    def _ddpo_fix(self) -> str:
+        """Values of grad_accum / ddpo_minibatches / ddpo_rollout_batches that would pass `_check_ddpo`."""
+        accums = [a for a in range(1, self.ddpo_minibatches + 1) if self.ddpo_minibatches % a == 0]
+        samples = self.ddpo_rollout_batches * self.batch_size
+        minibatches = [m for m in range(self.grad_accum, samples + 1, self.grad_accum) if samples % m == 0]
+        keep = (f"ddpo_minibatches={' or '.join(map(str, minibatches))}" if minibatches else
+                f"ddpo_rollout_batches={self.ddpo_rollout_batches * self.grad_accum} with ddpo_minibatches="
+                f"{self.grad_accum}")
+        return (f"Set grad_accum to {' or '.join(map(str, accums))}, or, keeping grad_accum={self.grad_accum}, {keep} "
+                f"(the minibatches split the epoch's ddpo_rollout_batches x batch_size samples)")
 
     def _check_replay(self) -> None:
         check_min("replay_capacity", self.replay_capacity, 0)
@@ -327,9 +350,33 @@ class Config(EstimatorOptions):
                              f"(batch_size={self.batch_size} x grad_accum={self.grad_accum}), which each draw "
                              "takes from the buffer")
 
+    def notices(self) -> list[str]:
+        """What a run should say on stderr at its start about settings that are valid but easy to miss."""
+        notes = []
+        if self.prompt_schedule is not None:
+            notes.append(f"note: a prompt schedule is active: the prompts of {len(self.prompt_schedule)} base "
+                         "prompt(s) change along the chain (prompt_schedule; docs/training.md, 'Prompt schedules')")
+        if self.warmup_steps > self.train_steps:
+            notes.append(f"note: warmup_steps={self.warmup_steps} > train_steps={self.train_steps}: the learning rate "
+                         f"ends at {self.train_steps / self.warmup_steps:.2g} x lr, still warming up")
+        return notes
+
     def estimator_options(self) -> EstimatorOptions:
         """The estimator's share of this config, for `estimate` and `plan`."""
         return EstimatorOptions.of(self)
+
+
+def merged_mapping(old: dict, new: dict) -> dict:
+    """`new` merged into `old` key by key (nested mappings too); a key whose new value is None is removed."""
+    out = dict(old)
+    for key, value in new.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged_mapping(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,24 +424,51 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None, sets: tuple[str, ...] = (),
                 base: Optional[Config] = None) -> Config:
-    """The config of a run: `base` or a preset (argument, else the YAML's `preset:` key, else demo),
-    then the YAML file's keys, then the `--set key=value` overrides."""
+    """The config of a run: `base` or a preset (argument, else `--set preset=NAME`, else the YAML's
+    `preset:` key, else demo), then the YAML file's keys, then the `--set key=value` overrides. Mappings
+    (reward_kwargs, eval_reward_kwargs) merge key by key across these layers; a method switched to one
+    whose own settings the base leaves neutral is refused (`check_method_switch`)."""
     data = read_yaml(path) if path is not None else {}
     if "overwrite" in data and coerce("overwrite", data["overwrite"], bool):
         raise ValueError(f"config file {path} sets overwrite: {data['overwrite']}; deleting an earlier run is "
                          "asked for on the command line only (--set overwrite=true), so a reused file never "
                          "deletes one")
-    name = preset or data.pop("preset", None)
-    data.pop("preset", None)
-    if base is not None and name is None:
-        cfg = base
-    else:
-        cfg = Config.from_preset(name or "demo")
+    file_preset = data.pop("preset", None)
     overrides = dict(data)
+    set_preset = None
     for text in sets:
         key, value = parse_set(text)
-        overrides[key] = value
-    return cfg.with_overrides(overrides)
+        if key == "preset":
+            set_preset = value
+        elif field_types().get(key) is dict and key in overrides:
+            overrides[key] = merged_mapping(coerce(key, overrides[key], dict), coerce(key, value, dict))
+        else:
+            overrides[key] = value
+    if preset is not None and set_preset is not None and set_preset != preset:
+        raise ValueError(f"--preset {preset} and --set preset={set_preset} disagree; choose one preset")
+    name = preset or set_preset or file_preset
+    cfg = base if base is not None and name is None else Config.from_preset(name or "demo")
+    check_method_switch(cfg, overrides)
+    return cfg.with_overrides(overrides, merge=True)
+
+
+# A method whose settings keep neutral defaults in every other preset, and the key that must then be
+# given: switching to it by an override alone would silently run without its own terms.
+METHOD_PRESETS = {"sqdf": "sqdf_alpha"}
+
+
+def check_method_switch(base: Config, overrides: dict) -> None:
+    """Refuse `method=sqdf` on a base of another method unless `sqdf_alpha` is set too: the base's
+    sqdf_alpha 0, sqdf_gamma 1 and replay_capacity 0 would turn SQDF's KL term and replay off."""
+    method = str(overrides.get("method", base.method))
+    key = METHOD_PRESETS.get(method)
+    if key is None or base.method == method or key in overrides:
+        return
+    own = {k: PRESETS[method][k] for k in ("sqdf_alpha", "sqdf_gamma", "replay_capacity")}
+    neutral = {k: getattr(base, k) for k in own}
+    raise ValueError(f"method={method} on preset {base.preset!r} would run with {neutral} (its KL term and replay "
+                     f"off); start from --preset {method} (its own {own}), or also set {key} (0: no KL term, "
+                     "knowingly)")
 
 
 def config_help(preset: str = "demo") -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -47,7 +47,7 @@ class Terms:
     first_order: int = 0  # f: pathwise over t = 1..f
     half_order: Optional[tuple[int, int]] = None  # (j, h): the sub-chain t = j+1..j+h
     zeroth_order: list[int] = field(default_factory=list)  # C, after any subsampling
-    zo_weight: float = 1.0  # |C| / k
+    zo_weight: Union[float, list[float]] = 1.0  # |C| / k, or one weight per step of C with aim_steps
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,7 +118,27 @@ def _draw(generator: Optional[torch.Generator], n: int) -> int:
     return int(torch.randint(n, (1,), generator=generator))
 
 
-def _choose_j(j, valid: list[int], generator) -> int:
+def aimed_steps(num_steps: int, aim: Optional[tuple[float, float]]) -> set[int]:
+    """The math steps t whose code index k = T - t has from <= k / T < to (a prompt_schedule segment's
+    rule); empty without an aim."""
+    if aim is None:
+        return set()
+    return {num_steps - k for k in range(num_steps) if aim[0] <= k / num_steps < aim[1]}
+
+
+def j_distribution(valid: list[int], h: int, aimed: set[int], share: float) -> torch.Tensor:
+    """q(j) over `valid`: `share` spread evenly on the j whose sub-chain j+1..j+h meets the aimed
+    steps, the rest on all valid j (uniform when none meets them). Any q is unbiased (§4.2)."""
+    q = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)
+    hits = torch.tensor([any(j + i in aimed for i in range(1, h + 1)) for j in valid])
+    if hits.any():
+        q = (1 - share) * q + share * hits.double() / hits.sum()
+    return q
+
+
+def _choose_j(j, valid: list[int], generator, aim: Optional[tuple[int, set[int], float]] = None) -> int:
+    if aim is not None:
+        return valid[int(torch.multinomial(j_distribution(valid, *aim), 1, generator=generator))]
     if j == "uniform":
         return valid[_draw(generator, len(valid))]
     if isinstance(j, int):
@@ -142,6 +162,30 @@ def _subsample(steps: list[int], k: Optional[int], generator) -> tuple[list[int]
     return sorted(steps[i] for i in perm.tolist()), len(steps) / k
 
 
+def _aimed_subsample(steps: list[int], k: Optional[int], aimed: set[int], share: float,
+                     generator) -> tuple[list[int], Union[float, list[float]]]:
+    """k of the steps, about `share` of them among the aimed ones: uniform without replacement within
+    the aimed and the other steps (k_a and k - k_a of them, both >= 1), each weighted by the inverse of
+    its chance to be drawn, |A| / k_a or |B| / k_b (with k = 1: one group drawn with chance share,
+    then one step of it), so the sum stays unbiased (docs/estimator.md §12.1)."""
+    inside = [t for t in steps if t in aimed]
+    outside = [t for t in steps if t not in aimed]
+    if k is None or k == len(steps) or not inside or not outside:
+        return _subsample(steps, k, generator)
+    if k == 1:
+        group, chance = (inside, share) if float(torch.rand((), generator=generator, dtype=torch.float64)) < share \
+            else (outside, 1 - share)
+        return [group[_draw(generator, len(group))]], [len(group) / chance]
+    k_in = min(max(round(share * k), 1), k - 1, len(inside))
+    k_in = k - min(k - k_in, len(outside))
+    chosen = {}
+    for group, n in ((inside, k_in), (outside, k - k_in)):
+        for t in _subsample(group, n, generator)[0]:
+            chosen[t] = len(group) / n
+    ts = sorted(chosen)
+    return ts, [chosen[t] for t in ts]
+
+
 def rlr_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Terms:
     """F, H and C of one RLR estimate."""
     T, f, h = traj.num_steps, options.first_order_steps, options.h
@@ -150,9 +194,10 @@ def rlr_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Te
         raise ValueError(f"no valid j for first_order_steps={f}, h={h}: deterministic steps (sigma=0) "
                          f"t={_deterministic(traj)} must lie in F = 1..f or H, and step j+1 needs sigma > 0; "
                          "raise first_order_steps (or eta)")
-    j = _choose_j(options.j, valid, generator)
+    aimed = aimed_steps(T, options.aim_steps)
+    j = _choose_j(options.j, valid, generator, (h, aimed, options.aim_share) if aimed else None)
     rest = [t for t in range(1, T + 1) if t > f and not j + 1 <= t <= j + h]
-    chosen, weight = _subsample(rest, options.zo_steps, generator)
+    chosen, weight = _aimed_subsample(rest, options.zo_steps, aimed, options.aim_share, generator)
     return Terms(first_order=f, half_order=(j, h), zeroth_order=chosen, zo_weight=weight)
 
 
@@ -163,7 +208,8 @@ def zo_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Ter
     if options.zo_steps is not None and options.zo_steps > len(stochastic):
         raise ValueError(f"zo_steps={options.zo_steps} exceeds the {len(stochastic)} steps after this "
                          f"trajectory's last deterministic step (t={f})")
-    chosen, weight = _subsample(stochastic, options.zo_steps, generator)
+    chosen, weight = _aimed_subsample(stochastic, options.zo_steps, aimed_steps(traj.num_steps, options.aim_steps),
+                                      options.aim_share, generator)
     return Terms(first_order=f, zeroth_order=chosen, zo_weight=weight)
 
 
@@ -199,7 +245,8 @@ def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor]
             pathwise_sweep(model, traj, k_close, traj.step_index(j + h), cot, options, counter)
     if terms.zeroth_order:
         ks = [traj.step_index(t) for t in terms.zeroth_order]
-        weights = adv[ks] * terms.zo_weight
+        weights = adv[ks] * (torch.as_tensor(terms.zo_weight, dtype=adv.dtype, device=adv.device).reshape(-1, 1)
+                             if isinstance(terms.zo_weight, list) else terms.zo_weight)
         with grads.term("zeroth_order"), nvtx_range("zeroth-order terms"):
             likelihood_ratio(model, traj, ks, weights, options, counter)
 

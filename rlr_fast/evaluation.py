@@ -44,7 +44,7 @@ from .config import Config
 from .eval_report import draw_eval_curves
 from .inference import DTYPES, autocast, decode_latents, progress, sample_chain
 from .metrics import diversity, jsonable, read_metrics
-from .models import SDModels, latent_size
+from .models import SDModels
 from .lora import has_lora, lora_disabled
 from .prompts import PromptBank
 from .rewards import Reward
@@ -135,12 +135,12 @@ class Evaluator:
         self.prompts, self.seeds, self.batch_size = list(prompts), seeds, batch_size
         self.feature_model = next((name for name, r in rewards.items() if type(r).features is not Reward.features),
                                   None)
+        self.latent_hw = models.set_resolution(cfg.resolution)  # before encoding: SDXL's time ids follow it
         # per batch of prompts, their conditioning (a prompt_schedule's switches included)
         self.conds = [PromptBank(models, self.prompts[i:i + batch_size], cfg.negative_prompt, cfg.prompt_schedule,
                                  cfg.num_steps).conditioning(torch.arange(len(self.prompts[i:i + batch_size])))
                       for i in range(0, len(self.prompts), batch_size)]
         self.negative = models.encode_prompts([cfg.negative_prompt])
-        self.latent_hw = latent_size(cfg.resolution, models.unet.config, models.vae.config)
         self.base: Optional[Pass] = None
 
     def __call__(self, desc: str = "evaluate") -> dict:

@@ -16,10 +16,10 @@ The adapter's contract (docs/architecture.md, "Model families"):
 * `latent_layout`: the dimensions of the latents the network takes (None: only a batch dimension).
 
 `family_of(model)` picks the family from the network's class (base classes included) and config,
-by name, so this module imports torch only. A flow transformer is one more `Family`: SD3 packs its
-`pooled_projections` as SDXL packs text_embeds; FLUX packs its pooled projection and guidance value,
-derives txt_ids / img_ids from the token count and the latent shape, and packs / unpacks its 2x2
-latent patches inside `call`.
+by name, so this module imports torch only. The flow transformers: SD3 packs its `pooled_projections`
+after the tokens (`pack_vectors`); FLUX packs its pooled projection and guidance value, derives
+txt_ids / img_ids from the token count and the latent shape, and packs / unpacks its 2x2 latent
+patches inside `call` (`latent_channels`: the chain holds the VAE's 16 channels, not the 64 of a patch).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class Family:
 
     def check_conditioning(self, model, cond: Optional[torch.Tensor]) -> None:
         """Refuse conditioning this family's `call` would misread (checked once per rollout)."""
+
+    def latent_channels(self, model) -> Optional[int]:
+        """The channels of the latents the chain holds (None: not said by the network's config)."""
+        return getattr(getattr(model, "config", None), "in_channels", None)
 
 
 @dataclass(frozen=True)
@@ -126,17 +130,111 @@ class TextTimeFamily(Family):
                 f"text_embeds, time_ids); got shape {tuple(cond.shape)} whose last row is not such a packing")
 
 
+def pack_vectors(tokens: torch.Tensor, *vectors: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) tokens and per-sample vectors (B, n_i) as one (B, L + rows, D) tensor: the vectors side by
+    side in ceil(sum n_i / D) zero-padded rows after the tokens."""
+    batch, _, width = tokens.shape
+    flat = torch.cat([v.to(tokens.dtype).reshape(batch, -1) for v in vectors], 1)
+    rows = math.ceil(flat.shape[1] / width)
+    extra = torch.cat([flat, flat.new_zeros(batch, rows * width - flat.shape[1])], 1)
+    return torch.cat([tokens, extra.reshape(batch, rows, width)], 1)
+
+
+def unpack_vectors(cond: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """`pack_vectors`' inverse: (tokens, vector_1, ...) of the given sizes."""
+    rows = math.ceil(sum(sizes) / cond.shape[-1])
+    extra = cond[:, -rows:].flatten(1)
+    return (cond[:, :-rows], *extra[:, :sum(sizes)].split(list(sizes), 1))
+
+
+def require_conditioning(model, cond: Optional[torch.Tensor]) -> None:
+    if cond is None:
+        raise ValueError(f"{type(model).__name__} needs conditioning: its tokens and the vectors packed after them "
+                         "(rlr_fast.flow.FlowModels.encode_prompts makes it)")
+
+
+def check_packed(model, cond: torch.Tensor, sizes: tuple[int, ...], what: str, encoder: str) -> None:
+    """Refuse conditioning that is not tokens plus `pack_vectors` rows of `sizes` (their padding is zero)."""
+    rows = math.ceil(sum(sizes) / cond.shape[-1])
+    padding = cond[:, -rows:].flatten(1)[:, sum(sizes):]
+    if cond.shape[1] <= rows or bool(padding.any()):
+        raise ValueError(f"{type(model).__name__} takes {what} packed after the tokens: conditioning (B, L + {rows}, "
+                         f"{cond.shape[-1]}) as {encoder} makes it; got shape {tuple(cond.shape)} whose last rows "
+                         "are not such a packing")
+
+
+def batch_timestep(timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    """One time per sample (the transformers' time embedding takes a (B,) tensor), as the pipelines pass it."""
+    timestep = torch.as_tensor(timestep)
+    return timestep.expand(batch) if timestep.dim() == 0 else timestep
+
+
+@dataclass(frozen=True)
+class SD3Family(Family):
+    """SD3 / SD3.5's SD3Transformer2DModel: tokens (CLIP-L and CLIP-G side by side, padded to T5's width,
+    then T5's) and `pooled_projections` (B, P), packed after them (`pack_vectors`); timesteps as
+    StableDiffusion3Pipeline passes them (sigma * 1000)."""
+
+    def call(self, model, sample, timestep, cond):
+        require_conditioning(model, cond)
+        tokens, pooled = unpack_vectors(cond, (model.config.pooled_projection_dim,))
+        return model(hidden_states=sample, timestep=batch_timestep(timestep, len(sample)), encoder_hidden_states=tokens,
+                     pooled_projections=pooled, return_dict=False)[0]
+
+    def check_conditioning(self, model, cond):
+        if cond is not None:
+            check_packed(model, cond, (model.config.pooled_projection_dim,), "pooled projections",
+                         "rlr_fast.flow.FlowModels.encode_prompts")
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    """FLUX's FluxTransformer2DModel: T5 tokens, the pooled CLIP embedding (B, P) and the distilled
+    guidance value (B,) packed after them. The chain keeps the latents (B, C, h, w) as the VAE reads
+    them; `call` packs them into 2x2 patches (B, hw / 4, 4C) with their position ids, and back, and
+    divides the timestep by 1000, as FluxPipeline."""
+
+    def latent_channels(self, model) -> int:
+        return model.config.in_channels // 4
+
+    def sizes(self, model) -> tuple[int, int]:
+        return (model.config.pooled_projection_dim, 1)
+
+    def call(self, model, sample, timestep, cond):
+        require_conditioning(model, cond)
+        tokens, pooled, guidance = unpack_vectors(cond, self.sizes(model))
+        b, c, h, w = sample.shape
+        patches = sample.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+        # built on the sample's device: no host-to-device copy, so the call can be captured in a CUDA graph
+        rows, cols = torch.meshgrid(*(torch.arange(n // 2, device=sample.device, dtype=sample.dtype) for n in (h, w)),
+                                    indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+        txt_ids = tokens.new_zeros(tokens.shape[1], 3)
+        out = model(hidden_states=patches, timestep=batch_timestep(timestep, b) / 1000,
+                    guidance=guidance[:, 0].float() if model.config.guidance_embeds else None,
+                    pooled_projections=pooled, encoder_hidden_states=tokens, txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def check_conditioning(self, model, cond):
+        if cond is not None:
+            check_packed(model, cond, self.sizes(model), "the pooled projection and guidance value",
+                         "rlr_fast.flow.FlowModels.encode_prompts")
+
+
 SD = Family("sd", ("UNet2DConditionModel",))
 SDXL = TextTimeFamily("sdxl", (), lora_pipeline="StableDiffusionXLPipeline")
 MODELSCOPE = Family("modelscope", ("UNet3DConditionModel",), lora_pipeline="TextToVideoSDPipeline",
                     latent_layout=VIDEO)
 ANIMATEDIFF = PerFrameFamily("animatediff", ("UNetMotionModel",), lora_pipeline="AnimateDiffPipeline",
                              latent_layout=VIDEO)
+SD3 = SD3Family("sd3", ("SD3Transformer2DModel",), lora_pipeline="StableDiffusion3Pipeline", lora_prefix="transformer")
+FLUX = FluxFamily("flux", ("FluxTransformer2DModel",), lora_pipeline="FluxPipeline", lora_prefix="transformer")
 # Any other module called as model(sample, t, encoder_hidden_states=...): the toy models, custom networks.
 OTHER = Family("other", (), latent_layout=None)
 
 # The most specific first: SDXL's UNet is a UNet2DConditionModel too.
-FAMILIES = (SDXL, ANIMATEDIFF, MODELSCOPE, SD)
+FAMILIES = (SDXL, ANIMATEDIFF, MODELSCOPE, SD, SD3, FLUX)
 
 
 def family_of(model) -> Family:

@@ -16,14 +16,17 @@ import torch
 from PIL import Image
 
 from .config import Config
-from .models import SDModels, check_sd_folder, load_sd
+from .families import family_of
+from .models import FLOW_PIPELINES, SDModels, check_sd_folder, load_sd, pipeline_class
 from .checkpoint import read_checkpoint, restore_lora
 from .lora import add_lora, load_lora
 from .rollout import Trajectory, rollout
 from .run_dir import atomic_write
 from .video import check_num_frames, is_video_model, is_video_unet, load_video
 
+FLOW_PARTS = ("transformer", "vae", "scheduler")  # what an SD3 or FLUX folder has in place of unet/
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
@@ -45,15 +48,40 @@ def resolve_device(cfg: Config) -> tuple[torch.device, Config]:
         if cfg.dtype == "float64":
             raise ValueError(f"dtype='float64' runs on the CPU only (exact reproducibility checks), but device="
                              f"{cfg.device!r} is a GPU; set device=cpu, or choose float32, float16 or bfloat16")
-    elif cfg.dtype in ("float16", "bfloat16"):
-        print(f"note: dtype={cfg.dtype} is for GPUs (autocast); running in float32 on the CPU", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, dtype="float32")
+    else:
+        cfg = cpu_precision(cfg)
     return device, cfg
+
+
+def cpu_precision(cfg: Config) -> Config:
+    """`cfg` with float32 for what it asks in half precision, said once on stderr: on the CPU half
+    precision is emulated (a float16 reward network's backward far slower than in float32), so
+    the weights' dtype and the rewards' (reward_kwargs, eval_reward_kwargs) both run in float32."""
+    def is_half(dtype) -> bool:
+        return str(dtype).removeprefix("torch.") in HALF_DTYPES
+
+    changes, said = {}, []
+    if is_half(cfg.dtype):
+        changes["dtype"], said = "float32", [f"dtype={cfg.dtype} (autocast)"]
+    if is_half(cfg.reward_kwargs.get("dtype")):
+        changes["reward_kwargs"] = {**cfg.reward_kwargs, "dtype": "float32"}
+        said.append(f"the reward network's dtype={cfg.reward_kwargs['dtype']}")
+    evals = {name: {**kw, "dtype": "float32"} if is_half(kw.get("dtype")) else kw
+             for name, kw in cfg.eval_reward_kwargs.items()}
+    if evals != cfg.eval_reward_kwargs:
+        changes["eval_reward_kwargs"] = evals
+        said.append("eval_reward_kwargs' half-precision dtypes")
+    if said:
+        print(f"note: {' and '.join(said)} {'is' if len(said) == 1 else 'are'} for GPUs; running in float32 on the "
+              "CPU", file=sys.stderr)
+    return dataclasses.replace(cfg, **changes)
 
 
 def check_model(model: str, motion_adapter: Optional[str] = None) -> None:
     """Refuse a model that cannot load, before anything slow runs (the full check is `load_models`)."""
-    if model != "default":
+    if model != "default" and pipeline_class(Path(model)) in FLOW_PIPELINES:
+        check_sd_folder(Path(model), FLOW_PARTS, allowed=FLOW_PARTS)
+    elif model != "default":
         check_sd_folder(Path(model))
     if motion_adapter is not None and not Path(motion_adapter).is_dir():
         raise FileNotFoundError(f"motion adapter folder {motion_adapter} does not exist")
@@ -107,7 +135,7 @@ def latent_shape(unet, latent_hw: Optional[tuple[int, int]] = None, num_frames: 
     if is_video_unet(unet):
         check_num_frames(unet, num_frames)
         frames = (num_frames,)
-    return (unet.config.in_channels, *frames, h, w)
+    return (family_of(unet).latent_channels(unet), *frames, h, w)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -126,7 +154,8 @@ def decode_latents(vae, latents: torch.Tensor, frame_chunk: int = 8) -> torch.Te
         frames = latents.transpose(1, 2).reshape(b * f, c, h, w)
         images = torch.cat([decode_latents(vae, chunk) for chunk in frames.split(frame_chunk)])
         return images.reshape((b, f) + tuple(images.shape[1:]))
-    z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+    # SD3's and FLUX's VAEs also shift their latents (shift_factor); SD1.x's and SDXL's have none
+    z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0)
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 

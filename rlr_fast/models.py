@@ -5,7 +5,7 @@ the ecosystem reads back:
 
 * `load_sd`: load a LOCAL diffusers Stable Diffusion folder (never the network) with errors that
   say which path or component is wrong (an SDXL folder goes to rlr_fast.sdxl, which builds on the
-  loaders here).
+  loaders here; an SD3 or FLUX folder to rlr_fast.flow).
 * `tiny_sd`: a randomly initialised pipeline with the SD1.4 component types at toy width, built
   offline (tokenizer included), so tests and CI run on a CPU in seconds.
 * `sd14_config` / `build_sd14_on_meta`: the real SD1.4 architectures on the meta device, for memory
@@ -14,10 +14,11 @@ the ecosystem reads back:
 LoRA adapters on the UNet are rlr_fast.lora's.
 
 This module imports only torch, diffusers and transformers (no other rlr_fast module but
-rlr_fast.sdxl, on first use for an SDXL folder), so it can be used on its own.
+rlr_fast.sdxl and rlr_fast.flow, on first use for such a folder), so it can be used on its own.
 """
 
 import json
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,15 +26,24 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# diffusers' pipelines import transformers' CLIPImageProcessor, which without torchvision falls back to its
+# PIL twin and warns on every command; rlr_fast never uses an image processor (the rewards preprocess in
+# torch: rewards/clip_models.py), so that warning alone is dropped, before the import that raises it.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 __all__ = [
     "SDModels", "load_sd", "tiny_sd", "sd14_config", "build_sd14_on_meta", "latent_size",
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The pipelines of flow-matching transformer folders (rlr_fast.flow loads them).
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 # The weight file names (without extension) diffusers and transformers save each model component as.
 _WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                  "text_encoder_2": "model"}
@@ -68,6 +78,10 @@ class SDModels:
         """The latent (height, width) of images of `resolution` pixels (`latent_size`: an error for a
         size the model cannot make); the size later prompts are encoded for where the family conditions
         on it (SDXL's time ids)."""
+        return self.latent_hw(resolution)
+
+    def latent_hw(self, resolution) -> tuple[int, int]:
+        """The latent (height, width) of images of `resolution` pixels (`latent_size`), nothing set."""
         return latent_size(resolution, self.unet.config, self.vae.config)
 
     def free_text_encoders(self) -> None:
@@ -211,6 +225,13 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         from .sdxl import load_sdxl
 
         return load_sdxl(path, dtype, device, components)
+    if pipeline_class(path) in FLOW_PIPELINES:
+        from .flow import load_flow
+
+        if components is not None:
+            raise ValueError(f"{path} is a {pipeline_class(path)} folder: load_sd loads all of its components "
+                             "(rlr_fast.flow.load_flow(..., t5=False) leaves SD3's T5 out)")
+        return load_flow(path, dtype, device)
     components = COMPONENTS if components is None else components
     check_sd_folder(path, components)
     return SDModels(**load_components(path, component_loaders(path, dtype), components, device), path=path)

@@ -204,8 +204,10 @@ class EstimatorOptions:
     j: Union[int, str, tuple[float, ...]] = option(
         "uniform", "rlr: start j of the sub-chain: an int, 'uniform', or a weight per j = 0, 1, ... (zero "
                    "outside the valid range)")
-    zo_steps: Optional[int] = option(None, "rlr/zo: likelihood-ratio steps subsampled per update, each weighted "
-                                           "|C|/k (None: all)")
+    zo_steps: Optional[int] = option(None, "rlr/zo: k, the likelihood-ratio steps drawn per update from C (the "
+                                           "steps estimated by likelihood ratio: rlr's outside the pathwise F and "
+                                           "half-order H, zo's every stochastic one), each weighted |C|/k, |C| "
+                                           "the number of steps in C, so the sum stays unbiased (None: all of C)")
     baseline: Union[float, str] = option("none", "reward baseline of likelihood-ratio terms: none, loo (batch "
                                                  "leave-one-out), loo_prompt (per prompt), value (per step, fitted "
                                                  "on the reward of the rollout's x0 estimate; rollout with "
@@ -235,10 +237,24 @@ class EstimatorOptions:
     sqdf_steps: Optional[tuple[int, int]] = option(None, "sqdf: the steps k drawn per sample, uniformly among the "
                                                          "stochastic ones of [first, stop) in sampling order (0 "
                                                          "the noisiest), as range(first, stop); None: every step")
-    x0_estimator: Union[str, Callable] = option("tweedie", "sqdf: the one-step estimate of x_0 scored as the soft "
-                                                           "Q: 'tweedie' (the base model at the next step) or, from "
-                                                           "Python, a callable (reference, states) -> x0_hat, e.g. a "
-                                                           "consistency model (rlr_fast.sqdf)")
+    x0_estimator: Union[str, Callable] = option("tweedie", "sqdf: the estimate of x_0 scored as the soft Q: 'tweedie' "
+                                                           "(the base model at the next step), 'consistency' (the "
+                                                           "latent consistency model of consistency_model, "
+                                                           "rlr_fast.consistency) or, from Python, a callable "
+                                                           "(reference, states) -> x0_hat (rlr_fast.sqdf)")
+    consistency_model: str = option("lcm-lora-sdv1-5", "sqdf, x0_estimator=consistency: a local LCM-LoRA folder "
+                                                       "(loaded as a second adapter on the same UNet) or a full LCM "
+                                                       "UNet folder")
+    consistency_steps: int = option(1, "sqdf, x0_estimator=consistency: consistency steps from x_k to x_0")
+    consistency_guidance: float = option(1.0, "sqdf, x0_estimator=consistency: guidance scale w of the consistency "
+                                              "model (1: the conditional prompt alone, as the public SQDF code)")
+    sqdf_reward_mask: bool = option(False, "sqdf: train only on samples whose soft Q is > 0, as the public code's "
+                                           "rewards > 0 mask (docs/estimator.md §11.5 says why it is off)")
+    aim_steps: Optional[tuple[float, float]] = option(None, "rlr/zo: aim j and the zo_steps subsample at the steps "
+                                                            "[from, to) (fractions of the chain, as prompt_schedule "
+                                                            "segments), importance-weighted (docs/estimator.md §12.1)")
+    aim_share: float = option(0.8, "rlr/zo with aim_steps: probability mass of j (and share of the zo_steps "
+                                   "subsample) on the aimed steps")
     max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (whole steps, at "
                                             "least one); None: one step's batch per call, so activation memory "
                                             "stays flat in T (larger values batch several steps per call: faster, "
@@ -246,7 +262,10 @@ class EstimatorOptions:
     checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     split_cfg: bool = option(False, "guidance: run the unconditional and conditional passes as two calls "
                                     "(and back-propagate them one at a time)")
-    backend: str = option("auto", f"fused DDIM step backend: {', '.join(BACKENDS)}")
+    backend: str = option("auto", "fused sampling-step backend, all the same op: 'auto' (triton, else cuda, on a "
+                                  "GPU; cpu on the CPU; or $RLR_FAST_BACKEND), 'reference' (plain PyTorch, the "
+                                  "specification), 'cpu' (the C++ extension), 'cuda' (its CUDA kernels) or "
+                                  "'triton' (the Triton kernel, CUDA tensors)")
 
     accepts_auto: ClassVar[bool] = False  # Config (a run) may leave the method to rlr_fast.design
 
@@ -301,7 +320,19 @@ class EstimatorOptions:
                 raise ValueError(f"sqdf_steps={list(self.sqdf_steps)} is an empty range: steps are drawn from "
                                  f"[first, stop), so stop must exceed first")
         if isinstance(self.x0_estimator, str):
-            check_choice("x0_estimator", self.x0_estimator, ("tweedie",))
+            check_choice("x0_estimator", self.x0_estimator, ("tweedie", "consistency"))
+        check_min("consistency_steps", self.consistency_steps, 1)
+        if not (math.isfinite(self.consistency_guidance) and self.consistency_guidance >= 1):
+            raise ValueError(f"consistency_guidance must be >= 1 (1: no guidance), got {self.consistency_guidance}")
+        if self.aim_steps is not None:
+            first, stop = self.aim_steps
+            if not 0 <= first < stop <= 1:
+                raise ValueError(f"aim_steps={list(self.aim_steps)} must be fractions of the chain with "
+                                 "0 <= from < to <= 1")
+            if self.j != "uniform":
+                raise ValueError(f"aim_steps sets the j distribution itself; leave j='uniform' (got j={self.j!r})")
+        if not 0 < self.aim_share < 1:
+            raise ValueError(f"aim_share must be in (0, 1) so that every step keeps a chance, got {self.aim_share}")
         if not isinstance(self.normalize, bool) and not (math.isfinite(self.normalize) and self.normalize > 0):
             raise ValueError(f"normalize must be true/false or a positive scale, got {self.normalize}")
         return self

@@ -81,11 +81,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # train_learning_rate=1e-3 -> lr, Adam betas (0.9, 0.999), weight decay 1e-4, eps 1e-8,
     # train_max_grad_norm=1.0, lora_rank=4, mixed_precision='fp16', num_epochs=2000 -> train_steps
     # (one optimizer step each with replay_ratio 1), seed=0, the empty negative prompt.
-    # Differences, all because we run one GPU and ship no consistency model: their
+    # Differences, because we run one GPU and ship no consistency model: their
     # train_gradient_accumulation_steps=8 on 2 GPUs is 64 samples per optimizer step and 64 fresh
     # chains per buffer refresh, here grad_accum=16 on one; their x0_hat comes from LCM-LoRA
-    # (use_consistency_model=True), ours from the base model's Tweedie estimate (x0_estimator takes a
-    # callable); their model is SD1.5 (runwayml), ours SD1.4; their prompts are drawn independently,
+    # (use_consistency_model=True), ours from the base model's Tweedie estimate unless
+    # x0_estimator=consistency (one key: consistency_model, the LCM-LoRA folder, defaults to
+    # lcm-lora-sdv1-5, loaded as a second adapter on the same UNet); their model is SD1.5 (runwayml),
+    # ours SD1.4; their prompts are drawn independently,
     # ours 2 images per prompt so that the diversity metric has pairs; their LoRA starts from a gaussian
     # B (peft's init_lora_weights="gaussian"), ours from B = 0 (the base model). Memory options: those
     # `rlr_fast.plan(..., max_memory_gb=4)` chooses, as for sd14 (split_cfg too at this batch of 4):

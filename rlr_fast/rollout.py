@@ -228,7 +228,7 @@ def _check_latents(model, latents: torch.Tensor) -> None:
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     _check_float("latents", latents)
     layout = family_of(model).latent_layout
-    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    in_channels = family_of(model).latent_channels(model)
     if layout is not None and latents.dim() != len(layout):
         names = ", ".join(str(in_channels) if d == "channels" and in_channels else d for d in layout)
         raise ValueError(f"{type(model).__name__} takes latents ({names}), got shape {tuple(latents.shape)} "

@@ -15,15 +15,15 @@ generic step above.
 
     DDIMSampler   a diffusers DDIMScheduler (epsilon, v or sample prediction): the step of
                   `DDIMScheduler.step(m, t, x, eta, variance_noise=noise)`, docs/estimator.md §2
-
-A flow-matching SDE (velocity m, sigma_t = a sqrt(t / (1 - t)) from the scheduler's shifted sigmas,
-mean linear in (x_t, m), x0_hat = x_t - t m) is one more subclass with float timesteps.
+    FlowSampler   a diffusers FlowMatchEulerDiscreteScheduler (SD3, FLUX: velocity prediction): the
+                  flow SDE with the ODE's marginals at noise level a (eta), Flow-GRPO's conversion;
+                  a = 0 is the scheduler's own Euler step. docs/estimator.md §14
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -170,10 +170,111 @@ class DDIMSampler(Sampler):
         return step_coefficients(self.scheduler, eta)
 
 
+# ----------------------------------------------------------------------------------------------
+# Flow matching
+
+
+# Flow-GRPO's noise level (its sd3_sde_with_logprob default): exploration enough for RL, images still clean.
+FLOW_NOISE_LEVEL = 0.7
+
+
+def check_flow_scheduler(scheduler) -> None:
+    """Raise a clear error for a scheduler whose step is not the Euler step on decreasing sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(f"FlowSampler needs a diffusers FlowMatchEulerDiscreteScheduler, got "
+                        f"{type(scheduler).__name__}")
+    for key in ("invert_sigmas", "stochastic_sampling"):
+        if scheduler.config.get(key):
+            raise ValueError(f"FlowMatchEulerDiscreteScheduler with {key}=True is not the Euler step on decreasing "
+                             f"sigmas the flow SDE is built on; build it with {key}=False")
+
+
+def calculate_shift(image_seq_len: int, config) -> float:
+    """mu of a resolution-dependent shift: linear in the image's token count between the scheduler
+    config's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as the SD3 and FLUX
+    pipelines compute it."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def flow_sde_coefficients(sigmas: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, ...]:
+    """(c_x, c_e, sigma, d_x, d_e), each (T,) float64, of the flow SDE on the T + 1 decreasing `sigmas`
+    (the scheduler's, ending at 0) at noise level a = `noise_level`.
+
+    x_t = (1 - t) x_0 + t noise, velocity v = noise - x_0, so x0_hat = x_t - t v and the score is
+    -(x_t + (1 - t) v) / t. Reverse time keeps the ODE's marginals with any diffusion g_t if the drift
+    gains (g_t^2 / 2) (x_t + (1 - t) v) / t; Euler-Maruyama over dt = t_next - t < 0 then gives
+        mean  = x_t (1 + g^2 dt / (2t)) + v dt (1 + g^2 (1 - t) / (2t)),   std = g sqrt(-dt),
+    g_t = a sqrt(t / (1 - t)) (Flow-GRPO), with 1 - t at t = 1 taken at the second sigma (as Flow-GRPO:
+    the first step stays finite). a = 0: mean = x_t + v dt, the scheduler's Euler step.
+    """
+    sigmas = sigmas.to("cpu", torch.float64)
+    t, dt = sigmas[:-1], sigmas[1:] - sigmas[:-1]
+    second = sigmas[1] if len(sigmas) > 2 else torch.zeros((), dtype=torch.float64)
+    g2 = noise_level**2 * t / (1 - torch.where(t == 1, second, t))
+    c_x = 1 + g2 * dt / (2 * t)
+    c_e = dt * (1 + g2 * (1 - t) / (2 * t))
+    return c_x, c_e, (g2 * -dt).sqrt(), torch.ones_like(t), -t
+
+
+class FlowSampler(Sampler):
+    """The flow SDE over a diffusers `FlowMatchEulerDiscreteScheduler` (`flow_sde_coefficients`); eta is
+    its noise level a (FLOW_NOISE_LEVEL, Flow-GRPO's 0.7, is what flow runs default to), and eta = 0 is
+    the deterministic Euler ODE of the diffusers pipelines.
+
+    The sigmas are the pipeline's: `set_timesteps(T)` shifted by the config's `shift` (SD3), or with
+    `linear_sigmas` FLUX's np.linspace(1, 1/T, T) before shifting; with use_dynamic_shifting the shift's
+    mu follows the image's token count, `image_seq_len` (`set_image_seq_len`: the family's models set it
+    for the run's resolution). Timesteps are float (sigma * num_train_timesteps), as the pipelines pass
+    them to the network (FLUX's adapter divides by 1000, as FluxPipeline)."""
+
+    max_steps_reason = "the scheduler's num_train_timesteps"
+
+    def __init__(self, scheduler, *, linear_sigmas: bool = False, image_seq_len: Optional[int] = None):
+        check_flow_scheduler(scheduler)
+        self.scheduler, self.linear_sigmas, self.image_seq_len = scheduler, linear_sigmas, image_seq_len
+        self.max_steps = scheduler.config.num_train_timesteps
+
+    @property
+    def config(self):
+        return self.scheduler.config
+
+    def set_image_seq_len(self, image_seq_len: int) -> None:
+        self.image_seq_len = int(image_seq_len)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """`scheduler.set_timesteps` as the family's pipeline calls it for `num_steps` steps."""
+        import numpy as np
+
+        mu = None
+        if self.config.use_dynamic_shifting:
+            if self.image_seq_len is None:
+                raise ValueError("this scheduler shifts its sigmas by the image size (use_dynamic_shifting): set the "
+                                 "sampler's image_seq_len (the latent's token count) first")
+            mu = calculate_shift(self.image_seq_len, self.config)
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if self.linear_sigmas else None
+        self.scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+
+    def schedule(self, num_steps: int, eta: float) -> StepSchedule:
+        self.check(num_steps, eta)
+        self.set_timesteps(num_steps)
+        sigmas = self.scheduler.sigmas
+        if not bool((sigmas[:-1] > 0).all() and (sigmas[1:] < sigmas[:-1]).all()):
+            raise ValueError(f"the flow SDE needs positive, decreasing sigmas; the scheduler gives {sigmas.tolist()}")
+        timesteps = self.scheduler.timesteps.to("cpu", torch.float32)
+        return StepSchedule(timesteps, *flow_sde_coefficients(sigmas, float(eta)))
+
+
 def as_sampler(sampler_or_scheduler) -> Sampler:
-    """A `Sampler` as given; a diffusers scheduler as the sampler of its kind (DDIMScheduler: DDIM), or a
-    clear error naming what it is."""
+    """A `Sampler` as given; a diffusers scheduler as the sampler of its kind (DDIMScheduler: DDIM,
+    FlowMatchEulerDiscreteScheduler: the flow SDE), or a clear error naming what it is."""
     if isinstance(sampler_or_scheduler, Sampler):
         return sampler_or_scheduler
+    if type(sampler_or_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        return FlowSampler(sampler_or_scheduler)
     return DDIMSampler(sampler_or_scheduler)
 

@@ -7,6 +7,9 @@ replayed from `rlr_fast.replay`), with k drawn from `sqdf_steps`:
     Q      = R(x0_hat(x')): the base model's Tweedie estimate at step k+1, x' itself at the last step
     KL     = ||mu_theta(x_k) - mu_ref(x_k)||^2 / (2 sigma_k^2)                  (summed over elements)
     loss   = mean_b -(gamma^n_b Q_b - alpha KL_b),   n_b = T - 1 - k_b
+    (with sqdf_reward_mask, the public code's: each sample's term times [Q_b > 0])
+
+x0_estimator="consistency" takes x0_hat from a latent consistency model instead (rlr_fast.consistency).
 
 The base model is the same UNet with its LoRA adapters switched off (no second copy of the weights).
 The update runs in phases whose activations are never alive together, so its peak is the largest of
@@ -130,6 +133,17 @@ def chain_kl(model, traj: Trajectory, generator: torch.Generator, options: Estim
     return len(stochastic) * kl_to_base(model, StepStates.of(traj, steps), options, reference=reference)
 
 
+def _estimator(model, options: EstimatorOptions) -> Optional[X0Estimator]:
+    """None for Tweedie (run by the sweep's split-guidance backward), else the x0 estimator to call."""
+    if options.x0_estimator == "tweedie":
+        return None
+    if options.x0_estimator == "consistency":
+        from .consistency import consistency_of  # diffusers' LCMScheduler and peft load only when used
+
+        return consistency_of(model)
+    return options.x0_estimator
+
+
 def _x0(reference, states: StepStates, estimator: Optional[X0Estimator], options: EstimatorOptions,
         counter: CallCounter) -> torch.Tensor:
     if estimator is not None:
@@ -160,7 +174,7 @@ def sqdf_gradient(model, states: StepStates, noise: torch.Tensor, score: Score, 
     if bool((sigma == 0).any()):
         raise ValueError(f"sqdf needs sigma > 0 at every drawn step; steps {states.steps[sigma == 0].tolist()} are "
                          "deterministic")
-    estimator = None if options.x0_estimator == "tweedie" else options.x0_estimator
+    estimator = _estimator(model, options)
     with nvtx_range("sqdf: means"):
         moved, mean, mean_ref = _means(model, states, noise, options, reference, counter)
     inner = states.steps < last_step  # these take x0_hat from the next step; the last step's x' is x_0
@@ -179,6 +193,8 @@ def sqdf_gradient(model, states: StepStates, noise: torch.Tensor, score: Score, 
     weight = options.sqdf_gamma ** (last_step - states.steps).double()
     s2 = (sigma.double() ** 2).reshape(per_sample)
     cotangent = (-weight.reshape(per_sample) * grad_moved + options.sqdf_alpha * (mean - mean_ref) / s2) / batch
+    if options.sqdf_reward_mask:  # the public code's rewards > 0: both terms of a sample with Q <= 0 dropped
+        cotangent = cotangent * (q > 0).to(cotangent.dtype).reshape(per_sample)
     with nvtx_range("sqdf: policy step backward"):
         state_backward(model, dataclasses.replace(states, x=states.x.detach()), cotangent.to(moved.dtype), options,
                        counter)

@@ -50,10 +50,54 @@ class LinearEps(torch.nn.Module):
         # keeps x_t about N(0, I), so gradients stay O(1) and variances comparable.
         self.w, self.u, self.b, self.v = init(0.0), init(1.0), init(0.0), init(0.0)
 
+    def scale(self, timestep) -> torch.Tensor:
+        """s_t of each timestep (float64, flattened)."""
+        return self.noise_scale[torch.as_tensor(timestep, device=self.noise_scale.device).long().reshape(-1)]
+
     def forward(self, sample, timestep, encoder_hidden_states=None):
-        t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)
-        s = self.noise_scale[t].to(sample.dtype).reshape((-1,) + (1,) * self.w.dim())
+        s = self.scale(timestep).to(sample.device, sample.dtype).reshape((-1,) + (1,) * self.w.dim())
         return (self.w + self.u * s) * sample + (self.b + self.v * s)
+
+
+class LinearVelocity(LinearEps):
+    """The flow-matching toy: v_theta(x, t) = (w + u t) * x + (b + v t), t = timestep / 1000 the flow time
+    (FlowSampler's timesteps are sigma * 1000). Initialised near v = (2t - 1) x, the exact velocity of N(0, I)
+    data at t = 0, 1/2 and 1, so the chain keeps x_t about N(0, I). With a FlowSampler every step is
+    x_next = A x + B + sigma n as for LinearEps, and `expected_reward` holds unchanged."""
+
+    def __init__(self, dim: Union[int, tuple[int, ...]] = 3, seed: int = 0, scale: float = 0.1):
+        super().__init__(torch.zeros(1), dim, seed, scale)  # LinearEps's noise_scale table is not read
+        with torch.no_grad():
+            self.w -= 1.0
+            self.u += 1.0
+
+    def scale(self, timestep) -> torch.Tensor:
+        return torch.as_tensor(timestep, dtype=torch.float64, device=self.w.device).reshape(-1) / 1000
+
+
+class GaussianDataVelocity(torch.nn.Module):
+    """The exact velocity E[noise - x_0 | x_t] of data x_0 ~ N(mean, std^2) (elementwise) under
+    x_t = (1 - t) x_0 + t noise, t = timestep / 1000: x_t is N((1 - t) mean, V_t), V_t = (1 - t)^2 std^2 + t^2,
+    and v = gain_t x + shift_t, gain_t = (t - (1 - t) std^2) / V_t, shift_t = -gain_t (1 - t) mean - mean. The
+    flow's marginals are known at every t, so a sampler's can be checked against them."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.mean, self.var = mean, std**2
+
+    def marginal(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) of x_t."""
+        return (1 - t) * self.mean, (1 - t) ** 2 * self.var + t**2
+
+    def affine(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gain_t, shift_t): v = gain_t x + shift_t."""
+        mean, var = self.marginal(t)
+        gain = (t - (1 - t) * self.var) / var
+        return gain, -gain * mean - self.mean
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        gain, shift = self.affine(torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1, 1) / 1000)
+        return gain * sample + shift
 
 
 class ConditionedLinearEps(LinearEps):
@@ -83,15 +127,16 @@ def expected_reward(model: LinearEps, sampler, num_steps: int, eta: float, targe
                     cond: Optional[torch.Tensor] = None):
     """E[R(x_0)] in closed form, differentiable in the model's parameters.
 
-    `sampler`: a `rlr_fast.samplers.Sampler` or a DDIMScheduler (its timesteps must index the model's
-    `noise_scale`). `cond` (T, B, dim): for a `ConditionedLinearEps`, what step k of sample b is
-    conditioned on; the result is then the batch mean of E[R(x_0^b)].
+    `sampler`: a `rlr_fast.samplers.Sampler` or a DDIMScheduler whose timesteps the model's `scale` reads
+    (a LinearEps's index its `noise_scale`; a LinearVelocity's are a FlowSampler's). `cond` (T, B, dim): for
+    a `ConditionedLinearEps`, what step k of sample b is conditioned on; the result is then the batch mean
+    of E[R(x_0^b)].
     """
     coef = as_sampler(sampler).schedule(num_steps, eta)
     m = torch.zeros_like(model.w)
     var = torch.ones_like(model.w)  # x_T ~ N(0, I)
     for k in range(num_steps):
-        s = model.noise_scale[coef.timesteps[k]]
+        s = model.scale(coef.timesteps[k])
         gain, shift = model.w + model.u * s, model.b + model.v * s
         if cond is not None:
             gain, shift = gain + model.a * cond[k], shift + model.d * cond[k]

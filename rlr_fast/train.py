@@ -63,6 +63,7 @@ import torch
 from .checkpoint import (Checkpoint, capture_rng, check_compatible, find_checkpoint, meta_checksum,
                          prune_checkpoints, restore_checkpoint, restore_rng, save_checkpoint)
 from .config import Config, load_config
+from .consistency import load_consistency
 from .presets import PRESETS, load_prompts
 from .design import Design
 from .distributed import RankFailure, Ranks, process_group
@@ -70,7 +71,7 @@ from .evaluation import RunEvaluation
 from .inference import (DTYPES, check_model, generate_images, load_models, progress, prompt_rows, resolve_device,
                         save_grid)
 from .metrics import MetricsLog, draw_reward_curve, jsonable, peak_memory_bytes, resume_records, summarize
-from .models import SDModels, latent_size
+from .models import SDModels
 from .lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, lora_step, save_lora
 from .profiling import enable_profiling, nvtx_range
 from .rewards import Reward, get_reward, get_video_reward
@@ -124,7 +125,7 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
     if config is None:
         config = (Config.from_preset("demo") if checkpoint is None else
                   Config().with_overrides(checkpoint.config, validate=False))
-    config = config.with_overrides(overrides)
+    config = config.with_overrides(overrides, merge=True)  # reward_kwargs={clip_path: ...} keeps the dtype
     if checkpoint is not None:
         if "out_dir" in overrides and Path(overrides["out_dir"]).resolve() != checkpoint.run.resolve():
             raise ValueError(f"out_dir={overrides['out_dir']!r} is not the folder of the run resumed "
@@ -226,6 +227,8 @@ def finetune(config: Config | str | None = None, *, callback: Optional[Callable[
         prompts = load_prompts(cfg.prompts)
         if cfg.prompt_schedule is not None:  # its keys must be prompts of the set
             PromptSchedule.load(cfg.prompt_schedule).check(cfg.num_steps, prompts)
+        for note in cfg.notices() if ranks.main else ():
+            print(note, file=sys.stderr)
         check_model(cfg.model, cfg.motion_adapter)  # before the reward's weights load: a wrong model path shows at once
         out = Path(cfg.out_dir)
         with contextlib.ExitStack() as held:
@@ -320,8 +323,7 @@ class _Run:
             images = generate_images(self.models, cond["encoder_hidden_states"], self.bank.negative, cfg.sample_seeds,
                                      num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                      dtype=self.dtype, desc=f"sample grid (step {step})",
-                                     latent_hw=latent_size(cfg.resolution, self.models.unet.config,
-                                                           self.models.vae.config),
+                                     latent_hw=self.models.latent_hw(cfg.resolution),
                                      prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
         suffix = "gif" if images.dim() == 5 else "png"
         self.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
@@ -411,6 +413,9 @@ def _load(cfg: Config, device: torch.device, checkpoint: Optional[Checkpoint], p
     if cfg.max_memory_gb is not None and cfg.method != AUTO:  # auto: rlr_fast.design plans each design it weighs
         cfg, plan_table = plan_memory(cfg, ranks.world)
     add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # a second, frozen adapter (or UNet)
+        load_consistency(models.unet, cfg.consistency_model, models.scheduler, steps=cfg.consistency_steps,
+                         guidance=cfg.consistency_guidance)
     params = lora_parameters(models.unet)
     for p in params:  # LoRA weights and AdamW state in fp32 whatever the frozen weights' dtype (fp64 runs: fp64)
         p.data = p.data.to(torch.promote_types(DTYPES[cfg.dtype], torch.float32))
@@ -469,6 +474,8 @@ def _prepare_out_dir(run: _Run, resumed: bool) -> None:
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(cfg.as_run().to_yaml(), encoding="utf-8"))
     if run.plan_table is not None:
         atomic_write(out / "memory_plan.md", lambda tmp: tmp.write_text(run.plan_table, encoding="utf-8"))
+        print(f"memory plan for max_memory_gb={cfg.max_memory_gb} (in {out / 'memory_plan.md'}):\n{run.plan_table}",
+              file=sys.stderr)
 
 
 def _final_step(out: Path) -> Optional[int]:
@@ -614,8 +621,9 @@ def _finish(run: _Run, log: MetricsLog, stopped: Optional[NonFiniteError], stops
                   file=sys.stderr)
         raise
     run.ranks.barrier("waiting for rank 0's final outputs")  # so that every rank returns paths that exist
-    outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", last_checkpoint, out / "samples",
-                           out / "designs", out / "tensorboard", out / "eval.jsonl", out / "eval_curve.png")
+    outputs = [p for p in (lora_path, log.path, curve, out / "summary.json", out / "memory_plan.md", last_checkpoint,
+                           out / "samples", out / "designs", out / "tensorboard", out / "eval.jsonl",
+                           out / "eval_curve.png")
                if p.exists()]
     listing = ", ".join(p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in outputs)
     if stopped is not None:

@@ -47,7 +47,7 @@ from .distributed import Ranks, sample_seeds
 from .estimators import NonFiniteRewards, _rewards, estimate
 from .inference import autocast, chain_dtype, latent_shape
 from .metrics import diversity, jsonable
-from .models import SDModels, latent_size
+from .models import SDModels
 from .profiling import nvtx_range
 from .prompts import PromptBank
 from .rewards import Reward, VideoReward, latent_reward, video_latent_reward
@@ -89,7 +89,7 @@ def draw_micro_batch(cfg: Config, num_prompts: int, models: SDModels, generator:
     ids = draw_prompt_ids(num_prompts, cfg.batch_size, cfg.images_per_prompt, generator)
     seed = int(torch.randint(2**63 - 1, (), generator=generator))
     mine = ranks.share(cfg.batch_size)
-    shape = latent_shape(models.unet, latent_size(cfg.resolution, models.unet.config, models.vae.config), cfg.num_frames)
+    shape = latent_shape(models.unet, models.latent_hw(cfg.resolution), cfg.num_frames)
     x_T, noises = sample_noise(shape, cfg.num_steps, sample_seeds(seed, range(cfg.batch_size)[mine]), device,
                                chain_dtype(models.unet))
     return ids[mine], x_T, noises

@@ -116,6 +116,10 @@ def test_evaluate_on_a_prompts_file(run_dir, tmp_path, capsys):
     (["finetune", "--set", "lr=1e38"], "lr must be at most 1"),  # it used to pass and crash at the first step
     # on a machine without a GPU: the missing folder, not the missing GPU of the sd14 preset
     (["sample", "--model", "/no/such/model", "--prompt", "x"], "Stable Diffusion folder /no/such/model does not exist"),
+    # issue 24: a method switch that would silently turn SQDF's KL off; DDPO's refusal names values that work
+    (["finetune", "--preset", "sd14", "--set", "method=sqdf"], "start from --preset sqdf"),
+    (["finetune", "--preset", "sd14", "--set", "method=ddpo"], "Set grad_accum to 1 or 2"),
+    (["finetune", "--preset", "demo", "--set", "preset=sd14"], "--preset demo and --set preset=sd14 disagree"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -221,3 +225,48 @@ def test_resume_elsewhere_is_refused(run_dir, tmp_path, capsys):
     assert main(["finetune", "--preset", "demo", "--resume", str(run_dir), "--out", str(tmp_path / "other")]) == 2
     assert f"is not the folder of the run resumed ({run_dir})" in one_error_line(capsys, "finetune")
     assert not (tmp_path / "other").exists()
+
+
+# ---- issue 24 §2 and §9: settings honoured as recorded, and said
+
+
+def test_sample_honours_the_runs_resolution(run_dir, tmp_path, capsys):
+    """`sample` used to draw at the model's native size whatever the run's `resolution`."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("resolution: null", "resolution: 32"))
+    assert main(["sample", "--lora", str(run), "--prompt", "a red circle on a blue background", "--seeds", "0",
+                 "--out", str(tmp_path / "samples")]) == 0
+    assert "resolution 32" in capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "prompt000_seed0.png").size == (32, 32)  # native: 16 px
+
+
+def test_set_preset_on_resume_is_refused_not_recorded(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["finetune", "--resume", str(run), "--set", "preset=sd14", "--set", "train_steps=3"]) == 2
+    assert "--set preset=sd14 with --resume" in one_error_line(capsys, "finetune")
+    assert "preset: demo" in (run / "config.yaml").read_text()
+
+
+def test_help_says_mappings_merge_and_what_the_keys_mean(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a mapping merges key by key into the preset's" in text
+    assert "k, the likelihood-ratio steps drawn per update from C" in text and "|C| the number of steps in C" in text
+    assert "baselines the number of baselines compared" in text
+    assert "'reference' (plain PyTorch, the specification)" in text and "'triton' (the Triton kernel" in text
+    assert "options below" not in text  # max_memory_gb's options are named, not "below" (they are above it)
+
+
+def test_a_command_prints_no_torchvision_warning(tmp_path):
+    """diffusers' pipeline import used to make transformers warn about torchvision on every command."""
+    done = subprocess.run([sys.executable, "-m", "rlr_fast", "sample", "--model", "default", "--prompt", "a red circle",
+                           "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr and "sample: model default (no LoRA)" in done.stderr

@@ -196,3 +196,64 @@ def test_sampling_settings_validate_without_the_estimators_chain():
     with pytest.raises(ValueError, match="h=2 is too large for num_steps=2"):
         cfg.validate()
     assert cfg.validate(chain=False) is cfg
+
+
+# ---- issue 24 §2: no silent wrong settings from --set
+
+
+def test_switching_to_sqdf_without_its_alpha_is_refused_naming_the_sqdf_preset():
+    """--preset sd14 --set method=sqdf used to run SQDF with alpha 0, gamma 1 and no replay (KL off)."""
+    with pytest.raises(ValueError, match=r"method=sqdf on preset 'sd14' .*sqdf_alpha': 0\.0.*--preset sqdf"):
+        load_config(preset="sd14", sets=["method=sqdf"])
+    with pytest.raises(ValueError, match="--preset sqdf"):
+        load_config(sets=["method=sqdf", "sqdf_gamma=0.9"])  # the demo preset; gamma alone does not turn the KL on
+    chosen = load_config(preset="sd14", sets=["method=sqdf", "sqdf_alpha=1e-3"])  # an explicit alpha is a choice
+    assert (chosen.method, chosen.sqdf_alpha) == ("sqdf", 1e-3)
+    assert load_config(preset="sqdf", sets=["lr=1e-4"]).sqdf_alpha == PRESETS["sqdf"]["sqdf_alpha"]
+    assert load_config(preset="sqdf", sets=["method=rlr", "replay_capacity=0"]).method == "rlr"
+
+
+def test_mapping_valued_sets_merge_key_by_key(tmp_path):
+    """--set 'reward_kwargs={clip_path: ...}' used to drop the sd14 preset's {dtype: float16}."""
+    cfg = load_config(preset="sd14", sets=["reward_kwargs={clip_path: /w/clip}"])
+    assert cfg.reward_kwargs == {"dtype": "float16", "clip_path": "/w/clip"}
+    assert load_config(preset="sd14", sets=["reward_kwargs={dtype: null}"]).reward_kwargs == {}  # null removes a key
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("preset: sd14\nreward_kwargs: {clip_path: /a}\neval_rewards: [hpsv2]\n"
+                         "eval_reward_kwargs: {hpsv2: {path: /h, dtype: float16}}\n")
+    cfg = load_config(path=yaml_file, sets=["reward_kwargs={head_path: /b}", "eval_reward_kwargs={hpsv2: {path: /h2}}"])
+    assert cfg.reward_kwargs == {"dtype": "float16", "clip_path": "/a", "head_path": "/b"}
+    assert cfg.eval_reward_kwargs == {"hpsv2": {"path": "/h2", "dtype": "float16"}}
+    assert Config.from_preset("sd14", reward_kwargs={"clip_path": "/c"}).reward_kwargs["dtype"] == "float16"
+
+
+def test_set_preset_is_the_preset_it_records():
+    """--set preset=sd14 without --preset used to run the demo values but record preset: sd14."""
+    cfg = load_config(sets=["preset=sd14"])
+    assert (cfg.preset, cfg.num_steps, cfg.reward) == ("sd14", 50, "aesthetic")
+    assert load_config(preset="sd14", sets=["preset=sd14"]).preset == "sd14"
+    with pytest.raises(ValueError, match="--preset demo and --set preset=sd14 disagree"):
+        load_config(preset="demo", sets=["preset=sd14"])
+
+
+def test_ddpo_grad_accum_refusal_says_which_values_work():
+    with pytest.raises(ValueError) as e:
+        load_config(preset="sd14", sets=["method=ddpo"])
+    message = str(e.value)
+    assert "grad_accum=9 must divide ddpo_minibatches=2" in message
+    assert "grad_accum to 1 or 2" in message and "ddpo_rollout_batches=9 with ddpo_minibatches=9" in message
+    for fix in (["grad_accum=2"], ["ddpo_rollout_batches=9", "ddpo_minibatches=9"]):  # the values it names work
+        assert load_config(preset="sd14", sets=["method=ddpo", *fix]).method == "ddpo"
+    with pytest.raises(ValueError, match="grad_accum to 1 or 2, or, keeping grad_accum=4, ddpo_minibatches=4 or 8 "
+                                         "or 16 "):
+        load_config(preset="sqdf", sets=["method=ddpo", "replay_capacity=0", "grad_accum=4",
+                                         "ddpo_minibatches=2", "ddpo_rollout_batches=4"])
+
+
+def test_notices_of_valid_but_easily_missed_settings():
+    assert Config.from_preset("demo").notices() == []
+    notes = Config.from_preset("demo", warmup_steps=50, train_steps=20).notices()
+    assert len(notes) == 1 and "warmup_steps=50 > train_steps=20" in notes[0] and "0.4 x lr" in notes[0]
+    schedule = {"a red circle on a blue background": [{"prompt": "a red circle", "from_step": 0, "to_step": 1}]}
+    notes = Config.from_preset("demo", prompt_schedule=schedule).notices()
+    assert len(notes) == 1 and "prompt schedule is active" in notes[0]

@@ -387,3 +387,50 @@ def test_converters_refuse_bad_files_and_options_with_clear_errors(tmp_path, cli
     assert "has no tokenizer yet" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no tokenizer files .* rlr-fast convert hpsv2 --checkpoint"):
         get_reward("hpsv2", path=tmp_path / "bare")
+
+
+# ---- issue 24 §7: messages that name the real problem, found before the conversion runs
+
+
+def test_convert_errors_name_the_problem_before_converting(tmp_path, clip_tokenizer_folder, capsys, monkeypatch):
+    import rlr_fast.rewards.convert as convert_module
+
+    tokenizer_folder, vocab_size = clip_tokenizer_folder
+    checkpoint = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": open_clip_state(vocab_size)}, checkpoint)
+
+    pickled = tmp_path / "pickled.pt"  # torch's own message advises weights_only=False: unsafe, never passed on
+    torch.save({"state_dict": open_clip_state(vocab_size), "args": argparse.Namespace(lr=1e-5)}, pickled)
+    with pytest.raises(ValueError) as e:
+        convert_hpsv2(pickled, tmp_path / "out")
+    assert "weights_only=False" not in str(e.value) and "WeightsUnpickler error" in str(e.value)
+    assert "not a training checkpoint" in str(e.value)
+
+    with pytest.raises(IsADirectoryError, match="is a folder; give the released checkpoint file itself"):
+        convert_hpsv2(tmp_path, tmp_path / "out")
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="is not a readable .safetensors file") as e:
+        convert_hpsv2(garbage, tmp_path / "out")
+    assert "torch.load" not in str(e.value)
+
+    # an occupied --out and a bad --tokenizer stop before the checkpoint is even read
+    def no_reading(*args):
+        raise AssertionError("the checkpoint was read before --out / --tokenizer were checked")
+
+    monkeypatch.setattr(convert_module, "load_checkpoint", no_reading)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    for convert_fn in (convert_hpsv2, convert_imagereward):
+        with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+            convert_fn(checkpoint, occupied)
+        with pytest.raises(FileNotFoundError, match="tokenizer folder .*nowhere not found"):
+            convert_fn(checkpoint, tmp_path / "new", tokenizer=tmp_path / "nowhere")
+        with pytest.raises(NotADirectoryError, match="is a file; give the tokenizer's folder"):
+            convert_fn(checkpoint, tmp_path / "new", tokenizer=checkpoint)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert main(["convert", "hpsv2", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "not found" not in err

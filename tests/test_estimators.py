@@ -77,6 +77,11 @@ UNBIASED = [
     pytest.param("rlr", 1.0, SD_SCHEDULE, dict(h=3, baseline="loo"), id="rlr-sd-schedule"),
     pytest.param("zo", 1.0, {}, dict(baseline="loo"), id="zo-loo"),
     pytest.param("zo", 0.5, {}, dict(zo_steps=3, baseline=0.5), id="zo-eta0.5-k3-constant-baseline"),
+    # aim_steps: j and the zo_steps subsample aimed at the steps 0.25..0.75 of the chain, importance-weighted
+    pytest.param("rlr", 1.0, {}, dict(h=2, zo_steps=3, aim_steps=(0.25, 0.75), aim_share=0.9, baseline="loo"),
+                 id="rlr-aimed-j-and-zo3"),
+    pytest.param("zo", 1.0, {}, dict(zo_steps=1, aim_steps=(0.5, 1.0), aim_share=0.8, baseline="loo"),
+                 id="zo-aimed-k1"),
     # set_alpha_to_one: the last step has sigma = 0 and only F can carry it
     pytest.param("rlr", 1.0, dict(set_alpha_to_one=True), dict(h=2, baseline="loo"), id="rlr-sigma0-last"),
     pytest.param("zo", 1.0, dict(set_alpha_to_one=True), dict(baseline="loo"), id="zo-sigma0-last"),

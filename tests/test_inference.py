@@ -14,10 +14,19 @@ def models():
 
 
 def test_a_gpu_preset_on_the_cpu_runs_in_float32_and_says_so(capsys):
+    """The reward network too (issue 24 §2: a float16 CLIP backward on the CPU took 693 s instead of 5.9 s)."""
     device, cfg = resolve_device(Config.from_preset("sd14", device="cpu"))
     assert device == torch.device("cpu") and cfg.dtype == "float32" and cfg.num_steps == 50
-    note = "note: dtype=float16 is for GPUs (autocast); running in float32 on the CPU"
-    assert capsys.readouterr().err.strip() == note
+    assert cfg.reward_kwargs == {"dtype": "float32"}
+    note = ("note: dtype=float16 (autocast) and the reward network's dtype=float16 are for GPUs; running in float32 "
+            "on the CPU")
+    assert capsys.readouterr().err.strip() == note  # one line for both
+    evals = Config.from_preset("demo", eval_rewards=("hpsv2", "pickscore"), reward_kwargs={"dtype": torch.bfloat16},
+                               eval_reward_kwargs={"hpsv2": {"dtype": "float16", "path": "/h"}, "pickscore": {}})
+    cfg = resolve_device(evals)[1]
+    assert cfg.reward_kwargs == {"dtype": "float32"} and cfg.dtype == "float32"
+    assert cfg.eval_reward_kwargs == {"hpsv2": {"dtype": "float32", "path": "/h"}, "pickscore": {}}
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert resolve_device(Config.from_preset("demo"))[1] == Config.from_preset("demo")  # nothing to change, no note
     assert capsys.readouterr().err == ""
 

@@ -372,3 +372,34 @@ def test_finetune_samples_at_the_configured_resolution(tiny_folder, tmp_path, mo
     assert len(shapes) == 3 and set(shapes) == {(12, 16)}  # grid, update, grid; the tiny VAE downsamples 2x
     with pytest.raises(ValueError, match="resolution=30: .*multiples of 4 pixels"):
         train.finetune("demo", out_dir=str(tmp_path / "b"), resolution=30, **run)
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner's words (issue 24 §4)
+
+
+def test_refusals_name_the_largest_lever_first():
+    """fp32 weights: the fix is dtype=float16 (the refusal used to blame the reward network and suggest
+    smaller batches); a float32 reward network: reward_kwargs' dtype."""
+    with pytest.raises(P.PlanError) as e:
+        sd14_plan(max_memory_gb=4, dtype="float32", reward_kwargs={"dtype": "float32"})
+    message = str(e.value)
+    weights = e.value.smallest.breakdown["parameters"] / GIB
+    assert f"frozen float32 weights alone are {weights:.2f} GiB: set dtype=float16" in message
+    assert "Lower batch_size" not in message and "checkpoint_reward" not in message
+    with pytest.raises(P.PlanError, match=r"reward network is in float32: set reward_kwargs=\{dtype: float16\}"):
+        sd14_plan(max_memory_gb=2.5, reward_kwargs={"dtype": "float32"})
+
+
+def test_the_table_names_config_keys_and_labels_tie_breaks():
+    chosen = sd14_plan(max_memory_gb=4)
+    table = chosen.table()
+    assert "checkpoint_reward" not in table and "| reward_kwargs.checkpoint_vision | False |" in table
+    assert "| checkpoint_unet | True | needed to fit |" in table
+    # freeing the text encoder costs nothing (the prompts are encoded first): a tie-break, not advice
+    assert "| free_text_encoder | True | tie-break: lower peak |" in table
+    fixed = sd14_plan(max_memory_gb=4, reward="brightness")  # no reward network: nothing to checkpoint
+    assert fixed.reasons["checkpoint_reward"] == "fixed"
+    # "needed to fit": the fastest plan, without a budget, does not checkpoint the UNet and needs more than 4 GiB
+    fastest = sd14_plan()
+    assert not fastest.options["checkpoint_unet"] and fastest.peak_bytes > 4 * GIB

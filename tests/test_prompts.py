@@ -208,14 +208,16 @@ def tiny_run(tiny_folder, tmp_path_factory):
                 train_steps=1, guidance_scale=2.0)
 
 
-def test_finetune_samples_its_grid_under_the_schedule(tiny_run, tiny_folder, tmp_path):
+def test_finetune_samples_its_grid_under_the_schedule(tiny_run, tiny_folder, tmp_path, capsys):
     """The step-0 grid (base model) equals images made with the conditioning written out by hand:
-    "a shape" at step 0 and "a red circle" at steps 1-2 for the first row, "a blue square" throughout."""
+    "a shape" at step 0 and "a red circle" at steps 1-2 for the first row, "a blue square" throughout.
+    The run says on stderr that a schedule is active."""
     from rlr_fast.inference import generate_images, prompt_rows
     from rlr_fast.models import load_sd
     from rlr_fast.train import finetune
 
     result = finetune(out_dir=str(tmp_path / "run"), **tiny_run)
+    assert capsys.readouterr().err.count("note: a prompt schedule is active") == 1
     assert yaml.safe_load(result.config_path.read_text())["prompt_schedule"]["a red circle"][0]["prompt"] == "a shape"
     models = load_sd(tiny_folder)
     emb = models.encode_prompts(["a shape", "a red circle", "a blue square"])

@@ -291,12 +291,13 @@ def test_aesthetic_head_files_are_validated(clip_folder, tmp_path):
 
     pickled = tmp_path / "pickled.pth"
     torch.save({**head_tensors(24, 0), "extra": io.StringIO("not a tensor")}, pickled)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match=r"weights_only=True\): WeightsUnpickler error") as e:
         get_reward("aesthetic", clip_path=folder, head_path=pickled)
+    assert "weights_only=False" not in str(e.value)  # torch's advice to run the pickle is not passed on
 
 
 def test_missing_weights_say_what_to_get_where_and_how_to_pass_paths(clip_folder, tmp_path, monkeypatch):
-    from rlr_fast.config import parse_set
+    from rlr_fast.config import load_config, parse_set
 
     folder, _ = clip_folder
     nowhere = tmp_path / "nowhere"
@@ -322,6 +323,8 @@ def test_missing_weights_say_what_to_get_where_and_how_to_pass_paths(clip_folder
         cli = message[message.index("--set '") + len("--set '"):].split("'")[0]  # the command-line form
         key, value = parse_set(cli)
         assert key == "reward_kwargs" and option in value, cli
+        # followed on the sd14 preset, the suggestion keeps the preset's fp16 reward network (issue 24 §2)
+        assert load_config(preset="sd14", sets=[cli]).reward_kwargs["dtype"] == "float16", cli
 
     weights_only = tmp_path / "no_tokenizer"
     weights_only.mkdir()

@@ -386,7 +386,7 @@ def test_no_arguments_means_the_demo_preset():
     assert _resolve_config(None, {}) == (Config.from_preset("demo"), None)
 
 
-def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
+def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch, capsys):
     """max_memory_gb applies the planner's options; profile=True puts NVTX ranges around the phases."""
     import importlib
 
@@ -423,4 +423,14 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch):
     assert {k: saved[k] for k in FakePlan.options} == FakePlan.options
     assert asked["budget"] == 3.0 and asked["model"] == tiny["model"]
     assert (tmp_path / "memory_plan.md").read_text() == "| option | value |"
+    err = capsys.readouterr().err  # the plan is printed and listed among the outputs (issue 24 §4)
+    assert f"memory plan for max_memory_gb=3.0 (in {tmp_path / 'memory_plan.md'}):\n| option | value |" in err
+    assert "memory_plan.md" in next(line for line in err.splitlines() if line.startswith("done:"))
     assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)
+
+
+def test_a_run_says_when_warmup_outlasts_it(tiny, tmp_path, capsys):
+    """issue 24 §9: warmup_steps > train_steps is valid but easy to miss; said once at the start."""
+    finetune(out_dir=str(tmp_path), train_steps=1, **{**tiny, "warmup_steps": 3})
+    err = capsys.readouterr().err
+    assert err.count("note: warmup_steps=3 > train_steps=1") == 1 and "0.33 x lr" in err

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import safetensors
 import torch
 from torch import nn
 
@@ -36,6 +37,8 @@ from .table import MeasurementTable, dtype_name, default_table
 # `checkpoint_vision` in reward_kwargs.
 OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "decode_chunk", "free_text_encoder",
                 "checkpoint_reward")
+# How an option reads as the Config key that sets it.
+CONFIG_KEYS = {"checkpoint_reward": "reward_kwargs.checkpoint_vision"}
 # AdamW keeps two float32 moments per trainable value; the gradient is a third copy.
 ADAMW_STATE_PER_PARAM = 2
 # Rewards computed from the pixels alone (no network's weights or activations).
@@ -114,7 +117,7 @@ def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **setting
 def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
     replaces the architectures read from cfg.model."""
-    from ..models import latent_size
+    from ..models import FLOW_PIPELINES, latent_size, pipeline_class
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -127,6 +130,10 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
         if model != "default" and not Path(model).is_dir():
             notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
             model, motion_adapter = "sd14", None
+    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
+        # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
+        raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
+                         f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
     if components["unet"].get("addition_embed_type") is not None:
         raise ValueError(f"the memory planner does not model UNets with added conditions (SDXL: "
@@ -141,6 +148,8 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             notes.append(f"reward {getattr(reward, '__name__', reward)!r} is not modelled: counted without a "
                          "network (its weights and activations come on top)")
         reward = "pixels"
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency" and not Path(cfg.consistency_model).is_dir():
+        notes.append(f"consistency_model folder {cfg.consistency_model!r} not found here: its weights are not counted")
     return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
                reward=reward, attention=attention,
                latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes),
@@ -200,6 +209,7 @@ class Plan:
     extra_flops: int  # forward FLOPs recomputed because of checkpointing
     model_calls: int  # UNet + VAE calls of one update
     notes: list = field(default_factory=list)
+    reasons: dict = field(default_factory=dict)  # option -> why it has its value (`option_reasons`)
 
     @property
     def config(self) -> Config:
@@ -231,7 +241,8 @@ class Plan:
 
     def table(self) -> str:
         """A markdown summary: options, then the breakdown at the peak and every phase."""
-        lines = ["| option | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.options.items()]
+        lines = ["| config key | value | why |", "|---|---|---|"] + [
+            f"| {CONFIG_KEYS.get(k, k)} | {v} | {self.reasons.get(k, '')} |" for k, v in self.options.items()]
         budget = "no budget" if self.max_memory_gb is None else f"budget {self.max_memory_gb:g} GiB"
         lines += ["", f"estimated peak {self.peak_gib:.2f} GiB (phase: {self.peak_phase}); {budget}", "",
                   "| part | GiB |", "|---|---|"]
@@ -287,12 +298,20 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
     if counts.pathwise:
         phases["unet_step"] = table.unet_phase(*unet_args, B, latent, grad="input",
                                                checkpoint=options["checkpoint_unet"], **unet)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":  # docs/estimator.md §11.5: the VJP through
+        # N consistency steps keeps N UNet steps (conditional only unless consistency_guidance > 1)
+        guided = run.guidance and cfg.consistency_guidance != 1
+        phases["consistency_x0"] = cfg.consistency_steps * table.unet_phase(
+            *unet_args, B, latent, grad="input", checkpoint=False,
+            **dict(unet, cfg_mode="together" if guided else "none"))
     steps_per_call = 0
     if counts.likelihood_ratio:
         steps_per_call = (options["max_batch"] or B) // B
         phases["lr_chunk"] = table.unet_phase(*unet_args, steps_per_call * B, latent, grad="params",
                                               checkpoint=options["checkpoint_unet"], **unet)
     resident = _resident(run, options, table)
+    if cfg.method == "sqdf" and cfg.x0_estimator == "consistency":
+        resident["consistency_weights"] = consistency_weight_bytes(cfg.consistency_model, run.weight_dtype)
     peak_phase = max(phases, key=phases.get)
     breakdown = dict(resident, **{name: (v if name == peak_phase else 0) for name, v in phases.items()})
 
@@ -313,6 +332,19 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
                                  lambda: table.reward(run.reward, torch.float32, False), "reward", hw, run.image_hw)
     return Plan(run=run, max_memory_gb=max_memory_gb, options=dict(options), peak_bytes=sum(breakdown.values()),
                 breakdown=breakdown, phases=phases, peak_phase=peak_phase, extra_flops=extra, model_calls=model_calls)
+
+
+def consistency_weight_bytes(folder, dtype: torch.dtype) -> int:
+    """Bytes of a consistency model's weights in `dtype` (rlr_fast.consistency loads them so): every
+    tensor of the folder's (or its unet/'s) .safetensors files, read from their headers; 0 when the
+    folder is not here (describe_run notes it)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted((folder / "unet").glob("*.safetensors"))
+    elements = 0
+    for file in files:
+        with safetensors.safe_open(file, framework="pt") as f:
+            elements += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return elements * dtype.itemsize
 
 
 def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
@@ -362,13 +394,51 @@ def plan(config: Union[None, str, dict, EstimatorOptions] = None, max_memory_gb:
     fitting = [p for p in plans if p.fits]
     if not fitting:
         smallest = min(plans, key=lambda p: (p.peak_bytes, _cost(p)))
+        options = {CONFIG_KEYS.get(k, k): v for k, v in smallest.options.items()}
         raise PlanError(
             f"no memory plan fits max_memory_gb={budget}: the smallest achievable estimated peak is "
-            f"{smallest.peak_gib:.2f} GiB (options {smallest.options}; largest phase {smallest.peak_phase}). "
-            "Lower batch_size or resolution, use a smaller reward network, or raise the budget.", smallest)
+            f"{smallest.peak_gib:.2f} GiB (options {options}; largest phase {smallest.peak_phase}). "
+            f"{_refusal_advice(smallest)}", smallest)
     chosen = min(fitting, key=_cost)
     chosen.notes = _notes(run)
+    chosen.reasons = option_reasons(chosen, plans)
     return chosen
+
+
+def _refusal_advice(smallest: Plan) -> str:
+    """What to change when nothing fits, the largest lever first: float32 frozen weights (half the
+    bytes with dtype=float16), then a float32 reward network, then the batch, pixels and budget."""
+    cfg, parameters = smallest.config, smallest.breakdown["parameters"] / GIB
+    if cfg.dtype == "float32":
+        return (f"The frozen float32 weights alone are {parameters:.2f} GiB: set dtype=float16 (half their bytes; the "
+                "UNet under autocast, LoRA and AdamW stay float32), or raise the budget.")
+    if smallest.run.reward != "pixels" and smallest.run.reward_dtype == torch.float32:
+        return ("The reward network is in float32: set reward_kwargs={dtype: float16}; or lower batch_size or "
+                "resolution, or raise the budget.")
+    return "Lower batch_size or resolution, use a smaller reward network, or raise the budget."
+
+
+def option_reasons(chosen: Plan, plans: list[Plan]) -> dict:
+    """Per option, why the chosen plan has its value: 'fixed' (the run leaves no other value), 'needed
+    to fit' (every other value overflows the budget), the cheapest (the others fit but cost more
+    FLOPs or model calls: 'cheapest'), or 'tie-break: lower peak' / 'tie-break: no effect' (another value fits at the
+    same cost: the value is not advice)."""
+    reasons = {}
+    for name, value in chosen.options.items():
+        others = [p for p in plans if p.options[name] != value
+                  and all(p.options[k] == v for k, v in chosen.options.items() if k != name)]
+        fitting = [p for p in others if p.fits]
+        if not others:
+            reasons[name] = "fixed"
+        elif not fitting:
+            reasons[name] = "needed to fit"
+        elif any(_cost(p)[:2] == _cost(chosen)[:2] for p in fitting):
+            same = [p for p in fitting if _cost(p)[:2] == _cost(chosen)[:2]]
+            reasons[name] = ("tie-break: no effect" if all(p.peak_bytes == chosen.peak_bytes for p in same)
+                             else "tie-break: lower peak")
+        else:
+            reasons[name] = "cheapest (the others recompute more or make more calls)"
+    return reasons
 
 
 def _notes(run: Run) -> list[str]:

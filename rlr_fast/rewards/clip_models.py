@@ -42,7 +42,7 @@ from torch import nn
 
 from .base import Reward, register_reward
 from .loading import (PathLike, checkpoint_layers, device_of, freeze, load_pretrained, pass_paths,
-                      require_model_folder, require_tokenizer, reward_dtype, weights_dir)
+                      require_model_folder, require_tokenizer, reward_dtype, torch_load_reason, weights_dir)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,7 +128,7 @@ def load_head(path: Path, in_features: int, what: str, how: str) -> PreferenceHe
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses arbitrary pickles; say so instead of a pickle trace
             raise ValueError(f"{what}: {path} is not a plain tensor state dict loadable with "
-                             f"torch.load(weights_only=True): {e}") from e
+                             f"torch.load(weights_only=True): {torch_load_reason(e)}") from e
     else:
         raise ValueError(f"{what}: head file {path} must be .safetensors or .pth/.pt, got suffix {path.suffix!r}")
     if not isinstance(state, dict):

@@ -31,7 +31,7 @@ import torch
 
 from .clip_models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .imagereward import HEAD_FILE
-from .loading import PathLike
+from .loading import PathLike, torch_load_reason
 
 Tensors = dict[str, torch.Tensor]
 # source key -> the target tensors it becomes
@@ -59,14 +59,36 @@ def split_in_proj(prefix: str, kind: str) -> Callable[[torch.Tensor], Tensors]:
 
 
 def load_checkpoint(path: PathLike, what: str) -> dict:
+    """The released checkpoint's contents: a torch.load file read with weights_only=True, or a
+    .safetensors file; errors name the file and what it is instead, never advising weights_only=False."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: --checkpoint {path} is a folder; give the released checkpoint file itself "
+                                "(e.g. HPS_v2.1_compressed.pt or ImageReward.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"{what}: checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types for a damaged header or data
+            raise ValueError(f"{what}: {path} is not a readable .safetensors file ({e}); is the download "
+                             "complete?") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle error would otherwise surface as an unpickling trace
         raise ValueError(f"{what}: {path} cannot be read with torch.load(weights_only=True), which loads tensors and "
-                         f"plain containers but never runs pickled code: {e}") from e
+                         f"plain containers but never runs pickled code: {torch_load_reason(e)}. Convert the "
+                         "released checkpoint file, not a training checkpoint that pickles other objects") from e
+
+
+def check_out(out: PathLike, what: str) -> Path:
+    """`out` as a folder the conversion may create: refused at once when it exists and is not empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{what}: {out} already exists and is not an empty folder; remove it or choose another --out")
+    return out
 
 
 def tensors_under(checkpoint, key: Optional[str], path: PathLike, what: str) -> Tensors:
@@ -143,9 +165,7 @@ def write_folder(out: PathLike, config, files: dict[str, Tensors], image_size: i
     """config.json, the safetensors `files`, preprocessor_config.json and the tokenizer, into `out`."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{what}: {out} already exists and is not an empty folder; remove it or choose another --out")
+    out = check_out(out, what)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():  # left by an interrupted conversion
         shutil.rmtree(partial)
@@ -167,6 +187,9 @@ def load_tokenizer(tokenizer_class: type, folder: Optional[PathLike], what: str)
     if folder is None:
         return None
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{what}: --tokenizer {folder} is a file; give the tokenizer's folder (the one "
+                                 "holding its vocabulary and tokenizer_config.json)")
     if not folder.is_dir():
         raise FileNotFoundError(f"{what}: tokenizer folder {folder} not found")
     try:
@@ -248,6 +271,8 @@ def convert_hpsv2(checkpoint: PathLike, out: PathLike, *, tokenizer: Optional[Pa
     from transformers import CLIPModel, CLIPTokenizer
 
     what = "convert hpsv2"
+    check_out(out, what)  # a bad --out or --tokenizer stops before the conversion
+    clip_tokenizer = load_tokenizer(CLIPTokenizer, tokenizer, what)
     state = tensors_under(load_checkpoint(checkpoint, what), "state_dict", checkpoint, what)
     require(state, ("token_embedding.weight", "positional_embedding", "visual.conv1.weight",
                     "visual.positional_embedding", "visual.proj", "transformer.resblocks.0.mlp.c_fc.weight",
@@ -258,7 +283,6 @@ def convert_hpsv2(checkpoint: PathLike, out: PathLike, *, tokenizer: Optional[Pa
     tensors = apply_key_map(state, key_map, optional=set(), ignored={"attn_mask"}, path=checkpoint, what=what)
     check_against_model(tensors, CLIPModel, config, (), what)
     text = config.text_config
-    clip_tokenizer = load_tokenizer(CLIPTokenizer, tokenizer, what)
     if clip_tokenizer is not None:
         ids = (len(clip_tokenizer), clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id)
         if ids != (text.vocab_size, text.bos_token_id, text.eos_token_id):
@@ -355,13 +379,14 @@ def convert_imagereward(checkpoint: PathLike, out: PathLike, *, tokenizer: Optio
     from transformers import BertTokenizer, BlipForImageTextRetrieval
 
     what = "convert imagereward"
+    check_out(out, what)  # a bad --out or --tokenizer stops before the conversion
+    bert_tokenizer = load_tokenizer(BertTokenizer, tokenizer, what)
     state = tensors_under(load_checkpoint(checkpoint, what), None, checkpoint, what)
     vit, bert = "blip.visual_encoder", "blip.text_encoder"
     require(state, (f"{vit}.patch_embed.proj.weight", f"{vit}.pos_embed", f"{vit}.blocks.0.mlp.fc1.weight",
                     f"{bert}.embeddings.word_embeddings.weight", f"{bert}.embeddings.position_embeddings.weight",
                     f"{bert}.encoder.layer.0.intermediate.dense.weight"), checkpoint, what)
     med, med_source = med_config_of(med_config, checkpoint, what)
-    bert_tokenizer = load_tokenizer(BertTokenizer, tokenizer, what)
     config = blip_config_of(state, med, heads, bert_tokenizer, what)
     key_map = blip_key_map(config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers)
     # The projections serve BLIP's contrastive loss, not ImageReward's score: kept when present.

@@ -24,6 +24,17 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def torch_load_reason(error: Exception) -> str:
+    """torch.load's error without its advice to retry with weights_only=False (which would run the
+    file's pickled code: unsafe, and never what a released checkpoint needs)."""
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return "it is not a torch.save file" if "weights_only" in first else first
+
+
 def weights_dir() -> Path:
     """Where the default weight paths live: $RLR_FAST_WEIGHTS, else ./weights."""
     return Path(os.environ.get("RLR_FAST_WEIGHTS", "weights"))
