@@ -249,7 +249,14 @@ class Config(EstimatorOptions):
             raise ValueError("model must be 'default' or the path of a diffusers Stable Diffusion folder, got ''")
         if not self.prompts:
             raise ValueError(f"prompts must name a built-in set ({', '.join(PROMPT_SETS)}) or a file, got ''")
+        self._check_ranges()
+        self._check_combinations()
+        if chain:
+            self.check_chain(self.num_steps, self.eta)
+        return self
 
+    def _check_ranges(self) -> None:
+        """Each value within its own bounds."""
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
@@ -280,6 +287,8 @@ class Config(EstimatorOptions):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
 
+    def _check_combinations(self) -> None:
+        """Values that must agree with each other."""
         if self.eval_every and not self.eval_seeds:
             raise ValueError(f"eval_every={self.eval_every} needs at least one seed in eval_seeds, got []")
         stray = sorted(set(self.eval_reward_kwargs) - set(self.eval_rewards))
@@ -293,10 +302,6 @@ class Config(EstimatorOptions):
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
         if self.method in ("ddpo", "grpo"):
             self._check_ddpo()
-        if self.method == "grpo" and self.images_per_prompt < 2:
-            raise ValueError("method='grpo' standardises each reward within its prompt's group of images_per_prompt "
-                             f"samples, which needs images_per_prompt >= 2 (got {self.images_per_prompt}: every "
-                             "advantage would be 0)")
         self._check_replay()
         if self.baseline == "loo" and self.batch_size < 2:
             raise ValueError(f"baseline='loo' needs batch_size >= 2, got {self.batch_size}")
@@ -309,11 +314,13 @@ class Config(EstimatorOptions):
                              "value_fit='running', which adds earlier updates' samples")
         if self.prompt_schedule is not None:
             PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
-        if chain:
-            self.check_chain(self.num_steps, self.eta)
-        return self
 
     def _check_ddpo(self) -> None:
+        """DDPO's epochs (grpo's too), and GRPO's groups."""
+        if self.method == "grpo" and self.images_per_prompt < 2:
+            raise ValueError("method='grpo' standardises each reward within its prompt's group of images_per_prompt "
+                             f"samples, which needs images_per_prompt >= 2 (got {self.images_per_prompt}: every "
+                             "advantage would be 0)")
         samples = self.ddpo_rollout_batches * self.batch_size
         if samples % self.ddpo_minibatches:
             raise ValueError(f"ddpo_minibatches={self.ddpo_minibatches} must divide the {samples} samples of an epoch "

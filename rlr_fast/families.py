@@ -14,6 +14,10 @@ The adapter's contract (docs/architecture.md, "Model families"):
 * `lora_pipeline` / `lora_prefix`: the diffusers pipeline whose `load_lora_weights` reads the saved
   LoRA, and the key prefix of the network's entries in that file (rlr_fast.lora).
 * `latent_layout`: the dimensions of the latents the network takes (None: only a batch dimension).
+* For the memory planner (rlr_fast/plan), which builds the network on the meta device from its config:
+  `text_encoders` (the folder's prompt encoders), `conditioning_shape(model)` (one sample's
+  conditioning rows and width) and `vae_dtype(vae_config, dtype)` (the precision the family's loader
+  gives the VAE). A flow family overrides them with its own.
 
 `family_of(model)` picks the family from the network's class (base classes included) and config,
 by name, so this module imports torch only. The flow transformers: SD3 packs its `pooled_projections`
@@ -43,9 +47,19 @@ class Family:
     lora_pipeline: str = "StableDiffusionPipeline"
     lora_prefix: str = "unet"
     latent_layout: Optional[tuple[str, ...]] = IMAGE
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    prompt_tokens: int = 77  # CLIP's padded prompt length
 
     def matches(self, model) -> bool:
         return any(cls.__name__ in self.classes for cls in type(model).__mro__)
+
+    def conditioning_shape(self, model) -> tuple[int, int]:
+        """(rows, width) of one sample's conditioning tensor, as the prompt encoder makes it for `model`."""
+        return self.prompt_tokens, model.config.cross_attention_dim
+
+    def vae_dtype(self, vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this family's loader gives a VAE with `vae_config` in a run of `dtype`."""
+        return dtype
 
     def call(self, model, sample: torch.Tensor, timestep: torch.Tensor, cond: Optional[torch.Tensor]):
         return model(sample, timestep, encoder_hidden_states=cond)
@@ -101,6 +115,15 @@ class TextTimeFamily(Family):
         extra[:, text_embeds.shape[1]:text_embeds.shape[1] + TIME_IDS] = time_ids
         return torch.cat([tokens, extra.reshape(batch, rows, width)], 1)
 
+    def conditioning_shape(self, model) -> tuple[int, int]:
+        width = model.config.cross_attention_dim
+        return self.prompt_tokens + self.extra_rows(self.pooled_dim(model), width), width
+
+    def vae_dtype(self, vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+        """float32 when the VAE's config says force_upcast (SDXL 1.0's overflows in fp16; the fp16-fix
+        VAE says false), as StableDiffusionXLPipeline upcasts it before decoding."""
+        return torch.float32 if vae_config.get("force_upcast", True) else dtype
+
     def unpack(self, model, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`pack`'s inverse: (tokens, text_embeds, time_ids)."""
         pooled = self.pooled_dim(model)
@@ -122,7 +145,8 @@ class TextTimeFamily(Family):
         pooled, width = self.pooled_dim(model), cond.shape[-1]
         rows = self.extra_rows(pooled, width)
         padding = cond[:, -rows:].flatten(1)[:, pooled + TIME_IDS:]
-        if cond.shape[1] <= rows or bool(padding.any()):
+        # a meta tensor (the memory planner's) has a shape but no values to look at
+        if cond.shape[1] <= rows or (not cond.is_meta and bool(padding.any())):
             raise ValueError(
                 f"{type(model).__name__} takes SDXL's added conditions (pooled text embedding and time ids), "
                 f"packed after the tokens: conditioning (B, L + {rows}, {width}) as "
@@ -223,7 +247,8 @@ class FluxFamily(Family):
 
 
 SD = Family("sd", ("UNet2DConditionModel",))
-SDXL = TextTimeFamily("sdxl", (), lora_pipeline="StableDiffusionXLPipeline")
+SDXL = TextTimeFamily("sdxl", (), lora_pipeline="StableDiffusionXLPipeline",
+                      text_encoders=("text_encoder", "text_encoder_2"))
 MODELSCOPE = Family("modelscope", ("UNet3DConditionModel",), lora_pipeline="TextToVideoSDPipeline",
                     latent_layout=VIDEO)
 ANIMATEDIFF = PerFrameFamily("animatediff", ("UNetMotionModel",), lora_pipeline="AnimateDiffPipeline",

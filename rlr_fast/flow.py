@@ -32,8 +32,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from .components import FLOW_PIPELINES, SDModels, check_dtype, pipeline_class, tiny_tokenizer
 from .families import pack_vectors
-from .models import FLOW_PIPELINES, SDModels, check_dtype, pipeline_class, tiny_tokenizer
+from .lora import has_lora
 from .samplers import FlowSampler
 from .sdxl import vae_scale
 
@@ -105,8 +106,6 @@ class FlowModels(SDModels):
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write the folder the family's pipeline `from_pretrained` and `load_flow` read (safetensors).
         The transformer must not carry a LoRA adapter (save that with `lora.save_lora`)."""
-        from .lora import has_lora
-
         if has_lora(self.unet):
             raise ValueError("the transformer has a LoRA adapter; save the base pipeline before add_lora and the "
                              "adapter with save_lora")

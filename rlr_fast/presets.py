@@ -108,18 +108,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (force_zeros_for_empty_prompt; rlr_fast/sdxl.py). From the sd14 preset, itself the RLR paper's
     # recipe: rlr with f = 1, h = 2, the per-prompt leave-one-out baseline, LoRA rank 4 on the
     # attention projections, lr 1e-3, micro-batches of 2 accumulated 9 times, the aesthetic reward in
-    # fp16. The VAE loads in float32 unless the folder holds the fp16-fix VAE (SDXL's own overflows in
-    # fp16). The memory options below are PLACEHOLDERS, not a plan: the memory planner does not model
-    # SDXL yet (issue 26 §2: the goal is an update in 10 GiB), so they are the most frugal settings there
-    # are (each UNet step checkpointed and one per call, the guidance halves one at a time, the VAE one
-    # sample at a time and checkpointed, the text encoders freed); no peak has been estimated or measured.
+    # fp16. Memory: the options `rlr_fast.plan("sdxl", max_memory_gb=10)` chooses (tests/test_plan.py
+    # checks they agree): checkpointed UNet steps one per call, the VAE decoded one sample at a time with
+    # every block checkpointed, the text encoders freed; ESTIMATED peak 9.90 GiB of tensors (meta-device
+    # estimate, docs/memory.md §7, not measured on a GPU). That needs the fp16-fix VAE
+    # (madebyollin/sdxl-vae-fp16-fix) in the folder's vae/, hence the folder name: SDXL's own VAE
+    # overflows in fp16 and is loaded in float32, and its 1024 px decoder backward alone is then 8.5 GiB
+    # (estimated smallest peak 14.29 GiB whatever the options).
     "sdxl": dict(
-        model="stable-diffusion-xl-base-1.0", device="cuda", dtype="float16", out_dir="out/sdxl", seed=42,
-        prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, resolution=1024, num_steps=50,
-        eta=1.0, guidance_scale=5.0, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
+        model="stable-diffusion-xl-base-1.0-vae-fp16-fix", device="cuda", dtype="float16", out_dir="out/sdxl",
+        seed=42, prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, resolution=1024,
+        num_steps=50, eta=1.0, guidance_scale=5.0, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
         first_order_steps=1, h=2, baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=9,
         train_steps=200, warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25,
-        sample_prompts=4, checkpoint_unet=True, split_cfg=True, checkpoint_vae=True, decode_chunk=1,
+        sample_prompts=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
         free_text_encoder=True,
     ),
 }

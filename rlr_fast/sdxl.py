@@ -33,9 +33,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .components import (COMPONENTS, SDModels, check_dtype, check_sd_folder, component_loaders, latent_size,
+                         load_components, safetensors_kwargs, tiny_tokenizer)
 from .families import SDXL
-from .models import (COMPONENTS, SDModels, check_dtype, check_sd_folder, component_loaders, latent_size,
-                     load_components, safetensors_kwargs, tiny_tokenizer)
+from .lora import has_lora
 
 SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
@@ -90,8 +91,6 @@ class SDXLModels(SDModels):
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write the folder `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl` read (safetensors).
         The UNet must not carry a LoRA adapter (save that with `lora.save_lora`)."""
-        from .lora import has_lora
-
         missing = [name for name in SDXL_COMPONENTS if getattr(self, name) is None]
         if missing:
             raise ValueError(f"save_pretrained needs all of {SDXL_COMPONENTS}; missing: {missing}")
@@ -112,8 +111,39 @@ def vae_scale(vae_config) -> int:
 
 def vae_dtype(path: Path, dtype: torch.dtype) -> torch.dtype:
     """float32 for a VAE whose config says force_upcast (SDXL 1.0's: fp16 overflows), else `dtype`."""
-    config = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
-    return torch.float32 if config.get("force_upcast", True) else dtype
+    return SDXL.vae_dtype(json.loads((path / "vae" / "config.json").read_text(encoding="utf-8")), dtype)
+
+
+def sdxl_config(vae_fp16_fix: bool = False) -> dict[str, dict]:
+    """Constructor configs of SDXL 1.0 base's UNet, VAE and two text encoders (CLIP ViT-L/14 text and
+    OpenCLIP ViT-bigG/14 text with its projection), written out from stabilityai/stable-diffusion-xl-
+    base-1.0's config files so that the memory planner builds the shapes without the download. The
+    VAE is SDXL's own (force_upcast: loaded in float32), or with `vae_fp16_fix` madebyollin/sdxl-vae-
+    fp16-fix (the same architecture, force_upcast false: kept in the run's dtype). A fresh dict each call."""
+    clip = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                pad_token_id=1)
+    return {
+        "unet": dict(
+            _class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                   "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+        ),
+        "vae": dict(
+            sample_size=1024, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", scaling_factor=0.13025,
+            force_upcast=not vae_fp16_fix,
+        ),
+        "text_encoder": dict(clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+        "text_encoder_2": dict(clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+    }
 
 
 def load_sdxl(path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",

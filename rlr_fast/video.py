@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 
+from .lora import has_lora
 from .models import SDModels, load_sd, pipeline_class, tiny_sd
 
 __all__ = ["VIDEO_PIPELINES", "VideoModels", "check_num_frames", "is_video_folder", "is_video_model", "is_video_unet",
@@ -58,7 +59,7 @@ class VideoModels(SDModels):
         missing = [name for name in ("unet",) + _SD_PARTS if getattr(self, name) is None]
         if missing:
             raise ValueError(f"save_pretrained needs the unet and {_SD_PARTS}; missing: {missing}")
-        if getattr(self.unet, "peft_config", None):
+        if has_lora(self.unet):
             raise ValueError("the UNet has a LoRA adapter; save the base model before add_lora and the adapter "
                              "with save_lora")
         parts = {name: getattr(self, name) for name in ("unet",) + _SD_PARTS}

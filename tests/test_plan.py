@@ -30,9 +30,13 @@ def sd14_plan(max_memory_gb=None, **settings):
 # The measuring method
 
 
-def _tiny_unet(device: str) -> torch.nn.Module:
-    """conftest's tiny UNet with LoRA, on the CPU (real weights) or on meta (no weights)."""
-    unet = make_unet() if device == "cpu" else meta_unet(dict(make_unet().config), dtype=torch.float32, lora_rank=None)
+def _tiny_unet(device: str, family: str = "sd") -> torch.nn.Module:
+    """A tiny UNet with LoRA, on the CPU (real weights) or on meta (no weights): conftest's SD1.x-style
+    one, or ("sdxl") rlr_fast.sdxl.tiny_sdxl's, with text_time added conditions."""
+    from rlr_fast.sdxl import tiny_sdxl
+
+    real = make_unet() if family == "sd" else tiny_sdxl(0).unet
+    unet = real if device == "cpu" else meta_unet(dict(real.config), dtype=torch.float32, lora_rank=None)
     add_lora(unet, rank=4, alpha=4, seed=0 if device == "cpu" else None)
     for p in unet.parameters():
         if p.requires_grad:
@@ -41,19 +45,23 @@ def _tiny_unet(device: str) -> torch.nn.Module:
 
 
 def _unet_step(unet, device: str, batch: int = 2, checkpoint: bool = False):
-    """(run, existing): one UNet forward + backward with an input gradient, on `device`."""
+    """(run, existing): one UNet forward + backward with an input gradient, on `device`, called through
+    the UNet's family adapter with conditioning of the shape that family packs."""
+    from rlr_fast.families import family_of
+
+    family = family_of(unet)
     g = torch.Generator().manual_seed(0)
     make = (lambda *s: torch.randn(*s, generator=g)) if device == "cpu" else \
         (lambda *s: torch.empty(*s, device="meta"))
     x = make(batch, 4, 8, 8).requires_grad_(True)
-    cond = make(batch, 5, 16)
+    cond = make(batch, *family.conditioning_shape(unet))
     t = torch.full((batch,), 500, dtype=torch.int64, device=x.device)
     cot = make(batch, 4, 8, 8)
     if checkpoint:
         unet.enable_gradient_checkpointing()
 
     def run():
-        unet(x, t, encoder_hidden_states=cond).sample.backward(cot)
+        family.call(unet, x, t, cond).sample.backward(cot)
 
     existing = list(unet.parameters()) + list(unet.buffers()) + [p.grad for p in unet.parameters()
                                                                  if p.grad is not None] + [x, cond, t, cot]
@@ -76,15 +84,17 @@ def _real_saved_bytes(run, existing) -> int:
     return sum(seen.values())
 
 
-def test_meta_measurement_equals_real_cpu_tensors():
-    """A tiny UNet with LoRA (the SD1.4 block types): bytes saved for backward measured on meta
-    equal those of the same step on real CPU tensors, counted independently by data pointer
-    (CPU SDPA runs the flash kernel the planner routes meta attention to). The live peak, from
-    the same tracker on both devices, agrees closely."""
-    run, existing = _unet_step(_tiny_unet("meta"), "meta")
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_meta_measurement_equals_real_cpu_tensors(family):
+    """A tiny UNet with LoRA (the SD1.4 block types; SDXL's, with the pooled embedding and time ids
+    unpacked from the conditioning): bytes saved for backward measured on meta equal those of the
+    same step on real CPU tensors, counted independently by data pointer (CPU SDPA runs the flash
+    kernel the planner routes meta attention to). The live peak, from the same tracker on both
+    devices, agrees within 5%."""
+    run, existing = _unet_step(_tiny_unet("meta", family), "meta")
     meta = P.measure(run, existing=existing, attention="flash")
 
-    cpu_unet = _tiny_unet("cpu")
+    cpu_unet = _tiny_unet("cpu", family)
     run, existing = _unet_step(cpu_unet, "cpu")
     real_saved = _real_saved_bytes(run, existing)
     run, existing = _unet_step(cpu_unet, "cpu")
@@ -403,3 +413,53 @@ def test_the_table_names_config_keys_and_labels_tie_breaks():
     # "needed to fit": the fastest plan, without a budget, does not checkpoint the UNet and needs more than 4 GiB
     fastest = sd14_plan()
     assert not fastest.options["checkpoint_unet"] and fastest.peak_bytes > 4 * GIB
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans for SDXL 1.0 base at 1024 px (from the cached measurements)
+
+
+def test_the_built_in_sdxl_is_sdxl_1_0_base():
+    """The written-out configs build SDXL 1.0 base's networks: its UNet's 2,567,463,684 parameters and
+    its second text encoder's 694,659,840 (OpenCLIP ViT-bigG/14 text + projection), as the released
+    safetensors hold them; the conditioning is 77 tokens of 2048 plus the pooled embedding and time ids."""
+    from rlr_fast.families import SDXL
+    from rlr_fast.plan.architectures import build
+
+    configs = component_configs("sdxl")
+    unet = build("unet", configs["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in build("text_encoder_2", configs["text_encoder_2"]).parameters()) == 694_659_840
+    assert SDXL.conditioning_shape(unet) == (77 + 1, 2048)  # 1280 pooled + 6 time ids: one row of 2048
+    assert configs["vae"]["force_upcast"] and not component_configs("sdxl-vae-fp16-fix")["vae"]["force_upcast"]
+
+
+def test_sdxl_preset_fits_10_gib_with_its_own_options_and_the_fp16_fix_vae(capsys):
+    """The issue's goal, ESTIMATED: an SDXL update at 1024 px, LoRA rank 4, within 10 GiB; the sdxl
+    preset carries the options the planner picks for 10 GiB, and `rlr_fast.plan` prints the plan."""
+    from rlr_fast.plan.__main__ import main
+
+    preset = Config.from_preset("sdxl")
+    chosen = P.plan("sdxl", max_memory_gb=10)
+    assert chosen.run.image_hw == (1024, 1024) and preset.lora_rank == 4 and chosen.run.autocast
+    assert chosen.run.vae_dtype == torch.float16  # the fp16-fix VAE the preset's folder name says
+    assert chosen.peak_bytes <= 10 * GIB
+    assert preset.with_overrides(chosen.config_overrides()) == preset
+    assert chosen.estimator_options() == preset.estimator_options()
+    main(["--preset", "sdxl", "--max-memory-gb", "10"])
+    printed = capsys.readouterr().out
+    assert f"estimated peak {chosen.peak_gib:.2f} GiB" in printed and "| checkpoint_unet | True |" in printed
+    assert "VAE decode outside autocast in float16" in printed
+
+
+def test_sdxls_own_vae_in_float32_makes_the_decode_the_floor_above_10_gib():
+    """SDXL's own VAE overflows in fp16, so the loader keeps it in float32 (as load_sdxl does): its
+    1024 px decoder backward is twice the fp16-fix VAE's, the largest phase whatever the options, and
+    nothing fits 10 GiB."""
+    fixed = P.plan("sdxl", max_memory_gb=10)
+    with pytest.raises(P.PlanError) as e:
+        P.plan("sdxl", max_memory_gb=10, model="sdxl")
+    smallest = e.value.smallest
+    assert smallest.run.vae_dtype == torch.float32 and smallest.peak_phase == "reward: decode"
+    assert math.isclose(smallest.phases["reward: decode"], 2 * fixed.phases["reward: decode"], rel_tol=0.02)
+    assert "in float32 (its config says force_upcast)" in P.plan("sdxl", model="sdxl").table()

@@ -1,12 +1,15 @@
 """The networks of one update, built on the meta device: real shapes, no memory, no weights.
 
-A model is described by its component configs {"unet", "vae", "text_encoder"}: SD1.4's
-(`"sd14"`), the embedded default model's (`"default"`), a local diffusers folder's (only the
-config.json files are read) or such a dict. A UNet config's `_class_name` names a video UNet
-(UNet3DConditionModel, UNetMotionModel); an image UNet with a MotionAdapter's config becomes the
-UNetMotionModel AnimateDiff makes of them. Measurements are cached under `architecture_id`, a
-hash of the full config with every default filled in, so a downloaded SD1.4 folder and the
-built-in "sd14" description share one cache entry.
+A model is described by its component configs {"unet", "vae"} and its family's text encoders
+("text_encoder"; SDXL's also "text_encoder_2"): SD1.4's (`"sd14"`), SDXL 1.0 base's (`"sdxl"`, or
+`"sdxl-vae-fp16-fix"` with the fp16-fix VAE in place of its own), the embedded default model's
+(`"default"`), a local diffusers folder's (only the config.json files are read) or such a dict.
+The family (rlr_fast.families, picked from the UNet built on meta) says which text encoders there
+are, one sample's conditioning shape and the VAE's precision, so another family supplies its own.
+A UNet config's `_class_name` names a video UNet (UNet3DConditionModel, UNetMotionModel); an
+image UNet with a MotionAdapter's config becomes the UNetMotionModel AnimateDiff makes of them.
+Measurements are cached under `architecture_id`, a hash of the full config with every default
+filled in, so a downloaded SD1.4 folder and the built-in "sd14" description share one cache entry.
 
 The rewards the planner knows: "aesthetic" (the LAION aesthetic predictor on CLIP ViT-L/14, the
 `sd14` preset's reward) and "pixels" (a reward computed from the pixels without a network).
@@ -25,7 +28,12 @@ import torch
 from torch import nn
 
 REWARDS = ("aesthetic", "pixels")
-COMPONENT_NAMES = ("unet", "vae", "text_encoder")
+DENOISER_PARTS = ("unet", "vae")  # then the family's text encoders
+# "sdxl": SDXL 1.0 base as released (its VAE in float32); "sdxl-vae-fp16-fix": with the fp16-fix VAE
+BUILT_IN = ("sd14", "sdxl", "sdxl-vae-fp16-fix")
+# Model folders (by name) whose architecture is built in, for planning where the folder is not.
+KNOWN_FOLDERS = {"stable-diffusion-v1-4": "sd14", "stable-diffusion-xl-base-1.0": "sdxl",
+                 "stable-diffusion-xl-base-1.0-vae-fp16-fix": "sdxl-vae-fp16-fix"}
 Model = Union[str, Path, dict]
 
 
@@ -43,7 +51,7 @@ def quiet_diffusers() -> Iterator[None]:
 
 
 def component_configs(model: Model, motion_adapter: Optional[Union[str, Path]] = None) -> dict[str, dict]:
-    """{"unet", "vae", "text_encoder"} constructor configs of `model` (see the module docstring), the
+    """{"unet", "vae", text encoders...} constructor configs of `model` (see the module docstring), the
     UNet's made a UNetMotionModel's with the MotionAdapter folder `motion_adapter`."""
     configs = _component_configs(model)
     if motion_adapter is not None:
@@ -67,21 +75,44 @@ def motion_unet_config(unet: dict, adapter: dict) -> dict:
 def _component_configs(model: Model) -> dict[str, dict]:
     from ..default_model import default_model_path
     from ..models import sd14_config
+    from ..sdxl import sdxl_config
 
+    if isinstance(model, str) and model in BUILT_IN:
+        return sd14_config() if model == "sd14" else sdxl_config(vae_fp16_fix=model == "sdxl-vae-fp16-fix")
     if isinstance(model, dict):
-        missing = [name for name in COMPONENT_NAMES if name not in model]
+        names = DENOISER_PARTS + _text_encoders(model)
+        missing = [name for name in names if name not in model]
         if missing:
-            raise ValueError(f"a model given as a dict needs the configs of {COMPONENT_NAMES}; missing {missing}")
-        return {name: dict(model[name]) for name in COMPONENT_NAMES}
-    if model == "sd14":
-        return sd14_config()
+            raise ValueError(f"a model given as a dict needs the configs of {names}; missing {missing}")
+        return {name: dict(model[name]) for name in names}
     folder = default_model_path() if model == "default" else Path(model)
-    files = {name: folder / name / "config.json" for name in COMPONENT_NAMES}
-    absent = [str(f) for f in files.values() if not f.is_file()]
-    if absent:
-        raise ValueError(f"model {str(model)!r} is neither 'sd14', 'default' nor a diffusers folder with "
-                         f"{'/'.join(COMPONENT_NAMES)} configs (missing {', '.join(absent)})")
-    return {name: json.loads(f.read_text()) for name, f in files.items()}
+
+    def read(names):
+        files = {name: folder / name / "config.json" for name in names}
+        absent = [str(f) for f in files.values() if not f.is_file()]
+        if absent:
+            raise ValueError(f"model {str(model)!r} is neither one of {BUILT_IN}, 'default' nor a diffusers folder "
+                             f"with {'/'.join(names)} configs (missing {', '.join(absent)})")
+        return {name: json.loads(f.read_text()) for name, f in files.items()}
+
+    configs = read(DENOISER_PARTS)
+    return {**configs, **read(_text_encoders(configs))}
+
+
+def _text_encoders(configs: dict) -> tuple[str, ...]:
+    return family(configs["unet"]).text_encoders if "unet" in configs else ()
+
+
+def family(unet_config: dict):
+    """The rlr_fast.families Family whose adapter calls the UNet of `unet_config`."""
+    return _family(json.dumps(unet_config, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=None)
+def _family(config_json: str):
+    from ..families import family_of
+
+    return family_of(build("unet", json.loads(config_json)))
 
 
 # Config entries that do not change the computation: file metadata, the stored dtype (the planner
@@ -94,19 +125,21 @@ def _canonical(config) -> dict:
 
 
 def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """One component on meta in `dtype`, frozen, in eval mode."""
+    """One component on meta in `dtype`, frozen, in eval mode: "unet", "vae", "text_encoder" (CLIPTextModel)
+    or "text_encoder_2" (CLIPTextModelWithProjection, as SDXL's loader reads it)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    text = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     with quiet_diffusers(), torch.device("meta"):
         if component == "unet":
             module = unet_class(config).from_config(config)
         elif component == "vae":
             module = AutoencoderKL.from_config(config)
-        elif component == "text_encoder":
-            module = CLIPTextModel(CLIPTextConfig.from_dict(config))
+        elif component in text:
+            module = text[component](CLIPTextConfig.from_dict(config))
         else:
-            raise ValueError(f"component must be one of {COMPONENT_NAMES}, got {component!r}")
+            raise ValueError(f"component must be one of {DENOISER_PARTS + tuple(text)}, got {component!r}")
         return module.to(dtype).eval().requires_grad_(False)
 
 
@@ -128,7 +161,7 @@ def architecture_id(component: str, config: dict) -> str:
 def _architecture_id(component: str, config_json: str) -> str:
     config = json.loads(config_json)
     module = build(component, config)
-    full = module.config.to_dict() if component == "text_encoder" else dict(module.config)
+    full = module.config.to_dict() if component.startswith("text_encoder") else dict(module.config)
     text = json.dumps(_canonical(full), sort_keys=True, default=str)
     return f"{component}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 

@@ -25,8 +25,6 @@ from torch import nn
 from .architectures import PixelReward, as_unchecked_reward, module_state
 from .measure import Measurement, count_flops, measure
 
-# Tokens of a CLIP text embedding (SD1.x prompts are padded to 77).
-PROMPT_TOKENS = 77
 CFG_MODES = ("none", "together", "split")
 UNET_GRADS = ("none", "input", "params")
 
@@ -38,10 +36,17 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def conditioning_shape(unet: nn.Module) -> tuple[int, int]:
+    """(rows, width) of one sample's conditioning, as the UNet's family (rlr_fast.families) packs it."""
+    from ..families import family_of
+
+    return family_of(unet).conditioning_shape(unet)
+
+
 def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn.Module, *, cfg: bool):
     """A stored chain of `steps` steps on meta, as `rollout` stores it: latents in float32 (the loop
-    draws x_T in float32 and the chain stays there), prompt embeddings in the weights' dtype.
-    latent_hw is (h, w), or (frames, h, w) for a video UNet."""
+    draws x_T in float32 and the chain stays there), prompt embeddings in the weights' dtype, shaped
+    as the UNet's family packs them. latent_hw is (h, w), or (frames, h, w) for a video UNet."""
     from ..rollout import Trajectory
     from ..samplers import StepSchedule
 
@@ -51,7 +56,7 @@ def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn
         return torch.empty(shape, device="meta", dtype=dtype)
 
     shape = (batch, unet.config.in_channels) + tuple(latent_hw)
-    cond = (batch, PROMPT_TOKENS, unet.config.cross_attention_dim)
+    cond = (batch,) + conditioning_shape(unet)
     tables = [empty(steps, dtype=torch.float64) for _ in range(5)]
     schedule = StepSchedule(torch.full((steps,), 500, device="meta", dtype=torch.int64), *tables)
     return Trajectory(
@@ -167,7 +172,7 @@ def forward_flops(module: nn.Module, part: str, latent_hw: tuple[int, ...], imag
     with torch.no_grad():
         if part == "unet":
             x = torch.empty((1, module.config.in_channels) + tuple(latent_hw), device="meta", dtype=module.dtype)
-            cond = torch.empty((1, PROMPT_TOKENS, module.config.cross_attention_dim), device="meta", dtype=module.dtype)
+            cond = torch.empty((1,) + conditioning_shape(module), device="meta", dtype=module.dtype)
             t = torch.empty((1,), device="meta", dtype=torch.int64)
             return count_flops(lambda: predict(module, x, t, cond))
         if part == "vae_decode":

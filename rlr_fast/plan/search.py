@@ -2,15 +2,17 @@
 
 The planner reads a `Config` (the estimator's options and the run's shape: batch, T, guidance,
 LoRA rank, dtype, resolution, reward) and adds only what a Config does not say: the networks'
-architectures (from the config's model folder, or SD1.4's when the folder is not there) and the
-attention kernel. The peak is the resident bytes (weights, LoRA + AdamW state, the stored
-trajectory) plus the largest phase (phases.py).
+architectures (from the config's model folder; where it is not there, the built-in architecture
+its name is known for, architectures.KNOWN_FOLDERS, else SD1.4's) and the attention kernel. The
+peak is the resident bytes (weights, LoRA + AdamW state, the stored trajectory) plus the largest
+phase (phases.py).
 
 Precision, as `finetune` runs on a GPU with dtype float16 or bfloat16: frozen weights in that
 dtype; the UNet (rollout and recomputed steps) under CUDA autocast, because its float32 LoRA
 meets half-precision weights and float32 latents there; the VAE decode and the reward network
-outside autocast in their own weights' dtype (rewards.latent). LoRA, its gradient and AdamW's
-moments are float32. With dtype float32 everything is float32.
+outside autocast in their own weights' dtype (rewards.latent; the VAE's as the model family's
+loader sets it: SDXL's own VAE in float32). LoRA, its gradient and AdamW's moments are float32.
+With dtype float32 everything is float32.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..config import Config
 from ..options import EstimatorOptions, METHODS
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
-from .phases import PROMPT_TOKENS, reward_phase_parts
+from .phases import conditioning_shape, reward_phase_parts
 from .table import MeasurementTable, dtype_name, default_table
 
 # The options the planner chooses; Config keys, except checkpoint_reward: the reward's
@@ -50,7 +52,7 @@ class Run:
     """One update as the planner sees it: a validated Config plus the architectures."""
 
     config: Config
-    components: dict  # "unet", "vae", "text_encoder" -> constructor config
+    components: dict  # "unet", "vae" and the family's text encoders -> constructor config
     ids: dict  # the same keys -> architecture_id
     reward: Union[str, nn.Module]  # "aesthetic", "pixels" or a reward network built on meta
     attention: str
@@ -65,6 +67,16 @@ class Run:
     @property
     def weight_dtype(self) -> torch.dtype:
         return torch.float16 if self.autocast else torch.float32  # bfloat16: the same bytes
+
+    @property
+    def family(self):
+        """The rlr_fast.families Family of the UNet: its text encoders, conditioning and VAE precision."""
+        return arch.family(self.components["unet"])
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's precision as the family's loader sets it (SDXL's own VAE: float32)."""
+        return self.family.vae_dtype(self.components["vae"], self.weight_dtype)
 
     @property
     def reward_dtype(self) -> torch.dtype:
@@ -128,17 +140,14 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
     if model is None:
         model, motion_adapter = cfg.model, cfg.motion_adapter
         if model != "default" and not Path(model).is_dir():
-            notes.append(f"architecture: SD1.4 (model folder {model!r} not found here)")
-            model, motion_adapter = "sd14", None
+            built_in = arch.KNOWN_FOLDERS.get(Path(model).name, "sd14")
+            notes.append(f"architecture: {built_in} (model folder {model!r} not found here)")
+            model, motion_adapter = built_in, None
     if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
         # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
         raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
                          f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
-    if components["unet"].get("addition_embed_type") is not None:
-        raise ValueError(f"the memory planner does not model UNets with added conditions (SDXL: "
-                         f"{components['unet']['addition_embed_type']!r}) yet: set max_batch, checkpoint_unet, "
-                         "split_cfg and decode_chunk by hand (the sdxl preset's are the most frugal ones)")
     video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
     if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
@@ -255,26 +264,28 @@ class Plan:
 def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
     cfg, components = run.config, run.components
     wd, rank = run.weight_dtype, cfg.lora_rank
-    precision = "float32" if wd == torch.float32 else "half"
 
     def unet_params(trainable: bool):
         unet = table.unet(components["unet"], wd, rank)
         return lambda: [p for p in unet.parameters() if p.requires_grad == trainable]
 
+    def frozen(name: str, dtype: torch.dtype, module):
+        return table.param_bytes(f"{run.ids[name]}|{dtype_name(dtype)}", lambda: arch.module_state(module()))
+
     lora = table.param_bytes(f"{run.ids['unet']}|lora{rank}", unet_params(True))
-    parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{precision}", unet_params(False))
-                  + table.param_bytes(f"{run.ids['vae']}|{precision}",
-                                      lambda: arch.module_state(table.vae(components["vae"], wd))))
+    parameters = (lora + table.param_bytes(f"{run.ids['unet']}|{dtype_name(wd)}", unet_params(False))
+                  + frozen("vae", run.vae_dtype, lambda: table.vae(components["vae"], run.vae_dtype)))
     if run.reward != "pixels":
         dtype = run.reward_dtype
         parameters += table.param_bytes(f"reward:{arch.reward_id(run.reward)}|{dtype_name(dtype)}",
                                         lambda: arch.module_state(table.reward(run.reward, dtype, False)))
     if not options["free_text_encoder"]:
-        parameters += table.param_bytes(f"{run.ids['text_encoder']}|{precision}", lambda: arch.module_state(
-            arch.build("text_encoder", components["text_encoder"], wd)))
+        for name in run.family.text_encoders:
+            parameters += frozen(name, wd, lambda: arch.build(name, components[name], wd))
     B, T = cfg.batch_size, cfg.num_steps
     latent = components["unet"]["in_channels"] * math.prod(run.unet_latent) * 4  # float32 chain
-    cond = B * PROMPT_TOKENS * components["unet"]["cross_attention_dim"] * wd.itemsize * (2 if run.guidance else 1)
+    rows, width = conditioning_shape(table.unet(components["unet"], wd, rank))
+    cond = B * rows * width * wd.itemsize * (2 if run.guidance else 1)
     trajectory = B * latent * (2 * T + 1) + B * T * 4 + cond + B * latent  # x_T..x_0, noises, log p, prompts, dR/dx0
     return {"parameters": parameters, "optimizer_state": lora * (1 + ADAMW_STATE_PER_PARAM), "trajectory": trajectory}
 
@@ -289,7 +300,7 @@ def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTab
 
     latent, images = run.unet_latent, run.images  # a video's frames decode and score as images
     decode = table.decode_phase(run.ids["vae"], run.components["vae"], images, options["decode_chunk"], hw,
-                                dtype=run.weight_dtype, attention=run.attention, grad=counts.reward_grad,
+                                dtype=run.vae_dtype, attention=run.attention, grad=counts.reward_grad,
                                 checkpoint_vae=options["checkpoint_vae"])
     network = table.reward_network(run.reward, images, run.image_hw, dtype=run.reward_dtype, attention=run.attention,
                                    grad=counts.reward_grad, checkpoint=options["checkpoint_reward"])
@@ -443,9 +454,10 @@ def option_reasons(chosen: Plan, plans: list[Plan]) -> dict:
 
 def _notes(run: Run) -> list[str]:
     dtype = run.config.dtype
+    vae = "float32 (its config says force_upcast)" if run.vae_dtype != run.weight_dtype else dtype
     precision = ("float32 weights and activations" if not run.autocast else
                  f"{dtype} weights; the UNet under CUDA autocast (group_norm / layer_norm outputs in float32); VAE "
-                 f"decode outside autocast in {dtype}; LoRA + AdamW in float32")
+                 f"decode outside autocast in {vae}; LoRA + AdamW in float32")
     reward = "" if run.reward == "pixels" else f"; reward network in {str(run.reward_dtype).replace('torch.', '')}"
     attention = ("flash / memory-efficient SDPA (no stored softmax)" if run.attention == "flash" else
                  "MATH SDPA (stores the softmax)")
@@ -461,13 +473,17 @@ def _notes(run: Run) -> list[str]:
             f"T = {run.config.num_steps}, method {run.config.method}"] + no_checkpointing + list(run.notes)
 
 
-def candidate_runs() -> Iterator[Config]:
-    """The SD1.4 runs whose measurements ship in the cache: the sd14 preset at 512 px in float16 and
-    float32, every method, with and without guidance, the aesthetic reward (in either precision) and
-    a network-free one; and at 256 px in float16."""
+def candidate_runs() -> Iterator[tuple[Config, str]]:
+    """The runs whose measurements ship in the cache, with their built-in architecture: the sd14 preset
+    at 512 px in float16 and float32, every method, with and without guidance, the aesthetic reward
+    (in either precision) and a network-free one, and at 256 px in float16; the sdxl preset (1024 px,
+    float16) with SDXL's own VAE and with the fp16-fix VAE."""
     for dtype, reward_dtype, resolutions in (("float16", "float16", (None, 256)), ("float16", "float32", (None,)),
                                              ("float32", "float32", (None,))):
         for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
                                                                       ("aesthetic", "brightness")):
+            accum = {"grad_accum": 1} if method == "ddpo" else {}  # ddpo's must divide its minibatches; no bytes
             yield Config.from_preset("sd14", dtype=dtype, guidance_scale=guidance, method=method, reward=reward,
-                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution)
+                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution, **accum), "sd14"
+    for model in ("sdxl-vae-fp16-fix", "sdxl"):
+        yield Config.from_preset("sdxl"), model

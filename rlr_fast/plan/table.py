@@ -1,5 +1,6 @@
 """Measured bytes and FLOPs by key: cached in rlr_fast/assets/plan_measurements.json for SD1.4 at
-512 px, measured on demand (seconds on a CPU) for anything else and kept for the process.
+512 px and the sdxl preset, measured on demand (seconds on a CPU; minutes for SDXL) for anything else
+and kept for the process.
 
 Activation bytes of a UNet call grow linearly with its samples, so UNet phases are measured at
 one and two samples and fitted; the decode is measured at (batch, decode_chunk) = (1, 1), (2, 1),
@@ -168,15 +169,16 @@ def default_table() -> MeasurementTable:
 
 def generate_measurements(path: Path = MEASUREMENTS_FILE, log: Callable[[str], None] = print) -> Path:
     """Measure what `plan()` needs for SD1.4 at 512 px (both precisions, every method, guidance on and
-    off, each memory option) and write the JSON cache; then check the fits further out."""
+    off, each memory option) and for the sdxl preset, and write the JSON cache; then check the fits
+    further out."""
     from .search import candidate_runs, plan
 
     table = MeasurementTable(path=None)
     start = time.time()
-    for cfg in candidate_runs():
-        plan(cfg, model="sd14", table=table)
-        log(f"{cfg.dtype} {cfg.resolution or 512} px {cfg.method} guidance={cfg.guidance_scale} {cfg.reward} "
-            f"(network in {cfg.reward_kwargs['dtype']}): {time.time() - start:.0f} s, "
+    for cfg, model in candidate_runs():
+        plan(cfg, model=model, table=table)
+        log(f"{model} {cfg.dtype} {cfg.resolution or 'native'} px {cfg.method} guidance={cfg.guidance_scale} "
+            f"{cfg.reward} (network in {cfg.reward_kwargs['dtype']}): {time.time() - start:.0f} s, "
             f"{len(table.data['entries'])} entries")
     table.data["fit_checks"] = fit_checks(table)
     for c in table.data["fit_checks"]:
