@@ -249,8 +249,8 @@ def grpo_demo():
     x 2), 2 passes of 2 minibatches of 4, so 4 optimizer steps an epoch; half the 10 steps trained per
     minibatch, a KL to the base model."""
     return dict(method="grpo", baseline="none", grpo_beta=0.01, grpo_step_fraction=0.5, ddpo_inner_epochs=2,
-                ddpo_minibatches=2, train_steps=6, checkpoint_every=3, sample_every=0, sample_prompts=0, tensorboard=False,
-                eval_every=0)
+                ddpo_minibatches=2, train_steps=6, checkpoint_every=3, sample_every=0, sample_prompts=0,
+                tensorboard=False, eval_every=0)
 
 
 @pytest.fixture(scope="module")
