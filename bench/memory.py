@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (build_models, current_device, latent_reward_fn, naive_rlr_update,  # noqa: E402
                           peak_memory, write_results, zero_grads)
 from rlr_fast import estimate, rollout  # noqa: E402
-from rlr_fast.options import METHODS  # noqa: E402
+from rlr_fast.options import MEMORY_OPTIONS, METHODS  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 
@@ -54,7 +54,7 @@ def sd14_plan(budget=None, **settings) -> "planner.Plan":
 
 def engine_options(p: "planner.Plan") -> dict:
     """A plan's options as bench.common.latent_reward_fn and estimate(...) take them."""
-    return {k: p.options[k] for k in ("max_batch", "checkpoint_unet", "split_cfg", "decode_chunk", "checkpoint_vae")}
+    return {k: p.options[k] for k in MEMORY_OPTIONS + ("decode_chunk", "checkpoint_vae")}
 
 
 def estimator_options(method: str, h: int) -> dict:

@@ -8,7 +8,7 @@ gradient contribution g_t has two unbiased estimators given the stored chain:
   pathwise           VJP of mu_t with the cotangent dR/dx_{t-1}, back-propagated from x_0
   likelihood ratio   VJP of mu_t with the cotangent (R - b) eps_t / sigma_t
 RLR, full backprop, truncated backprop and the pure likelihood-ratio estimator differ only in
-which steps get which term, so all four are one `Terms` plan run by `_run_terms`:
+which steps get which term, so all four are one `Terms` plan run by `run_terms`:
   F = {1..f}       pathwise from dR/dx_0 (sigma_t = 0 steps must be here or in H)
   H = {j+1..j+h}   likelihood ratio at step j+1, back-propagated through steps j+2..j+h
   C = the rest     likelihood ratio per step, optionally k of |C| with weight |C| / k
@@ -77,7 +77,7 @@ class NonFiniteRewards(ValueError):
     """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
 
 
-def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks = Ranks()):
+def chain_rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Ranks = Ranks()):
     """R(x_0) (B,), the whole batch's rewards (all ranks' in rank order: `group.gather`) and, when
     `need_grad`, dR/dx_0; the reward's graph is freed before returning.
 
@@ -89,7 +89,7 @@ def _rewards(reward_fn: RewardFn, traj: Trajectory, need_grad: bool, group: Rank
 
 
 def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool, group: Ranks = Ranks()):
-    """R(x0) (B,) of latents x0, the whole batch's, and when `need_grad` dR/dx0 (see `_rewards`)."""
+    """R(x0) (B,) of latents x0, the whole batch's, and when `need_grad` dR/dx0 (see `chain_rewards`)."""
     batch = x0.shape[0]
     x0 = x0.detach().requires_grad_(need_grad)
     with nvtx_range("reward"), torch.set_grad_enabled(need_grad):
@@ -117,7 +117,7 @@ def _score(reward_fn: RewardFn, x0: torch.Tensor, need_grad: bool, group: Ranks 
 # the trajectory itself: which of its steps are deterministic (sigma = 0).
 
 
-def _deterministic(traj: Trajectory) -> list[int]:
+def deterministic_steps(traj: Trajectory) -> list[int]:
     """docs/estimator.md indices t of steps with sigma_t = 0."""
     return [traj.math_step(k) for k in range(traj.num_steps) if float(traj.sigmas[k]) == 0.0]
 
@@ -128,7 +128,7 @@ def valid_js(traj: Trajectory, f: int, h: int) -> list[int]:
     j in {f..T-h} such that step j+1 (closed by a likelihood ratio) has sigma > 0 and no
     sigma = 0 step falls in C.
     """
-    det = set(_deterministic(traj))
+    det = set(deterministic_steps(traj))
     return [j for j in range(f, traj.num_steps - h + 1)
             if j + 1 not in det and all(t <= f or j + 1 <= t <= j + h for t in det)]
 
@@ -211,7 +211,7 @@ def rlr_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Te
     valid = valid_js(traj, f, h)
     if not valid:
         raise ValueError(f"no valid j for first_order_steps={f}, h={h}: deterministic steps (sigma=0) "
-                         f"t={_deterministic(traj)} must lie in F = 1..f or H, and step j+1 needs sigma > 0; "
+                         f"t={deterministic_steps(traj)} must lie in F = 1..f or H, and step j+1 needs sigma > 0; "
                          "raise first_order_steps (or eta)")
     aimed = aimed_steps(T, options.aim_steps)
     j = _choose_j(options.j, valid, generator, (h, aimed, options.aim_share) if aimed else None)
@@ -222,7 +222,7 @@ def rlr_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Te
 
 def zo_terms(traj: Trajectory, options: EstimatorOptions, generator=None) -> Terms:
     """Likelihood ratio on every step above the last deterministic one, pathwise below it."""
-    f = max(_deterministic(traj), default=0)
+    f = max(deterministic_steps(traj), default=0)
     stochastic = list(range(f + 1, traj.num_steps + 1))
     if options.zo_steps is not None and options.zo_steps > len(stochastic):
         raise ValueError(f"zo_steps={options.zo_steps} exceeds the {len(stochastic)} steps after this "
@@ -248,7 +248,7 @@ def _terms(traj: Trajectory, options: EstimatorOptions, generator) -> Terms:
 # Running the terms
 
 
-def _run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor], adv: torch.Tensor,
+def run_terms(model, traj: Trajectory, terms: Terms, dr: Optional[torch.Tensor], adv: torch.Tensor,
                options: EstimatorOptions, counter: CallCounter, grads: GradTerms) -> None:
     """Accumulate F, H and C of `terms`: `adv` (T, B) = -(R - b_k) / (B s) for step k, `dr` = -dR/dx_0 / (B s)."""
     if terms.first_order:
@@ -413,7 +413,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"value_fit={options.value_fit!r}")
     if options.method == "sqdf":
         steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
-        _, rewards, _ = _rewards(reward_fn, traj, False, group)  # the chain's own, for the record
+        _, rewards, _ = chain_rewards(reward_fn, traj, False, group)  # the chain's own, for the record
         stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
                                 reference=reference, track_memory=track_memory)
         return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
@@ -427,7 +427,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if advantages.shape != (traj.batch_size,):
             raise ValueError(f"advantages must have shape ({traj.batch_size},), got {tuple(advantages.shape)}")
     else:
-        rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
+        rewards, everyone, dr = chain_rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
         if surrogate:
             standardise = ddpo_advantages if options.method == "ddpo" else group_advantages
             advantages = group.mine(standardise(everyone, prompt_ids))
@@ -447,7 +447,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
             s, b = reward_scale(everyone, options), traj.batch_size
             dr = None if dr is None else -dr / (b * s)
             with grads.term("total"):
-                _run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
+                run_terms(model, traj, terms, dr, adv / s, options, counter, grads)
     extra["reward_forward"] = int(rewards is not None) + extra.get("reward_forward", 0)
     return dict(_stats(options.method, everyone, terms), unet_forward=counter.forward,
                 unet_backward=counter.backward, reward_backward=int(dr is not None),

@@ -34,6 +34,9 @@ VALUE_FITS = ("loo", "running")
 # batch per likelihood-ratio step) or a regression of R on x0 fitted on earlier estimates' (x0, R) pairs
 VALUE_PROXIES = ("reward", "surrogate")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
+# the estimator options that trade memory for time and leave the estimate unchanged: the planner sets them, a
+# design keeps them
+MEMORY_OPTIONS = ("max_batch", "checkpoint_unet", "split_cfg")
 LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo", "grpo")
 # The methods that read each option (options not listed are read by every method): a value set away
 # from its default for another method is refused (EstimatorOptions.check_used).
@@ -448,6 +451,8 @@ class EstimatorOptions:
             if key not in types_:
                 raise TypeError(unknown_key_message(key, types_, "estimator option",
                                                     "rlr_fast.options.EstimatorOptions"))
+        if not overrides:
+            return base  # validated when it was made
         changes = {k: coerce(k, v, types_[k]) for k, v in overrides.items()}
         if changes.get("method", base.method) != base.method and changes["method"] in METHODS:
             return cls.carried(base, changes["method"], **changes)

@@ -241,7 +241,7 @@ class SQDFReplay(StepMethod):
             reward_fn = ctx.reward_fn(ids)
             try:
                 with nvtx_range("estimate"), autocast(ctx.device, ctx.dtype):
-                    micro = estimate_states(ctx.models.unet, states, reward_fn, cfg.estimator_options(),
+                    micro = estimate_states(ctx.models.unet, states, reward_fn, ctx.options,
                                             generator=ctx.generators["estimator"])
             except NonFiniteRewards:
                 return Gradients(rewards, stats, "reward", None, state=after, cost=cost)

@@ -42,9 +42,10 @@ import torch
 
 from .baselines import ValueStatistics
 from .config import Config
+from .options import EstimatorOptions
 from .cuda_graph import GraphedRollout
 from .distributed import Ranks, sample_seeds
-from .estimators import NonFiniteRewards, _rewards, estimate
+from .estimators import NonFiniteRewards, chain_rewards, estimate
 from .inference import autocast, chain_dtype, latent_shape
 from .metrics import diversity, jsonable
 from .models import SDModels
@@ -224,6 +225,14 @@ class StepContext:
     ranks: Ranks = field(default_factory=Ranks)  # a data-parallel run's processes (one by default)
     # per batch sampled since the last `policy_metrics`: its chains' KL estimates and its image tap
     sampled: list = field(default_factory=list)
+    # the estimator options of `cfg`, built and validated once per config (method=auto swaps the config)
+    built_options: Optional[tuple[Config, EstimatorOptions]] = field(default=None, repr=False)
+
+    @property
+    def options(self) -> EstimatorOptions:
+        if self.built_options is None or self.built_options[0] is not self.cfg:
+            self.built_options = (self.cfg, self.cfg.estimator_options())
+        return self.built_options[1]
 
     def sample(self, cost: dict) -> tuple[torch.Tensor, Trajectory, callable]:
         """One rollout batch (this rank's share): its prompt ids, its chain and its reward (x0 latents ->
@@ -243,7 +252,7 @@ class StepContext:
         cost["reward_images"] += traj.batch_size
         try:
             with autocast(self.device, self.dtype):
-                rewards, _, _ = _rewards(reward_fn, traj, need_grad=False)
+                rewards, _, _ = chain_rewards(reward_fn, traj, need_grad=False)
         except NonFiniteRewards:
             return None
         return ids, traj, rewards
@@ -258,7 +267,7 @@ class StepContext:
         state = self.generators["sampling"].get_state().numpy().tobytes()
         seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
         with nvtx_range("kl metric"), autocast(self.device, self.dtype):
-            return chain_kl(self.models.unet, traj, torch.Generator().manual_seed(seed), self.cfg.estimator_options())
+            return chain_kl(self.models.unet, traj, torch.Generator().manual_seed(seed), self.options)
 
     def policy_metrics(self) -> dict:
         """Of the batches sampled since the last call: `kl`, the mean over their chains of the estimated
@@ -272,7 +281,7 @@ class StepContext:
     def estimate(self, traj: Trajectory, reward_fn, cost: dict, stats: dict, **kwargs) -> dict:
         """`estimate` on `traj` into .grad; its counts are added to `cost` and to the step's `stats`."""
         with nvtx_range("estimate"), autocast(self.device, self.dtype):
-            micro = estimate(self.models.unet, traj, reward_fn, self.cfg.estimator_options(),
+            micro = estimate(self.models.unet, traj, reward_fn, self.options,
                              generator=self.generators["estimator"], group=self.ranks, **kwargs)
         return self.count(micro, cost, stats)
 

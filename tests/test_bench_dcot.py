@@ -13,6 +13,7 @@ def quick(tmp_path_factory):
     return dcot.main(["--quick", "--out", str(out)]), out
 
 
+@pytest.mark.slow
 def test_every_arm_scores_the_same_images_and_is_evaluated(quick):
     result, out = quick
     runs, settings = result["runs"], result["settings"]

@@ -11,6 +11,7 @@ COLUMNS = ["setting", "T", "B", "N", "estimator", "bias_max_abs_z", "trace_var",
            "cost_fwd_eq", "var_x_cost", "cost_sd14", "var_x_cost_sd14", "peak_saved_bytes", "sec_per_estimate"]
 
 
+@pytest.mark.slow
 def test_quick_run_table():
     rows = gradient_quality.main(["--quick"])
     assert list(dict.fromkeys(k for row in rows for k in row)) == COLUMNS  # write_results' column order

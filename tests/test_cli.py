@@ -203,6 +203,7 @@ def test_sigterm_and_a_second_run_from_the_command_line(tiny_folder, tmp_path, c
     assert not (out / ".rlr_fast.lock").exists()
 
 
+@pytest.mark.slow
 def test_module_entry_point_exits_2_without_traceback():
     done = subprocess.run([sys.executable, "-m", "rlr_fast", "finetune", "--set", "learning_rate=1"],
                           capture_output=True, text=True, timeout=120)

@@ -131,6 +131,7 @@ def test_coefficients_that_require_grad_are_refused():
     assert c_e.grad is not None
 
 
+@pytest.mark.slow
 def test_compiled_backend_runs_without_triton():
     """The step's autograd Function (kernels/ddim_step_function.py) is torch only: with triton absent,
     the compiled backend still runs forward and backward, and auto falls back from Triton on a GPU."""

@@ -33,6 +33,7 @@ def straight(ddpo, tmp_path_factory):
     return finetune(out_dir=str(tmp_path_factory.mktemp("ddpo")), train_steps=10, checkpoint_every=3, **ddpo)
 
 
+@pytest.mark.slow
 def test_an_epoch_is_sampled_once_then_reused_off_policy(straight):
     rows = records(straight.out_dir)
     epoch_starts = [1, 9]
@@ -52,6 +53,7 @@ def test_an_epoch_is_sampled_once_then_reused_off_policy(straight):
     assert [r["estimator"]["passes_left"] for r in rows[:8]] == [1] * 4 + [0] * 4
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_mid_epoch_is_bit_exact(straight, ddpo, tmp_path):
     def kill_at_4(step, record):
         if step == 4:
@@ -71,6 +73,7 @@ def test_resume_from_a_checkpoint_mid_epoch_is_bit_exact(straight, ddpo, tmp_pat
     assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
 
 
+@pytest.mark.slow
 def test_advantages_come_from_each_prompts_history(ddpo, tmp_path):
     """With min_count 2 a prompt drawn before is standardised by its own recent rewards, not the epoch's."""
     result = finetune(out_dir=str(tmp_path), train_steps=16, ddpo_buffer_size=4, ddpo_min_count=2,

@@ -113,6 +113,7 @@ def test_load_default_is_an_sd14_style_pipeline_offline(default_models, monkeypa
     assert load_default(dtype=torch.float64).unet.dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_samples_follow_their_prompts(default_models):
     prompts = demo_data.PROMPTS
     images = np.concatenate([sample(default_models, prompts, seed=s, num_steps=20, eta=0.0, guidance_scale=4.0)

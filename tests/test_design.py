@@ -56,6 +56,7 @@ def _grad(model):
     (dict(timestep_spacing="trailing"), 0.5, True),
     (dict(timestep_spacing="trailing"), 1.0, False),
 ], ids=["deterministic-last-step", "trailing-eta0.5", "not-differentiable"])
+@pytest.mark.slow
 def test_every_designs_sum_of_pieces_is_what_estimate_accumulates(schedule, eta, differentiable):
     model, sched = _toy(**schedule)
     trajs = _rollouts(model, sched, 2, eta=eta)

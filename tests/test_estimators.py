@@ -17,7 +17,7 @@ import torch
 
 import rlr_fast
 from rlr_fast.config import Config
-from rlr_fast.estimators import Terms, _run_terms, valid_js
+from rlr_fast.estimators import Terms, run_terms, valid_js
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,
@@ -89,11 +89,13 @@ UNBIASED = [
 
 
 @pytest.mark.parametrize("method,eta,sched_kw,opts", UNBIASED)
+@pytest.mark.slow
 def test_unbiased(method, eta, sched_kw, opts):
     est, exact = _estimates(method, n=3000, eta=eta, sched_kw=sched_kw, **opts)
     assert _max_z(est, exact) < Z_MAX
 
 
+@pytest.mark.slow
 def test_normalized_estimate_is_of_scaled_gradient():
     est, exact = _estimates("rlr", n=2000, h=2, baseline="loo", normalize=4.0)
     assert _max_z(est, exact / 4.0) < Z_MAX
@@ -131,7 +133,7 @@ def test_half_order_term_equals_likelihood_ratio_through_subchain():
     # ours: H alone (f = 0, and C emptied by hand-picking the plan)
     adv = (-rewards / traj.batch_size).expand(T, -1)
     params = list(model.parameters())
-    _run_terms(model, traj, Terms(half_order=(j, h)), None, adv, EstimatorOptions(), CallCounter(), GradTerms(params))
+    run_terms(model, traj, Terms(half_order=(j, h)), None, adv, EstimatorOptions(), CallCounter(), GradTerms(params))
     ours = _grad_vector(model).clone()
     for p in params:
         p.grad = None
@@ -420,11 +422,13 @@ VALUE_UNBIASED = [
 
 
 @pytest.mark.parametrize("method,eta,sched_kw,opts", VALUE_UNBIASED)
+@pytest.mark.slow
 def test_value_baseline_is_unbiased(method, eta, sched_kw, opts):
     est, exact = _estimates(method, n=600, batch=8, eta=eta, sched_kw=sched_kw, baseline="value", **opts)
     assert _max_z(est, exact) < Z_MAX
 
 
+@pytest.mark.slow
 def test_value_baseline_fitted_with_the_samples_own_pair_is_biased(monkeypatch):
     """The power of the z-test above: a fit whose pool includes the sample's own (q, R) carries its
     own noise into its baseline and shrinks every likelihood-ratio term (max |z| = 26 here)."""
@@ -510,6 +514,7 @@ def test_surrogate_proxy_cuts_zo_variance_without_reward_calls():
     assert _lower_bound(sq["loo"] / 2.5 - sq["surrogate"]) > 0, {k: float(v.mean()) for k, v in sq.items()}
 
 
+@pytest.mark.slow
 def test_value_baseline_cuts_rlr_variance_on_the_toy():
     sq = _squared_deviations("rlr", VALUE_VS_LOO, n=300, steps=20, batch=8, sched_kw=dict(timestep_spacing="trailing"))
     assert _lower_bound(sq["loo"] - sq["value"]) > 0, {k: float(v.mean()) for k, v in sq.items()}
@@ -553,7 +558,7 @@ def test_value_baseline_weights_each_step_by_its_own_fit(method, opts):
     (dr,) = torch.autograd.grad(reward(x0).sum(), x0)
     terms = Terms(first_order=len(stats["F"]), half_order=None if stats["j"] is None else (stats["j"], len(stats["H"])),
                   zeroth_order=stats["C"])
-    _run_terms(model, traj, terms, -dr / B, adv, EstimatorOptions(), CallCounter(),
+    run_terms(model, traj, terms, -dr / B, adv, EstimatorOptions(), CallCounter(),
                GradTerms(list(model.parameters())))
     torch.testing.assert_close(ours, _grad_vector(model), rtol=1e-9, atol=1e-12)
 

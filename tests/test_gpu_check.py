@@ -96,6 +96,7 @@ def test_a_stage_without_time_left_is_skipped_and_fails_the_run(tmp_path):
     assert "SKIPPED: time budget spent" in (tmp_path / "results" / "cpu.md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_tests_refuse_to_skip_when_a_gpu_is_required(tmp_path):
     """RLR_FAST_REQUIRE_GPU=1 (the tests stage on a GPU) turns a CPU-only run into an error."""
     env = dict(os.environ, RLR_FAST_REQUIRE_GPU="1")

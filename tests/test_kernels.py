@@ -45,11 +45,13 @@ pytestmark = [
 @pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 @pytest.mark.parametrize("dtype", HALF_AND_SINGLE)
+@pytest.mark.slow
 def test_ddim_step_matches_reference(device, dtype, shape, cfg):
     check_step(ddim_step, shape, dtype, device, cfg)
 
 
 @pytest.mark.parametrize("batch,dtype,cfg", LATENT_CASES)
+@pytest.mark.slow
 def test_ddim_step_matches_reference_on_sd_latents(device, batch, dtype, cfg):
     check_step(ddim_step, (batch, 4, 64, 64), dtype, device, cfg)
 
@@ -170,6 +172,7 @@ LOGP_CASES = [(dtype, shape) for dtype in HALF_AND_SINGLE + [torch.float64]
 
 
 @pytest.mark.parametrize("dtype,shape", LOGP_CASES)
+@pytest.mark.slow
 def test_gaussian_log_prob_matches_reference(device, dtype, shape):
     sample, mean, sigma = _logp_inputs(shape, dtype, device)
     grad = torch.randn(shape[0], generator=torch.Generator().manual_seed(3)).to(device, dtype)

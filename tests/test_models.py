@@ -348,6 +348,7 @@ def test_a_damaged_lora_is_refused_and_one_without_our_checksum_loads(tmp_path, 
         lora.load_lora(models.tiny_sd(0).unet, tmp_path / "ours")
 
 
+@pytest.mark.slow
 def test_equal_loras_are_equal_bytes_in_any_process(tmp_path):
     """The adapter config's target_modules is a set: its order, and so the file, used to change with
     the process's hash seed."""

@@ -151,6 +151,7 @@ class _TinyRewardNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("checkpoint_vae", [True, False])
+@pytest.mark.slow
 def test_reward_phase_is_its_decode_and_network_parts_combined(checkpoint_vae):
     """The planner measures the decode and the reward network apart and combines them
     (phases.combined_reward_bytes); the whole LatentReward path, measured directly on the default
@@ -211,7 +212,7 @@ def test_decode_outside_autocast_with_block_checkpointing_is_what_brings_sd14_un
     vae = build("vae", component_configs("sd14")["vae"], torch.float16)
     run = dict(decode_chunk=1, checkpoint_vae=True, grad=True, autocast=True)
     assert math.isclose(P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes, planned, rel_tol=0.01)
-    monkeypatch.setattr(latent, "_autocast_off", contextlib.nullcontext)
+    monkeypatch.setattr(latent, "autocast_off", contextlib.nullcontext)
     under_autocast = P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes
     monkeypatch.setattr(latent, "checkpoint_blocks", lambda decoder: contextlib.nullcontext())
     chunk_only = P.measure_decode_phase(vae, 2, (64, 64), **run).peak_bytes
@@ -257,6 +258,7 @@ def test_smaller_budget_fits_or_names_the_smallest_peak():
     assert sd14_plan(max_memory_gb=smallest.peak_bytes / GIB + 1e-6).peak_bytes <= smallest.peak_bytes
 
 
+@pytest.mark.slow
 def test_peak_grows_with_the_batch():
     previous_min = previous_fast = 0
     for batch in (1, 2, 4, 8):
@@ -305,6 +307,7 @@ def test_bad_settings_are_named():
         sd14_plan(dtype="float64")
 
 
+@pytest.mark.slow
 def test_resolution_and_architectures_of_the_default_model_are_measured_on_demand(tmp_path):
     """The default model (configs read from its folder) is not in the cache: measured when first
     planned, more pixels need more memory, and the table written by save() gives the same plan back."""
@@ -347,6 +350,7 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
 # The loop runs what the planner planned
 
 
+@pytest.mark.slow
 def test_finetune_plans_the_model_folder_it_trains_and_applies_the_plan(tiny_folder):
     from rlr_fast.train import plan_memory
 
@@ -434,6 +438,7 @@ def test_the_built_in_sdxl_is_sdxl_1_0_base():
     assert configs["vae"]["force_upcast"] and not component_configs("sdxl-vae-fp16-fix")["vae"]["force_upcast"]
 
 
+@pytest.mark.slow
 def test_sdxl_preset_fits_10_gib_with_its_own_options_and_the_fp16_fix_vae(capsys):
     """The issue's goal, ESTIMATED: an SDXL update at 1024 px, LoRA rank 4, within 10 GiB; the sdxl
     preset carries the options the planner picks for 10 GiB, and `rlr_fast.plan` prints the plan."""

@@ -107,6 +107,7 @@ def test_bad_arguments_are_named():
         enable_profiling("yes")
 
 
+@pytest.mark.slow
 def test_environment_variable_enables_profiling():
     code = "from rlr_fast import profiling; print(profiling.profiling_enabled())"
     env = dict(os.environ, RLR_FAST_PROFILE="1")

@@ -5,6 +5,7 @@ only the replacements below (the folder, the device and dtype, a reward without 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,6 +38,7 @@ def run_twice(code: str, tmp_path, monkeypatch) -> dict:
     return namespace
 
 
+@pytest.mark.slow
 def test_the_whole_loop_block_runs_twice(tmp_path, monkeypatch):
     block = on_tiny_cpu(block_with("rlr_fast.finetune("), {"train_steps=20": "train_steps=2"})  # 2 minutes less
     namespace = run_twice(block, tmp_path, monkeypatch)
@@ -64,6 +66,7 @@ def test_the_update_by_hand_runs_the_planned_options(tiny_folder, tmp_path, monk
     assert len(stats["rewards"]) == run.batch_size
 
 
+@pytest.mark.slow
 def test_the_stock_pipeline_block_loads_a_runs_lora(tiny_folder, tiny, tmp_path, monkeypatch):
     from rlr_fast.train import finetune
 

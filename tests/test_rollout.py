@@ -27,6 +27,7 @@ def _run(unet, sched, eta, cfg, steps=6, batch=2, seed=0, **rollout_kw):
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.slow
 def test_each_step_equals_diffusers(unet, spacing, cfg, eta):
     sched = make_scheduler(timestep_spacing=spacing)
     traj, kw = _run(unet, sched, eta, cfg)

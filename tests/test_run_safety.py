@@ -117,6 +117,7 @@ def failing_writes(monkeypatch, where: str, code: int) -> None:
      "the checkpoint of step 2 could not be written either (Input/output error)"),
     ("config.yaml", errno.EIO, [], "config.yaml", "no step was trained"),
 ])
+@pytest.mark.slow
 def test_a_failed_write_is_one_line_after_a_checkpoint(tiny, tmp_path, monkeypatch, capsys, where, code, sets, failed,
                                                        then):
     out = tmp_path / "run"

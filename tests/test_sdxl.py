@@ -121,6 +121,7 @@ def test_conditioning_without_the_added_conditions_is_refused(sdxl):
                                                  (tokens, pooled, time_ids)))
 
 
+@pytest.mark.slow
 def test_the_planner_measures_sdxls_step_and_stored_chain_as_a_real_update_has_them(sdxl_folder):
     """The memory planner builds the folder's UNet on meta and conditions it as the SDXL family packs
     prompts (77 tokens + the pooled embedding and time ids): its estimate of a pathwise step's bytes
@@ -245,6 +246,7 @@ METHODS = [dict(method="rlr", h=2), dict(method="rlr", h=2, split_cfg=True, max_
 
 
 @pytest.mark.parametrize("options", METHODS, ids=lambda o: "-".join(str(v) for v in o.values() if not torch.is_tensor(v)))
+@pytest.mark.slow
 def test_every_estimator_gives_a_finite_gradient_on_sdxl(lora_sdxl, options):
     x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     traj = _rollout(lora_sdxl, x_T, 1.0, 5.0, store_x0_hat=True)

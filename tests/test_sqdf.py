@@ -116,6 +116,7 @@ def _written_loss(unet, base, traj, ks, noise, alpha, gamma, x0_is_the_step=Fals
     (0.05, 0.8, [1, 3, 4]),  # inner steps and the last one (x0_hat = x' there)
     (0.0, 1.0, [2, 2, 2]),  # no KL, one fixed inner step: the plain reparameterised one-step reward gradient
 ])
+@pytest.mark.slow
 def test_gradient_is_autograd_of_the_written_objective(split_cfg, alpha, gamma, ks):
     unet, base = _lora_unet(), make_unet().to(torch.float64)
     traj = _traj(unet, 5)
@@ -512,6 +513,7 @@ def straight(tiny, tmp_path_factory):
     return finetune(out_dir=str(tmp_path_factory.mktemp("sqdf")), train_steps=5, checkpoint_every=2, **tiny, **REPLAY)
 
 
+@pytest.mark.slow
 def test_replay_run_logs_its_buffer_kl_and_diversity(straight):
     rows = _records(straight.out_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -539,6 +541,7 @@ def test_the_replay_buffer_is_stored_once(straight):
     assert tensors["latents"].shape[0] == meta["buffer"]["size"] == 6
 
 
+@pytest.mark.slow
 def test_replay_run_resumes_bit_exactly_after_a_kill(straight, tiny, tmp_path):
     """Killed at step 5, which added fresh chains; resumed from the step-3 checkpoint (a full buffer,
     between two refreshes): the same draws, LoRA and metrics as the run that was never stopped."""

@@ -163,6 +163,7 @@ def _estimate(unet, traj, method, **options):
 
 
 @pytest.mark.parametrize("split_cfg", [False, True])
+@pytest.mark.slow
 def test_full_backprop_under_schedule_equals_one_explicit_graph(lora_unet, split_cfg):
     traj, table, *_ = _rollout(lora_unet, 5.0)
     ours = _estimate(lora_unet, traj, "full_bp", split_cfg=split_cfg)
@@ -175,6 +176,7 @@ def test_full_backprop_under_schedule_equals_one_explicit_graph(lora_unet, split
 
 
 @pytest.mark.parametrize("split_cfg, max_batch", [(False, None), (False, 12), (True, 12)])
+@pytest.mark.slow
 def test_likelihood_ratio_chunks_under_schedule_equal_explicit_terms(lora_unet, split_cfg, max_batch):
     """zo, baseline none: sum_k sum_b -(R_b / B) <noise_k^b / sigma_k, mu_k^b>, chunks of 3 steps or 1."""
     traj, table, *_ = _rollout(lora_unet, 5.0)
@@ -231,6 +233,7 @@ def _toy_conditioning(steps):
     ("rlr", dict(first_order_steps=2, h=3, zo_steps=2, baseline="loo", max_batch=24)),
     ("zo", dict(baseline="loo", max_batch=36)),
 ], ids=["full_bp", "rlr-h2", "rlr-f2-h3-zo2-chunks", "zo-chunks"])
+@pytest.mark.slow
 def test_estimators_stay_unbiased_with_per_step_conditioning(method, opts, n=600, steps=8):
     sched = make_scheduler(**TOY_SCHEDULE)
     model = ConditionedLinearEps(sched.alphas_cumprod, 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rlr_fast
-from rlr_fast.estimators import Terms, _run_terms
+from rlr_fast.estimators import Terms, run_terms
 from rlr_fast.lora import lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
@@ -55,11 +55,13 @@ def _grads(unet):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_default_memory_is_flat_in_T(lora_unet, method):
     peaks = {T: _peak(lora_unet, _traj(lora_unet, T), method) for T in (8, 32)}
     assert max(peaks.values()) <= 1.25 * min(peaks.values()), peaks
 
 
+@pytest.mark.slow
 def test_default_rlr_memory_is_flat_in_h(lora_unet):
     traj = _traj(lora_unet, 32)
     peaks = {h: _peak(lora_unet, traj, "rlr", h=h) for h in (2, 8)}
@@ -75,6 +77,7 @@ def test_batching_steps_is_an_explicit_choice(lora_unet):
     assert 3.5 * one < four["peak_saved_bytes"] < 4.5 * one
 
 
+@pytest.mark.slow
 def test_full_bp_sweep_is_flat_and_naive_graph_grows(lora_unet):
     sweep, naive = {}, {}
     for steps in (5, 10, 20):
@@ -105,6 +108,7 @@ def test_checkpointing_lowers_the_step_peak(lora_unet):
     ("rlr", dict(first_order_steps=2, h=3, max_batch=4)),  # several steps per likelihood-ratio call
     ("ddpo", {}),
 ])
+@pytest.mark.slow
 def test_split_guidance_gives_the_same_gradient(method, options):
     unet = make_lora_unet(torch.float64)
     traj = _traj(unet, 6, guidance=7.5)
@@ -115,6 +119,7 @@ def test_split_guidance_gives_the_same_gradient(method, options):
     assert split["j"] == together["j"] and split["C"] == together["C"]
 
 
+@pytest.mark.slow
 def test_split_guidance_holds_half_the_activations(lora_unet):
     traj = _traj(lora_unet, 4, guidance=7.5)
     for method in METHODS:
@@ -158,6 +163,6 @@ def test_term_norms_of_an_estimate_match_each_term_run_alone(lora_unet):
         lora_unet.zero_grad(set_to_none=True)
         x0 = traj.x0.detach().requires_grad_()
         (dr,) = torch.autograd.grad(-_reward(x0).sum() / r.numel(), x0)
-        _run_terms(lora_unet, traj, terms, dr, adv, EstimatorOptions(), CallCounter(), GradTerms([]))
+        run_terms(lora_unet, traj, terms, dr, adv, EstimatorOptions(), CallCounter(), GradTerms([]))
         assert norms[name] == pytest.approx(float(_grads(lora_unet).double().norm()), rel=1e-5), name
         assert norms[name] > 0

@@ -81,6 +81,7 @@ def test_lora_changes_the_unet_and_loads_in_a_stock_pipeline(straight, tiny_fold
     assert (tuned - base).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
     """Killed at step 3 in the middle of writes: a torn metrics line and temporary files are left."""
     def kill_at_3(step, record):
@@ -157,6 +158,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_value_baseline_trains_and_its_running_fit_resumes_bit_exactly(tiny, tmp_path):
     """--set baseline=value: every update scores x0_hat of its likelihood-ratio steps, and the running
     fit's statistics travel in the checkpoint, so a run killed at step 3 resumes into the straight run."""

@@ -128,3 +128,23 @@ def test_gradients_fit_the_value_baseline_on_a_copy_returned_for_the_commit(mode
     zo_steps = len(grads.stats["C"])
     assert grads.state.moments.count.max() == 2 * 0.9 + 2  # two micro-batches of 2, the first decayed once
     assert grads.stats["reward_forward"] == 2 * (1 + zo_steps)  # summed over the micro-batches
+
+
+def test_the_estimator_options_are_built_and_validated_once_per_config(models, monkeypatch):
+    """Steps of micro-batches reuse one validated EstimatorOptions: no rebuild per micro-batch or estimate."""
+    from rlr_fast.options import EstimatorOptions
+
+    cfg = Config(num_steps=3, batch_size=2, images_per_prompt=2, grad_accum=3, lr=1e-2)
+    run = tiny_sd(0)
+    run.unet = add_lora(tiny_sd(0).unet, seed=0)
+    generators = {"sampling": torch.Generator().manual_seed(0), "estimator": torch.Generator().manual_seed(1)}
+    ctx = StepContext(cfg, run, PromptBank(run, ["a red circle", "a blue square"], ""), get_reward("brightness"),
+                      TrainingRollout(cfg, run, torch.device("cpu")), lora_parameters(run.unet), generators,
+                      torch.device("cpu"), torch.float32)
+    validated = []
+    original = EstimatorOptions.validate
+    monkeypatch.setattr(EstimatorOptions, "validate", lambda self: validated.append(self) or original(self))
+    method = OnPolicy(ctx)
+    for _ in range(2):
+        assert method.gradients().skipped is None
+    assert len(validated) == 1  # 2 steps x 3 micro-batches, each with an estimate and a KL metric: one build

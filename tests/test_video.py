@@ -90,6 +90,7 @@ def _pipeline_step(scheduler, eps, t, x, noise, eta):
 
 @pytest.mark.parametrize("kind, eta, guidance", [("modelscope", 0.0, 1.0), ("modelscope", 1.0, 5.0),
                                                  ("animatediff", 0.7, 5.0)])
+@pytest.mark.slow
 def test_rollout_equals_diffusers_ddim_steps(kind, eta, guidance):
     unet = video.tiny_video_unet(kind)
     traj = _traj(unet, 5, eta=eta, guidance=guidance)
@@ -143,6 +144,7 @@ def test_video_unet_refuses_image_latents():
 # ---- estimators ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_estimator_runs_and_keeps_one_step_resident(lora_unet):
     """Activation memory flat in T for every method, and the naive graph growing with T."""
     for method in ("rlr", "zo", "full_bp", "truncated_bp", "ddpo"):
@@ -164,6 +166,7 @@ def test_every_estimator_runs_and_keeps_one_step_resident(lora_unet):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_sweep_equals_one_graph_backprop(kind):
     """In float64. The sweep (split guidance, one step at a time) and one graph over the chain sum in
     different orders, which costs 8 to 12 eps * max|g| in either dtype (measured on both UNets): in
@@ -180,6 +183,7 @@ def test_sweep_equals_one_graph_backprop(kind):
     torch.testing.assert_close(sweep, one_graph, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_checkpoint_unet_on_animatediff_same_gradient_less_memory():
     unet = _lora_unet("animatediff")
     traj = _traj(unet, 3)
@@ -230,6 +234,7 @@ def _toy_estimates(method, n, batch=4, steps=6, **options):
     ("rlr", dict(first_order_steps=1, h=3, baseline="loo")),
     ("zo", dict(baseline="loo")),
 ])
+@pytest.mark.slow
 def test_estimators_unbiased_on_video_shaped_toy(method, options):
     est, exact = _toy_estimates(method, n=800, **options)
     z = (est.mean(0) - exact) / (est.std(0) / math.sqrt(est.shape[0]))
@@ -397,6 +402,7 @@ def video_run(folders, tmp_path_factory):
                     **TINY_RUN)
 
 
+@pytest.mark.slow
 def test_finetune_a_text_to_video_folder(video_run, folders, tmp_path):
     """Two steps and one more resumed give the straight run's LoRA; GIF sample grids; the LoRA runs in
     the stock TextToVideoSDPipeline."""
@@ -417,6 +423,7 @@ def test_finetune_a_text_to_video_folder(video_run, folders, tmp_path):
     assert (_eps(pipe.unet) - base).abs().max() > 0
 
 
+@pytest.mark.slow
 def test_cli_samples_and_evaluates_a_video_run(video_run, tmp_path, capsys):
     from PIL import Image
 
@@ -438,6 +445,7 @@ def test_cli_samples_and_evaluates_a_video_run(video_run, tmp_path, capsys):
     assert (tmp_path / "eval" / "eval_grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
     """AnimateDiff as users have it (SD weights + a motion module) with the temporal-consistency reward;
     the stock AnimateDiffPipeline, built from the same two folders, loads the LoRA."""
@@ -470,6 +478,7 @@ def test_finetune_refuses_bad_video_settings(folders, tmp_path):
 # ---- the memory planner on video models -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_planner_covers_a_video_update(folders):
     """The planner measures the video UNet's step on 5-D latents (on meta) as a real update saves it,
     counts the frames in the stored trajectory, and never checkpoints a UNet3DConditionModel."""
@@ -514,6 +523,7 @@ def test_planner_reads_animatediff_from_sd_and_motion_adapter(tmp_path):
         planner.describe_run(cfg.with_overrides({"motion_adapter": str(tmp_path / "nowhere")}))
 
 
+@pytest.mark.slow
 def test_finetune_plans_a_video_run(folders, tmp_path):
     run = finetune(model=str(folders["modelscope"]), out_dir=str(tmp_path / "run"), train_steps=1, max_memory_gb=1.0,
                    lora_rank=2, lora_alpha=2.0, **TINY_RUN)

@@ -94,6 +94,7 @@ def test_video_latent_reward_decodes_each_frame():
 
 
 @pytest.mark.parametrize("kind", ("modelscope", "animatediff"))
+@pytest.mark.slow
 def test_estimate_through_the_vae_on_a_video_model(kind):
     parts = video.tiny_video(kind)
     lora.add_lora(parts.unet, rank=2, alpha=2, seed=0)

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..baselines import reward_baseline
-from ..estimators import _rewards
+from ..estimators import chain_rewards
 from ..options import EstimatorOptions
 from ..rollout import Trajectory
 from ..sweep import CallCounter, pathwise_sweep
@@ -92,7 +92,7 @@ def record_pieces(model, pilot: Pilot, reward_fn: RewardFn, baselines: Sequence,
     traj = pilot.traj
     T, d = traj.num_steps, sketch.dim
     try:
-        rewards, _, dr = _rewards(pilot.reward_fn or reward_fn, traj, differentiable)
+        rewards, _, dr = chain_rewards(pilot.reward_fn or reward_fn, traj, differentiable)
     except ValueError as e:
         if differentiable and "not differentiable" in str(e):
             raise ValueError("the reward is not differentiable (its output has no gradient path to x0); pass "

@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..options import EstimatorOptions, check_min, check_positive
+from ..options import MEMORY_OPTIONS, EstimatorOptions, check_min, check_positive
 from ..rollout import Trajectory
 from ..sweep import CallCounter, gradient_checkpointing
 from .pieces import GradSketch, Pilot, RewardFn, Stacked, family_variances, record_pieces, step_variances
@@ -134,8 +134,7 @@ class Design:
     def config_overrides(self) -> dict:
         """The chosen design (and its memory plan) as Config keys: `cfg.with_overrides(...)` runs it."""
         options = self.options
-        memory_fields = ("max_batch", "checkpoint_unet", "split_cfg")
-        chosen = {name: getattr(options, name) for name in DESIGN_FIELDS + memory_fields}
+        chosen = {name: getattr(options, name) for name in DESIGN_FIELDS + MEMORY_OPTIONS}
         return {**chosen, **(self.memory or {})}
 
     def summary(self) -> dict:
@@ -253,7 +252,7 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
                   sketch=sketch.describe(), budget=budget, max_memory_gb=max_memory_gb, costs=costs,
                   pilot_cost=pilot_cost, memory=None if planned is None else {
                       k: v for k, v in planned.config_overrides().items()
-                      if k not in ("max_batch", "checkpoint_unet", "split_cfg")})
+                      if k not in MEMORY_OPTIONS})
 
 
 def _progress(items: Iterator, total: int, enabled: bool):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-from ..estimators import _deterministic, valid_js
+from ..estimators import deterministic_steps, valid_js
 from ..options import EstimatorOptions
 from ..rollout import Trajectory
 
@@ -49,7 +49,7 @@ def families(traj: Trajectory, baselines: Sequence, max_h: int, differentiable: 
     batch-normalised scale), only j that `estimators.valid_js` accepts, f > 0 only with a
     differentiable reward, and a deterministic step never left to a likelihood ratio."""
     T = traj.num_steps
-    det = _deterministic(traj)
+    det = deterministic_steps(traj)
     if differentiable:
         yield Family("full_bp", T, 0, (), 0, None)
     f_zo = max(det, default=0)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import Config
 from ..costs import work
-from ..options import EstimatorOptions, METHODS
+from ..options import MEMORY_OPTIONS, METHODS, EstimatorOptions
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
 from .phases import conditioning_shape, reward_phase_parts
@@ -38,8 +38,7 @@ from .table import MeasurementTable, dtype_name, default_table
 
 # The options the planner chooses; Config keys, except checkpoint_reward: the reward's
 # `checkpoint_vision` in reward_kwargs.
-OPTION_NAMES = ("max_batch", "checkpoint_unet", "split_cfg", "checkpoint_vae", "decode_chunk", "free_text_encoder",
-                "checkpoint_reward")
+OPTION_NAMES = MEMORY_OPTIONS + ("checkpoint_vae", "decode_chunk", "free_text_encoder", "checkpoint_reward")
 # How an option reads as the Config key that sets it.
 CONFIG_KEYS = {"checkpoint_reward": "reward_kwargs.checkpoint_vision"}
 # AdamW keeps two float32 moments per trainable value; the gradient is a third copy.

@@ -75,7 +75,7 @@ class Reward(nn.Module):
         check_images(images)
         prompts = check_prompts(prompts, images.shape[0])
         values = self.score(images, prompts)
-        return _check_values(values, images, self)
+        return check_values(values, images, self)
 
     def features(self, images: torch.Tensor) -> Optional[torch.Tensor]:
         """(B, D) embeddings of `images` by the reward's image network (a CLIP vision tower, say), the
@@ -83,7 +83,7 @@ class Reward(nn.Module):
         return None
 
 
-def _check_values(values, images: torch.Tensor, reward: object) -> torch.Tensor:
+def check_values(values, images: torch.Tensor, reward: object) -> torch.Tensor:
     if not torch.is_tensor(values):
         try:  # numpy arrays and lists of floats are fine from a user callable; they carry no gradient
             values = torch.as_tensor(values, dtype=torch.float32, device=images.device)
@@ -118,7 +118,7 @@ class FunctionReward(Reward):
         self.differentiable = True if differentiable is None else bool(differentiable)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        values = _check_values(self.fn(images, prompts), images, self)
+        values = check_values(self.fn(images, prompts), images, self)
         if self.detect_differentiable and images.requires_grad and torch.is_grad_enabled():
             self.differentiable = values.requires_grad
             self.detect_differentiable = False

@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .base import Reward, check_prompts, get_reward
-from .loading import _CheckpointedForward
+from .loading import CheckpointedForward
 
 
 class LatentReward:
@@ -77,7 +77,7 @@ class LatentReward:
 
     def __call__(self, x0_latents: torch.Tensor) -> torch.Tensor:
         self._check(x0_latents, "(B, C, h, w)")
-        with _autocast_off():
+        with autocast_off():
             return self.reward(self.images(x0_latents), self.prompts)
 
     def _check(self, x0_latents: torch.Tensor, layout: str) -> None:
@@ -95,7 +95,7 @@ class LatentReward:
         to flow and `checkpoint_vae`, each chunk (and each decoder block inside it) is checkpointed;
         under no_grad when no gradient is to flow."""
         chunks = latents.split(self.decode_chunk)
-        with _autocast_off():
+        with autocast_off():
             if not self._needs_graph(latents):
                 with torch.no_grad():
                     return torch.cat([self.decode(chunk) for chunk in chunks])
@@ -115,7 +115,7 @@ class LatentReward:
 
 
 @contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
+def autocast_off() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for device_type in ("cuda", "cpu"):
             if torch.is_autocast_enabled(device_type):
@@ -137,7 +137,7 @@ def checkpoint_blocks(decoder: Optional[torch.nn.Module]) -> Iterator[None]:
     blocks = [m for m in decoder.modules() if isinstance(m, (ResnetBlock2D, Attention, Upsample2D))]
     own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (hooks)
     for block in blocks:
-        block.forward = _CheckpointedForward(block.forward)
+        block.forward = CheckpointedForward(block.forward)
     try:
         yield
     finally:

@@ -98,7 +98,7 @@ def reward_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return dtype
 
 
-class _CheckpointedForward:
+class CheckpointedForward:
     """A layer's forward under non-reentrant activation checkpointing whenever a graph is built: the
     forward keeps only the layer's input, the backward recomputes the layer's activations."""
 
@@ -119,7 +119,7 @@ def checkpoint_layers(layers: nn.ModuleList) -> None:
     state dict are unchanged.
     """
     for layer in layers:
-        layer.forward = _CheckpointedForward(layer.forward)
+        layer.forward = CheckpointedForward(layer.forward)
 
 
 def freeze(module: nn.Module) -> None:

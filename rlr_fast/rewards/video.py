@@ -18,8 +18,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .base import FunctionReward, Reward, _check_values, check_images, check_prompts, get_reward, register_reward
-from .latent import LatentReward, _autocast_off
+from .base import FunctionReward, Reward, check_values, check_images, check_prompts, get_reward, register_reward
+from .latent import LatentReward, autocast_off
 
 
 def check_video(video: torch.Tensor) -> None:
@@ -38,7 +38,7 @@ class VideoReward(Reward):
     def forward(self, video: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_video(video)
         prompts = check_prompts(prompts, video.shape[0])
-        return _check_values(self.score(video, prompts), video, self)
+        return check_values(self.score(video, prompts), video, self)
 
 
 class FunctionVideoReward(VideoReward, FunctionReward):
@@ -151,7 +151,7 @@ class VideoLatentReward(LatentReward):
         self._check(x0_latents, "(B, C, F, h, w)")
         b, c, f, h, w = x0_latents.shape
         frames = x0_latents.transpose(1, 2).reshape(b * f, c, h, w)
-        with _autocast_off():
+        with autocast_off():
             images = self.images(frames)
             return self.reward(images.reshape((b, f) + tuple(images.shape[1:])), self.prompts)
 
