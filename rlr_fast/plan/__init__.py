@@ -20,6 +20,7 @@ them, `rewards.latent.LatentReward` as the loop calls it.
     phases.py         each phase of an update, measured on the code paths above
     table.py          the measurements by key, cached in rlr_fast/assets/plan_measurements.json
     search.py         the run from a Config, the candidate options and the choice
+    generate.py       regenerating the cache: the runs it ships, and checks of the fits
 
 The SD1.4 measurements at 512 px and the sdxl preset's (SDXL 1.0 base at 1024 px, with its own VAE
 and with the fp16-fix VAE) are cached; regenerate them (about ten minutes on a CPU) after changing a
@@ -33,7 +34,8 @@ from .architectures import PixelReward, aesthetic_architecture, as_unchecked_rew
 from .measure import GIB, LiveBytes, Measurement, count_flops, gpu_like_execution, measure
 from .phases import measure_decode_phase, measure_reward_network, measure_reward_phase, measure_unet_phase
 from .search import OPTION_NAMES, Plan, PlanError, Run, as_config, describe_run, plan, step_counts
-from .table import MEASUREMENTS_FILE, MeasurementTable, default_table, generate_measurements
+from .generate import generate_measurements
+from .table import MEASUREMENTS_FILE, MeasurementTable, default_table
 
 __all__ = [
     "GIB", "LiveBytes", "MEASUREMENTS_FILE", "Measurement", "MeasurementTable", "OPTION_NAMES", "PixelReward", "Plan",

@@ -7,8 +7,9 @@ import time
 from typing import Optional, Sequence
 
 from ..config import load_config
+from .generate import generate_measurements
 from .search import plan
-from .table import MEASUREMENTS_FILE, generate_measurements
+from .table import MEASUREMENTS_FILE
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
