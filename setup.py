@@ -11,6 +11,7 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -42,30 +43,27 @@ def _extension():
                         extra_link_args=["-fopenmp"])
 
 
+class BuildPyWithKernels(build_py):
+    """Installs the kernel sources, top-level kernels/, as the modules of rlr_fast.kernels.
+
+    kernels/ is no package (from the repository root it would shadow the `kernels` distribution);
+    rlr_fast/kernels/__init__.py is the package, and an editable install reaches kernels/ through it.
+    """
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        target = os.path.join(self.build_lib, "rlr_fast", "kernels")
+        for source in sorted(glob.glob("kernels/*.py")):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+
+# Name, version and the supported dependency ranges are in pyproject.toml; here what needs code.
 setup(
-    name="rlr_fast",
-    version="0.1.0",
-    description="Reward fine-tuning of diffusion models with the RLR (half-order) gradient estimator",
-    # kernels/ sits at the top of the repo (Triton code, no rlr_fast imports) and installs as
-    # rlr_fast.kernels so that it never claims a top-level name in site-packages.
-    packages=find_packages(include=["rlr_fast", "rlr_fast.*"]) + ["rlr_fast.kernels"],
-    package_dir={"rlr_fast.kernels": "kernels"},
+    packages=find_packages(include=["rlr_fast", "rlr_fast.*"]),
     package_data={"rlr_fast": ["assets/**/*", "configs/*.yaml"]},
     include_package_data=True,
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.3",
-        "diffusers>=0.30",
-        "transformers>=4.44",
-        "peft>=0.12",
-        "safetensors",
-        "numpy",
-        "pillow",
-        "pyyaml",
-        "tqdm",
-    ],
-    extras_require={"triton": ["triton"], "nvtx": ["nvtx"], "test": ["pytest", "pytest-xdist"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernels},
 )

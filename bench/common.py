@@ -99,14 +99,15 @@ def flops_of(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def peak_memory(fn: Callable[[], object], device: Device) -> int:
-    """torch.cuda.max_memory_allocated during one call of fn: everything allocated at the peak,
-    the resident weights included (as the planner's estimate counts them)."""
+def peak_memory(fn: Callable[[], object], device: Device) -> tuple[int, int]:
+    """(torch.cuda.max_memory_allocated, max_memory_reserved) during one call of fn: everything
+    allocated at the peak, the resident weights included (as the planner's estimate counts them),
+    and what the caching allocator held from the device for it (what another process could not use)."""
     synchronize(device)
     torch.cuda.reset_peak_memory_stats()
     fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
 
 
 def write_results(stem: str, rows: list[dict], header: str) -> tuple[Path, Path]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.common import current_device, write_results  # noqa: E402
 
 import rlr_fast  # noqa: E402
-from rlr_fast.design import CostModel  # noqa: E402
+from rlr_fast.costs import CostModel, Work  # noqa: E402
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, measure_design_grid,  # noqa: E402
                               quadratic_reward)
 
@@ -56,7 +56,7 @@ def rows_for(schedule: str, *, steps: int, batch: int, batches: int, pilots: lis
 
     rows = []
     for recomputed in budgets:
-        budget = None if recomputed is None else sum(costs.update(steps, recomputed, True, False))
+        budget = None if recomputed is None else costs.forward_equivalents(Work(steps, recomputed, 0, 0, 1, 1))
         best = min(v.efficiency for v in grid.values() if budget is None or v.cost <= budget + 1e-9)
         for n in pilots:
             ratios, optimism, seconds, fe = [], [], [], 0.0

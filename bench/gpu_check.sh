@@ -4,39 +4,46 @@
 #   bash bench/gpu_wheels.sh                  # here, first: the wheels the GPU image lacks -> .whl/
 #   bash bench/gpu_check.sh                   # on the GPU machine, with .whl carried
 #   bash bench/gpu_check.sh --dry-run         # on a CPU: the same stages and entry points, tiny shapes,
-#                                             # the current environment (tests/test_gpu_check.py runs it)
+#                                             # the current environment, results in a scratch folder
+#                                             # (tests/test_gpu_check.py runs it)
 #   bash bench/gpu_check.sh --stages tests,speed   # a subset, e.g. a rerun on a machine still warm
-#   bash bench/gpu_check.sh --results DIR     # where results go (default bench/results)
+#   bash bench/gpu_check.sh --results DIR     # where results go (default bench/results; a dry run's
+#                                             # default is a new folder under /tmp)
 #
-# With the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560); the
-# results come back through $OUT.
+# With the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=500); the
+# results come back through $OUT, copied there after every stage, so a run cut short keeps what it measured.
 #
-# Stages, in this order, each under its own time limit and all of them within BUDGET_S:
+# Stages, in this order (what the goals need first), each under its own time limit; the limits and
+# the report add up to under BUDGET_S:
 #   setup   install .whl/*.whl into $SITE (first on PYTHONPATH); print the GPU, driver and versions
-#   build   pip install -e . --no-build-isolation: rlr_fast._C with the .cu compiled for this GPU;
-#           print build_info() and fail unless the CUDA kernels and Triton are there
+#   build   pip install -e . --no-build-isolation: rlr_fast._C with the .cu compiled for this GPU (CUDA_HOME
+#           from /usr/local/cuda where its headers are); print build_info() and fail unless the CUDA
+#           kernels and Triton are there. A failed build fails this stage only: rlr_fast then runs from
+#           the source tree on Triton and the reference, and the stages below still measure
+#   memory  bench/memory.py --quick: torch.cuda.max_memory_allocated (and max_memory_reserved) of SD1.4
+#           updates under the planner's plan next to its estimate, the goal's case first, each row
+#           written as it is measured; its last line peak_gib=<v> MEASURED|ESTIMATED
+#   speed   bench/speed.py: fused kernel GB/s vs HBM peak, a plain copy_ (the achievable ceiling) and
+#           unfused PyTorch; rollouts (T = 50, batch 1 and 4, eager and CUDA graph) vs the diffusers
+#           loop; one RLR update vs the naive one-graph update, truncated backprop, DDPO; achieved
+#           TFLOP/s vs dense fp16 peak. Its files are rewritten after every row
 #   tests   the GPU tests natively (TRITON_INTERPRET unset): Triton compiled and _C's CUDA kernels vs
 #           the reference in every dtype (fp32 log-densities for fp16/bf16 inputs), the contract on
-#           every backend, CUDA-graph rollout vs eager, finetune replaying its rollouts from a CUDA
-#           graph, NVTX ranges reaching a real backend.
-#           RLR_FAST_REQUIRE_GPU=1 makes a missing GPU, CUDA build or compiled Triton a failure, not skips
+#           every backend, CUDA-graph rollout vs eager (plain and under a prompt schedule), finetune
+#           replaying its rollouts from a CUDA graph, NVTX ranges reaching a real backend.
+#           RLR_FAST_REQUIRE_GPU=1 makes a missing GPU or compiled Triton a failure, not skips
 #   ncu     Nsight Compute on the fused forward kernels (Triton and CUDA), selected by the dispatcher's
-#           NVTX range "ddim_step"
-#   memory  bench/memory.py --quick: torch.cuda.max_memory_allocated of SD1.4 updates under the
-#           planner's plan next to its estimate, over T and h; its last line peak_gib=<v> MEASURED|ESTIMATED
-#   speed   bench/speed.py: fused kernel GB/s vs HBM peak and vs unfused PyTorch; rollouts (T = 50,
-#           batch 1 and 4, eager and CUDA graph) vs the diffusers loop; one RLR update vs the naive
-#           one-graph update, truncated backprop, DDPO; achieved TFLOP/s vs dense fp16 peak
+#           NVTX range "ddim_step"; bounded (2^22 elements, 4 kernels) to finish in half its limit
 # Then bench/gpu_report.py writes <results>/<gpu>.md with every figure, the device, driver, torch and
-# date, and with $OUT set the results (at most 8 files) are copied there. Exits 1 when any stage but
-# ncu failed, ran out of time or was skipped for lack of time (ncu needs hardware counters that some
-# machines refuse).
+# date, and with $OUT set the files this run wrote (at most 8) are copied there. Exits 1 when any
+# stage but ncu failed, ran out of time or was skipped for lack of time (ncu needs hardware counters
+# that some machines refuse).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 STAGES="setup,build,tests,ncu,memory,speed"
-RESULTS=bench/results
+RESULTS=
 while (($#)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -47,19 +54,34 @@ while (($#)); do
   shift
 done
 
-BUDGET_S=${BUDGET_S:-470}  # the whole run; the device tool's call allows 600 s, its session 15 minutes
-REPORT_S=15                # kept back for the report
-declare -A LIMIT=([setup]=40 [build]=180 [tests]=150 [ncu]=60 [memory]=110 [speed]=200)
-GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py tests/test_profiling.py
- tests/test_train.py::test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph"
+GPU_BUDGET_S=455  # the whole GPU run: what a device session has left for it after the machine's start
+REPORT_S=15       # kept back for the report
+# Each stage's limit on the GPU; with REPORT_S they add up to 445 s, under GPU_BUDGET_S (tests/test_gpu_check.py)
+declare -A LIMIT=([setup]=30 [build]=100 [memory]=70 [speed]=145 [tests]=55 [ncu]=30)
+ORDER=(setup build memory speed tests ncu)
+SLOWER=$((DRY_RUN ? 3 : 1))  # the dry run's stages on a busy 2-core CPU, against the GPU machine's 16 cores
+for name in "${ORDER[@]}"; do LIMIT[$name]=$((SLOWER * LIMIT[$name])); done
+BUDGET_S=${BUDGET_S:-$((SLOWER * GPU_BUDGET_S))}
+GPU_TESTS="tests/test_kernels.py tests/test_compiled.py tests/test_ddim.py tests/test_cuda_graph.py
+ tests/test_profiling.py tests/test_train.py::test_finetune_on_a_gpu_replays_its_rollouts_from_a_cuda_graph
+ tests/test_step_conditioning.py::test_graph_rollout_under_schedule_equals_eager_on_gpu"
 PY=${PYTHON:-python3}
 SITE=/tmp/rlr_fast_site
+if [ -z "$RESULTS" ]; then  # a dry run never writes into the repository's committed results
+  if ((DRY_RUN)); then RESULTS=$(mktemp -d /tmp/gpu_check_dry_run.XXXXXX); else RESULTS=bench/results; fi
+fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 WORK=$(mktemp -d)
+touch "$WORK/start"  # files in RESULTS newer than this are this run's
 LOG=$RESULTS/gpu_check.log
 : >"$LOG"
-export PY SITE WORK DRY_RUN GPU_TESTS PYTHONUNBUFFERED=1 RLR_FAST_BENCH_RESULTS=$RESULTS
+export PY SITE WORK RESULTS DRY_RUN GPU_TESTS PYTHONUNBUFFERED=1 RLR_FAST_BENCH_RESULTS=$RESULTS
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the GPU machine has no network: fail fast, never wait on a hub
+if ((!DRY_RUN)) && [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  # torch otherwise takes the toolkit from `which nvcc`, and a wrapper in /usr/local/bin links without -lcudart
+  export CUDA_HOME=/usr/local/cuda
+fi
 if ((DRY_RUN)); then
   export OMP_NUM_THREADS=1  # several threads on a busy 2-core machine spin far longer than they work
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -72,6 +94,7 @@ fi
 # Stages: each a function, run by run_stage under `timeout`
 
 stage_setup() {
+  echo "results go to $RESULTS"
   if ((DRY_RUN)); then
     echo "dry run: no wheels installed, the current environment is used"
   else
@@ -95,7 +118,8 @@ EOF
 }
 
 stage_build() {
-  [ -e rlr_fast/kernels ] || ln -s ../kernels rlr_fast/kernels  # how a source tree resolves rlr_fast.kernels
+  echo "nvcc: $(command -v nvcc || echo none); CUDA_HOME=${CUDA_HOME:-unset}"
+  command -v nvcc >/dev/null && nvcc --version | tail -2
   if ((!DRY_RUN)); then
     TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
     export TORCH_CUDA_ARCH_LIST
@@ -125,10 +149,13 @@ stage_tests() {
 }
 
 stage_ncu() {
-  # The target: the kernel section of bench/speed.py, each fused backend's forward run twice inside
-  # the NVTX range "ddim_step" (RLR_FAST_PROFILE=1 switches the ranges on); 2^24 elements per tensor.
+  # The target: the kernel section of bench/speed.py, each fused backend's forward run once inside
+  # the NVTX range "ddim_step" (RLR_FAST_PROFILE=1 switches the ranges on): 2 kernels (step, finalize)
+  # each for Triton and CUDA, 2^22 elements per tensor (6 x 8 MiB moved, ncu flushes the caches between
+  # passes). ncu prints only when the target exits: -c 4 stops profiling there, and its limit is twice
+  # what it needs.
   local target=(env RLR_FAST_PROFILE=1 RLR_FAST_BENCH_RESULTS="$WORK" "$PY" bench/speed.py --sections kernel
-                --repeats 1 --warmup 0 --calls 1 --kernel-elements $((1 << 24)))
+                --repeats 1 --warmup 0 --calls 1 --kernel-elements $((1 << 22)))
   if ((DRY_RUN)); then
     echo "dry run: the ncu target alone, without ncu"
     "${target[@]}"
@@ -137,7 +164,7 @@ stage_ncu() {
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { echo "ncu not found" >&2; return 1; }
-  "$ncu" --nvtx --nvtx-include "ddim_step/" --clock-control none --target-processes all -c 8 \
+  "$ncu" --nvtx --nvtx-include "ddim_step/" --clock-control none --target-processes all -c 4 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis "${target[@]}" | tee "$RESULTS/ncu.txt"
   grep -q "DRAM Throughput\|Memory Throughput" "$RESULTS/ncu.txt"  # no kernel profiled: the range is missing
 }
@@ -160,8 +187,12 @@ export -f stage_setup stage_build stage_tests stage_ncu stage_memory stage_speed
 # Running the stages within the budget
 
 declare -A STATUS SECONDS_TAKEN LIMIT_USED
-ORDER=(setup build tests ncu memory speed)
 START=$SECONDS
+
+copy_out() {  # what this run has written so far, into $OUT: a run cut short still returns it
+  [ -n "${OUT:-}" ] || return 0
+  find "$RESULTS" -maxdepth 1 -type f -newer "$WORK/start" -exec cp {} "$OUT/" \;
+}
 
 run_stage() {
   local name=$1
@@ -182,6 +213,7 @@ run_stage() {
     *) STATUS[$name]="FAILED (exit $rc)" ;;
   esac
   echo "=== stage $name: ${STATUS[$name]} in ${SECONDS_TAKEN[$name]} s" | tee -a "$LOG"
+  copy_out
 }
 
 for name in "${ORDER[@]}"; do run_stage "$name"; done
@@ -198,19 +230,14 @@ echo "stage timings (budget ${BUDGET_S} s, used $((SECONDS - START)) s):"
 for name in "${ORDER[@]}"; do printf '  %-7s %-32s %5s s\n' "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:-}"; done
 echo "report: ${REPORT:-(not written)}"
 
-if [ -n "${OUT:-}" ]; then
-  LABEL=$(basename "${REPORT:-none}" .md)
-  for f in "$REPORT" "$LOG" "$RESULTS/ncu.txt" "$RESULTS/speed_$LABEL.md" "$RESULTS/speed_$LABEL.csv" \
-           "$RESULTS/memory_$LABEL.md" "$RESULTS/memory_$LABEL.csv"; do
-    [ -f "$f" ] && cp "$f" "$OUT/"
-  done
-  echo "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
-fi
+echo "results: $RESULTS"
+copy_out
+[ -n "${OUT:-}" ] && echo "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 rm -rf "$WORK"
 
 failed=0
 [ -n "${REPORT:-}" ] || failed=1
-for name in setup build tests memory speed; do
+for name in setup build memory speed tests; do
   case ${STATUS[$name]} in ok | "not selected") ;; *) failed=1 ;; esac
 done
 exit $failed

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -41,6 +42,7 @@ from bench.common import current_device, median, time_it, write_results, zero_gr
 
 import rlr_fast  # noqa: E402
 from rlr_fast.baselines import ValueStatistics  # noqa: E402
+from rlr_fast.costs import CostModel, Work  # noqa: E402
 from rlr_fast.lora import lora_parameters  # noqa: E402
 from rlr_fast.lora import add_lora
 from rlr_fast.options import EstimatorOptions  # noqa: E402
@@ -81,10 +83,9 @@ BY_BASELINE = [e for e in ESTIMATORS if e[0] in (
 DIRECTION_ONLY = {"ddpo", "sqdf"}
 MEMORY_RUNS = 3  # estimates per estimator run with the saved-tensor hooks (they slow every op)
 
-# Cost of one estimate in UNet forward-equivalents of the batch (docs/estimator.md §7): T for the rollout
-# and STEP_COST per step recomputed with grad (forward + backward when only LoRA and the input need
-# gradients, counted with torch.utils.flop_counter on SD1.4).
-STEP_COST = 2.15
+# Cost of one estimate in UNet forward-equivalents of the batch (docs/estimator.md §7), priced by
+# rlr_fast.costs.CostModel: T for the rollout and CostModel.step per step recomputed with grad.
+PRICES = CostModel(reward=0.0)  # reward calls free
 
 
 def sd14_reward_call_cost() -> float:
@@ -99,9 +100,6 @@ def sd14_reward_call_cost() -> float:
     return flops[f"{ids['vae']}|64x64"] / flops[f"{ids['unet']}|64x64"]
 
 
-# A reward backward (a first-order term) costs two decodes: the decode again under checkpoint_vae and
-# the input gradient through it.
-REWARD_BACKWARD_CALLS = 2
 
 
 @dataclass
@@ -197,8 +195,9 @@ def unet_setting(steps: int, batch: int, n_ref: int, seed: int = 0) -> Setting:
 def cost_columns(steps: int, unet_steps: float, reward_fwd: float, reward_bwd: float, trace_var) -> dict:
     """Cost of one estimate in UNet forward-equivalents, with reward calls free and priced as on SD1.4,
     and variance x cost for both."""
-    cost = steps + STEP_COST * unet_steps
-    cost_sd = cost + sd14_reward_call_cost() * (reward_fwd + REWARD_BACKWARD_CALLS * reward_bwd)
+    done = Work(steps, unet_steps, 0, 0, reward_fwd, reward_bwd)
+    cost = PRICES.forward_equivalents(done)
+    cost_sd = dataclasses.replace(PRICES, reward=sd14_reward_call_cost()).forward_equivalents(done)
     times = (lambda c: None if trace_var is None else trace_var * c)
     return dict(cost_fwd_eq=cost, var_x_cost=times(cost), cost_sd14=cost_sd, var_x_cost_sd14=times(cost_sd))
 
@@ -344,12 +343,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         "batch); reward_fwd / reward_bwd: reward calls on the batch (R(x0), and with the value baseline one per "
         "likelihood-ratio step on x0_hat) and reward backwards; value_fallbacks: step-sample baselines of one "
         "estimate that fell back to a mean reward (fewer than 4 pairs in the fit's pool, or no spread of q).",
-        f"- cost_fwd_eq: UNet forward-equivalents of the batch, T (rollout) + {STEP_COST} x unet_steps "
+        f"- cost_fwd_eq: UNet forward-equivalents of the batch, T (rollout) + {PRICES.step} x unet_steps "
         "(docs/estimator.md §7), reward calls free as they nearly are on these models; var_x_cost = trace_var x "
         f"cost_fwd_eq. cost_sd14 adds reward calls priced as on SD1.4 at 512 px without guidance: "
         f"{sd14_reward_call_cost():.2f} UNet forwards per reward call (a VAE decode against a UNet forward, FLOPs "
         f"from rlr_fast/assets/plan_measurements.json; the reward network not counted) and "
-        f"{REWARD_BACKWARD_CALLS} calls' worth per reward backward; var_x_cost_sd14 = trace_var x cost_sd14. "
+        f"{PRICES.reward_backward:g} calls' worth per reward backward; var_x_cost_sd14 = trace_var x cost_sd14. "
         "Compare variance x cost within a setting only.",
         f"- peak_saved_bytes: peak bytes saved for backward (parameters excluded), max over the first {MEMORY_RUNS} "
         "estimates; sec_per_estimate: median over repeated estimates on one stored trajectory, rollout excluded.",

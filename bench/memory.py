@@ -145,10 +145,25 @@ def tiny_measured_rows(quick: bool) -> list[dict]:
     return rows
 
 
-def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
+def show(row: dict) -> None:
+    print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def measure_row(row: dict, update, device) -> None:
+    """The row's peak_gib (max_memory_allocated) and reserved_gib (max_memory_reserved) of one update."""
+    try:
+        allocated, reserved = peak_memory(update, device)
+        row.update(peak_gib=allocated / GIB, reserved_gib=reserved / GIB)
+    except torch.cuda.OutOfMemoryError:
+        row["peak_gib"] = "OOM"
+    torch.cuda.empty_cache()
+
+
+def gpu_measured_rows(quick: bool, save) -> tuple[list[dict], float]:
     """SD1.4 with random weights on the GPU: torch.cuda.max_memory_allocated of one whole update
     (rollout, reward, estimate, AdamW step) with the options of the 4 GiB plan, in float16 with the
-    UNet under autocast as finetune runs it."""
+    UNet under autocast as finetune runs it. The goal's case runs first, and save(rows) writes the
+    results after every row, so a run cut short keeps what it measured."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from rlr_fast.models import sd14_config
@@ -161,7 +176,8 @@ def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
     cond = torch.randn(batch, 77, models.cond_dim, device=device.torch_device, dtype=torch.float16)
     negative = torch.randn(batch, 77, models.cond_dim, device=device.torch_device, dtype=torch.float16)
     total = torch.cuda.get_device_properties(0).total_memory
-    for T, method, h in sweep_cases(quick):
+    goal_first = sorted(sweep_cases(quick), key=lambda c: c != (CASE["num_steps"], "rlr", CASE["h"]))
+    for T, method, h in goal_first:
         chosen = sd14_plan(BUDGET_GIB, **PRECISIONS["float16"], num_steps=T, method=method, h=h or CASE["h"])
         options = chosen.options
         if options["free_text_encoder"] and text_encoder is not None:
@@ -181,14 +197,12 @@ def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
 
         row = dict(source="measured (GPU, max_memory_allocated)", model="SD1.4 random weights", method=method, T=T,
                    h=h, plan_options=_short(options), estimated_gib=chosen.peak_gib)
-        try:
-            row["peak_gib"] = peak_memory(update, device) / GIB
-        except torch.cuda.OutOfMemoryError:
-            row["peak_gib"] = "OOM"
-        torch.cuda.empty_cache()
+        measure_row(row, update, device)
         if method == "rlr" and T == CASE["num_steps"] and h == CASE["h"]:
             case_peak = row["peak_gib"]
         rows.append(row)
+        show(row)
+        save(rows)
         if method == "rlr":
             naive = naive_estimate_bytes(sd14_plan(**PRECISIONS["float16"], num_steps=T, h=h),
                                          planner.default_table())
@@ -202,12 +216,10 @@ def gpu_measured_rows(quick: bool) -> tuple[list[dict], float]:
                         naive_rlr_update(models.unet, models.scheduler, x_T, reward_fn, j=1, h=h, cond=cond,
                                          negative=negative, guidance_scale=7.5, num_steps=T, eta=1.0)
                     optimizer.zero_grad(set_to_none=True)
-                try:
-                    row["peak_gib"] = peak_memory(naive_update, device) / GIB
-                except torch.cuda.OutOfMemoryError:
-                    row["peak_gib"] = "OOM"
-                torch.cuda.empty_cache()
+                measure_row(row, naive_update, device)
             rows.append(row)
+            show(row)
+            save(rows)
     return rows, case_peak
 
 
@@ -224,22 +236,24 @@ def main(argv=None) -> None:
               f"aesthetic reward (CLIP-L/14), plan for {BUDGET_GIB:g} GiB. Precision float16: weights and reward "
               "network in fp16, the UNet under CUDA autocast, the VAE decode outside it (what finetune runs on a "
               "GPU); float32: everything fp32.", ""]
+    for precision, p in plans.items():
+        header += ["", f"Plan for the SD1.4 RLR case in {precision}:", "", p.table()]
     if device.is_cuda:
-        rows, case_peak = gpu_measured_rows(args.quick)
-        header.append("GPU rows are MEASURED with torch.cuda.max_memory_allocated (weights included).")
+        header.append("GPU rows are MEASURED with torch.cuda.max_memory_allocated (peak_gib, weights included) "
+                      "and max_memory_reserved (reserved_gib, the caching allocator's hold).")
+        rows, case_peak = gpu_measured_rows(args.quick, lambda rows: write_results(f"memory_{device.label}", rows,
+                                                                                   "\n".join(header)))
         source = "MEASURED"
     else:
         rows = estimated_rows(args.quick) + tiny_measured_rows(args.quick)
+        for row in rows:
+            show(row)
         case_peak = plans["float16"].peak_gib
         header += ["No GPU in this session: SD1.4 rows are ESTIMATES from rlr_fast.plan (meta-device measurements",
                    "of the real architecture, tensor bytes only); GPU peak memory: not measured. Tiny-SD rows are",
                    "measured live tensor bytes of real CPU updates."]
         source = "ESTIMATED"
-    for precision, p in plans.items():
-        header += ["", f"Plan for the SD1.4 RLR case in {precision}:", "", p.table()]
     csv_path, md_path = write_results(f"memory_{device.label}", rows, "\n".join(header))
-    for row in rows:
-        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {md_path} and {csv_path}")
     if isinstance(case_peak, float):
         verdict = "pass" if case_peak <= BUDGET_GIB else f"MISS by {case_peak - BUDGET_GIB:.2f} GiB"

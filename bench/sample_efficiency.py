@@ -1,22 +1,23 @@
-"""Sample efficiency of every fine-tuning method: reward against reward queries, UNet work and wall
-time, side by side (issue 12, section 3).
+"""Where RLR wins, shown honestly: reward against images scored on two tracks, each method run as its
+authors run it, with UNet work and wall time beside (issue 20).
 
-    python bench/sample_efficiency.py            # the full run: bench/results/sample_efficiency.{md,csv,png}
+    python bench/sample_efficiency.py            # bench/results/sample_efficiency.{md,csv,png}
     python bench/sample_efficiency.py --quick    # tiny sizes, written to a temporary folder (the suite's test)
 
-Each run is `rlr_fast.finetune` on the embedded default model (CPU, float32) with the demo preset's
-sampling: T = 10 DDIM steps, eta = 1, no guidance, batches of 8 (4 prompts x 2 images), LoRA rank 4,
-AdamW, gradient clipping at norm 1, no warm-up; the reward is `shaded_shape_colour` (below). Every
-method spends the same budget of reward queries (images whose reward was taken) and uses the best
-learning rate of the same grid, chosen on a tuning seed that no figure uses (the score: its mean
-training reward over the last quarter of the budget). The figures average the figure seeds.
+Each run is `rlr_fast.finetune` on the embedded default model (CPU, float32; latent 4 x 8 x 8, D = 256)
+with the demo preset's sampling: T = 10 DDIM steps, eta = 1, no guidance, batches of 8 (4 prompts x 2
+images), LoRA rank 4, AdamW, gradient clipping at norm 1, no warm-up. Two tracks:
 
-Counted per step by the training loop (metrics.jsonl): reward queries, UNet sample-steps forward and
-backward (one sample through one step's model evaluation, rollouts included), wall seconds. A
-sample-step's backward is converted to forward-equivalents with the FLOP ratio measured on the
-model (torch.utils.flop_counter, LoRA and input gradients), so the middle panel's x axis is UNet
-forward-equivalents of one sample at one step. The reward's own cost (VAE decode, and for pathwise
-methods its backward) is in the queries and the wall time, not in the UNet axis.
+- black-box: the reward is JPEG compressibility of the decoded 64 px image (minus its size in kB at
+  quality 95; DDPO's own black-box reward). Encoding is discrete, so the reward has no usable
+  gradient: only estimators that need the reward's value alone run (rlr with f = 0: H + C; zo; DDPO).
+- differentiable: `shaded_shape_colour` (below): every method, pathwise ones included.
+
+Budgets are in **images scored** (`reward_images`: every image the reward scored, value-baseline
+proxies and design pilots included), the same for every method of a track. Each method's learning
+rate is the best of a grid on 2 tuning seeds that no figure uses, the grid extended by factors of 3
+until the best value is interior (a larger and a smaller value both score worse) or 2 extensions ran;
+figures average >= 5 other seeds. The method tables are plain mappings: a new method is one entry.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -68,69 +69,123 @@ def shaded_shape_colour(images: torch.Tensor, prompts) -> torch.Tensor:
     return -(images - rgb[:, :, None, None] * shade).square().mean(dim=(1, 2, 3))
 
 
+def jpeg_compressibility(images: torch.Tensor, prompts) -> torch.Tensor:
+    """Minus the JPEG size in kB (rlr_fast.rewards.compression): no gradient path to the images."""
+    from rlr_fast.rewards.compression import jpeg_size_kb
+
+    return -jpeg_size_kb(images).to(images.dtype)
+
+
+# DDPO as ddpo-pytorch runs it (config/dgx.py: 4 optimizer steps per sampled epoch, one pass, clip range
+# 1e-4 on per-element-mean log-probabilities, advantages clipped at 10, per-prompt statistics); scaled to
+# our budget: an epoch is 4 rollout batches of 8 (32 images) and a minibatch 8, a quarter of the epoch as
+# theirs, and a prompt's own statistics switch on at 4 rewards (theirs: 16 of 256 images per epoch
+# over ~400 prompts would never switch on in 200 images).
+DDPO = dict(method="ddpo", ddpo_rollout_batches=4, ddpo_minibatches=4, ddpo_inner_epochs=1, clip_range=1e-4,
+            ddpo_adv_clip=10.0, ddpo_buffer_size=16, ddpo_min_count=4)
+RLR_F0 = dict(method="rlr", first_order_steps=0, h=2, j="uniform")
+RLR_F1 = dict(method="rlr", first_order_steps=1, h=2, j="uniform")
+SURROGATE = dict(baseline="value", value_proxy="surrogate")
+# SQDF's public training script (aesthetic setting; rlr_fast/presets.py `sqdf` lists its values): alpha_pub = 2.0
+# on a per-element-mean KL,
+# ours = 2.0 x 2 / D with D = 4 x 8 x 8 = 256 (docs/estimator.md §11.3); gamma 0.9; a replay buffer of
+# 1024 chains, one update per fresh batch.
+SQDF_PUBLIC = dict(method="sqdf", sqdf_alpha=2.0 * 2 / 256, sqdf_gamma=0.9, replay_capacity=1024, replay_ratio=1)
+
+BLACK_BOX = {  # label -> finetune keys
+    "rlr f=0 h=2 (H+C), loo": dict(RLR_F0, baseline="loo"),
+    "rlr f=0 h=2, value (surrogate proxy)": dict(RLR_F0, **SURROGATE),
+    "rlr f=0 h=2, value (reward proxy)": dict(RLR_F0, baseline="value"),
+    "zo (loo)": dict(method="zo", baseline="loo"),
+    "zo, value (surrogate proxy)": dict(method="zo", **SURROGATE),
+    "ddpo (ddpo-pytorch settings)": DDPO,
+}
+DIFFERENTIABLE = {
+    "rlr f=1 h=2, loo": dict(RLR_F1, baseline="loo"),
+    "rlr f=1 h=2, value (surrogate proxy)": dict(RLR_F1, **SURROGATE),
+    "rlr f=0 h=2, value (surrogate proxy)": dict(RLR_F0, **SURROGATE),
+    "auto": dict(method="auto", design_pilots=4),
+    "zo (loo)": dict(method="zo", baseline="loo"),
+    "ddpo (ddpo-pytorch settings)": DDPO,
+    "alignprop (random K)": dict(method="truncated_bp", truncated_bp_k="random"),
+    "draft-1": dict(method="truncated_bp", truncated_bp_k=1),
+    "full_bp": dict(method="full_bp"),
+    "sqdf (public script)": SQDF_PUBLIC,
+    "sqdf variant: alpha 0, gamma 1, no replay": dict(method="sqdf"),
+}
+
+
 @dataclass(frozen=True)
-class Method:
-    label: str
-    overrides: dict
-    rlr: bool = False  # an RLR variant: the goal compares the best of them with DDPO
+class Track:
+    name: str
+    reward: Callable  # (images, prompts) -> (B,)
+    methods: dict  # label -> finetune keys
+    why: str
 
 
-# DDPO's structure follows ddpo-pytorch's SD1.5 configuration: 4 optimizer steps per sampled epoch,
-# one pass; here an epoch is 2 rollout batches of 8 and a minibatch 4 samples.
-DDPO = dict(method="ddpo", ddpo_rollout_batches=2, ddpo_minibatches=4, ddpo_inner_epochs=1)
+TRACKS = {
+    "black-box": Track("black-box", jpeg_compressibility, BLACK_BOX,
+                       "JPEG compressibility: no gradient (encoding is discrete), so only the reward's value counts"),
+    "differentiable": Track("differentiable", shaded_shape_colour, DIFFERENTIABLE,
+                            "shaded_shape_colour: differentiable, every method runs"),
+}
 
 
-def methods(settings: "Settings") -> tuple[list[Method], list[str]]:
-    """The methods compared, and a line for each planned one that is left out (none today). method=auto
-    designs once, at the start, from `settings.auto_pilots` pilot batches: their reward queries come out
-    of its budget (its curve starts after them), their UNet work is in its UNet axis."""
-    rlr = dict(method="rlr", first_order_steps=1, h=2, j="uniform", baseline="loo")
-    return [Method("rlr (f=1, h=2, uniform j, loo)", rlr, rlr=True),
-            Method("rlr value", dict(rlr, baseline="value"), rlr=True),
-            Method("auto", dict(method="auto", design_pilots=settings.auto_pilots), rlr=True),
-            Method("zo (loo)", dict(method="zo", baseline="loo")),
-            Method("ddpo", DDPO),
-            Method("alignprop (random K)", dict(method="truncated_bp", truncated_bp_k="random")),
-            Method("draft-1", dict(method="truncated_bp", truncated_bp_k=1)),
-            Method("full_bp", dict(method="full_bp")),
-            Method("sqdf", dict(method="sqdf"))], []
+def unbiased_rlr(keys: dict) -> bool:
+    """An RLR variant the goal compares with DDPO: method rlr, no batch-normalised scale."""
+    return keys["method"] == "rlr" and not keys.get("normalize", False)
 
 
 @dataclass(frozen=True)
 class Settings:
     base: dict  # finetune keys every run shares
-    budget: int  # reward queries per run
-    bin: int  # queries per point of a curve
-    lrs: tuple[float, ...]
+    budget: int  # images scored per run
+    bin: int  # images per point of a curve
+    lrs: tuple[float, ...]  # the starting grid
+    extensions: int  # at most this many grid extensions per side
     tune_seeds: tuple[int, ...]
     figure_seeds: tuple[int, ...]
     eval_prompts: int  # held-out evaluation of the final LoRA: the first prompts of the set ...
     eval_seeds: tuple[int, ...]  # ... under these sampling seeds
     workers: int
-    auto_pilots: int  # method=auto's pilot batches
+    tracks: tuple[str, ...] = ("black-box", "differentiable")
 
 
 FULL = Settings(base=dict(num_steps=10, batch_size=8, images_per_prompt=2, warmup_steps=0), budget=192, bin=16,
-                lrs=(1e-3, 3e-3, 1e-2), tune_seeds=(100,), figure_seeds=(0, 1, 2), eval_prompts=16,
-                eval_seeds=(1000, 1001), workers=2, auto_pilots=8)
-QUICK = Settings(base=dict(num_steps=3, batch_size=2, images_per_prompt=2, warmup_steps=0), budget=8, bin=4,
-                 lrs=(3e-3,), tune_seeds=(), figure_seeds=(0, 1), eval_prompts=2, eval_seeds=(1000,), workers=1, auto_pilots=2)
+                lrs=(3e-3, 1e-2, 3e-2), extensions=2, tune_seeds=(100, 101), figure_seeds=(0, 1, 2, 3, 4),
+                eval_prompts=16, eval_seeds=(1000,), workers=2)
+QUICK = Settings(base=dict(num_steps=3, batch_size=4, images_per_prompt=2, warmup_steps=0), budget=32, bin=8,
+                 lrs=(3e-3,), extensions=0, tune_seeds=(), figure_seeds=(0, 1), eval_prompts=2,
+                 eval_seeds=(1000,), workers=1)
 
 
-def steps_for(overrides: dict, budget: int) -> int:
-    """Optimizer steps that spend exactly `budget` reward queries (a ValueError if none do)."""
-    batch = overrides["batch_size"] * overrides.get("grad_accum", 1)
-    per_step, steps_per = batch, 1
-    if overrides["method"] == "sqdf":  # each chain's x_0 for the record, and one soft Q per sample
-        per_step = 2 * batch
-    if overrides["method"] == "ddpo":
-        per_step = overrides["batch_size"] * overrides["ddpo_rollout_batches"]
-        steps_per = overrides["ddpo_inner_epochs"] * overrides["ddpo_minibatches"] // overrides.get("grad_accum", 1)
-    if overrides["method"] == "auto":  # the design's pilots are scored once each
-        budget -= overrides["design_pilots"] * batch
-    if budget % per_step:
-        raise ValueError(f"a budget of {budget} queries is not a whole number of {per_step}-query samplings")
-    return budget // per_step * steps_per
+def images_per_step(keys: dict) -> tuple[float, int]:
+    """(images scored per cycle, optimizer steps per cycle) of a run: rlr_fast.costs for the estimate's
+    own images; a DDPO epoch scores its samples once for several steps; SQDF with a buffer scores its
+    fresh chains every replay_ratio steps and a soft Q per replayed sample every step."""
+    from rlr_fast.config import Config
+    from rlr_fast.costs import work
+
+    cfg = Config(**{k: v for k, v in keys.items() if k != "design_pilots"}) if keys["method"] != "auto" else None
+    batch = keys["batch_size"] * keys.get("grad_accum", 1)
+    if cfg is None:  # auto: as full_bp or rlr, one R(x0) per sample (its pilots are charged separately)
+        return batch, 1
+    if cfg.method == "ddpo":
+        return cfg.ddpo_rollout_batches * cfg.batch_size, cfg.ddpo_minibatches * cfg.ddpo_inner_epochs // cfg.grad_accum
+    if cfg.method == "sqdf" and cfg.replay_capacity:
+        return batch * (1 + cfg.replay_ratio), cfg.replay_ratio
+    return batch * work(cfg.estimator_options(), cfg.num_steps).reward_images, 1
+
+
+def steps_for(keys: dict, budget: int) -> int:
+    """Optimizer steps whose images scored fit in `budget` (whole cycles; auto's pilots first)."""
+    if keys["method"] == "auto":
+        budget -= keys["design_pilots"] * keys["batch_size"]
+    images, steps = images_per_step(keys)
+    cycles = int(budget // images)
+    if cycles < 1:
+        raise ValueError(f"a budget of {budget} images is less than one cycle of {images:g} images")
+    return cycles * steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +194,7 @@ def steps_for(overrides: dict, budget: int) -> int:
 
 @dataclass
 class RunResult:
+    track: str
     label: str
     lr: float
     seed: int
@@ -147,19 +203,26 @@ class RunResult:
     cpu_s: float
     eval_mean: Optional[float] = None  # held-out reward of the final LoRA
 
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
 
 def run_one(args: tuple) -> RunResult:
-    """finetune one (method, lr, seed) in a temporary folder; its per-step records and, for a figure
-    run, the held-out reward of its final LoRA."""
-    method, lr, seed, settings, evaluate = args
+    """finetune one (track, method, lr, seed) in a temporary folder; its per-step records and, for a
+    figure run, the held-out reward of its final LoRA. A cached result (--cache) is read instead."""
+    track_name, label, lr, seed, settings, evaluate, cache = args
+    path = None if cache is None else Path(cache) / f"{track_name}|{label}|{lr:g}|{seed}|{evaluate}.json"
+    if path is not None and path.exists():
+        return RunResult(**json.loads(path.read_text()))
     from rlr_fast import finetune
     from rlr_fast.inference import load_for_inference
 
     torch.set_num_threads(1)  # one core per worker
-    keys = dict(settings.base, **method.overrides)
+    track = TRACKS[track_name]
+    keys = dict(settings.base, **track.methods[label])
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         start, cpu = time.perf_counter(), time.process_time()
-        result = finetune("demo", out_dir=tmp, overwrite=True, reward=shaded_shape_colour, lr=lr, seed=seed,
+        result = finetune("demo", out_dir=tmp, overwrite=True, reward=track.reward, lr=lr, seed=seed,
                           train_steps=steps_for(keys, settings.budget), sample_prompts=0, checkpoint_every=0,
                           tensorboard=False, **keys)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -167,50 +230,43 @@ def run_one(args: tuple) -> RunResult:
         eval_mean = None
         if evaluate:
             models = load_for_inference("default", str(result.out_dir), torch.device("cpu"), torch.float32)
-            eval_mean = held_out_reward(models, settings)
-    return RunResult(method.label, lr, seed, records, wall, cpu, eval_mean)
+            eval_mean = held_out_reward(models, settings, track.reward)
+    run = RunResult(track_name, label, lr, seed, records, wall, cpu, eval_mean)
+    if path is not None:
+        path.write_text(json.dumps(run.to_json()))
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
-# Curves: one point per `bin` queries
+# Curves on a grid of images scored
 
 
 @dataclass
 class Curve:
-    queries: np.ndarray  # (bins,) queries spent at the end of each bin
-    reward: np.ndarray  # (bins,) mean reward of the images drawn in the bin
-    unet: np.ndarray  # (bins,) UNet forward-equivalents spent when the next bin's first image is drawn
-    seconds: np.ndarray  # (bins,) wall seconds, likewise
+    images: np.ndarray  # (points,) images scored
+    reward: np.ndarray  # (points,) mean training reward of the steps ending in the trailing window
+    unet: np.ndarray  # (points,) UNet forward-equivalents spent by then
+    seconds: np.ndarray  # (points,) wall seconds of training steps by then
 
 
-def curve(records: list[dict], bin_size: int, backward_cost: float) -> Curve:
-    """A run's reward per bin of queries, with the cost spent until the next bin began (the whole
-    run's for the last bin); method=auto's curve starts after its pilots' queries."""
+def curve(records: list[dict], grid: np.ndarray, window: int, backward_cost: float) -> Curve:
+    """A run on the grid: at g images, the mean of the sampled rewards (`reward_mean`) of the steps that
+    ended within (g - window, g] images, else of the last step before g (NaN before the first)."""
+    images = np.cumsum([r["reward_images"] for r in records])
     unet = np.cumsum([r["unet_forward_samples"] + backward_cost * r["unet_backward_samples"] for r in records])
     seconds = np.cumsum([r["seconds"] for r in records])
-    queries = np.cumsum([r["reward_queries"] for r in records])
-    design = [r.get("design_reward_queries", 0) for r in records]  # method=auto's pilots, at its first step
-    if any(design[1:]):
-        raise ValueError("curve charges a design's pilot queries at the first step only (design_every=0)")
-    total = int(queries[-1])
-    if total % bin_size:
-        raise ValueError(f"{total} queries are not a whole number of bins of {bin_size}")
-    bins = total // bin_size
-    sums, counts = np.zeros(bins), np.zeros(bins)
-    ends_unet, ends_seconds = np.full(bins, unet[-1]), np.full(bins, seconds[-1])
-    before = 0
-    for i, r in enumerate(records):
-        if not r["reward_queries"]:
-            continue
-        if r["reward_mean"] is None:
-            raise ValueError(f"step {r['step']} queried the reward but has no reward (skipped: {r['skipped']})")
-        b = before // bin_size  # bins hold whole steps: bin_size is a multiple of every step's queries
-        if b and before % bin_size == 0:  # the first images of bin b: bin b - 1 ends with the step before
-            ends_unet[b - 1], ends_seconds[b - 1] = unet[i - 1], seconds[i - 1]
-        sums[b] += r["reward_mean"] * r["reward_queries"]
-        counts[b] += r["reward_queries"]
-        before += r["reward_queries"]
-    return Curve(design[0] + bin_size * np.arange(1, bins + 1), sums / counts, ends_unet, ends_seconds)
+    sampled = [(i, r["reward_mean"]) for i, r in enumerate(records) if r["reward_mean"] is not None]
+    out = np.full((3, len(grid)), np.nan)
+    reward = np.full(len(grid), np.nan)
+    for p, g in enumerate(grid):
+        done = [i for i in range(len(records)) if images[i] <= g]
+        if done:
+            out[:, p] = images[done[-1]], unet[done[-1]], seconds[done[-1]]
+        before = [(i, v) for i, v in sampled if images[i] <= g]
+        recent = [v for i, v in before if images[i] > g - window] or [v for _, v in before[-1:]]
+        if recent:
+            reward[p] = float(np.mean(recent))
+    return Curve(grid, reward, out[1], out[2])
 
 
 def mean_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,25 +276,9 @@ def mean_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=0), se
 
 
-def late_gain(smoothed: np.ndarray, bins: int) -> float:
-    """How much a smoothed curve rose over its last `bins` bins (over all of it when shorter: auto's
-    curve starts after its design's queries)."""
-    return float(smoothed[-1] - smoothed[max(0, len(smoothed) - 1 - bins)])
-
-
-def _with_se(name: str, values: np.ndarray) -> dict:
-    """{name: mean, name_se: its standard error} of per-seed values."""
-    mean, se = mean_se(values[:, None])
-    return {name: float(mean[0]), f"{name}_se": float(se[0])}
-
-
-def first_reaching(queries: np.ndarray, smoothed: np.ndarray, target: float) -> Optional[int]:
-    hits = np.nonzero(smoothed >= target)[0]
-    return int(queries[hits[0]]) if hits.size else None
-
-
-def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
-    return np.array([values[max(0, i - window + 1):i + 1].mean() for i in range(len(values))])
+def first_reaching(images: np.ndarray, reward: np.ndarray, target: float) -> Optional[float]:
+    hits = np.nonzero(reward >= target)[0]
+    return float(images[hits[0]]) if hits.size else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,23 +306,24 @@ def backward_cost() -> float:
     return (flops_of(lambda: step(True)) - forward) / forward
 
 
-def base_reward(settings: Settings) -> float:
-    """The held-out reward of the model before fine-tuning (a fresh LoRA changes nothing)."""
-    from rlr_fast.inference import load_for_inference
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        return held_out_reward(load_for_inference("default", None, torch.device("cpu"), torch.float32), settings)
-
-
-def held_out_reward(models, settings: Settings) -> float:
+def held_out_reward(models, settings: Settings, reward: Callable) -> float:
     """Mean reward of `models` on the first `eval_prompts` demo prompts x `eval_seeds` (fixed noise)."""
-    from rlr_fast.presets import load_prompts
     from rlr_fast.inference import generate_images
+    from rlr_fast.presets import load_prompts
 
     prompts = load_prompts("demo")[:settings.eval_prompts]
     images = generate_images(models, models.encode_prompts(prompts), None, settings.eval_seeds,
                              num_steps=settings.base["num_steps"], eta=1.0, guidance_scale=1.0)
-    return float(shaded_shape_colour(images, prompts * len(settings.eval_seeds)).mean())  # seed-major
+    return float(reward(images, prompts * len(settings.eval_seeds)).mean())  # seed-major
+
+
+def base_reward(settings: Settings, reward: Callable) -> float:
+    """The held-out reward of the model before fine-tuning (a fresh LoRA changes nothing)."""
+    from rlr_fast.inference import load_for_inference
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return held_out_reward(load_for_inference("default", None, torch.device("cpu"), torch.float32), settings,
+                               reward)
 
 
 def run_many(jobs: list[tuple], workers: int, desc: str) -> list[RunResult]:
@@ -307,41 +348,76 @@ def run_many(jobs: list[tuple], workers: int, desc: str) -> list[RunResult]:
 @dataclass
 class Study:
     settings: Settings
-    methods: list[Method]
-    missing: list[str]
-    tuning: dict = field(default_factory=dict)  # label -> {lr: score}
-    chosen: dict = field(default_factory=dict)  # label -> lr
-    runs: dict = field(default_factory=dict)  # label -> figure RunResults
+    tuning: dict = field(default_factory=dict)  # (track, label) -> {lr: score}
+    chosen: dict = field(default_factory=dict)  # (track, label) -> lr
+    interior: dict = field(default_factory=dict)  # (track, label) -> whether the chosen lr is interior
+    runs: dict = field(default_factory=dict)  # (track, label) -> figure RunResults
     backward_cost: float = 0.0
-    base_reward: float = 0.0
+    base_reward: dict = field(default_factory=dict)  # track -> held-out reward before fine-tuning
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of every run (the workers' processes), model loading included
     load: tuple = ()  # /proc/loadavg before and after
 
 
 def tuning_score(records: list[dict], settings: Settings) -> float:
     """Mean training reward over the last quarter of the budget."""
-    c = curve(records, settings.bin, 0.0)
-    return float(c.reward[-max(1, len(c.reward) // 4):].mean())
+    grid = np.arange(settings.bin, settings.budget + 1, settings.bin)
+    return float(curve(records, grid, settings.budget // 4, 0.0).reward[-1])
 
 
-def run_study(settings: Settings) -> Study:
-    found, missing = methods(settings)
-    study = Study(settings, found, missing, load=(_loadavg(),))
+def next_lrs(scores: dict, extensions_done: int, limit: int) -> list[float]:
+    """The learning rates to try next: a factor of 3 beyond whichever edge of the grid is best."""
+    lrs = sorted(scores)
+    best = max(lrs, key=scores.get)
+    if extensions_done >= limit or len(lrs) < 2:
+        return []
+    if best == lrs[-1]:
+        return [lrs[-1] * 3]
+    if best == lrs[0]:
+        return [lrs[0] / 3]
+    return []
+
+
+def tune(study: Study, keys: list[tuple[str, str]], cache) -> None:
+    """Each method's lr: the grid, extended while the best is at an edge, scored on the tuning seeds."""
+    s = study.settings
+    pending = {key: list(s.lrs) for key in keys}
+    for extension in range(s.extensions + 1):
+        jobs = [(track, label, lr, seed, s, False, cache) for (track, label), lrs in pending.items()
+                for lr in lrs for seed in s.tune_seeds]
+        if not jobs:
+            break
+        for r in run_many(jobs, s.workers, f"tuning runs (round {extension + 1})"):
+            study.cpu_seconds += r.cpu_s
+            study.tuning.setdefault((r.track, r.label), {}).setdefault(r.lr, []).append(tuning_score(r.records, s))
+        scores = {key: {lr: float(np.mean(v)) for lr, v in study.tuning[key].items()} for key in keys}
+        pending = {key: next_lrs(scores[key], extension, s.extensions) for key in keys}
+        pending = {key: lrs for key, lrs in pending.items() if lrs}
+    study.tuning = {key: dict(sorted((lr, float(np.mean(v))) for lr, v in study.tuning[key].items())) for key in keys}
+    for key, scores in study.tuning.items():
+        lrs = sorted(scores)
+        study.chosen[key] = max(lrs, key=scores.get)
+        study.interior[key] = lrs[0] < study.chosen[key] < lrs[-1]
+
+
+def run_study(settings: Settings, cache=None) -> Study:
+    study = Study(settings, load=(_loadavg(),))
     start = time.perf_counter()
-    study.backward_cost, study.base_reward = backward_cost(), base_reward(settings)
+    study.backward_cost = backward_cost()
+    study.base_reward = {t: base_reward(settings, TRACKS[t].reward) for t in settings.tracks}
+    keys = [(t, label) for t in settings.tracks for label in TRACKS[t].methods]
     # the costliest runs first, so that the workers finish together
-    order = sorted(found, key=lambda m: m.overrides["method"] == "truncated_bp")
-    if len(settings.lrs) > 1:
-        jobs = [(m, lr, seed, settings, False) for m in order for lr in settings.lrs for seed in settings.tune_seeds]
-        for r in run_many(jobs, settings.workers, "tuning runs"):
-            study.tuning.setdefault(r.label, {}).setdefault(r.lr, []).append(tuning_score(r.records, settings))
-        study.tuning = {label: {lr: float(np.mean(v)) for lr, v in sorted(scores.items())}
-                        for label, scores in study.tuning.items()}
-    study.chosen = {m.label: max(study.tuning[m.label], key=study.tuning[m.label].get) if study.tuning
-                    else settings.lrs[0] for m in found}
-    jobs = [(m, study.chosen[m.label], seed, settings, True) for m in order for seed in settings.figure_seeds]
+    keys.sort(key=lambda k: TRACKS[k[0]].methods[k[1]]["method"] in ("truncated_bp", "sqdf"))
+    if len(settings.lrs) > 1 and settings.tune_seeds:
+        tune(study, keys, cache)
+    else:
+        study.chosen = {key: settings.lrs[0] for key in keys}
+        study.interior = {key: False for key in keys}
+    jobs = [(t, label, study.chosen[(t, label)], seed, settings, True, cache) for t, label in keys
+            for seed in settings.figure_seeds]
     for r in run_many(jobs, settings.workers, "figure runs"):
-        study.runs.setdefault(r.label, []).append(r)
+        study.cpu_seconds += r.cpu_s
+        study.runs.setdefault((r.track, r.label), []).append(r)
     for runs in study.runs.values():
         runs.sort(key=lambda r: r.seed)
     study.seconds = time.perf_counter() - start
@@ -360,50 +436,68 @@ def _loadavg() -> str:
 # Summary
 
 
-def summarise(study: Study) -> tuple[list[dict], dict, dict]:
-    """Table rows (one per method), mean curves (label -> arrays), and the goal's numbers."""
+def display_label(study: Study, key: tuple[str, str]) -> str:
+    """The method's label; method=auto's carries the design it chose (each seed's, when they differ)."""
+    track, label = key
+    if TRACKS[track].methods[label]["method"] != "auto":
+        return label
+    chosen = sorted({r.records[0].get("design", {}).get("label", "?") for r in study.runs[key]})
+    return f"auto (chose {' / '.join(chosen)})"
+
+
+def _with_se(name: str, values) -> dict:
+    mean, se = mean_se(np.asarray(values, dtype=float)[:, None])
+    return {name: float(mean[0]), f"{name}_se": float(se[0])}
+
+
+def summarise(study: Study, track: str) -> tuple[list[dict], dict, dict]:
+    """Table rows of a track (one per method), its mean curves (label -> arrays), and the goal's numbers."""
     s = study.settings
-    curves = {label: [curve(r.records, s.bin, study.backward_cost) for r in runs] for label, runs in study.runs.items()}
-    bins = len(next(iter(curves.values()))[0].reward)
-    window = max(1, bins // 6)
-    quarter = max(1, bins // 4)
+    grid = np.arange(s.bin, s.budget + 1, s.bin)
+    window = max(s.bin, s.budget // 6)
+    keys = [(track, label) for label in TRACKS[track].methods]
+    curves = {k: [curve(r.records, grid, window, study.backward_cost) for r in study.runs[k]] for k in keys}
     mean_curves = {}
-    for label, cs in curves.items():
+    for k, cs in curves.items():
         reward, se = mean_se(np.stack([c.reward for c in cs]))
-        mean_curves[label] = dict(queries=cs[0].queries, reward=reward, se=se,
-                                  unet=np.mean([c.unet for c in cs], axis=0),
-                                  seconds=np.mean([c.seconds for c in cs], axis=0))
-    final = {label: np.array([c.reward[-window:].mean() for c in cs]) for label, cs in curves.items()}
-    ddpo_final = float(final["ddpo"].mean())
-    full_bp_gain = float(final["full_bp"].mean()) - study.base_reward
-    gain_target = study.base_reward + 0.9 * full_bp_gain
+        mean_curves[k] = dict(images=grid, reward=reward, se=se, unet=np.nanmean([c.unet for c in cs], axis=0),
+                              seconds=np.nanmean([c.seconds for c in cs], axis=0))
+    final = {k: np.array([c.reward[-1] for c in cs]) for k, cs in curves.items()}
+    ddpo_key = next(k for k in keys if TRACKS[track].methods[k[1]]["method"] == "ddpo")
+    ddpo_final = float(final[ddpo_key].mean())
     rows = []
-    for m in study.methods:
-        cs, runs, mc = curves[m.label], study.runs[m.label], mean_curves[m.label]
-        smooth = trailing_mean(mc["reward"], window)
-        late = np.array([late_gain(trailing_mean(c.reward, window), quarter) for c in cs])
-        held_out = np.array([r.eval_mean for r in runs])
+    for k in keys:
+        runs, mc = study.runs[k], mean_curves[k]
+        per_seed = [first_reaching(grid, c.reward, ddpo_final) for c in curves[k]]
+        reached = [v for v in per_seed if v is not None]
+        spent = np.array([sum(r["reward_images"] for r in run.records) for run in runs])
+        unet = np.array([c.unet[-1] for c in curves[k]])
+        seconds = np.array([sum(r["seconds"] for r in run.records) for run in runs])
         off_policy = [r["estimator"]["clip_fraction"] for run in runs for r in run.records
-                      if "clip_fraction" in r["estimator"] and not r["reward_queries"]]
+                      if "clip_fraction" in r["estimator"] and not r["reward_images"]]
         rows.append({
-            "method": m.label, "lr": study.chosen[m.label],
-            **_with_se("final_reward", final[m.label]), **_with_se("held_out_reward", held_out),
-            **_with_se("gain_last_quarter", late),
-            "queries_to_ddpo_final": first_reaching(mc["queries"], smooth, ddpo_final),
-            "queries_to_90pct_full_bp_gain": first_reaching(mc["queries"], smooth, gain_target),
-            "unet_fwd_equiv_per_query": float(mc["unet"][-1] / s.budget),
+            "method": display_label(study, k), "lr": study.chosen[k], "lr_interior": study.interior[k],
+            **_with_se("final_reward", final[k]), **_with_se("held_out_reward", [r.eval_mean for r in runs]),
+            "images_to_ddpo_final": first_reaching(grid, mc["reward"], ddpo_final),
+            "seeds_reaching": f"{len(reached)}/{len(per_seed)}",
+            "per_seed_min": min(reached) if reached else None, "per_seed_max": max(reached) if reached else None,
+            "images_scored": float(spent.mean()),
+            "unet_fwd_equiv_per_image": float(np.mean(unet / spent)),
+            "train_wall_s_per_image": float(np.mean(seconds / spent)),
             "wall_s_per_run": float(np.mean([r.wall_s for r in runs])),
             "cpu_s_per_run": float(np.mean([r.cpu_s for r in runs])),
             "clip_fraction_off_policy": float(np.mean(off_policy)) if off_policy else None,
         })
-    rlr_rows = [r for r, m in zip(rows, study.methods) if m.rlr]
-    reached = [r for r in rlr_rows if r["queries_to_ddpo_final"] is not None]
-    best = min(reached, key=lambda r: r["queries_to_ddpo_final"]) if reached else \
-        max(rlr_rows, key=lambda r: r["final_reward"])
-    goal = dict(ddpo_final=ddpo_final, full_bp_gain=full_bp_gain, gain_target=gain_target, window=window,
-                best_rlr=best["method"], best_rlr_queries=best["queries_to_ddpo_final"], budget=s.budget,
-                met=best["queries_to_ddpo_final"] is not None and 3 * best["queries_to_ddpo_final"] <= s.budget)
-    return rows, mean_curves, goal
+    rlr = [r for r, k in zip(rows, keys) if unbiased_rlr(TRACKS[track].methods[k[1]])]
+    reaching = [r for r in rlr if r["images_to_ddpo_final"] is not None]
+    best = (min(reaching, key=lambda r: r["images_to_ddpo_final"]) if reaching
+            else max(rlr, key=lambda r: r["final_reward"]))
+    goal = dict(ddpo_final=ddpo_final, window=window, best_rlr=best["method"],
+                best_rlr_images=best["images_to_ddpo_final"], best_rlr_final=best["final_reward"],
+                budget=s.budget, half=best["images_to_ddpo_final"] is not None and
+                2 * best["images_to_ddpo_final"] <= s.budget, above=best["final_reward"] > ddpo_final)
+    goal["met"] = goal["half"] and goal["above"]
+    return rows, {display_label(study, k): v for k, v in mean_curves.items()}, goal
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,78 +506,97 @@ def summarise(study: Study) -> tuple[list[dict], dict, dict]:
 
 def _cell(value, column: str = "", digits: int = 4) -> str:
     if value is None:
-        return "not reached" if column.startswith("queries_to") else ""
+        return "not reached" if column.startswith("images_to") else ""
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
 
 
-def write(study: Study, rows: list[dict], mean_curves: dict, goal: dict, out: Path, command: str) -> list[Path]:
-    """<out>/sample_efficiency.md (protocol, table, goal), .csv (every figure run's curve) and .png."""
+def _table(rows: list[dict]) -> list[str]:
+    columns = list(rows[0])
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_cell(r[c], c) for c in columns) + " |" for r in rows])
+
+
+def goal_line(goal: dict) -> str:
+    images = goal["best_rlr_images"]
+    reached = (f"reaches DDPO's final reward ({goal['ddpo_final']:.4g}) after {images:g} of {goal['budget']} images "
+               f"({images / goal['budget']:.2f} of DDPO's)" if images is not None else
+               f"does not reach DDPO's final reward ({goal['ddpo_final']:.4g}) within {goal['budget']} images")
+    return (f"Goal (the best unbiased RLR variant reaches DDPO's final reward with at most half of DDPO's images and "
+            f"ends above it): {'met' if goal['met'] else 'NOT met'}. Best unbiased RLR variant: {goal['best_rlr']}: "
+            f"it {reached}; its final reward {goal['best_rlr_final']:.4g} is "
+            f"{'above' if goal['above'] else 'not above'} DDPO's.")
+
+
+def header(study: Study, command: str) -> list[str]:
+    s = study.settings
+    device = current_device(force_cpu=True)
+    return [
+        "# Sample efficiency: reward against images scored, on a black-box and a differentiable reward", "",
+        f"Command: `{command}`. Device: {device.name}, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}. {s.workers} worker process(es), one thread each. Total wall clock "
+        f"{study.seconds / 60:.1f} min, {study.cpu_seconds / 60:.1f} CPU min in the runs. Load average (1, 5, "
+        f"15 min) at the start: {study.load[0]}; at the end: {study.load[-1]}"
+        + (" -- the machine was shared, so wall times are contended (CPU seconds are less so)."
+           if _contended(study.load, s.workers) else "."), "",
+        f"Setting: `finetune` on the embedded default model (latent 4 x 8 x 8), T = {s.base['num_steps']}, eta = 1, "
+        f"batches of {s.base['batch_size']} ({s.base['images_per_prompt']} images per prompt), LoRA rank 4, AdamW, "
+        f"clip 1. Budget: {s.budget} images scored per run (`reward_images`: every image the reward scored, "
+        f"value-baseline proxies and auto's pilots included). Learning rate: the best of the grid {list(s.lrs)} "
+        f"extended by factors of 3 while the best was at an edge (at most {s.extensions} times), on tuning seeds "
+        f"{list(s.tune_seeds)} (score: mean training reward over the last quarter of the budget); figures: seeds "
+        f"{list(s.figure_seeds)}, mean +- standard error.", "",
+        f"DDPO: {DDPO['ddpo_rollout_batches']} rollout batches per epoch, {DDPO['ddpo_minibatches']} minibatches, "
+        f"{DDPO['ddpo_inner_epochs']} pass, clip range {DDPO['clip_range']:g} on per-element-mean log-probabilities "
+        f"(ddpo-pytorch's units), advantages clipped at {DDPO['ddpo_adv_clip']:g}, per-prompt statistics from "
+        f"{DDPO['ddpo_min_count']} rewards (16 prompts: on after ~{16 * DDPO['ddpo_min_count']} images).", "",
+        "Columns: final_reward = the seed's mean training reward over the last window of the budget; "
+        "held_out_reward = the final LoRA on held-out noise; images_to_ddpo_final = the first grid point at which "
+        "the seed-mean smoothed reward reaches DDPO's final reward, seeds_reaching / per_seed_min / per_seed_max "
+        "the same per seed; unet_fwd_equiv_per_image = UNet forward-equivalents (a backward counted as "
+        f"{study.backward_cost:.3f} forwards, FLOPs measured on the model) per image scored; "
+        "train_wall_s_per_image = wall seconds of training steps per image scored; wall/cpu_s_per_run = one whole "
+        "run, model loading and held-out evaluation included; lr_interior = a larger and a smaller lr both scored "
+        "worse.", "",
+    ]
+
+
+def write(study: Study, summaries: dict, out: Path, command: str) -> list[Path]:
+    """<out>/sample_efficiency.md (protocol, a table and a goal line per track), .csv (every figure run's
+    curve) and .png (per track: reward against images, UNet work and wall time)."""
     s = study.settings
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path, png = out / "sample_efficiency.md", out / "sample_efficiency.csv", out / "sample_efficiency.png"
-    device = current_device(force_cpu=True)
-    lines = [
-        "# Sample efficiency: reward against reward queries, UNet work and wall time", "",
-        f"Command: `{command}`. Device: {device.name}, torch {torch.__version__}, "
-        f"{datetime.date.today().isoformat()}. {s.workers} worker process(es), one thread each. Total wall clock "
-        f"{study.seconds / 60:.1f} min. Load average (1, 5, 15 min; `/proc/loadavg`) at the start: {study.load[0]}; "
-        f"at the end: {study.load[-1]}" + (" -- the machine was shared, so wall times are contended (CPU seconds "
-                                            "are less so)." if _contended(study.load, s.workers) else "."), "",
-        f"Setting: `finetune` on the embedded default model, T = {s.base['num_steps']}, eta = 1, batches of "
-        f"{s.base['batch_size']} ({s.base['images_per_prompt']} images per prompt), LoRA rank 4, AdamW, clip 1, "
-        f"reward `shaded_shape_colour` (bench/sample_efficiency.py says why). Budget: {s.budget} reward queries per "
-        f"run. Learning rate: the best of {list(s.lrs)} on tuning seed(s) {list(s.tune_seeds)} (score: mean training "
-        f"reward over the last quarter of the budget); figures: seeds {list(s.figure_seeds)}, mean +- standard "
-        f"error. DDPO: {DDPO['ddpo_rollout_batches']} rollout batches per epoch, {DDPO['ddpo_minibatches']} "
-        f"minibatches, {DDPO['ddpo_inner_epochs']} pass, clip range 1e-4, advantages from each prompt's last 16 "
-        f"rewards once it has 16 (the epoch's statistics before).", "",
-        f"Not compared (yet): {'; '.join(study.missing)}." if study.missing else "Every planned method ran.", "",
-        f"Columns: final_reward = mean training reward over the last {goal['window']} bins of {s.bin} queries; "
-        f"held_out_reward = the final LoRA on {s.eval_prompts} prompts x seeds {list(s.eval_seeds)} (before "
-        f"fine-tuning: {study.base_reward:.4g}); gain_last_quarter = the smoothed training reward at the end minus "
-        f"a quarter of the budget earlier (a saturated method shows ~0); queries_to_* = the first bin at which the "
-        f"smoothed (trailing {goal['window']} bins) seed-mean reward reaches DDPO's final reward "
-        f"({goal['ddpo_final']:.4g}) or base + 90% of full_bp's final gain ({goal['gain_target']:.4g}); "
-        f"unet_fwd_equiv_per_query: UNet forward-equivalents of one sample-step, a backward counted as "
-        f"{study.backward_cost:.3f} forwards (FLOPs measured on the model), per reward query; wall and CPU seconds "
-        f"of one whole run (model loading included).", "",
-    ]
-    columns = list(rows[0])
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c], c) for c in columns) + " |" for r in rows]
-    lines += ["", "Tuning scores (mean training reward over the last quarter of the budget, tuning seeds):", ""]
-    if study.tuning:
-        lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in s.lrs) + " |", "|---|" + "---|" * len(s.lrs)]
-        lines += [f"| {label} | " + " | ".join(_cell(scores.get(lr)) for lr in s.lrs) + " |"
-                  for label, scores in study.tuning.items()]
-    else:
-        lines += ["(one learning rate in the grid: no tuning runs)"]
-    ratio = None if goal["best_rlr_queries"] is None else goal["best_rlr_queries"] / s.budget
-    lines += ["", f"Goal (the best RLR variant reaches DDPO's final reward with at most 1/3 of DDPO's {s.budget} "
-                  f"queries): {'met' if goal['met'] else 'NOT met'}. Best RLR variant: {goal['best_rlr']}, "
-                  + (f"{goal['best_rlr_queries']} queries ({ratio:.2f} of DDPO's)." if ratio is not None else
-                     "which never reached DDPO's final reward within the budget."), ""]
+    lines = header(study, command)
+    for track, (rows, _, goal) in summaries.items():
+        lines += [f"## {track} track: {TRACKS[track].why}", "", *_table(rows), "", goal_line(goal), "",
+                  "Tuning scores (tuning seeds' mean):", ""]
+        for (t, label), scores in study.tuning.items():
+            if t == track:
+                lines.append(f"- {label}: " + ", ".join(f"lr {lr:g}: {v:.4g}" for lr, v in scores.items()))
+        lines.append("")
     md.write_text("\n".join(lines) + "\n")
+    window = max(s.bin, s.budget // 6)
+    grid = np.arange(s.bin, s.budget + 1, s.bin)
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "lr", "seed", "queries", "reward", "unet_fwd_equiv", "wall_s"])
-        for label, runs in study.runs.items():
+        writer.writerow(["track", "method", "lr", "seed", "images", "reward", "unet_fwd_equiv", "wall_s"])
+        for (track, label), runs in study.runs.items():
             for r in runs:
-                c = curve(r.records, s.bin, study.backward_cost)
-                writer.writerows([label, f"{r.lr:g}", r.seed, q, f"{rew:.6g}", f"{u:.6g}", f"{sec:.4g}"]
-                                 for q, rew, u, sec in zip(c.queries, c.reward, c.unet, c.seconds))
-    series = {axis: [Series(m.label, mean_curves[m.label][axis], mean_curves[m.label]["reward"],
-                            mean_curves[m.label]["se"]) for m in study.methods]
-              for axis in ("queries", "unet", "seconds")}
-    draw_panels(png, [Panel("reward vs reward queries", "reward queries (images scored)", "reward", series["queries"]),
-                      Panel("reward vs UNet work", "UNet forward-equivalents (one sample, one step)", "reward",
-                            series["unet"]),
-                      Panel("reward vs wall time" + (" (contended)" if _contended(study.load, s.workers) else ""),
-                            "wall seconds of training steps", "reward", series["seconds"])],
-                title=f"shaded_shape_colour on the embedded model, mean +- s.e. over seeds {list(s.figure_seeds)}; "
-                      f"{device.name}, {datetime.date.today().isoformat()}")
+                c = curve(r.records, grid, window, study.backward_cost)
+                writer.writerows([track, label, f"{r.lr:g}", r.seed, int(g), f"{v:.6g}", f"{u:.6g}", f"{sec:.4g}"]
+                                 for g, v, u, sec in zip(c.images, c.reward, c.unet, c.seconds))
+    panels = []
+    for track, (_, mean_curves, _) in summaries.items():
+        series = {axis: [Series(label, mc[axis], mc["reward"], mc["se"]) for label, mc in mean_curves.items()]
+                  for axis in ("images", "unet", "seconds")}
+        panels += [Panel(f"{track}: reward vs images scored", "images scored", "reward", series["images"]),
+                   Panel(f"{track}: reward vs UNet work", "UNet forward-equivalents", "reward", series["unet"]),
+                   Panel(f"{track}: reward vs wall time", "wall seconds of training steps", "reward",
+                         series["seconds"])]
+    draw_panels(png, panels, title=f"mean +- s.e. over seeds {list(s.figure_seeds)}; "
+                                   f"{current_device(force_cpu=True).name}, {datetime.date.today().isoformat()}")
     return [md, csv_path, png]
 
 
@@ -499,20 +612,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="tiny sizes, written to a temporary folder (or --out): the suite's smoke test")
     parser.add_argument("--out", type=Path, default=None, help="folder for the three result files")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2; --quick: 1)")
+    parser.add_argument("--tracks", nargs="+", choices=list(TRACKS), default=None, help="run these tracks only")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep each run's records here and reuse them (an interrupted study resumes)")
     args = parser.parse_args(argv)
     command = " ".join(["python bench/sample_efficiency.py", *(argv if argv is not None else sys.argv[1:])])
     settings = QUICK if args.quick else FULL
     if args.workers is not None:
         settings = replace(settings, workers=args.workers)
-    study = run_study(settings)
-    rows, mean_curves, goal = summarise(study)
+    if args.tracks is not None:
+        settings = replace(settings, tracks=tuple(args.tracks))
+    if args.cache is not None:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    study = run_study(settings, args.cache)
+    summaries = {track: summarise(study, track) for track in settings.tracks}
     out = args.out or (Path(tempfile.mkdtemp(prefix="sample_efficiency_")) if args.quick else RESULTS)
-    paths = write(study, rows, mean_curves, goal, out, command)
-    for row in rows:
-        print(", ".join(f"{k}={_cell(v, k)}" for k, v in row.items()))
-    print(f"goal met: {goal['met']} ({goal['best_rlr']}: {goal['best_rlr_queries']} of {settings.budget} queries); "
-          f"wrote {', '.join(str(p) for p in paths)}; {study.seconds / 60:.1f} min")
-    return dict(study=study, rows=rows, curves=mean_curves, goal=goal, paths=paths)
+    paths = write(study, summaries, out, command)
+    for track, (rows, _, goal) in summaries.items():
+        for row in rows:
+            print(track, ", ".join(f"{k}={_cell(v, k)}" for k, v in row.items()))
+        print(goal_line(goal))
+    print(f"wrote {', '.join(str(p) for p in paths)}; {study.seconds / 60:.1f} min wall, "
+          f"{study.cpu_seconds / 60:.1f} CPU min")
+    return dict(study=study, summaries=summaries, paths=paths)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 
 1. kernel: the fused DDIM step (with CFG), forward and backward, on each fused backend of the device
    (Triton and _C's CUDA kernels on a GPU, _C's C++ on a CPU), and the same step unfused in plain
-   PyTorch in the inputs' dtype: the bytes it must move / its time, against the peak bandwidth.
+   PyTorch in the inputs' dtype: the bytes it must move / its time, against the peak bandwidth; and a
+   plain copy_ of one tensor, the bandwidth this device reaches in practice beside the datasheet peak.
 2. rollout: T steps, batches 1 and 4, CFG 7.5, eta 1: rlr_fast.rollout and, on a GPU, its CUDA-graph
    replay (GraphedRollout) vs the denoising loop of diffusers' StableDiffusionPipeline on the same
    UNet (prompt embeddings given, output_type="latent", so only the loop runs).
@@ -19,7 +20,7 @@ Achieved TFLOP/s: the FLOPs of one call (torch.utils.flop_counter) / its median 
 fraction of the device's dense fp16 peak (bench/common.py's table).
 
 Warm-up calls are excluded, times are medians of repeats; device, dtype and shapes are printed.
-Results: bench/results/speed_<device>.md and .csv, rewritten after each section, so a run stopped
+Results: bench/results/speed_<device>.md and .csv, rewritten after every row, so a run stopped
 midway keeps what it measured. Peak memory is bench/memory.py's. Targets (GPU; issue 9): rollout
 >= 1.3x the diffusers loop at batch 1; fused kernel >= 80% of peak bandwidth; UNet work >= 50% of
 dense fp16 peak; and the update >= 2x the naive one-graph update.
@@ -40,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (build_models, current_device, flops_of, latent_reward_fn, lora_grads,  # noqa: E402
                           max_rel_diff, median, naive_rlr_update, time_it, unfused_ddim_step, write_results,
                           zero_grads)
-from rlr_fast import _C, estimate, rollout  # noqa: E402
-from rlr_fast.ddim import _triton_available, ddim_step, resolve_backend  # noqa: E402
+from rlr_fast import compiled, estimate, rollout  # noqa: E402
+from rlr_fast.ddim import triton_available, ddim_step, resolve_backend  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 GUIDANCE = 7.5
@@ -51,11 +52,13 @@ TARGETS = {"rollout_vs_diffusers_b1": 1.3, "kernel_bandwidth_fraction": 0.8, "un
 
 
 class Bench:
-    """Collects result rows and prints each one as it is measured."""
+    """Collects result rows, prints each one as it is measured and then calls on_row() (main writes the
+    results files there, so a run cut short keeps every row it measured)."""
 
     def __init__(self, device, dtype, repeats: int, warmup: int):
         self.device, self.dtype, self.repeats, self.warmup = device, dtype, repeats, warmup
         self.rows: list[dict] = []
+        self.on_row = lambda: None
 
     def time(self, section: str, name: str, fn, *, shapes: str, flops: int = 0, bytes_moved: int = 0,
              calls: int = 1, **extra) -> dict:
@@ -80,6 +83,7 @@ class Bench:
         self.rows.append(row)
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
+        self.on_row()
         return row
 
 
@@ -89,13 +93,15 @@ class Bench:
 
 def fused_backends(device) -> list[str]:
     if not device.is_cuda:
-        return ["cpu"]
-    return (["triton"] if _triton_available() else []) + (["cuda"] if _C.has_cuda() else [])
+        return ["cpu"] if compiled.available() else []
+    return (["triton"] if triton_available() else []) + (["cuda"] if compiled.has_cuda() else [])
 
 
 def kernel_section(b: Bench, elements: int, calls: int) -> dict:
-    """GB/s of the fused step (with CFG), forward and backward, per fused backend and unfused.
-    Returns {backend: min(forward, backward) fraction of the peak bandwidth (None without a peak)}."""
+    """GB/s of the fused step (with CFG), forward and backward, per fused backend and unfused, and of a
+    plain copy_ of one tensor: what this device's memory reaches in practice, beside the datasheet peak.
+    Returns {backend: min(forward, backward) fraction of the peak bandwidth, "copy_": copy_'s fraction}
+    (only where the device's peak is known)."""
     dev, dt = b.device.torch_device, b.dtype
     batch = 8
     shape = (batch, elements // batch)
@@ -120,6 +126,11 @@ def kernel_section(b: Bench, elements: int, calls: int) -> dict:
             fractions[backend] = min(fwd["fraction_of_bandwidth"], bwd["fraction_of_bandwidth"])
     b.time("kernel", "ddim_step forward [unfused PyTorch, inputs' dtype]", lambda: unfused_ddim_step(
         x, u, noise, *coef, c, GUIDANCE), shapes=shapes, bytes_moved=6 * nbytes, calls=calls)
+    copy_target = torch.empty_like(x)
+    ceiling = b.time("kernel", "copy_ of one tensor (achievable bandwidth)", lambda: copy_target.copy_(x),
+                     shapes=f"{batch} x {elements // batch} elements", bytes_moved=2 * nbytes, calls=calls)
+    if "fraction_of_bandwidth" in ceiling:
+        fractions["copy_"] = ceiling["fraction_of_bandwidth"]
     return fractions
 
 
@@ -301,9 +312,11 @@ def verdicts(device, results: dict) -> list[str]:
     lines = []
     if "kernel" in results:
         default = resolve_backend(device.torch_device)
+        copy_fraction = results["kernel"].get("copy_")
+        note = (f" (a plain copy_ reaches {copy_fraction:.3g} of the peak)" if copy_fraction is not None
+                else " (CPU: no bandwidth peak known)" if not device.is_cuda else "")
         lines.append(verdict(f"fused kernel [{default}] fraction of peak bandwidth (min of forward, backward)",
-                             results["kernel"].get(default), TARGETS["kernel_bandwidth_fraction"],
-                             note="" if device.is_cuda else " (CPU: no bandwidth peak known)"))
+                             results["kernel"].get(default), TARGETS["kernel_bandwidth_fraction"], note=note))
     if "rollout" in results:
         ratios = results["rollout"]["ratios"]
         for batch, (eager, graph) in ratios.items():
@@ -362,6 +375,8 @@ def main(argv=None) -> None:
         lines = verdicts(device, results)
         text = header + ["## Targets", ""] + [f"- {line}" for line in lines] + ["", "## Measurements"]
         return lines, write_results(f"speed_{device.label}", b.rows, "\n".join(text))[1]
+
+    b.on_row = save
 
     for section in sections:
         start = time.perf_counter()

@@ -49,11 +49,15 @@ def store_partial(partial_ptr, values):
 def _finalize_log_density_kernel(partial_ptr, sigma_ptr, out_ptr, num_partials, D,
                                  half_log_2pi_hi, half_log_2pi_lo,
                                  DIVIDE_BY_VARIANCE: tl.constexpr, ZERO_WITHOUT_NOISE: tl.constexpr,
-                                 CHUNK: tl.constexpr, COMPUTE: tl.constexpr):
+                                 CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, COMPUTE: tl.constexpr):
     b = tl.program_id(0)
     acc = tl.full([CHUNK], 0.0, COMPUTE)
-    for start in range(0, num_partials, CHUNK):  # fixed order: reproducible sums
-        offs = start + tl.arange(0, CHUNK)
+    # The trip count is a constexpr, not num_partials: Triton 3.6's interpreter turns a runtime bound into
+    # a Python int with int() of a (1,)-shaped array, which numpy 2.5 refuses ("only 0-dimensional arrays
+    # can be converted"). It is 1 up to FINALIZE_CHUNK partials (2^18 elements per sample; an SDXL latent
+    # has 2^16), where CHUNK already specializes the kernel, so it adds no compilations there.
+    for i in range(NUM_CHUNKS):  # fixed order: reproducible sums
+        offs = i * CHUNK + tl.arange(0, CHUNK)
         acc += tl.load(partial_ptr + b * num_partials + offs, mask=offs < num_partials, other=0.0)
     sq = tl.reduce(acc, 0, add)
     sigma = tl.load(sigma_ptr + b).to(COMPUTE)
@@ -118,11 +122,11 @@ def finalize_log_density(partials: torch.Tensor, sigma: torch.Tensor, d: int, *,
     """Per-sample log-density (B,), in the partials' dtype, from the (B, blocks) partial sums."""
     batch, num_partials = partials.shape
     out = torch.empty(batch, dtype=partials.dtype, device=partials.device)
+    chunk = min(FINALIZE_CHUNK, triton.next_power_of_2(num_partials))
     _finalize_log_density_kernel[(batch,)](
         partials, sigma, out, num_partials, d, *split_float(HALF_LOG_2PI),
         DIVIDE_BY_VARIANCE=divide_by_variance, ZERO_WITHOUT_NOISE=zero_without_noise,
-        CHUNK=min(FINALIZE_CHUNK, triton.next_power_of_2(num_partials)),
-        COMPUTE=compute_dtype(partials.dtype))
+        CHUNK=chunk, NUM_CHUNKS=triton.cdiv(num_partials, chunk), COMPUTE=compute_dtype(partials.dtype))
     return out
 
 

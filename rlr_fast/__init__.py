@@ -1,15 +1,14 @@
 """rlr_fast: reward fine-tuning of diffusion models with the RLR (half-order) gradient estimator."""
 
+import logging as _logging
+
 import torch as _torch  # loads libc10/libtorch, which _C links against
 
-try:
-    from . import _C
-except ImportError as e:  # the package is importable from a source tree without its extension
-    raise ImportError(
-        "rlr_fast._C, the compiled extension, is missing or was built against another torch. "
-        "Build it from the repository root with `pip install -e . --no-build-isolation` "
-        f"(after installing torch; see README). Original error: {e}"
-    ) from e
+from . import compiled as _compiled
+
+if not _compiled.available():  # one line: the fallback is complete, only slower
+    _logging.getLogger(__name__).warning("rlr_fast: compiled kernels unavailable, using Triton (CUDA) or the "
+                                         "PyTorch reference (CPU): %s", _compiled.MISSING)
 
 from .baselines import ValueStatistics
 from .ddim import ddim_step, gaussian_log_prob, gaussian_log_prob_reference
@@ -23,7 +22,8 @@ __version__ = "0.1.0"
 
 # Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
 _LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
-         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation", "eval_report", "lora")
+         "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation",
+         "eval_report", "lora")
 
 
 _LAZY_NAMES = {"finetune": "train", "Result": "train", "Config": "config"}
@@ -40,15 +40,17 @@ def __getattr__(name):
 
 
 def build_info() -> dict:
-    """What was compiled into rlr_fast._C and what it runs with."""
-    from .ddim import _triton_available, resolve_backend
+    """What was compiled into rlr_fast._C and what it runs with; `compiled_missing` says why _C is absent."""
+    from .ddim import triton_available, resolve_backend
 
     return {
         "version": __version__,
         "torch": _torch.__version__,
-        "built_against_torch": _C.torch_version,
-        "cuda_kernels": bool(_C.has_cuda()),
-        "triton": _triton_available(),
+        "compiled": _compiled.available(),
+        "compiled_missing": _compiled.MISSING,
+        "built_against_torch": _compiled.built_against_torch(),
+        "cuda_kernels": _compiled.has_cuda(),
+        "triton": triton_available(),
         "cuda_available": _torch.cuda.is_available(),
         "backend_cpu": resolve_backend(_torch.device("cpu")),
         "backend_cuda": resolve_backend(_torch.device("cuda")),

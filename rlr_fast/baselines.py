@@ -68,8 +68,18 @@ def reward_scale(rewards: torch.Tensor, options: EstimatorOptions) -> float:
     return float(options.normalize)
 
 
+# DDPO's standardisation, as ddpo-pytorch's stat tracker and our training loop: population std (ddof 0) + 1e-6
+DDPO_STD_EPS = 1e-6
+
+
+def standardised(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(values - mean) / (std + 1e-6) with the mean and population std of `reference`, as DDPO standardises."""
+    return (values - reference.mean()) / (reference.std(correction=0) + DDPO_STD_EPS)
+
+
 def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rewards standardised within each prompt's samples (the whole batch without prompt_ids), as DDPO uses."""
+    """Rewards standardised within each prompt's samples (the whole batch without prompt_ids), as DDPO's
+    training loop standardises them (`standardised`; one sample of a prompt gets 0)."""
     if prompt_ids is None:
         groups = [torch.arange(rewards.numel(), device=rewards.device)]
     else:
@@ -77,9 +87,7 @@ def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = 
         groups = [torch.nonzero(ids == v).flatten() for v in ids.unique()]
     advantages = torch.zeros_like(rewards)
     for g in groups:
-        r = rewards[g]
-        std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
-        advantages[g] = (r - r.mean()) / (std + 1e-8)
+        advantages[g] = standardised(rewards[g], rewards[g])
     return advantages
 
 
@@ -118,7 +126,7 @@ class PromptRewardHistory:
             buffers[prompt] = (buffers.get(prompt, ()) + tuple(values[mine].tolist()))[-self.size:]
             reference = torch.tensor(buffers[prompt], dtype=torch.float64) \
                 if len(buffers[prompt]) >= self.min_count else values
-            advantages[mine] = (values[mine] - reference.mean()) / (reference.std(correction=0) + 1e-6)
+            advantages[mine] = standardised(values[mine], reference)
         return advantages.to(rewards.device), PromptRewardHistory(self.size, self.min_count, buffers)
 
 
@@ -149,6 +157,51 @@ def proxy_rewards(reward_fn: Callable[[torch.Tensor], torch.Tensor], x0_hat: tor
                                  f"{getattr(r, 'shape', type(r).__name__)}")
             q[i] = r.detach()
     return torch.where(torch.isfinite(q), q, torch.full_like(q, float("nan")))
+
+
+def surrogate_features(x0: torch.Tensor) -> torch.Tensor:
+    """(..., F) float64 features of x0 (..., C, H, W) or (..., D): each channel average-pooled to 2x2 (a
+    vector as it is), those values and their squares, and a constant: cheap, and a quadratic reward of
+    a vector is linear in them."""
+    x = x0.detach().double()
+    if x.dim() >= 4:  # images (and video frames) pool to 2x2 per channel
+        lead = x.shape[:-2]
+        x = torch.nn.functional.adaptive_avg_pool2d(x.reshape(-1, *x.shape[-2:]), 2).reshape(*lead[:-1], -1)
+    return torch.cat([x, x * x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+class RewardSurrogate:
+    """value_proxy='surrogate': a ridge regression of R on `surrogate_features(x0)`, fitted on the (x0, R) pairs
+    of earlier estimates only (never the batch it is evaluated for), so its value at a step's x0_hat is a
+    function of the state and earlier data: a baseline, without a reward call. Earlier pairs are decayed
+    like the running value fit's. Until it has as many pairs as features it predicts NaN (no proxy)."""
+
+    RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the solve defined with collinear features
+
+    def __init__(self, xtx: Optional[torch.Tensor] = None, xtr: Optional[torch.Tensor] = None,
+                 count: Optional[torch.Tensor] = None):
+        self.xtx, self.xtr = xtx, xtr
+        self.count = torch.zeros((), dtype=torch.float64) if count is None else count
+
+    def predict(self, x0: torch.Tensor) -> torch.Tensor:
+        """The surrogate reward (...) of x0 (..., sample shape), float64; NaN before enough pairs."""
+        features = surrogate_features(x0)
+        if self.xtx is None or float(self.count) < features.shape[-1]:
+            return torch.full(features.shape[:-1], float("nan"), dtype=torch.float64, device=x0.device)
+        ridge = self.RIDGE * self.xtx.diagonal().mean() * torch.eye(self.xtx.shape[0], dtype=torch.float64)
+        weights = torch.linalg.solve(self.xtx + ridge, self.xtr)
+        return features @ weights.to(features.device)
+
+    def update(self, x0: torch.Tensor, rewards: torch.Tensor, decay: float) -> None:
+        """Decay the earlier pairs by `decay`, then add the pairs (x0 (B, ...), rewards (B,))."""
+        features = surrogate_features(x0).cpu()
+        r = rewards.detach().double().cpu()
+        if self.xtx is None:
+            n = features.shape[-1]
+            self.xtx, self.xtr = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.xtx = decay * self.xtx + features.T @ features
+        self.xtr = decay * self.xtr + features.T @ r
+        self.count = decay * self.count + r.numel()
 
 
 class Moments:
@@ -237,6 +290,7 @@ class ValueStatistics:
 
     def __init__(self):
         self.moments: Optional[Moments] = None  # fields (T,)
+        self.surrogate = RewardSurrogate()  # value_proxy='surrogate': R regressed on x0 of earlier estimates
 
     @property
     def num_steps(self) -> Optional[int]:
@@ -275,10 +329,20 @@ class ValueStatistics:
         """As rlr_fast.update.MethodState: on-policy training keeps the running fit as its state."""
         return self.state_dict(), {}
 
+    SURROGATE_KEYS = ("surrogate_xtx", "surrogate_xtr", "surrogate_count")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.moments is None else {f: getattr(self.moments, f).clone() for f in Moments.FIELDS}
+        state = {} if self.moments is None else {f: getattr(self.moments, f).clone() for f in Moments.FIELDS}
+        if self.surrogate.xtx is not None:
+            state.update(zip(self.SURROGATE_KEYS, (self.surrogate.xtx.clone(), self.surrogate.xtr.clone(),
+                                                   self.surrogate.count.clone())))
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        held = [state.pop(k, None) for k in self.SURROGATE_KEYS]
+        self.surrogate = RewardSurrogate(*(None if v is None else v.detach().to("cpu", torch.float64).clone()
+                                           for v in held))
         if not state:
             self.moments = None
             return

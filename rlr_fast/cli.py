@@ -44,12 +44,19 @@ def parse_seeds(text: str) -> list[int]:
 
 def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
     """The parser; `finetune --help` lists every config key with its value in `help_preset`."""
-    from .config import config_help
-    from .presets import PRESETS
-
     parser = argparse.ArgumentParser(
         prog="rlr-fast", description="Reward fine-tuning of Stable Diffusion with the RLR gradient estimator.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{finetune,sample,evaluate,convert}")
+    add_finetune(commands, help_preset)
+    add_sample(commands)
+    add_evaluate(commands)
+    add_convert(commands)
+    return parser
+
+
+def add_finetune(commands, help_preset: str) -> None:
+    from .config import config_help
+    from .presets import PRESETS
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune a LoRA to raise a reward",
@@ -71,32 +78,40 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
     finetune.add_argument("--out", metavar="DIR", help="output directory (config key out_dir)")
     finetune.add_argument("--profile", action="store_true", help="NVTX ranges for nsys (config key profile)")
 
-    def add_model_args(sub):
-        sub.add_argument("--preset", choices=sorted(PRESETS),
-                         help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
-                              "(default: the LoRA run's config.yaml if there is one, else demo)")
-        sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
-        sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
-                                         "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
-        sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
-                                                                 "with AnimateDiff")
-        sub.add_argument("--frames", type=int, help="frames of each video (video models)")
-        sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora), or a "
-                                                         "checkpoint of a run: RUN/checkpoints/step_N.safetensors")
-        sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
-        sub.add_argument("--steps", type=int, help="DDIM steps")
-        sub.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-        sub.add_argument("--eta", type=float, help="DDIM eta")
-        sub.add_argument("--negative-prompt", help="the negative prompt of guidance")
-        sub.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-        sub.add_argument("--dtype", help="float32, float16/bfloat16 on a GPU, or float64 on the CPU")
 
+def add_model_args(sub: argparse.ArgumentParser) -> None:
+    """The model and sampling options `sample` and `evaluate` share."""
+    from .presets import PRESETS
+
+    sub.add_argument("--preset", choices=sorted(PRESETS),
+                     help="take model, steps, eta, guidance, prompts and reward defaults from this preset "
+                          "(default: the LoRA run's config.yaml if there is one, else demo)")
+    sub.add_argument("--config", metavar="YAML", help="take those defaults from a YAML config instead")
+    sub.add_argument("--model", help="'default', a local diffusers Stable Diffusion folder, or a text-to-video "
+                                     "folder (TextToVideoSDPipeline or AnimateDiffPipeline)")
+    sub.add_argument("--motion-adapter", metavar="DIR", help="a MotionAdapter folder: animate the SD --model "
+                                                             "with AnimateDiff")
+    sub.add_argument("--frames", type=int, help="frames of each video (video models)")
+    sub.add_argument("--lora", metavar="DIR", help="a LoRA directory written by finetune (or save_lora), or a "
+                                                     "checkpoint of a run: RUN/checkpoints/step_N.safetensors")
+    sub.add_argument("--seeds", default="0-3", help="seeds, e.g. '0,1,2' or '0-3' (default: 0-3)")
+    sub.add_argument("--steps", type=int, help="DDIM steps")
+    sub.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    sub.add_argument("--eta", type=float, help="DDIM eta")
+    sub.add_argument("--negative-prompt", help="the negative prompt of guidance")
+    sub.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    sub.add_argument("--dtype", help="float32, float16/bfloat16 on a GPU, or float64 on the CPU")
+
+
+def add_sample(commands) -> None:
     sample = commands.add_parser("sample", help="images from a base model and an optional LoRA")
     add_model_args(sample)
     sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     sample.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")
     sample.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: samples)")
 
+
+def add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="a LoRA against its base model: rewards, diversity, KL, side-by-side samples",
         description="Sample a LoRA and its base model on the same held-out prompts, seeds and noises; write the "
@@ -114,6 +129,8 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and eval_grid.png go "
                                                        "(default: LORA/eval)")
 
+
+def add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="convert a released HPSv2 or ImageReward checkpoint for its reward",
                                   description="Convert a released reward checkpoint (offline) to the transformers "
                                               "folder the reward of the same name loads.")
@@ -128,7 +145,6 @@ def build_parser(help_preset: str = "demo") -> argparse.ArgumentParser:
                          "(default 16: ViT-H/14's towers for hpsv2, the ViT-L/16 vision tower for imagereward)")
     convert.add_argument("--med-config", metavar="FILE", help="imagereward: its med_config.json (default: the one "
                          "beside the checkpoint, else the released values)")
-    return parser
 
 
 def _run_finetune(args) -> int:

@@ -248,7 +248,14 @@ class Config(EstimatorOptions):
             raise ValueError("model must be 'default' or the path of a diffusers Stable Diffusion folder, got ''")
         if not self.prompts:
             raise ValueError(f"prompts must name a built-in set ({', '.join(PROMPT_SETS)}) or a file, got ''")
+        self._check_ranges()
+        self._check_combinations()
+        if chain:
+            self.check_chain(self.num_steps, self.eta)
+        return self
 
+    def _check_ranges(self) -> None:
+        """Each value within its own bounds."""
         for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
                           ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
                           ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
@@ -279,6 +286,8 @@ class Config(EstimatorOptions):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
 
+    def _check_combinations(self) -> None:
+        """Values that must agree with each other."""
         if self.eval_every and not self.eval_seeds:
             raise ValueError(f"eval_every={self.eval_every} needs at least one seed in eval_seeds, got []")
         stray = sorted(set(self.eval_reward_kwargs) - set(self.eval_rewards))
@@ -304,9 +313,6 @@ class Config(EstimatorOptions):
                              "value_fit='running', which adds earlier updates' samples")
         if self.prompt_schedule is not None:
             PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
-        if chain:
-            self.check_chain(self.num_steps, self.eta)
-        return self
 
     def _check_ddpo(self) -> None:
         samples = self.ddpo_rollout_batches * self.batch_size

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from . import _C, compiled
+from . import compiled
 from .kernels.reference import (check_tensor, ddim_step_reference, gaussian_log_prob_reference,  # noqa: F401
                                 log_density_dtype)
 from .options import BACKENDS
@@ -47,7 +47,7 @@ def gaussian_log_prob(sample, mean, sigma, *, backend="auto"):
     return gaussian_log_prob_reference(sample, mean, sigma)
 
 
-def _triton_available() -> bool:
+def triton_available() -> bool:
     try:
         from .kernels import ddim_step as _  # noqa: F401
     except ImportError:
@@ -59,7 +59,7 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     """The backend `ddim_step` uses for tensors on `device`.
 
     `auto` (or the RLR_FAST_BACKEND environment variable) prefers Triton, then the CUDA
-    kernels of `_C` on a GPU, and `_C`'s C++ on the CPU.
+    kernels of `_C` on a GPU, and `_C`'s C++ on the CPU; the reference where those are missing.
     """
     backend = os.environ.get("RLR_FAST_BACKEND", backend) if backend == "auto" else backend
     if backend not in BACKENDS:
@@ -67,10 +67,10 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        if _triton_available():
+        if triton_available():
             return "triton"
-        return "cuda" if _C.has_cuda() else "reference"
-    return "cpu" if device.type == "cpu" else "reference"
+        return "cuda" if compiled.has_cuda() else "reference"
+    return "cpu" if device.type == "cpu" and compiled.available() else "reference"
 
 
 def ddim_step(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond=None,
@@ -98,7 +98,9 @@ def ddim_step(sample, model_output, noise, c_x, c_e, sigma, *, model_output_cond
                                     model_output_cond=model_output_cond, guidance_scale=guidance_scale)
         if sample.device.type != name:
             raise ValueError(f"backend {name!r} runs on {name} tensors, but sample is on {sample.device}")
-        if name == "cuda" and not _C.has_cuda():
+        if not compiled.available():
+            raise RuntimeError(f"backend {name!r} asked for, but {compiled.MISSING}")
+        if name == "cuda" and not compiled.has_cuda():
             raise RuntimeError("backend 'cuda' asked for, but rlr_fast._C was built without CUDA; rebuild it "
                                "with `pip install -e . --no-build-isolation` where nvcc and a CUDA torch are")
         return compiled.ddim_step(sample, model_output, noise, c_x, c_e, sigma, model_output_cond=model_output_cond,

@@ -12,8 +12,10 @@ The public DDPO training loop (github.com/kvablack/ddpo-pytorch) does this, and 
    make one optimizer step of the clipped surrogate.
 
 The importance ratio's denominator is the policy that sampled the epoch (its draws are stored in
-the trajectory), so the first step of an epoch is on-policy (ratio 1 up to recomputation rounding)
-and every later one is off-policy: the ratio moves away from 1 and the clip range acts.
+the trajectory), so the first step of an epoch is on-policy: its ratio is 1 exactly (the denominator
+is the recomputed mean, so recomputation rounding cannot clip it; `estimate(on_policy=True)`), and
+every later one is off-policy: the ratio moves away from 1 and the clip range acts. Log-densities are
+per-element means as in ddpo-pytorch, so `clip_range` means what theirs does.
 ddpo-pytorch also shuffles each sample's timesteps; with its default of training on every timestep
 that only reorders a sum inside one optimizer step, so it is not reproduced (training on a random
 subset of timesteps is not offered).
@@ -91,11 +93,12 @@ class DDPOSteps(StepMethod):
                 state, rewards = sampled
             state = self._shuffle(state)
         stats: dict = {}
+        on_policy = bool(rewards)  # the epoch was sampled by the parameters of this, its first step
         for _ in range(cfg.grad_accum):
             index = torch.tensor(state.queue[0], device=state.advantages.device)
             state = dataclasses.replace(state, queue=state.queue[1:])
             stats = ctx.estimate(select_samples(state.epoch, index), None, cost, stats,
-                                 advantages=state.advantages[index])
+                                 advantages=state.advantages[index], on_policy=on_policy)
         stats.update(epoch_samples=state.epoch.batch_size, minibatches_left=len(state.queue),
                      passes_left=state.passes_left)
         grad_norm = ctx.average_and_clip(cfg.grad_accum)

@@ -52,6 +52,24 @@ class Terms:
 # Rewards
 
 
+class CountedReward:
+    """`reward_fn` counting what it did: every image it scored, and those scored with grad enabled on an
+    input that requires grad (their dR/dx0 is taken)."""
+
+    def __init__(self, reward_fn: RewardFn):
+        self.reward_fn = reward_fn
+        self.images = self.backward_images = 0
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        self.images += x0.shape[0]
+        if x0.requires_grad and torch.is_grad_enabled():
+            self.backward_images += x0.shape[0]
+        return self.reward_fn(x0)
+
+    def counts(self) -> dict:
+        return {"reward_images": self.images, "reward_backward_images": self.backward_images}
+
+
 class NonFiniteRewards(ValueError):
     """A reward of the batch is NaN or Inf, so no gradient is estimated from it (on any rank)."""
 
@@ -275,20 +293,27 @@ def _advantages(reward_fn: RewardFn, traj: Trajectory, terms: Terms, everyone: t
         raise ValueError("baseline='value' scores each step's x0 estimate, which this trajectory does not hold: "
                          "roll out with rlr_fast.rollout(..., store_x0_hat=True)")
     with nvtx_range("value baseline"):
-        q = group.gather(proxy_rewards(reward_fn, traj.x0_hat, ks).T, "gathering the value baseline's proxy rewards").T
+        surrogate = options.value_proxy == "surrogate"
+        local_q = value_state.surrogate.predict(traj.x0_hat[ks]) if surrogate else proxy_rewards(reward_fn,
+                                                                                                   traj.x0_hat, ks)
+        q = group.gather(local_q.T, "gathering the value baseline's proxy rewards").T
         running = options.value_fit == "running"
         history = value_state.history(T, ks) if running else None
         b, fallbacks = value_baseline(q, everyone, history)
         if running:  # after the fit: the batch enters the baselines of later estimates only
             value_state.update(T, ks, q, everyone, options.value_decay)
+        if surrogate:  # likewise the surrogate's regression, on the whole batch's (x0, R)
+            value_state.surrogate.update(group.gather(traj.x0.detach(), "gathering x0 for the surrogate"),
+                                         everyone, options.value_decay)
     adv[ks] = (-(rewards.double() - group.mine(b.T).T) / B).to(rewards.dtype)
-    return adv, {"value_fallbacks": fallbacks, "reward_forward": len(ks)}
+    return adv, {"value_fallbacks": fallbacks, "reward_forward": 0 if surrogate else len(ks)}
 
 
 def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorOptions,
-          counter: CallCounter) -> dict:
+          counter: CallCounter, on_policy: bool) -> dict:
     """DDPO's clipped surrogate: mean over samples and stochastic steps of
-    max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = p_theta(x_{t-1} | x_t) / p_traj(x_{t-1} | x_t)."""
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = p_theta(x_{t-1} | x_t) / p_traj(x_{t-1} | x_t) with
+    per-element-mean log-densities as ddpo-pytorch (docs/estimator.md §8)."""
     ks = [k for k in range(traj.num_steps) if float(traj.sigmas[k]) > 0]
     if not ks:
         raise ValueError("ddpo needs stochastic steps: every step of this trajectory has sigma = 0")
@@ -304,8 +329,8 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
         squared.append(log_ratio.detach().square().sum())
         return torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps)).sum() / count
 
-    ratio_surrogate(model, traj, ks, surrogate, options, counter)
-    # approx_kl as DDPO logs it: half the mean squared log-ratio
+    ratio_surrogate(model, traj, ks, surrogate, options, counter, on_policy)
+    # approx_kl as ddpo-pytorch logs it: half the mean squared log-ratio (of per-element-mean log-densities)
     return {"clip_fraction": float(torch.stack(clipped).sum()) / count,
             "ratio_max_deviation": float(torch.stack(deviation).max()),
             "approx_kl": 0.5 * float(torch.stack(squared).sum()) / count, "unet_steps": len(ks)}
@@ -326,7 +351,7 @@ def _trainable(model) -> list:
 def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[EstimatorOptions] = None, *,
              generator: Optional[torch.Generator] = None, prompt_ids=None, advantages=None,
              group: Optional[Ranks] = None, value_state: Optional[ValueStatistics] = None, reference=None,
-             track_memory: bool = False, **overrides) -> dict:
+             on_policy: bool = False, track_memory: bool = False, **overrides) -> dict:
     """Accumulate into `.grad` an estimate of the gradient of -mean_b R(x_0^b) (for sqdf: of its
     KL-regularised loss, docs/estimator.md §11).
 
@@ -344,10 +369,14 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 all-gathered, so baselines, value fits, normalize's scale and ddpo's advantages are
                 the whole batch's; each rank estimates from its own samples, and the ranks' mean
                 .grad is the whole batch's estimate
-    value_state baseline="value" with value_fit="running": the `ValueStatistics` of earlier estimates,
-                used for this estimate's baselines and then updated with this batch (the whole
-                batch's, so it stays the same on every rank)
+    value_state baseline="value" with value_fit="running" or value_proxy="surrogate": the `ValueStatistics`
+                of earlier estimates (their value fit, their surrogate regression), used for this
+                estimate's baselines and then updated with this batch (the whole batch's, so it stays
+                the same on every rank)
     reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
+    on_policy   ddpo with advantages: `model` is the policy that sampled `traj` (no optimizer step since), so
+                the importance ratio is 1 exactly (without advantages the samples are scored now and this
+                holds already): DDPO's first minibatches of an epoch
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
     Returns stats: method, reward_mean/std, rewards (the whole batch's with a group; None when not
@@ -355,11 +384,13 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     (model calls), unet_steps (steps recomputed with grad, each a forward and a backward of the batch),
     reward_forward (reward_fn calls on the batch: R(x_0) and, with baseline="value", one per
     likelihood-ratio step), reward_backward (0 or 1: dR/dx_0), unet_forward_samples,
-    unet_backward_samples (sample-steps, docs/estimator.md §7), reward_queries (images whose reward the
-    objective takes: R(x_0), sqdf's soft Q; the value baseline's proxy scores are counted in
-    reward_forward only), term_norms, peak_saved_bytes, for ddpo clip_fraction, ratio_max_deviation
-    (max |r - 1|) and approx_kl, with baseline="value" value_fallbacks (step-sample baselines that fell
-    back to a mean reward: too few pairs or no spread of q), and for sqdf those of `estimate_states`
+    unet_backward_samples (sample-steps, docs/estimator.md §7), reward_images (every image reward_fn
+    scored on this rank: R(x_0), the value baseline's x0_hat proxies, sqdf's soft Q and its record of
+    R(x_0)), reward_backward_images (images whose dR/dx_0 was taken), reward_queries (images whose
+    reward the objective takes: R(x_0), sqdf's soft Q; no proxies), term_norms, peak_saved_bytes, for
+    ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl (per-element-mean log-ratios),
+    with baseline="value" value_fallbacks (step-sample baselines that fell back to a mean reward: too
+    few pairs or no spread of q), and for sqdf those of `estimate_states`
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
@@ -372,28 +403,34 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
     if advantages is not None and options.method != "ddpo":
         raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
+    if on_policy and (options.method != "ddpo" or advantages is None):
+        raise ValueError("on_policy is for method='ddpo' given advantages (a DDPO minibatch); without them the "
+                         "samples are scored now and taken as on-policy already")
     if reference is not None and options.method != "sqdf":
         raise ValueError(f"reference is used by method='sqdf' only, not by method={options.method!r}")
     group = Ranks() if group is None else group
+    reward_fn = None if reward_fn is None else CountedReward(reward_fn)
     if prompt_ids is not None:
         prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
     needs_state = options.needs_value_state
     if needs_state and not isinstance(value_state, ValueStatistics):
-        raise ValueError("baseline='value' with value_fit='running' needs value_state=rlr_fast.ValueStatistics() "
-                         f"(kept across estimates), got {type(value_state).__name__}")
+        raise ValueError("baseline='value' with value_fit='running' or value_proxy='surrogate' needs value_state="
+                         f"rlr_fast.ValueStatistics() (kept across estimates), got {type(value_state).__name__}")
     if value_state is not None and not needs_state:
-        raise ValueError("value_state is used by baseline='value' with value_fit='running' (method rlr or zo) only; "
-                         f"got method={options.method!r}, baseline={options.baseline!r}, value_fit={options.value_fit!r}")
+        raise ValueError("value_state is used by baseline='value' with value_fit='running' or value_proxy='surrogate' "
+                         f"(method rlr or zo) only; got method={options.method!r}, baseline={options.baseline!r}, "
+                         f"value_fit={options.value_fit!r}")
     if options.method == "sqdf":
         steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
         _, rewards, _ = _rewards(reward_fn, traj, False, group)  # the chain's own, for the record
         stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
                                 reference=reference, track_memory=track_memory)
         return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
-                    reward_forward=stats["reward_forward"] + 1)
+                    reward_forward=stats["reward_forward"] + 1, **reward_fn.counts())
 
     terms = None if options.method == "ddpo" else _terms(traj, options, generator)
     rewards = everyone = dr = None
+    advantages_given = advantages is not None
     if options.method == "ddpo" and advantages is not None:
         advantages = torch.as_tensor(advantages, dtype=torch.float64, device=traj.latents.device)
         if advantages.shape != (traj.batch_size,):
@@ -409,7 +446,7 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         if memory is not None:
             stack.enter_context(memory.track())
         if terms is None:
-            extra = _ddpo(model, traj, advantages, options, counter)
+            extra = _ddpo(model, traj, advantages, options, counter, not advantages_given or on_policy)
         else:
             adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)
             s, b = reward_scale(everyone, options), traj.batch_size
@@ -421,7 +458,8 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 unet_backward=counter.backward, reward_backward=int(dr is not None),
                 unet_forward_samples=counter.forward_samples, unet_backward_samples=counter.backward_samples,
                 reward_queries=0 if rewards is None else traj.batch_size, term_norms=grads.norms,
-                peak_saved_bytes=None if memory is None else memory.peak, **extra)
+                peak_saved_bytes=None if memory is None else memory.peak, **extra,
+                **(CountedReward(None) if reward_fn is None else reward_fn).counts())
 
 
 def _local_score(reward_fn: RewardFn):
@@ -443,7 +481,7 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
     unet_forward, unet_backward, unet_steps (steps recomputed with grad per sample: the policy's, and the base model's
     at k+1 for dQ/dx' unless k is the last), reward_forward
     (1: the soft Q), reward_backward (1), unet_forward_samples, unet_backward_samples, reward_queries,
-    term_norms and peak_saved_bytes.
+    reward_images, reward_backward_images, term_norms and peak_saved_bytes.
     """
     options = EstimatorOptions.build(options, **overrides)
     if options.method != "sqdf":
@@ -452,6 +490,7 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
     if not isinstance(states, StepStates):
         raise TypeError(f"states must be rlr_fast.sweep.StepStates, got {type(states).__name__}")
     params = _trainable(model)
+    reward_fn = CountedReward(reward_fn)
     device = states.x.device if generator is None else generator.device
     noise = torch.randn(states.x.shape, generator=generator, device=device, dtype=states.x.dtype).to(states.x.device)
     cond = [states.encoder_hidden_states, states.negative_encoder_hidden_states]
@@ -470,7 +509,8 @@ def estimate_states(model, states: StepStates, reward_fn: RewardFn, options: Opt
             "unet_backward": counter.backward, "unet_forward_samples": counter.forward_samples,
             "unet_backward_samples": counter.backward_samples, "reward_queries": states.batch_size,
             "unet_steps": counter.backward_samples / states.batch_size, "reward_forward": 1, "reward_backward": 1,
-            "term_norms": grads.norms, "peak_saved_bytes": None if memory is None else memory.peak}
+            "term_norms": grads.norms, "peak_saved_bytes": None if memory is None else memory.peak,
+            **reward_fn.counts()}
 
 
 def _reward_stats(rewards: Optional[torch.Tensor]) -> dict:

@@ -30,8 +30,28 @@ METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo", "sqdf")
 AUTO = "auto"
 BASELINES = ("none", "loo", "loo_prompt", "value")
 VALUE_FITS = ("loo", "running")
+# what the value baseline's q_t scores at each step's x0 estimate: the reward itself (one reward call on the
+# batch per likelihood-ratio step) or a regression of R on x0 fitted on earlier estimates' (x0, R) pairs
+VALUE_PROXIES = ("reward", "surrogate")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
 LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo")
+# The methods that read each option (options not listed are read by every method): a value set away
+# from its default for another method is refused (EstimatorOptions.check_used).
+_TERMS = ("rlr", "full_bp", "truncated_bp", "zo")  # estimates built from F / H / C terms
+USED_BY = {
+    "first_order_steps": ("rlr",), "h": ("rlr",), "j": ("rlr",), "zo_steps": ("rlr", "zo"),
+    "baseline": ("rlr", "zo"), "value_fit": ("rlr", "zo"), "value_proxy": ("rlr", "zo"), "value_decay": ("rlr", "zo"),
+    "normalize": _TERMS, "truncated_bp_k": ("truncated_bp",), "clip_range": ("ddpo",),
+    "sqdf_alpha": ("sqdf",), "sqdf_gamma": ("sqdf",), "sqdf_steps": ("sqdf",), "x0_estimator": ("sqdf",),
+    "consistency_model": ("sqdf",), "consistency_steps": ("sqdf",), "consistency_guidance": ("sqdf",),
+    "sqdf_reward_mask": ("sqdf",), "aim_steps": ("rlr", "zo"), "aim_share": ("rlr", "zo"),
+    "max_batch": ("rlr", "zo", "ddpo"),
+}
+
+
+def uses(method: str, name: str) -> bool:
+    """Whether `method` reads the estimator option `name` (method='auto' may choose any)."""
+    return method == AUTO or method in USED_BY.get(name, METHODS)
 
 
 def option(default: Any, doc: str):
@@ -216,6 +236,10 @@ class EstimatorOptions:
                                        "and earlier estimates' (running; estimate(value_state=...), which finetune "
                                        "keeps and checkpoints) or on the batch's other samples only (loo: a slope "
                                        "needs 4 of them, so batch >= 5)")
+    value_proxy: str = option("reward", "baseline=value: q_t is the reward of the step's x0 estimate (reward, one "
+                                        "reward call per likelihood-ratio step) or a ridge regression of R on "
+                                        "pooled pixels of x0 fitted on earlier estimates' (x0, R) pairs only "
+                                        "(surrogate: no extra reward calls; value_state carries the fit)")
     value_decay: float = option(0.9, "baseline=value, value_fit=running: weight kept per estimate by earlier "
                                      "samples (0..1; 1 never forgets)")
     normalize: Union[bool, float] = option(False, "divide the whole estimate by the batch reward std (true; "
@@ -278,6 +302,7 @@ class EstimatorOptions:
         if isinstance(self.baseline, str):
             check_choice("baseline", self.baseline, BASELINES)
         check_choice("value_fit", self.value_fit, VALUE_FITS)
+        check_choice("value_proxy", self.value_proxy, VALUE_PROXIES)
         if not 0 <= self.value_decay <= 1:
             raise ValueError(f"value_decay must be in [0, 1], got {self.value_decay}")
         if isinstance(self.j, str):
@@ -324,7 +349,18 @@ class EstimatorOptions:
             raise ValueError(f"aim_share must be in (0, 1) so that every step keeps a chance, got {self.aim_share}")
         if not isinstance(self.normalize, bool) and not (math.isfinite(self.normalize) and self.normalize > 0):
             raise ValueError(f"normalize must be true/false or a positive scale, got {self.normalize}")
+        if type(self) is EstimatorOptions:  # a Config keeps every method's keys; `of` passes on the method's
+            self.check_used()
         return self
+
+    def check_used(self) -> None:
+        """Every option set away from its default is one this method reads (else a one-line error)."""
+        defaults = EstimatorOptions.__dataclass_fields__
+        for name in self.names():
+            if not uses(self.method, name) and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name}={getattr(self, name)!r} is ignored by method={self.method!r} (it is read by "
+                                 f"{', '.join(m for m in METHODS if uses(m, name))}); leave it at its default "
+                                 f"{defaults[name].default!r}")
 
     def check_chain(self, num_steps: int, eta: float) -> None:
         """The checks that need the chain: step counts fit in T, likelihood ratios have noise.
@@ -366,8 +402,9 @@ class EstimatorOptions:
 
     @property
     def needs_value_state(self) -> bool:
-        """`estimate` needs a `ValueStatistics` carried across estimates (`value_state=`)."""
-        return self.needs_x0_hat and self.value_fit == "running"
+        """`estimate` needs a `ValueStatistics` carried across estimates (`value_state=`): the running fit,
+        or the surrogate proxy's regression, both fitted on earlier estimates."""
+        return self.needs_x0_hat and (self.value_fit == "running" or self.value_proxy == "surrogate")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -380,11 +417,20 @@ class EstimatorOptions:
             raise TypeError(f"expected EstimatorOptions (or a Config), got {type(source).__name__}")
         if type(source) is EstimatorOptions:
             return source
-        return EstimatorOptions(**{n: getattr(source, n) for n in cls.names()})
+        return cls.carried(source, source.method)
+
+    @classmethod
+    def carried(cls, source, to: str, **changes) -> "EstimatorOptions":
+        """The options of `source` that method `to` reads (the others at their defaults), with `changes`:
+        a Config's keys for other methods, or an estimate's options switched to another method, are
+        dropped rather than refused."""
+        kept = {n: getattr(source, n) for n in cls.names() if uses(to, n) and n not in changes}
+        return EstimatorOptions(**{**kept, "method": to, **changes})
 
     @classmethod
     def build(cls, options: Optional["EstimatorOptions"] = None, **overrides) -> "EstimatorOptions":
-        """`options` (or the defaults) with `overrides` parsed by type and validated."""
+        """`options` (or the defaults) with `overrides` parsed by type and validated. Switching `method`
+        keeps only the options the new method reads; an override it ignores is an error."""
         base = EstimatorOptions() if options is None else cls.of(options)
         types_ = field_types(EstimatorOptions)
         for key in overrides:
@@ -392,4 +438,6 @@ class EstimatorOptions:
                 raise TypeError(unknown_key_message(key, types_, "estimator option",
                                                     "rlr_fast.options.EstimatorOptions"))
         changes = {k: coerce(k, v, types_[k]) for k, v in overrides.items()}
+        if changes.get("method", base.method) != base.method and changes["method"] in METHODS:
+            return cls.carried(base, changes["method"], **changes)
         return dataclasses.replace(base, **changes)

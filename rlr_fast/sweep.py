@@ -227,21 +227,25 @@ def likelihood_ratio(model, traj: Trajectory, ks: Sequence[int], weights: torch.
 
 
 def ratio_surrogate(model, traj: Trajectory, ks: Sequence[int], surrogate: Callable[[torch.Tensor], torch.Tensor],
-                    options: EstimatorOptions, counter: CallCounter) -> None:
+                    options: EstimatorOptions, counter: CallCounter, on_policy: bool = False) -> None:
     """Back-propagate `surrogate(log_ratio)`, chunk by chunk of the steps `ks`, into `.grad`.
 
     log_ratio (n, B) = log p_theta(x_{t-1} | x_t) - log p_traj(x_{t-1} | x_t) of the chunk's stored
-    draws (the trajectory's policy in the denominator), float64. It is computed as -n.d - |d|^2 / 2
-    with d = (mean_traj - mean_theta) / sigma (the D log sigma terms cancel), which stays exact in
-    fp32 where differencing two summed log-densities of ~10^4 elements would not.
+    draws (the trajectory's policy in the denominator), float64, each log-density the mean over the
+    latent's D elements as ddpo-pytorch takes it (so its clip range means what theirs does). It is
+    computed as -mean(n.d + d^2 / 2) with d = (mean_traj - mean_theta) / sigma (the log sigma terms
+    cancel), which stays exact in fp32 where differencing two log-densities would not. `on_policy`:
+    the model is the one that sampled `traj`, so the denominator's mean is the recomputed one itself:
+    the ratio is exactly 1 (no recomputation rounding) and its gradient the score of the stored draw.
     """
     for _, chunk in _chunks(ks, traj.batch_size, options.max_batch):
         with nvtx_range(f"ratio surrogate steps {chunk}"):
-            cotangent = _surrogate_cotangent(traj, chunk, surrogate)
+            cotangent = _surrogate_cotangent(traj, chunk, surrogate, on_policy)
             _backward_steps(model, traj, chunk, None, cotangent, options, counter)
 
 
-def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate) -> Callable[[torch.Tensor], torch.Tensor]:
+def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate,
+                         on_policy: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """The gradient of `surrogate(log_ratio)` with respect to the recomputed means of steps `ks`."""
     idx = torch.as_tensor(ks, device=traj.latents.device)
     noise = traj.noises[idx]
@@ -251,8 +255,8 @@ def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate) -> Callable
     def cotangent(mean: torch.Tensor) -> torch.Tensor:
         mean = mean.detach().requires_grad_()
         with torch.enable_grad():
-            d = (mean_traj - mean) / sigma
-            log_ratio = (-(noise * d) - 0.5 * d * d).double().flatten(2).sum(2)
+            d = ((mean.detach() if on_policy else mean_traj) - mean) / sigma
+            log_ratio = (-(noise * d) - 0.5 * d * d).double().flatten(2).mean(2)
             (g,) = torch.autograd.grad(surrogate(log_ratio), mean)
         return g
 

@@ -243,7 +243,7 @@ class MeasuredDesign:
     plus its subsampling variance given the chain; their mean is the design's trace variance."""
 
     values: torch.Tensor  # (M,)
-    cost: float  # UNet forward-equivalents per update (rlr_fast.design.CostModel)
+    cost: float  # UNet forward-equivalents per update (rlr_fast.costs.CostModel)
 
     @property
     def efficiency(self) -> float:
@@ -266,7 +266,7 @@ def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches:
     The designs are written out from docs/estimator.md §4-§5 (not from rlr_fast.design), each assembled
     from per-step shares of sweep.pathwise_sweep run on all batches at once (GroupedLinearEps).
     """
-    from .design import CostModel
+    from .costs import CostModel, Work
 
     costs = CostModel() if costs is None else costs
     T, M, B = num_steps, batches, batch_size
@@ -301,10 +301,11 @@ def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches:
         error = (sum([pathwise[t - 1] for t in F] + H + ratios, torch.zeros_like(exact)) - exact).pow(2).sum(-1)
         m = len(C)
         spread = torch.stack(ratios).var(0).sum(-1) if m >= 2 else torch.zeros_like(error)
-        return {(k if k < m else None): MeasuredDesign(error + (m * m / k - m) * spread,
-                                                       sum(costs.update(T, pathwise_steps + k, reward_grad, False)))
-                for k in range(1, m + 1)} if m else {None: MeasuredDesign(error, sum(costs.update(
-                    T, pathwise_steps, reward_grad, False)))}
+        def cost(k: int) -> float:
+            return costs.forward_equivalents(Work(T, pathwise_steps, k, 0, 1, int(reward_grad)))
+
+        return {(k if k < m else None): MeasuredDesign(error + (m * m / k - m) * spread, cost(k))
+                for k in range(1, m + 1)} if m else {None: MeasuredDesign(error, cost(0))}
 
     deterministic = [t for t in range(1, T + 1) if sigma[t - 1] == 0]
     f0 = max(deterministic, default=0)

@@ -536,6 +536,8 @@ def _commit(run: _Run, grads, designed: Optional[Design], seconds: float, log: M
         record["design"] = run.commit_design(designed)
         pilots, batch = designed.pilot_cost, designed.batch_size
         record["design_reward_queries"] = pilots["reward_forward"] * batch
+        record["reward_images"] += pilots["reward_forward"] * batch  # every image scored counts, pilots' too
+        record["reward_backward_images"] += pilots["reward_backward"] * batch
         record["unet_forward_samples"] += (pilots["rollout_forward_equivalents"] + pilots["recomputed_steps"]) * batch
         record["unet_backward_samples"] += pilots["recomputed_steps"] * batch
     run.rng = capture_rng(run.generators)

@@ -135,9 +135,11 @@ class TrainingRollout:
 COUNTS = ("unet_forward", "unet_backward", "unet_steps", "reward_forward", "reward_backward", "value_fallbacks")
 
 
-# What a step costs, in the units of docs/estimator.md §7: images the reward scored, and model
+# What a step costs, in the units of docs/estimator.md §7: images the reward scored (every one, value-baseline
+# proxies and records included; those whose dR/dx0 was taken; those the objective takes), and model
 # evaluations of one sample at one step (forward; backward), the rollouts' included.
-COST_KEYS = ("reward_queries", "unet_forward_samples", "unet_backward_samples")
+COST_KEYS = ("reward_images", "reward_backward_images", "reward_queries", "unet_forward_samples",
+             "unet_backward_samples")
 
 
 @dataclass
@@ -238,6 +240,7 @@ class StepContext:
         when a reward is NaN/Inf (the methods that store samples skip such a batch's step)."""
         ids, traj, reward_fn = self.sample(cost)
         cost["reward_queries"] += traj.batch_size
+        cost["reward_images"] += traj.batch_size
         try:
             with autocast(self.device, self.dtype):
                 rewards, _, _ = _rewards(reward_fn, traj, need_grad=False)

@@ -19,14 +19,12 @@ torch.set_num_threads(1)
 
 def pytest_sessionstart(session):
     """RLR_FAST_REQUIRE_GPU=1 (bench/gpu_check.sh): stop at once, rather than skip the GPU tests,
-    where there is no GPU, rlr_fast._C lacks its CUDA kernels or Triton would run interpreted."""
+    where there is no GPU or Triton would run interpreted. A rlr_fast._C without its CUDA kernels (a
+    failed build) fails test_compiled.py's CUDA cases instead, so that the Triton checks still run."""
     if os.environ.get("RLR_FAST_REQUIRE_GPU") != "1":
         return
-    from rlr_fast import _C
-
     lacking = [what for what, present in (
         ("a CUDA device", torch.cuda.is_available()),
-        ("rlr_fast._C built with its CUDA kernels", _C.has_cuda()),
         ("compiled Triton (TRITON_INTERPRET is set)", os.environ.get("TRITON_INTERPRET", "0") in ("", "0")),
     ) if not present]
     if lacking:

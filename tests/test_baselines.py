@@ -45,11 +45,15 @@ def test_scales():
 
 def test_ddpo_advantages_are_standardised_per_prompt():
     per_prompt = ddpo_advantages(R, PROMPTS)
-    # prompt 0: rewards 1, 4 -> mean 2.5, std 2.121; prompt 1: 2, 7 -> mean 4.5, std 3.536
-    expected = [-1.5 / 4.5 ** 0.5, -2.5 / 12.5 ** 0.5, 1.5 / 4.5 ** 0.5, 2.5 / 12.5 ** 0.5]
-    torch.testing.assert_close(per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    # as the training loop (and ddpo-pytorch's stat tracker): population std + 1e-6
+    # prompt 0: rewards 1, 4 -> mean 2.5, std 1.5; prompt 1: 2, 7 -> mean 4.5, std 2.5
+    expected = [-1.5 / (1.5 + 1e-6), -2.5 / (2.5 + 1e-6), 1.5 / (1.5 + 1e-6), 2.5 / (2.5 + 1e-6)]
+    torch.testing.assert_close(per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     whole = ddpo_advantages(R)
-    torch.testing.assert_close(whole, (R - 3.5) / 7 ** 0.5, rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole, (R - 3.5) / (5.25 ** 0.5 + 1e-6), rtol=1e-12, atol=0)
+    # one ddpo_advantages: the standalone function and the loop's history agree on one epoch
+    loop, _ = PromptRewardHistory(size=16, min_count=16).advantages(["p"] * 4, R)
+    torch.testing.assert_close(whole, loop, rtol=0, atol=0)
 
 
 def test_prompt_reward_history_by_hand():
@@ -158,3 +162,25 @@ def test_value_statistics_round_trip_and_errors():
         ValueStatistics().load_state_dict({k: v for k, v in state.state_dict().items() if k != "ss_qr"})
     with pytest.raises(ValueError, match="must all be \\(num_steps,\\)"):
         ValueStatistics().load_state_dict(dict(state.state_dict(), count=torch.zeros(3)))
+
+
+def test_reward_surrogate_fits_a_quadratic_and_round_trips():
+    """The surrogate's features (x, x^2, 1) make a quadratic reward of a vector exactly linear: fitted on
+    earlier pairs it predicts new ones; before as many pairs as features it predicts nothing (NaN)."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+
+    def reward(x):
+        return -(x - target).pow(2).sum(-1)
+
+    state = ValueStatistics()
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    state.surrogate.update(x, reward(x), 0.9)
+    assert torch.isnan(state.surrogate.predict(x)).all()  # 4 pairs < 7 features
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    state.surrogate.update(x, reward(x), 0.9)
+    new = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)  # (steps, batch, dim): as x0_hat[ks]
+    torch.testing.assert_close(state.surrogate.predict(new), reward(new), rtol=1e-4, atol=1e-4)
+    copy = state.copy()
+    assert torch.equal(copy.surrogate.predict(new), state.surrogate.predict(new))
+    assert ValueStatistics().state_dict() == {}

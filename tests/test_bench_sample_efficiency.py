@@ -1,6 +1,6 @@
-"""bench/sample_efficiency.py --quick: every method runs on the same budget of reward queries, its
-UNet work per query is what docs/estimator.md §7 says it costs, DDPO's later steps clip, and the
-table, the CSV and the goal line agree with each other."""
+"""bench/sample_efficiency.py --quick: both tracks, every method within the same budget of images scored,
+UNet work per image as rlr_fast.costs says, DDPO's epochs on-policy first, and the table, the CSV and
+the goal line agree with each other."""
 
 import csv
 
@@ -8,76 +8,91 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import sample_efficiency  # the repository root is on sys.path: pyproject's pytest `pythonpath`
+from bench import sample_efficiency as se  # the repository root is on sys.path: pyproject's pytest `pythonpath`
+from rlr_fast.config import Config
+from rlr_fast.costs import work
+
+pytestmark = pytest.mark.slow  # 34 short finetune runs: minutes on 2 cores
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample_efficiency")
-    return sample_efficiency.main(["--quick", "--out", str(out)]), out
+    return se.main(["--quick", "--out", str(out)]), out
 
 
-def test_every_method_spends_the_same_budget(quick):
+def test_every_method_spends_the_budget_in_images_scored(quick):
     result, _ = quick
     study = result["study"]
-    settings = study.settings
-    assert [r["method"] for r in result["rows"]] == [m.label for m in study.methods]
-    for method in study.methods:
-        runs = study.runs[method.label]
-        assert [r.seed for r in runs] == list(settings.figure_seeds)
+    s = study.settings
+    for (track, label), runs in study.runs.items():
+        keys = dict(s.base, **se.TRACKS[track].methods[label])
+        cycle, _ = se.images_per_step(keys)
         for run in runs:
-            # method=auto's design pilots are scored too, and counted in its budget
-            assert sum(r["reward_queries"] + r.get("design_reward_queries", 0) for r in run.records) == settings.budget
+            spent = sum(r["reward_images"] for r in run.records)  # auto's pilots included
+            assert s.budget - cycle < spent <= s.budget, (label, spent)
             assert run.eval_mean is not None and np.isfinite(run.eval_mean)
+    assert [r.seed for r in study.runs[("black-box", "zo (loo)")]] == list(s.figure_seeds)
 
 
-def test_unet_work_per_query_is_the_methods_cost(quick):
-    """Per sampled image: T rollout forwards, then each recomputed step one forward and one backward
-    (a backward is `backward_cost` forwards)."""
+def test_unet_work_per_image_is_the_cost_models(quick):
+    """Counted by the training loop (sample-steps) against rlr_fast.costs.work: per sample, the rollout's
+    T forwards and each recomputed step a forward and a backward (`backward_cost` forwards), over the
+    images the estimate scores (the value baseline's proxies multiply them)."""
     result, _ = quick
-    T, c = result["study"].settings.base["num_steps"], result["study"].backward_cost
+    study = result["study"]
+    c, s = study.backward_cost, study.settings
     assert 0.5 < c < 1.5  # LoRA-only weight gradients: cheaper than the classic 2x
-    per_query = {r["method"]: r["unet_fwd_equiv_per_query"] for r in result["rows"]}
-    every_step = T + T * (1 + c)
-    for label in ("rlr (f=1, h=2, uniform j, loo)", "zo (loo)", "ddpo", "full_bp"):
-        assert per_query[label] == pytest.approx(every_step, rel=1e-9), label
-    assert per_query["draft-1"] == pytest.approx(T + 1 + c, rel=1e-9)
-    assert T + 1 + c - 1e-9 <= per_query["alignprop (random K)"] <= every_step + 1e-9
+    for track in s.tracks:
+        rows = {r["method"]: r for r in result["summaries"][track][0]}
+        for label, keys in se.TRACKS[track].methods.items():
+            if keys["method"] not in ("rlr", "zo", "full_bp") or label not in rows:
+                continue
+            w = work(Config(**dict(s.base, **keys)).estimator_options(), s.base["num_steps"])
+            expected = (w.rollout + w.recomputed * (1 + c) + w.forwards) / w.reward_images
+            assert rows[label]["unet_fwd_equiv_per_image"] == pytest.approx(expected, rel=1e-9), label
 
 
-def test_ddpo_steps_after_an_epochs_first_are_clipped(quick):
-    rows = {r["method"]: r for r in quick[0]["rows"]}
-    assert rows["ddpo"]["clip_fraction_off_policy"] > 0
-    assert all(r["clip_fraction_off_policy"] is None for label, r in rows.items() if label != "ddpo")
+def test_ddpo_epochs_start_on_policy(quick):
+    study = quick[0]["study"]
+    for key, runs in study.runs.items():
+        if se.TRACKS[key[0]].methods[key[1]]["method"] != "ddpo":
+            continue
+        for run in runs:
+            first = [r for r in run.records if r["reward_images"]]
+            assert first and all(r["estimator"]["ratio_max_deviation"] == 0 for r in first)  # ratio 1 exactly
+
+
+def test_auto_is_labelled_with_its_design(quick):
+    rows = quick[0]["summaries"]["differentiable"][0]
+    assert any(r["method"].startswith("auto (chose ") for r in rows)
+
+
+def test_lr_grid_extends_past_a_best_edge():
+    assert se.next_lrs({1e-3: -1.0, 1e-2: -0.5}, 0, 2) == [3e-2]
+    assert se.next_lrs({1e-3: -0.4, 1e-2: -0.5}, 0, 2) == [1e-3 / 3]
+    assert se.next_lrs({1e-3: -0.6, 3e-3: -0.4, 1e-2: -0.5}, 0, 2) == []  # interior
+    assert se.next_lrs({1e-3: -1.0, 1e-2: -0.5}, 2, 2) == []  # extensions spent
 
 
 def test_table_csv_and_goal_agree(quick):
     result, out = quick
-    rows, goal, study = result["rows"], result["goal"], result["study"]
-    settings = study.settings
+    study = result["study"]
     with (out / "sample_efficiency.csv").open() as f:
         points = list(csv.DictReader(f))
-    window = goal["window"]
-    for row in rows:
-        mine = [p for p in points if p["method"] == row["method"]]
-        per_seed = {}
-        for p in mine:
-            per_seed.setdefault(p["seed"], []).append(float(p["reward"]))
-        finals = [np.mean(v[-window:]) for v in per_seed.values()]
-        assert row["final_reward"] == pytest.approx(np.mean(finals), abs=1e-5)  # the CSV keeps 6 digits
-        queries = sorted({int(p["queries"]) for p in mine})
-        design = study.runs[row["method"]][0].records[0].get("design_reward_queries", 0)  # auto's pilots come first
-        assert queries == list(range(design + settings.bin, settings.budget + 1, settings.bin))
-        for key in ("queries_to_ddpo_final", "queries_to_90pct_full_bp_gain"):
-            assert row[key] is None or row[key] in queries
-    ddpo = next(r for r in rows if r["method"] == "ddpo")
-    assert goal["ddpo_final"] == pytest.approx(ddpo["final_reward"])
-    assert ddpo["queries_to_ddpo_final"] is not None  # its own final, reached by the end at the latest
-    best = next(r for r in rows if r["method"] == goal["best_rlr"])
-    assert goal["best_rlr_queries"] == best["queries_to_ddpo_final"]
-    assert goal["met"] == (best["queries_to_ddpo_final"] is not None and 3 * best["queries_to_ddpo_final"]
-                           <= settings.budget)
     text = (out / "sample_efficiency.md").read_text()
-    assert "Device: CPU" in text and "Load average" in text and f"Best RLR variant: {goal['best_rlr']}" in text
+    for track, (rows, _, goal) in result["summaries"].items():
+        for row, label in zip(rows, se.TRACKS[track].methods):
+            mine = [p for p in points if p["track"] == track and p["method"] == label]
+            finals = [float(p["reward"]) for p in mine if int(p["images"]) == study.settings.budget]
+            assert row["final_reward"] == pytest.approx(np.mean(finals), abs=1e-5)  # the CSV keeps 6 digits
+        ddpo = next(r for r in rows if r["method"].startswith("ddpo"))
+        assert goal["ddpo_final"] == pytest.approx(ddpo["final_reward"])
+        assert ddpo["images_to_ddpo_final"] is not None  # its own final, reached by the end at the latest
+        best = next(r for r in rows if r["method"] == goal["best_rlr"])
+        assert goal["best_rlr_images"] == best["images_to_ddpo_final"]
+        assert goal["met"] == (goal["half"] and best["final_reward"] > goal["ddpo_final"])
+        assert se.goal_line(goal) in text
+    assert "Device: CPU" in text and "Load average" in text and "CPU min" in text
     with Image.open(out / "sample_efficiency.png") as png:
-        assert png.width > 3 * 400 and png.height > 300  # three panels side by side
+        assert png.width > 6 * 400 and png.height > 300  # three panels per track, side by side

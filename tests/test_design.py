@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import rlr_fast
+from rlr_fast.costs import Work
 from rlr_fast.design import CostModel, GradSketch, Pilot, families
 from rlr_fast.design.pieces import Stacked, family_variances, record_pieces
 from rlr_fast.estimators import valid_js
@@ -193,7 +194,7 @@ def test_chosen_design_is_within_20_percent_of_the_grid_best(recomputed_steps, m
     above 1.2 / 1.2 = 1, and the grid's ranking at 20% is resolved, not noise."""
     T, costs = 6, CostModel()
     base, sched = _toy()
-    budget = None if recomputed_steps is None else sum(costs.update(T, recomputed_steps, True, False))
+    budget = None if recomputed_steps is None else costs.forward_equivalents(Work(T, recomputed_steps, 0, 0, 1, 1))
     chosen = rlr_fast.design(base, _rollouts(base, sched, 32, steps=T, seed=11), quadratic_reward(TARGET),
                              budget=budget, max_h=T, baselines=("none", "loo"), progress=False).chosen
     assert budget is None or chosen.cost <= budget

@@ -46,7 +46,7 @@ def _estimates(method, *, n, batch=4, steps=8, eta=1.0, sched_kw=None, seed=0, *
     g = torch.Generator().manual_seed(seed)
     reward = quadratic_reward(TARGET)
     value = opts.get("baseline") == "value"
-    if value and opts.get("value_fit", "running") == "running":
+    if value and (opts.get("value_fit", "running") == "running" or opts.get("value_proxy") == "surrogate"):
         opts["value_state"] = rlr_fast.ValueStatistics()
     out = torch.empty(n, exact.numel(), dtype=torch.float64)
     for i in range(n):
@@ -210,7 +210,8 @@ def test_ddpo_matches_surrogate_written_with_log_densities():
     for k in range(5):
         mean = rlr_fast.recompute_step(model, traj, k)
         dist = torch.distributions.Normal(mean, traj.sigmas[k])
-        ratio = (dist.log_prob(traj.latents[k + 1]).sum(1) - traj.log_probs[k]).exp()
+        # per-element-mean log-densities, as ddpo-pytorch (the stored log_probs are sums over D = 3)
+        ratio = (dist.log_prob(traj.latents[k + 1]).mean(1) - traj.log_probs[k] / 3).exp()
         loss = loss + torch.maximum(-adv * ratio, -adv * ratio.clamp(0.95, 1.05)).mean() / 5
     loss.backward()
     torch.testing.assert_close(ours, _grad_vector(model), rtol=1e-6, atol=1e-9)
@@ -233,10 +234,54 @@ def test_ddpo_on_policy_is_likelihood_ratio_with_advantages():
         p.grad = None
     # zo with reward := A on all 4 stochastic steps gives -(1/B) sum_{b,t} A_b grad log p; DDPO / T
     rlr_fast.estimate(model, traj, lambda x0: adv, method="zo")
-    torch.testing.assert_close(ddpo, _grad_vector(model) / 4, rtol=1e-9, atol=1e-12)
+    # a per-element-mean log-density is the summed one / D (D = 3)
+    torch.testing.assert_close(ddpo, _grad_vector(model) / 4 / 3, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ddpo_on_policy_ratio_is_exactly_one_at_sd14_shapes(dtype):
+    """Issue 24 section 3: on DDPO's first minibatch the recomputed means differ from the rollout's by
+    rounding, which the stored-draw ratio turned into clipped terms; on_policy=True takes the recomputed
+    mean as the denominator's, so r = 1 exactly, at SD1.4's 4 x 64 x 64 latents in fp16 too."""
+    sched = make_scheduler(**SD_SCHEDULE)
+    model = LinearEps(sched.alphas_cumprod, (4, 64, 64)).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    traj = rlr_fast.rollout(model, sched, torch.randn(2, 4, 64, 64, generator=g).to(dtype), num_steps=4, eta=1.0,
+                            generator=g)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    stats = rlr_fast.estimate(model, traj, None, method="ddpo", advantages=adv, on_policy=True)
+    assert stats["ratio_max_deviation"] == 0 and stats["clip_fraction"] == 0 and stats["approx_kl"] == 0
+    on_policy = _grad_vector(model).clone()
+    assert torch.isfinite(on_policy).all() and on_policy.abs().sum() > 0
+    for p in model.parameters():
+        p.grad = None
+    stored = rlr_fast.estimate(model, traj, None, method="ddpo", advantages=adv)  # the stored draws' means
+    if dtype == torch.float16:  # what on_policy removes: recomputation rounding in the ratio
+        assert stored["ratio_max_deviation"] > 0
+    with pytest.raises(ValueError, match="on_policy is for method='ddpo' given advantages"):
+        rlr_fast.estimate(model, traj, lambda x0: x0.flatten(1).float().mean(1), method="ddpo", on_policy=True)
 
 
 # ---- options: one validated EstimatorOptions, however it is given --------------------------------
+
+
+@pytest.mark.parametrize("method,option,value", [
+    ("ddpo", "baseline", "value"), ("sqdf", "baseline", "loo"), ("sqdf", "normalize", True),
+    ("sqdf", "max_batch", 8), ("ddpo", "h", 4), ("rlr", "clip_range", 0.2), ("full_bp", "zo_steps", 2),
+    ("zo", "sqdf_alpha", 0.1)])
+def test_an_option_the_method_ignores_is_a_one_line_error(toy, method, option, value):
+    with pytest.raises(ValueError, match=rf"^{option}={value!r} is ignored by method={method!r} \(it is read by "):
+        rlr_fast.estimate(*toy, method=method, **{option: value})
+
+
+def test_switching_method_drops_the_old_methods_options():
+    rlr = EstimatorOptions(method="rlr", h=4, baseline="loo", max_batch=8)
+    ddpo = EstimatorOptions.build(rlr, method="ddpo")
+    assert (ddpo.h, ddpo.baseline, ddpo.max_batch) == (EstimatorOptions().h, "none", 8)  # max_batch: ddpo reads it
+    with pytest.raises(ValueError, match="baseline='loo' is ignored by method='ddpo'"):
+        EstimatorOptions.build(rlr, method="ddpo", baseline="loo")
+    # a Config keeps every method's keys; its estimator options are the method's
+    assert Config(method="sqdf", baseline="loo").estimator_options().baseline == "none"
 
 
 def test_options_object_config_and_overrides_give_the_same_estimate(toy):
@@ -367,6 +412,10 @@ VALUE_UNBIASED = [
     pytest.param("rlr", 0.5, dict(timestep_spacing="trailing"), dict(h=3, zo_steps=2, value_fit="loo"),
                  id="rlr-loo-fit-eta0.5-trailing-k2"),
     pytest.param("rlr", 1.0, dict(set_alpha_to_one=True), dict(h=2, value_decay=0.5), id="rlr-running-sigma0-last"),
+    # the surrogate proxy (no reward call on x0_hat), fitted on earlier estimates' (x0, R) only
+    pytest.param("zo", 1.0, {}, dict(value_fit="loo", value_proxy="surrogate"), id="zo-loo-fit-surrogate"),
+    pytest.param("rlr", 1.0, SD_SCHEDULE, dict(first_order_steps=0, h=2, value_proxy="surrogate"),
+                 id="rlr-f0-running-surrogate-sd-schedule"),
 ]
 
 
@@ -400,7 +449,8 @@ def _squared_deviations(method, configs, *, n, steps, batch, sched_kw, eta=1.0):
                               eta=eta, generator=g, store_x0_hat=True) for _ in range(n)]
     out = {}
     for name, opts in configs.items():
-        state = rlr_fast.ValueStatistics() if opts.get("baseline") == "value" and opts.get("value_fit") != "loo" else None
+        state = rlr_fast.ValueStatistics() if opts.get("baseline") == "value" and (
+            opts.get("value_fit") != "loo" or opts.get("value_proxy") == "surrogate") else None
         draws = torch.Generator().manual_seed(4)
         est = torch.empty(n, 12, dtype=torch.float64)
         for i, traj in enumerate(trajs):
@@ -426,6 +476,38 @@ def test_value_baseline_cuts_zo_variance_on_the_toy():
     on the paired differences of squared deviations, 3 standard errors from zero."""
     sq = _squared_deviations("zo", VALUE_VS_LOO, n=300, steps=20, batch=8, sched_kw=dict(timestep_spacing="trailing"))
     assert _lower_bound(sq["loo"] / 2.5 - sq["value"]) > 0, {k: float(v.mean()) for k, v in sq.items()}
+
+
+def test_surrogate_proxy_at_x0_instead_of_x0_hat_is_biased(monkeypatch):
+    """The power of the surrogate's z-test: the same regression evaluated at the chain's x0 (which holds
+    every step's noise, eps_t included) instead of x0_hat_t carries each term's own noise into its baseline."""
+    from rlr_fast.baselines import RewardSurrogate
+
+    predict = RewardSurrogate.predict
+    seen = {}
+
+    def at_x0(self, x0_hat):
+        return predict(self, seen["x0"].expand_as(x0_hat))
+
+    original_rollout = rlr_fast.rollout
+
+    def remembering(*args, **kwargs):
+        traj = original_rollout(*args, **kwargs)
+        seen["x0"] = traj.x0
+        return traj
+
+    monkeypatch.setattr(RewardSurrogate, "predict", at_x0)
+    monkeypatch.setattr(rlr_fast, "rollout", remembering)
+    est, exact = _estimates("zo", n=600, batch=8, baseline="value", value_fit="loo", value_proxy="surrogate")
+    assert _max_z(est, exact) > 3 * Z_MAX
+
+
+def test_surrogate_proxy_cuts_zo_variance_without_reward_calls():
+    """On the toy the reward is quadratic in x0, so the surrogate (pixels and their squares) learns it:
+    the value baseline's variance cut at no reward call beyond R(x0)."""
+    configs = dict(loo=dict(baseline="loo"), surrogate=dict(baseline="value", value_proxy="surrogate"))
+    sq = _squared_deviations("zo", configs, n=300, steps=20, batch=8, sched_kw=dict(timestep_spacing="trailing"))
+    assert _lower_bound(sq["loo"] / 2.5 - sq["surrogate"]) > 0, {k: float(v.mean()) for k, v in sq.items()}
 
 
 def test_value_baseline_cuts_rlr_variance_on_the_toy():
@@ -500,7 +582,8 @@ def test_value_baseline_errors(toy):
     model, traj, reward = toy
     with pytest.raises(ValueError, match=r"roll out with rlr_fast.rollout\(..., store_x0_hat=True\)"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="value", value_fit="loo")
-    with pytest.raises(ValueError, match=r"value_fit='running' needs value_state=rlr_fast.ValueStatistics\(\)"):
+    with pytest.raises(ValueError, match=r"value_fit='running' or value_proxy='surrogate' needs value_state="
+                                         r"rlr_fast.ValueStatistics\(\)"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="value")
     with pytest.raises(ValueError, match="value_state is used by baseline='value' with value_fit='running'"):
         rlr_fast.estimate(model, traj, reward, method="zo", baseline="loo", value_state=rlr_fast.ValueStatistics())

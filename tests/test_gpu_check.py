@@ -3,6 +3,8 @@ as the GPU run, tiny shapes), the budget and failure handling, the report's read
 the unfused baseline bench/speed.py times the fused kernels against."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
 
-def _run(tmp_path, *args, timeout=300, **env):
+def _run(tmp_path, *args, timeout=1200, **env):  # a busy 2-core CPU: minutes
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     full_env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), **env}
@@ -47,6 +49,39 @@ def test_dry_run_runs_every_stage_and_reports(tmp_path):
     copied = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "cpu.md" in copied and "gpu_check.log" in copied and len(copied) <= 8
     assert "stage timings" in result.stdout
+
+
+def test_a_dry_run_writes_only_into_a_scratch_folder(tmp_path):
+    """Without --results a dry run writes under /tmp, never into the committed bench/results or the
+    source tree, and its stages (subshells) see where the results go."""
+    before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--stages", "setup"], cwd=ROOT,
+                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(out)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = Path(result.stdout.split("results go to ")[1].split()[0])
+    try:
+        assert results.parent == Path("/tmp") and results.name.startswith("gpu_check_dry_run.")
+        assert (results / "gpu_check.log").is_file() and (results / "cpu.md").is_file()
+    finally:
+        shutil.rmtree(results)
+    assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").iterdir()} == before
+    assert not (ROOT / "rlr_fast" / "kernels").is_symlink()
+    assert {"cpu.md", "gpu_check.log"} <= {p.name for p in out.iterdir()}
+
+
+def test_the_stage_limits_fit_the_budget():
+    """The stages' limits and the time kept for the report add up to under the 455 s a device session has."""
+    text = SCRIPT.read_text()
+    limits = dict(re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A LIMIT=\((.*)\)", text).group(1)))
+    budget = int(re.search(r"^GPU_BUDGET_S=(\d+)", text, re.M).group(1))
+    report = int(re.search(r"^REPORT_S=(\d+)", text, re.M).group(1))
+    order = re.search(r"^ORDER=\((.*)\)", text, re.M).group(1).split()
+    assert set(limits) == set(order) == {"setup", "build", "memory", "speed", "tests", "ncu"}
+    assert budget <= 455 and sum(int(v) for v in limits.values()) + report < budget
+    assert order.index("memory") < order.index("tests") and order.index("speed") < order.index("tests")
 
 
 def test_a_failing_stage_fails_the_run(tmp_path):

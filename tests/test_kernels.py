@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import rlr_fast  # noqa: E402
-from rlr_fast import _C, ddim  # noqa: E402
+from rlr_fast import compiled, ddim  # noqa: E402
 import rlr_fast.kernels.ddim_step as triton_step_module  # noqa: E402
 import rlr_fast.kernels.gaussian_log_prob as triton_logp_module  # noqa: E402
 import rlr_fast.kernels.utils as kernel_utils  # noqa: E402
@@ -224,11 +224,11 @@ def test_cpu_tensors_without_interpreter_are_refused(device, monkeypatch):
 
 def test_resolve_backend_prefers_triton_for_cuda(device, monkeypatch):
     monkeypatch.delenv("RLR_FAST_BACKEND", raising=False)
-    assert ddim._triton_available()
+    assert ddim.triton_available()
     assert ddim.resolve_backend(torch.device("cuda")) == "triton"
     assert ddim.resolve_backend(torch.device("cpu")) == "cpu"
-    monkeypatch.setattr(ddim, "_triton_available", lambda: False)
-    assert ddim.resolve_backend(torch.device("cuda")) == ("cuda" if _C.has_cuda() else "reference")
+    monkeypatch.setattr(ddim, "triton_available", lambda: False)
+    assert ddim.resolve_backend(torch.device("cuda")) == ("cuda" if compiled.has_cuda() else "reference")
 
 
 def test_gaussian_log_prob_dispatcher(device, monkeypatch):
@@ -259,7 +259,7 @@ def test_ddim_dispatcher_runs_the_kernel_like_the_compiled_op(device):
     triton_outs, triton_grads = run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend="triton"),
                                          inputs, cots, 7.5)
     compiled_backend = "cuda" if device == "cuda" else "cpu"
-    if device == "cuda" and not _C.has_cuda():
+    if device == "cuda" and not compiled.has_cuda():
         compiled_backend = "reference"
     outs, grads = run_step(lambda *a, **k: ddim.ddim_step(*a, **k, backend=compiled_backend),
                            inputs, cots, 7.5)

@@ -22,7 +22,8 @@ full vectors' in expectation, so traces stay unbiased at any LoRA size.
 
 from .pieces import GradSketch, Pilot, record_pieces
 from .search import Design, design
-from .space import DESIGN_FIELDS, Candidate, CostModel, Family, families
+from ..costs import CostModel
+from .space import DESIGN_FIELDS, Candidate, Family, families
 
 __all__ = ["Candidate", "CostModel", "DESIGN_FIELDS", "Design", "Family", "GradSketch", "Pilot", "design", "families",
            "record_pieces"]

@@ -14,7 +14,8 @@ from ..options import EstimatorOptions, check_min, check_positive
 from ..rollout import Trajectory
 from ..sweep import CallCounter, gradient_checkpointing
 from .pieces import GradSketch, Pilot, RewardFn, Stacked, family_variances, record_pieces, step_variances
-from .space import DESIGN_FIELDS, Candidate, CostModel, Family, families
+from ..costs import CostModel, Work, work
+from .space import DESIGN_FIELDS, Candidate, Family, families
 
 
 def _candidates(stacked: Stacked, family: Family, T: int, costs: CostModel, budget: Optional[float],
@@ -22,16 +23,18 @@ def _candidates(stacked: Stacked, family: Family, T: int, costs: CostModel, budg
     """Per j choice of the family, the subsample size k with the least variance x cost within the budget."""
     variance, se = family_variances(stacked, family)
     ks = list(range(1, family.m + 1)) or [0]  # column c subsamples ks[c]; the last uses all m steps
-    recomputed = [T if family.method == "full_bp" else family.f + family.h + k for k in ks]
-    unet, reward = zip(*(costs.update(T, r, family.method == "full_bp" or family.f > 0,
-                                       base.checkpoint_unet)
-                         for r in recomputed))
+    js = list(family.js) + ["uniform"] if family.method == "rlr" else [None]
+    # the cost does not depend on j: price each k with the family's first j
+    done = [work(family.options(js[0], k if 0 < k < family.m else None, base), T,
+                 deterministic=family.f if family.method == "zo" else 0)
+            for k in ks]
+    unet = [costs.unet(w, base.checkpoint_unet) for w in done]
+    reward = [costs.rewards(w) for w in done]
     cost = torch.tensor(unet, dtype=torch.float64) + torch.tensor(reward, dtype=torch.float64)
     affordable = cost <= (math.inf if budget is None else budget)
     if not affordable.any():
         return
     score = (variance * cost).masked_fill(~affordable, math.inf)
-    js = list(family.js) + ["uniform"] if family.method == "rlr" else [None]
     for row, j in enumerate(js):
         c = int(score[row].argmin())
         yield Candidate(family, j, ks[c] if ks[c] < family.m else None, float(variance[row, c]), float(se[row, c]),
@@ -241,8 +244,9 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     pilot_cost = dict(pilots=n, rollout_forward_equivalents=rollouts, recomputed_steps=sketch.taken,
                       unet_forward=counter.forward, unet_backward=counter.backward, reward_forward=n,
                       reward_backward=n if differentiable else 0,
-                      forward_equivalents=rollouts + costs.update(0, sketch.taken, False, base.checkpoint_unet)[0]
-                      + n * costs.update(0, 0, differentiable, False)[1], seconds=time.perf_counter() - started)
+                      forward_equivalents=rollouts + n * costs.forward_equivalents(
+                          Work(0, sketch.taken / n, 0, 0, 1, int(differentiable)), base.checkpoint_unet),
+                      seconds=time.perf_counter() - started)
     return Design(chosen=chosen, candidates=scored, variances=step_variances(stacked),
                   sigmas=[float(traj.sigmas[traj.step_index(t)]) for t in range(1, traj.num_steps + 1)],
                   num_pilots=n, batch_size=traj.batch_size, baselines=baselines, max_h=max_h,

@@ -1,8 +1,8 @@
-"""The design space: every unbiased estimator `estimate` can run, grouped into families, and its cost."""
+"""The design space: every unbiased estimator `estimate` can run, grouped into families, and its cost
+(rlr_fast.costs prices it)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -12,33 +12,6 @@ from ..rollout import Trajectory
 
 # The estimator fields a design chooses; every other field (backend, max_batch, ...) comes from the caller.
 DESIGN_FIELDS = ("method", "first_order_steps", "h", "j", "zo_steps", "baseline")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Cost of one update in UNet forward-equivalents of the batch (docs/estimator.md §7).
-
-    step: a recomputed step, forward + backward (2.15 for SD1.4 with LoRA, counted with
-    torch.utils.flop_counter); checkpoint: the extra forward per step of checkpoint_unet;
-    reward: one reward evaluation of the batch (VAE decode + reward network) against one UNet
-    forward; reward_backward: dR/dx_0, as a multiple of `reward`.
-    """
-
-    step: float = 2.15
-    checkpoint: float = 1.0
-    reward: float = 1.0
-    reward_backward: float = 2.0
-
-    def __post_init__(self):
-        for name in ("step", "checkpoint", "reward", "reward_backward"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
-
-    def update(self, num_steps: int, recomputed: int, reward_grad: bool, checkpoint_unet: bool) -> tuple[float, float]:
-        """(UNet forward-equivalents, reward forward-equivalents) of one update."""
-        step = self.step + (self.checkpoint if checkpoint_unet else 0.0)
-        return num_steps + step * recomputed, self.reward * (1 + (self.reward_backward if reward_grad else 0))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..costs import work
 from ..options import EstimatorOptions
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
@@ -179,20 +180,11 @@ class StepCounts:
 
 
 def step_counts(cfg: Config) -> StepCounts:
-    T = cfg.num_steps
-    if cfg.method == "rlr":
-        rest = T - cfg.first_order_steps - cfg.h
-        zo = rest if cfg.zo_steps is None else min(cfg.zo_steps, rest)
-        return StepCounts(cfg.first_order_steps + cfg.h, zo, cfg.first_order_steps > 0)
-    if cfg.method == "full_bp":
-        return StepCounts(T, 0, True)
-    if cfg.method == "truncated_bp":  # a random K averages (T + 1) / 2 steps
-        return StepCounts(cfg.truncated_bp_k if isinstance(cfg.truncated_bp_k, int) else (T + 1) // 2, 0, True)
-    if cfg.method == "sqdf":  # docs/estimator.md §11.2: whatever T, the base model's step with an input
-        # gradient (an upper bound: its LoRA is off), the policy's with a parameter gradient, dQ/dx0_hat,
-        # and three forwards (mu_theta, mu_ref, x0_hat)
-        return StepCounts(1, 1, True, forwards=3)
-    return StepCounts(0, T if cfg.zo_steps is None else min(cfg.zo_steps, T), False)  # zo, ddpo
+    """rlr_fast.costs.work of the run's estimator, rounded up where a method draws its work (a random K,
+    sqdf's step): memory is planned for the largest update."""
+    w = work(cfg.estimator_options(), cfg.num_steps)
+    return StepCounts(math.ceil(w.pathwise), math.ceil(w.likelihood_ratio), w.reward_backward_images > 0,
+                      forwards=math.ceil(w.forwards))
 
 
 class PlanError(ValueError):
