@@ -97,9 +97,8 @@ def test_meta_measurement_equals_real_cpu_tensors(family):
     """A tiny UNet with LoRA (the SD1.4 block types; SDXL's, with the pooled embedding and time ids
     unpacked from the conditioning; SD3's transformer, its pooled projections unpacked likewise): bytes
     saved for backward measured on meta equal those of the same step on real CPU tensors, counted
-    independently by data pointer (CPU SDPA runs the flash
-    kernel the planner routes meta attention to). The live peak, from the same tracker on both
-    devices, agrees within 5%."""
+    independently by data pointer (CPU SDPA runs the flash kernel the planner routes meta attention
+    to). The live peak, from the same tracker on both devices, agrees within 5%."""
     run, existing = _unet_step(_tiny_unet("meta", family), "meta")
     meta = P.measure(run, existing=existing, attention="flash")
 
@@ -521,3 +520,18 @@ def test_the_built_in_sd35m_is_sd35_medium():
     assert type(build("text_encoder_3", configs["text_encoder_3"])).__name__ == "T5EncoderModel"
     assert SD3.conditioning_shape(transformer) == (77 + 256 + 1, 4096)
     assert configs["vae"]["latent_channels"] == 16
+
+
+def test_sd35m_preset_fits_12_gib_with_its_own_options():
+    """The issue's goal, ESTIMATED: an SD3.5 Medium RLR update at 1024 px, LoRA rank 4, the KL reference
+    as the adapter switched off (no second copy of any weights), within 12 GiB; the sd35m preset carries
+    the options the planner picks for 12 GiB; the flow transformer's 16-channel latents are planned."""
+    preset = Config.from_preset("sd35m")
+    chosen = rlr_fast_plan("sd35m", max_memory_gb=12)
+    assert chosen.run.image_hw == (1024, 1024) and chosen.run.latent_hw == (128, 128)
+    assert preset.lora_rank == 4 and preset.method == "rlr" and chosen.run.autocast
+    assert chosen.run.components["unet"]["in_channels"] == 16 and chosen.run.vae_dtype == torch.float16
+    assert chosen.peak_bytes <= 12 * GIB
+    assert preset.with_overrides(chosen.config_overrides()) == preset
+    assert chosen.estimator_options() == preset.estimator_options()
+

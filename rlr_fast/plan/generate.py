@@ -25,7 +25,7 @@ def candidate_runs() -> Iterator[tuple[Config, str]]:
     """The runs whose measurements ship in the cache, with their built-in architecture: the sd14 preset
     at 512 px in float16 and float32, every method, with and without guidance, the aesthetic reward
     (in either precision) and a network-free one, and at 256 px in float16; the sdxl preset (1024 px,
-    float16) with SDXL's own VAE and with the fp16-fix VAE."""
+    float16) with SDXL's own VAE and with the fp16-fix VAE; the sd35m preset (SD3.5 Medium, 1024 px)."""
     for dtype, reward_dtype, resolutions in (("float16", "float16", (None, 256)), ("float16", "float32", (None,)),
                                              ("float32", "float32", (None,))):
         for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
@@ -35,6 +35,7 @@ def candidate_runs() -> Iterator[tuple[Config, str]]:
                                      reward_kwargs={"dtype": reward_dtype}, resolution=resolution, **accum), "sd14"
     for model in ("sdxl-vae-fp16-fix", "sdxl"):
         yield Config.from_preset("sdxl"), model
+    yield Config.from_preset("sd35m"), "sd35m"
 
 
 def generate_measurements(path: Path = MEASUREMENTS_FILE, log: Callable[[str], None] = print) -> Path:
