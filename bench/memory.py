@@ -95,7 +95,7 @@ def estimated_rows(quick: bool) -> list[dict]:
     for precision, settings in PRECISIONS.items():
         for T, method, h in sweep_cases(quick):
             case = dict(settings, num_steps=T, method=method, h=h or CASE["h"])
-            if method == "ddpo":  # an optimizer step accumulates grad_accum of its 2 minibatches
+            if method in ("ddpo", "grpo"):  # an optimizer step accumulates grad_accum of its 2 minibatches
                 case["grad_accum"] = 1
             fastest, budget = sd14_plan(**case), sd14_plan(BUDGET_GIB, **case)
             row = dict(source="estimated", model="SD1.4", precision=precision, method=method, T=T, h=h,

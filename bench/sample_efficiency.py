@@ -10,7 +10,7 @@ images), LoRA rank 4, AdamW, gradient clipping at norm 1, no warm-up. Two tracks
 
 - black-box: the reward is JPEG compressibility of the decoded 64 px image (minus its size in kB at
   quality 95; DDPO's own black-box reward). Encoding is discrete, so the reward has no usable
-  gradient: only estimators that need the reward's value alone run (rlr with f = 0: H + C; zo; DDPO).
+  gradient: only estimators that need the reward's value alone run (rlr with f = 0: H + C; zo; DDPO; GRPO).
 - differentiable: `shaded_shape_colour` (below): every method, pathwise ones included.
 
 Budgets are in **images scored** (`reward_images`: every image the reward scored, value-baseline
@@ -83,6 +83,12 @@ def jpeg_compressibility(images: torch.Tensor, prompts) -> torch.Tensor:
 # over ~400 prompts would never switch on in 200 images).
 DDPO = dict(method="ddpo", ddpo_rollout_batches=4, ddpo_minibatches=4, ddpo_inner_epochs=1, clip_range=1e-4,
             ddpo_adv_clip=10.0, ddpo_buffer_size=16, ddpo_min_count=4)
+# GRPO as Flow-GRPO runs it (config/base.py, config/grpo.py: clip range 1e-4 on per-element-mean log-probabilities,
+# advantages clipped at 5, timestep_fraction 0.99, beta 0.04) in DDPO's epochs above, groups of images_per_prompt.
+# Their KL divides by their SDE's noise level squared, not the step's variance: ours is theirs / dt, so their beta
+# is grpo_beta = 0.04 x dt with dt ~ 1 / T = 0.1 here (docs/estimator.md §8.5).
+GRPO = dict(method="grpo", ddpo_rollout_batches=4, ddpo_minibatches=4, ddpo_inner_epochs=1, clip_range=1e-4,
+            ddpo_adv_clip=5.0, grpo_beta=0.004, grpo_step_fraction=0.99)
 RLR_F0 = dict(method="rlr", first_order_steps=0, h=2, j="uniform")
 RLR_F1 = dict(method="rlr", first_order_steps=1, h=2, j="uniform")
 SURROGATE = dict(baseline="value", value_proxy="surrogate")
@@ -99,6 +105,7 @@ BLACK_BOX = {  # label -> finetune keys
     "zo (loo)": dict(method="zo", baseline="loo"),
     "zo, value (surrogate proxy)": dict(method="zo", **SURROGATE),
     "ddpo (ddpo-pytorch settings)": DDPO,
+    "grpo (flow-grpo settings)": GRPO,
 }
 DIFFERENTIABLE = {
     "rlr f=1 h=2, loo": dict(RLR_F1, baseline="loo"),
@@ -107,6 +114,7 @@ DIFFERENTIABLE = {
     "auto": dict(method="auto", design_pilots=4),
     "zo (loo)": dict(method="zo", baseline="loo"),
     "ddpo (ddpo-pytorch settings)": DDPO,
+    "grpo (flow-grpo settings)": GRPO,
     "alignprop (random K)": dict(method="truncated_bp", truncated_bp_k="random"),
     "draft-1": dict(method="truncated_bp", truncated_bp_k=1),
     "full_bp": dict(method="full_bp"),
@@ -161,7 +169,7 @@ QUICK = Settings(base=dict(num_steps=3, batch_size=4, images_per_prompt=2, warmu
 
 def images_per_step(keys: dict) -> tuple[float, int]:
     """(images scored per cycle, optimizer steps per cycle) of a run: rlr_fast.costs for the estimate's
-    own images; a DDPO epoch scores its samples once for several steps; SQDF with a buffer scores its
+    own images; a DDPO (and GRPO) epoch scores its samples once for several steps; SQDF with a buffer scores its
     fresh chains every replay_ratio steps and a soft Q per replayed sample every step."""
     from rlr_fast.config import Config
     from rlr_fast.costs import work
@@ -170,7 +178,7 @@ def images_per_step(keys: dict) -> tuple[float, int]:
     batch = keys["batch_size"] * keys.get("grad_accum", 1)
     if cfg is None:  # auto: as full_bp or rlr, one R(x0) per sample (its pilots are charged separately)
         return batch, 1
-    if cfg.method == "ddpo":
+    if cfg.method in ("ddpo", "grpo"):
         return cfg.ddpo_rollout_batches * cfg.batch_size, cfg.ddpo_minibatches * cfg.ddpo_inner_epochs // cfg.grad_accum
     if cfg.method == "sqdf" and cfg.replay_capacity:
         return batch * (1 + cfg.replay_ratio), cfg.replay_ratio

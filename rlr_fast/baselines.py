@@ -72,12 +72,14 @@ def reward_scale(rewards: torch.Tensor, options: EstimatorOptions) -> float:
 DDPO_STD_EPS = 1e-6
 
 
-def standardised(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """(values - mean) / (std + 1e-6) with the mean and population std of `reference`, as DDPO standardises."""
-    return (values - reference.mean()) / (reference.std(correction=0) + DDPO_STD_EPS)
+def standardised(values: torch.Tensor, reference: torch.Tensor, eps: float = DDPO_STD_EPS) -> torch.Tensor:
+    """(values - mean) / (std + eps) with the mean and population std of `reference`, as DDPO (eps 1e-6) and
+    GRPO (1e-4) standardise."""
+    return (values - reference.mean()) / (reference.std(correction=0) + eps)
 
 
-def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None,
+                    eps: float = DDPO_STD_EPS) -> torch.Tensor:
     """Rewards standardised within each prompt's samples (the whole batch without prompt_ids), as DDPO's
     training loop standardises them (`standardised`; one sample of a prompt gets 0)."""
     if prompt_ids is None:
@@ -87,7 +89,7 @@ def ddpo_advantages(rewards: torch.Tensor, prompt_ids: Optional[torch.Tensor] = 
         groups = [torch.nonzero(ids == v).flatten() for v in ids.unique()]
     advantages = torch.zeros_like(rewards)
     for g in groups:
-        advantages[g] = standardised(rewards[g], rewards[g])
+        advantages[g] = standardised(rewards[g], rewards[g], eps)
     return advantages
 
 

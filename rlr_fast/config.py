@@ -111,7 +111,8 @@ class Config(EstimatorOptions):
                                   "train_steps: the run ends still warming up, which it says)")
     train_steps: int = option(100, "optimizer steps of the run")
 
-    # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo)
+    # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo); grpo runs the same
+    # epochs (ddpo_rollout_batches, ddpo_inner_epochs, ddpo_minibatches, ddpo_adv_clip), its advantages per group
     ddpo_rollout_batches: int = option(1, "ddpo: rollout batches of batch_size sampled per epoch; the epoch's "
                                           "samples are then reused for several optimizer steps")
     ddpo_inner_epochs: int = option(1, "ddpo: passes over each epoch's samples")
@@ -299,7 +300,7 @@ class Config(EstimatorOptions):
         if self.baseline == "loo_prompt" and self.images_per_prompt < 2:
             raise ValueError("baseline='loo_prompt' needs images_per_prompt >= 2 (a leave-one-out mean over "
                              f"the other samples of the same prompt), got images_per_prompt={self.images_per_prompt}")
-        if self.method == "ddpo":
+        if self.method in ("ddpo", "grpo"):
             self._check_ddpo()
         self._check_replay()
         if self.baseline == "loo" and self.batch_size < 2:
@@ -315,13 +316,18 @@ class Config(EstimatorOptions):
             PromptSchedule.load(self.prompt_schedule, self.num_steps).check(self.num_steps)
 
     def _check_ddpo(self) -> None:
+        """DDPO's epochs (grpo's too), and GRPO's groups."""
+        if self.method == "grpo" and self.images_per_prompt < 2:
+            raise ValueError("method='grpo' standardises each reward within its prompt's group of images_per_prompt "
+                             f"samples, which needs images_per_prompt >= 2 (got {self.images_per_prompt}: every "
+                             "advantage would be 0)")
         samples = self.ddpo_rollout_batches * self.batch_size
         if samples % self.ddpo_minibatches:
             raise ValueError(f"ddpo_minibatches={self.ddpo_minibatches} must divide the {samples} samples of an epoch "
                              f"(ddpo_rollout_batches={self.ddpo_rollout_batches} x batch_size={self.batch_size})")
         if self.ddpo_minibatches % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide ddpo_minibatches={self.ddpo_minibatches}: with "
-                             "ddpo an optimizer step accumulates grad_accum minibatches of one pass. "
+                             f"{self.method} an optimizer step accumulates grad_accum minibatches of one pass. "
                              f"{self._ddpo_fix()}")
         if self.ddpo_min_count > self.ddpo_buffer_size:
             raise ValueError(f"ddpo_min_count={self.ddpo_min_count} must be <= ddpo_buffer_size="

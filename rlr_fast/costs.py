@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .grpo import trained_count
 from .options import EstimatorOptions
 
 
@@ -25,8 +26,10 @@ class Work:
 
     rollout: int  # T: the rollout's UNet forwards (no grad)
     pathwise: float  # steps recomputed with an input gradient: F and H (sqdf: the base model's step)
-    likelihood_ratio: float  # steps recomputed with a parameter gradient only: C (ddpo: every stochastic step)
-    forwards: float  # UNet forwards without grad beyond the rollout's (sqdf: the two means and x0_hat)
+    likelihood_ratio: float  # steps recomputed with a parameter gradient only: C (ddpo: every stochastic step;
+    # grpo: its trained steps)
+    forwards: float  # UNet forwards without grad beyond the rollout's (sqdf: the two means and x0_hat; grpo: the
+    # reference's means)
     reward_images: float  # images the reward scores: R(x0), the value baseline's proxies, records
     reward_backward_images: float  # images whose dR/dx0 is taken
 
@@ -61,7 +64,7 @@ def _value_proxies(options: EstimatorOptions, likelihood_ratio_steps: int) -> in
 def work(options: EstimatorOptions, num_steps: int, *, deterministic: int = 0, scored: bool = True) -> Work:
     """The work of one estimate of `options` at T = num_steps from a fresh rollout, per sample.
 
-    deterministic  steps t = 1..d have sigma = 0 (an eta = 0 tail): zo and ddpo skip their likelihood ratio
+    deterministic  steps t = 1..d have sigma = 0 (an eta = 0 tail): zo, ddpo and grpo skip their likelihood ratio
     scored         whether the estimate scores R(x0) itself (False: ddpo given advantages, sqdf replayed)
     """
     options = EstimatorOptions.of(options)
@@ -77,6 +80,9 @@ def work(options: EstimatorOptions, num_steps: int, *, deterministic: int = 0, s
         return Work(T, (T + 1) / 2 if k == "random" else k, 0, 0, r0, 1)
     if method == "ddpo":
         return Work(T, 0, T - deterministic, 0, r0, 0)
+    if method == "grpo":  # its trained steps, each also recomputed by the reference, without grad, when grpo_beta > 0
+        trained = trained_count(options.grpo_step_fraction, T - deterministic)
+        return Work(T, 0, trained, trained if options.grpo_beta else 0, r0, 0)
     if method == "sqdf":
         inner = _sqdf_inner_share(options, T, deterministic)
         # the policy's step (parameter gradient), the base model's next step with an input gradient unless the

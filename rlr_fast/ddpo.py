@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .baselines import PromptRewardHistory
+from .grpo import group_advantages
 from .rollout import Trajectory, concat_samples, select_samples, trajectory_from, trajectory_tensors
 from .update import COST_KEYS, Gradients, StepMethod
 
@@ -108,20 +109,26 @@ class DDPOSteps(StepMethod):
     def _sample_epoch(self, state: DDPOState, cost: dict) -> Optional[tuple[DDPOState, list[float]]]:
         """A new epoch: its rollouts, their rewards (once each) and advantages; None for a NaN/Inf reward."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        trajs, prompts, values = [], [], []
+        trajs, batches = [], []
         for _ in range(cfg.ddpo_rollout_batches):
             scored = ctx.sample_scored(cost)
             if scored is None:
                 return None
             ids, traj, r = scored
             trajs.append(traj)
-            prompts += [ctx.bank.prompts[i] for i in ids]
-            values.append(r)
-        rewards = torch.cat(values)
-        advantages, history = state.history.advantages(prompts, rewards)
+            batches.append((ids, r))
+        rewards = torch.cat([r for _, r in batches])
+        advantages, history = self.epoch_advantages(state.history, batches)
         epoch = concat_samples(trajs)
         advantages = advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip).to(epoch.latents.device)
         return DDPOState(history, epoch, advantages, passes_left=cfg.ddpo_inner_epochs), rewards.tolist()
+
+    def epoch_advantages(self, history: PromptRewardHistory, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, PromptRewardHistory]:
+        """The epoch's advantages (N,), before clipping, and the reward history after it, from each rollout
+        batch's (prompt ids, rewards): standardised by each prompt's recent rewards."""
+        prompts = [self.ctx.bank.prompts[i] for ids, _ in batches for i in ids]
+        return history.advantages(prompts, torch.cat([r for _, r in batches]))
 
     def _shuffle(self, state: DDPOState) -> DDPOState:
         """The next pass: the epoch's samples shuffled and split into ddpo_minibatches minibatches."""
@@ -129,3 +136,14 @@ class DDPOSteps(StepMethod):
         order = torch.randperm(n, generator=self.ctx.generators["estimator"])
         queue = tuple(tuple(chunk.tolist()) for chunk in order.split(n // self.ctx.cfg.ddpo_minibatches))
         return dataclasses.replace(state, queue=queue, passes_left=state.passes_left - 1)
+
+
+class GRPOSteps(DDPOSteps):
+    """method="grpo": DDPO's epochs, passes, minibatches and checkpointed state, with Flow-GRPO's
+    advantages: each reward standardised within its group, the samples of its prompt in the same
+    rollout batch (images_per_prompt of them; rlr_fast.grpo.group_advantages), no history across
+    epochs. Each minibatch's estimate is rlr_fast.grpo's objective."""
+
+    def epoch_advantages(self, history: PromptRewardHistory, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, PromptRewardHistory]:
+        return torch.cat([group_advantages(r, ids) for ids, r in batches]), history

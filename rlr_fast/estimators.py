@@ -12,7 +12,8 @@ which steps get which term, so all four are one `Terms` plan run by `_run_terms`
   F = {1..f}       pathwise from dR/dx_0 (sigma_t = 0 steps must be here or in H)
   H = {j+1..j+h}   likelihood ratio at step j+1, back-propagated through steps j+2..j+h
   C = the rest     likelihood ratio per step, optionally k of |C| with weight |C| / k
-DDPO (a clipped importance-ratio surrogate) and SQDF (rlr_fast.sqdf: a one-step gradient at one
+DDPO (a clipped importance-ratio surrogate), GRPO (rlr_fast.grpo: DDPO's surrogate per latent element, with
+group advantages and a KL to the base model) and SQDF (rlr_fast.sqdf: a one-step gradient at one
 drawn step per sample, `estimate_states`) are separate. This module builds the terms; the model
 runs in rlr_fast.sweep, baselines and scales come from rlr_fast.baselines, and every option is
 validated by rlr_fast.options.
@@ -21,6 +22,7 @@ validated by rlr_fast.options.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -28,12 +30,13 @@ import torch
 
 from .baselines import ValueStatistics, ddpo_advantages, proxy_rewards, reward_baseline, reward_scale, value_baseline
 from .distributed import Ranks
+from .grpo import group_advantages, grpo_objective
 from .options import EstimatorOptions
 from .profiling import nvtx_range
 from .rollout import Trajectory, model_key
 from .sqdf import draw_steps, sqdf_gradient
 from .sweep import (CallCounter, GradTerms, SavedTensorMemory, StepStates, gradient_checkpointing,
-                    likelihood_ratio, pathwise_sweep, ratio_surrogate, resident_tensors)
+                    likelihood_ratio, pathwise_sweep, resident_tensors)
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -313,27 +316,12 @@ def _ddpo(model, traj: Trajectory, advantages: torch.Tensor, options: EstimatorO
           counter: CallCounter, on_policy: bool) -> dict:
     """DDPO's clipped surrogate: mean over samples and stochastic steps of
     max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = p_theta(x_{t-1} | x_t) / p_traj(x_{t-1} | x_t) with
-    per-element-mean log-densities as ddpo-pytorch (docs/estimator.md §8)."""
-    ks = [k for k in range(traj.num_steps) if float(traj.sigmas[k]) > 0]
-    if not ks:
-        raise ValueError("ddpo needs stochastic steps: every step of this trajectory has sigma = 0")
-    eps, count = options.clip_range, len(ks) * traj.batch_size
-    a = advantages.double()[None, :]
-    clipped, squared, deviation = [], [], []
-
-    def surrogate(log_ratio: torch.Tensor) -> torch.Tensor:
-        ratio = log_ratio.exp()
-        off = (ratio.detach() - 1).abs()
-        clipped.append((off > eps).sum())
-        deviation.append(off.max())
-        squared.append(log_ratio.detach().square().sum())
-        return torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps)).sum() / count
-
-    ratio_surrogate(model, traj, ks, surrogate, options, counter, on_policy)
-    # approx_kl as ddpo-pytorch logs it: half the mean squared log-ratio (of per-element-mean log-densities)
-    return {"clip_fraction": float(torch.stack(clipped).sum()) / count,
-            "ratio_max_deviation": float(torch.stack(deviation).max()),
-            "approx_kl": 0.5 * float(torch.stack(squared).sum()) / count, "unet_steps": len(ks)}
+    per-element-mean log-densities as ddpo-pytorch (docs/estimator.md §8): GRPO's objective without
+    its KL term, on every stochastic step. Stats: clip_fraction, ratio_max_deviation, approx_kl (as
+    ddpo-pytorch logs it: half the mean squared log-ratio) and unet_steps."""
+    plain = dataclasses.replace(options, grpo_beta=0.0, grpo_step_fraction=1.0)
+    stats = grpo_objective(model, traj, advantages, plain, counter, on_policy=on_policy)
+    return {k: stats[k] for k in ("clip_fraction", "ratio_max_deviation", "approx_kl", "unet_steps")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,11 +346,11 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     options     an `EstimatorOptions` (or a `Config`: its estimator fields); `overrides` are field
                 names of EstimatorOptions (method="rlr", h=2, baseline="loo", truncated_bp_k=4, ...)
                 applied on top and validated with them
-    generator   draws j, the zeroth-order subsample, a random K, and sqdf's steps and fresh noise;
-                same state -> same estimate
-    prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's per-prompt advantages
-    advantages  ddpo only: (B,) advantages instead of the rewards standardised within each prompt's
-                samples; the reward is then not evaluated and `reward_fn` may be None (a DDPO
+    generator   draws j, the zeroth-order subsample, a random K, grpo's trained steps, and sqdf's steps and
+                fresh noise; same state -> same estimate
+    prompt_ids  (B,) prompt of each sample: baseline="loo_prompt" and DDPO's and GRPO's per-prompt advantages
+    advantages  ddpo and grpo only: (B,) advantages instead of the rewards standardised within each
+                prompt's samples; the reward is then not evaluated and `reward_fn` may be None (a
                 minibatch of samples whose rewards were taken when they were drawn)
     group       the ranks of a data-parallel run (rlr_fast.distributed.Ranks), each holding a slice
                 of the batch: rewards, prompt ids and the value baseline's proxy rewards are
@@ -373,10 +361,11 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                 of earlier estimates (their value fit, their surrogate regression), used for this
                 estimate's baselines and then updated with this batch (the whole batch's, so it stays
                 the same on every rank)
-    reference   sqdf only: the base model as a frozen module (default: `model` with its LoRA switched off)
-    on_policy   ddpo with advantages: `model` is the policy that sampled `traj` (no optimizer step since), so
-                the importance ratio is 1 exactly (without advantages the samples are scored now and this
-                holds already): DDPO's first minibatches of an epoch
+    reference   sqdf and grpo (grpo_beta > 0) only: the base model as a frozen module (default: `model` with
+                its LoRA switched off)
+    on_policy   ddpo and grpo with advantages: `model` is the policy that sampled `traj` (no optimizer step
+                since), so the importance ratio is 1 exactly (without advantages the samples are scored now
+                and this holds already): the first minibatches of an epoch
     track_memory  measure the peak bytes saved for backward (stats["peak_saved_bytes"])
 
     Returns stats: method, reward_mean/std, rewards (the whole batch's with a group; None when not
@@ -388,9 +377,10 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     scored on this rank: R(x_0), the value baseline's x0_hat proxies, sqdf's soft Q and its record of
     R(x_0)), reward_backward_images (images whose dR/dx_0 was taken), reward_queries (images whose
     reward the objective takes: R(x_0), sqdf's soft Q; no proxies), term_norms, peak_saved_bytes, for
-    ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl (per-element-mean log-ratios),
-    with baseline="value" value_fallbacks (step-sample baselines that fell back to a mean reward: too
-    few pairs or no spread of q), and for sqdf those of `estimate_states`
+    ddpo clip_fraction, ratio_max_deviation (max |r - 1|) and approx_kl (per-element-mean log-ratios), for
+    grpo also trained_steps and kl_to_reference (rlr_fast.grpo), with baseline="value" value_fallbacks
+    (step-sample baselines that fell back to a mean reward: too few pairs or no spread of q), and for sqdf
+    those of `estimate_states`
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
@@ -401,13 +391,14 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     if traj.model_key and traj.model_key != model_key(model):
         raise ValueError("this trajectory was sampled by a model of another architecture "
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
-    if advantages is not None and options.method != "ddpo":
-        raise ValueError(f"advantages are used by method='ddpo' only, not by method={options.method!r}")
-    if on_policy and (options.method != "ddpo" or advantages is None):
-        raise ValueError("on_policy is for method='ddpo' given advantages (a DDPO minibatch); without them the "
-                         "samples are scored now and taken as on-policy already")
-    if reference is not None and options.method != "sqdf":
-        raise ValueError(f"reference is used by method='sqdf' only, not by method={options.method!r}")
+    surrogate = options.method in ("ddpo", "grpo")  # a clipped ratio of stored samples, with advantages
+    if advantages is not None and not surrogate:
+        raise ValueError(f"advantages are used by method='ddpo' and 'grpo' only, not by method={options.method!r}")
+    if on_policy and (not surrogate or advantages is None):
+        raise ValueError("on_policy is for method='ddpo' given advantages, or 'grpo' (a minibatch of an epoch); "
+                         "without them the samples are scored now and taken as on-policy already")
+    if reference is not None and options.method not in ("sqdf", "grpo"):
+        raise ValueError(f"reference is used by method='sqdf' and 'grpo' only, not by method={options.method!r}")
     group = Ranks() if group is None else group
     reward_fn = None if reward_fn is None else CountedReward(reward_fn)
     if prompt_ids is not None:
@@ -428,24 +419,28 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
                     reward_forward=stats["reward_forward"] + 1, **reward_fn.counts())
 
-    terms = None if options.method == "ddpo" else _terms(traj, options, generator)
+    terms = None if surrogate else _terms(traj, options, generator)
     rewards = everyone = dr = None
     advantages_given = advantages is not None
-    if options.method == "ddpo" and advantages is not None:
+    if surrogate and advantages_given:
         advantages = torch.as_tensor(advantages, dtype=torch.float64, device=traj.latents.device)
         if advantages.shape != (traj.batch_size,):
             raise ValueError(f"advantages must have shape ({traj.batch_size},), got {tuple(advantages.shape)}")
     else:
         rewards, everyone, dr = _rewards(reward_fn, traj, terms is not None and terms.first_order > 0, group)
-        if options.method == "ddpo":
-            advantages = group.mine(ddpo_advantages(everyone, prompt_ids))
+        if surrogate:
+            standardise = ddpo_advantages if options.method == "ddpo" else group_advantages
+            advantages = group.mine(standardise(everyone, prompt_ids))
     memory = SavedTensorMemory(exclude=resident_tensors(model, traj)) if track_memory else None
     counter, grads, extra = CallCounter(), GradTerms(params), {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(gradient_checkpointing(model, options.checkpoint_unet))
         if memory is not None:
             stack.enter_context(memory.track())
-        if terms is None:
+        if options.method == "grpo":
+            extra = grpo_objective(model, traj, advantages, options, counter, generator, reference,
+                                   not advantages_given or on_policy)
+        elif terms is None:
             extra = _ddpo(model, traj, advantages, options, counter, not advantages_given or on_policy)
         else:
             adv, extra = _advantages(reward_fn, traj, terms, everyone, options, prompt_ids, value_state, group)

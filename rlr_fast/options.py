@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
-METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo", "sqdf")
+METHODS = ("rlr", "full_bp", "truncated_bp", "zo", "ddpo", "grpo", "sqdf")
 # A method value for a run (Config, finetune) only: rlr_fast.design chooses the concrete estimator.
 AUTO = "auto"
 BASELINES = ("none", "loo", "loo_prompt", "value")
@@ -34,18 +34,18 @@ VALUE_FITS = ("loo", "running")
 # batch per likelihood-ratio step) or a regression of R on x0 fitted on earlier estimates' (x0, R) pairs
 VALUE_PROXIES = ("reward", "surrogate")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")  # fused DDIM step; rlr_fast.ddim dispatches
-LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo")
+LIKELIHOOD_RATIO_METHODS = ("rlr", "zo", "ddpo", "grpo")
 # The methods that read each option (options not listed are read by every method): a value set away
 # from its default for another method is refused (EstimatorOptions.check_used).
 _TERMS = ("rlr", "full_bp", "truncated_bp", "zo")  # estimates built from F / H / C terms
 USED_BY = {
     "first_order_steps": ("rlr",), "h": ("rlr",), "j": ("rlr",), "zo_steps": ("rlr", "zo"),
     "baseline": ("rlr", "zo"), "value_fit": ("rlr", "zo"), "value_proxy": ("rlr", "zo"), "value_decay": ("rlr", "zo"),
-    "normalize": _TERMS, "truncated_bp_k": ("truncated_bp",), "clip_range": ("ddpo",),
+    "normalize": _TERMS, "truncated_bp_k": ("truncated_bp",), "clip_range": ("ddpo", "grpo"),
     "sqdf_alpha": ("sqdf",), "sqdf_gamma": ("sqdf",), "sqdf_steps": ("sqdf",), "x0_estimator": ("sqdf",),
     "consistency_model": ("sqdf",), "consistency_steps": ("sqdf",), "consistency_guidance": ("sqdf",),
     "sqdf_reward_mask": ("sqdf",), "aim_steps": ("rlr", "zo"), "aim_share": ("rlr", "zo"),
-    "max_batch": ("rlr", "zo", "ddpo"),
+    "max_batch": ("rlr", "zo", "ddpo", "grpo"), "grpo_beta": ("grpo",), "grpo_step_fraction": ("grpo",),
 }
 
 
@@ -245,7 +245,14 @@ class EstimatorOptions:
     normalize: Union[bool, float] = option(False, "divide the whole estimate by the batch reward std (true; "
                                                   "slightly biased) or by a given positive scale")
     truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
-    clip_range: float = option(1e-4, "ddpo: PPO clip range of the importance ratio")
+    clip_range: float = option(1e-4, "ddpo/grpo: PPO clip range of the importance ratio (grpo: of the ratio of "
+                                     "per-element-mean log-densities, as Flow-GRPO's and ddpo-pytorch's)")
+    grpo_beta: float = option(0.0, "grpo: weight of the KL of each trained step to the adapter-off reference's, the "
+                                   "closed-form Gaussian KL per latent element (0: no KL term and no reference "
+                                   "forwards; docs/estimator.md §8.5)")
+    grpo_step_fraction: float = option(1.0, "grpo: fraction in (0, 1] of the stochastic steps each minibatch trains "
+                                            "on, that many (at least one) drawn uniformly without replacement per "
+                                            "minibatch; 1: every step")
     sqdf_alpha: float = option(0.0, "sqdf: weight alpha of the KL of each trained step to the base model's, the KL "
                                     "summed over the latent's D elements (the public SQDF code's alpha is "
                                     "sqdf_alpha * D / 2; docs/estimator.md §11)")
@@ -323,6 +330,10 @@ class EstimatorOptions:
         if self.max_batch is not None:
             check_min("max_batch", self.max_batch, 1)
         check_positive("clip_range", self.clip_range)
+        if not (math.isfinite(self.grpo_beta) and self.grpo_beta >= 0):
+            raise ValueError(f"grpo_beta must be >= 0 (the weight of a KL penalty), got {self.grpo_beta}")
+        if not (math.isfinite(self.grpo_step_fraction) and 0 < self.grpo_step_fraction <= 1):
+            raise ValueError(f"grpo_step_fraction must be in (0, 1], got {self.grpo_step_fraction}")
         if not (math.isfinite(self.sqdf_alpha) and self.sqdf_alpha >= 0):
             raise ValueError(f"sqdf_alpha must be >= 0 (the weight of a KL penalty), got {self.sqdf_alpha}")
         if not (math.isfinite(self.sqdf_gamma) and 0 < self.sqdf_gamma <= 1):

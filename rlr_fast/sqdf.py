@@ -46,20 +46,21 @@ Score = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def reference_policy(model: torch.nn.Module, reference: Optional[torch.nn.Module] = None
+def reference_policy(model: torch.nn.Module, reference: Optional[torch.nn.Module] = None, method: str = "sqdf"
                      ) -> Iterator[torch.nn.Module]:
     """The base model: `reference` when given (its parameters must be frozen), else `model` with its
-    LoRA adapters switched off for the duration (every requires_grad flag restored afterwards)."""
+    LoRA adapters switched off for the duration (every requires_grad flag restored afterwards).
+    `method` names the caller in errors (sqdf, grpo)."""
     if reference is not None:
         if any(p.requires_grad for p in reference.parameters()):
-            raise ValueError("reference must be frozen (requires_grad=False on every parameter): SQDF "
-                             "back-propagates through its input only")
+            raise ValueError(f"reference must be frozen (requires_grad=False on every parameter): method={method!r} "
+                             "trains the policy only")
         yield reference
         return
     from .lora import has_lora, lora_disabled  # peft loads only when SQDF runs
 
     if not has_lora(model):
-        raise ValueError(f"method='sqdf' compares the policy with the base model: {type(model).__name__} has no "
+        raise ValueError(f"method={method!r} compares the policy with the base model: {type(model).__name__} has no "
                          "LoRA adapters to switch off (add them with rlr_fast.lora.add_lora), and no "
                          "reference= module was given")
     with lora_disabled(model):

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -226,41 +226,41 @@ def likelihood_ratio(model, traj: Trajectory, ks: Sequence[int], weights: torch.
             _backward_steps(model, traj, chunk, None, cotangent, options, counter)
 
 
-def ratio_surrogate(model, traj: Trajectory, ks: Sequence[int], surrogate: Callable[[torch.Tensor], torch.Tensor],
-                    options: EstimatorOptions, counter: CallCounter, on_policy: bool = False) -> None:
-    """Back-propagate `surrogate(log_ratio)`, chunk by chunk of the steps `ks`, into `.grad`.
-
-    log_ratio (n, B) = log p_theta(x_{t-1} | x_t) - log p_traj(x_{t-1} | x_t) of the chunk's stored
-    draws (the trajectory's policy in the denominator), float64, each log-density the mean over the
-    latent's D elements as ddpo-pytorch takes it (so its clip range means what theirs does). It is
-    computed as -mean(n.d + d^2 / 2) with d = (mean_traj - mean_theta) / sigma (the log sigma terms
-    cancel), which stays exact in fp32 where differencing two log-densities would not. `on_policy`:
-    the model is the one that sampled `traj`, so the denominator's mean is the recomputed one itself:
-    the ratio is exactly 1 (no recomputation rounding) and its gradient the score of the stored draw.
-    """
-    for _, chunk in _chunks(ks, traj.batch_size, options.max_batch):
-        with nvtx_range(f"ratio surrogate steps {chunk}"):
-            cotangent = _surrogate_cotangent(traj, chunk, surrogate, on_policy)
-            _backward_steps(model, traj, chunk, None, cotangent, options, counter)
-
-
-def _surrogate_cotangent(traj: Trajectory, ks: list[int], surrogate,
-                         on_policy: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The gradient of `surrogate(log_ratio)` with respect to the recomputed means of steps `ks`."""
-    idx = torch.as_tensor(ks, device=traj.latents.device)
+def step_log_ratio(traj: Trajectory, ks: Sequence[int], mean: torch.Tensor, on_policy: bool = False) -> torch.Tensor:
+    """log p_theta - log p_traj of the stored draws of steps `ks`, element by element (n, B, ...), given
+    their recomputed means `mean` (n, B, ...): the log importance ratio of DDPO's and GRPO's surrogate
+    (the trajectory's policy in the denominator), whose per-element mean they take as ddpo-pytorch does.
+    It is computed as -n.d - d^2 / 2 with d = (mean_traj - mean) / sigma (the log sigma terms cancel),
+    which stays exact in fp32 where differencing two log-densities would not. `on_policy`: the model is
+    the one that sampled the chain, so mean_traj is `mean` itself, detached: the ratio is exactly 1 (no
+    recomputation rounding) and its gradient the score of the stored draw."""
+    idx = torch.as_tensor(list(ks), device=traj.latents.device)
     noise = traj.noises[idx]
     sigma = traj.sigmas[idx].to(noise.dtype).reshape((-1,) + (1,) * (noise.dim() - 1))
-    mean_traj = traj.latents[idx + 1] - sigma * noise
+    # the draw's own mean is x_{t-1} - sigma noise
+    mean_traj = mean.detach() if on_policy else traj.latents[idx + 1] - sigma * noise
+    d = (mean_traj - mean) / sigma
+    return -(noise * d) - 0.5 * d * d
 
-    def cotangent(mean: torch.Tensor) -> torch.Tensor:
-        mean = mean.detach().requires_grad_()
-        with torch.enable_grad():
-            d = ((mean.detach() if on_policy else mean_traj) - mean) / sigma
-            log_ratio = (-(noise * d) - 0.5 * d * d).double().flatten(2).mean(2)
-            (g,) = torch.autograd.grad(surrogate(log_ratio), mean)
-        return g
 
-    return cotangent
+def mean_objective(model, traj: Trajectory, ks: Sequence[int],
+                   objective: Callable[[list[int], torch.Tensor, Any], torch.Tensor], options: EstimatorOptions,
+                   counter: CallCounter, prepare: Optional[Callable[[list[int]], Any]] = None) -> None:
+    """Back-propagate the scalar `objective(chunk, mean, prepared)` of the recomputed means (n, B, ...) of
+    each chunk of the steps `ks` (max_batch) into `.grad`. `prepare(chunk)`, when given, runs before the
+    chunk's forward with grad and its result is passed on as `prepared`: work without grad (GRPO's
+    reference means) that is then never alive together with the policy's graph."""
+    for _, chunk in _chunks(ks, traj.batch_size, options.max_batch):
+        prepared = None if prepare is None else prepare(chunk)
+
+        def cotangent(mean: torch.Tensor, chunk=chunk, prepared=prepared) -> torch.Tensor:
+            mean = mean.detach().requires_grad_()
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(objective(chunk, mean, prepared), mean)
+            return g
+
+        with nvtx_range(f"objective of steps {chunk}"):
+            _backward_steps(model, traj, chunk, None, cotangent, options, counter)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def measured(opts: dict, sched_kw=None, **kwargs) -> tuple[Counts, int]:
     traj = rlr_fast.rollout(model, sched, torch.randn(B, 3, generator=g, dtype=torch.float64), num_steps=T, eta=1.0,
                             generator=g, store_x0_hat=True)
     model.counts = counts
-    if opts.get("method") == "sqdf":
+    if opts.get("method") == "sqdf" or opts.get("grpo_beta"):
         kwargs["reference"] = copy.deepcopy(model).requires_grad_(False)
         kwargs["reference"].counts = counts  # the base model's calls are the estimate's work too
     if EstimatorOptions(**opts).needs_value_state:
@@ -84,6 +84,8 @@ CASES = [
     pytest.param(dict(method="truncated_bp", truncated_bp_k=3), {}, id="truncated_bp-k3"),
     pytest.param(dict(method="ddpo"), STOCHASTIC, id="ddpo"),
     pytest.param(dict(method="ddpo"), {}, id="ddpo-sigma0-last"),
+    pytest.param(dict(method="grpo"), STOCHASTIC, id="grpo"),
+    pytest.param(dict(method="grpo", grpo_beta=0.1, grpo_step_fraction=0.5), {}, id="grpo-kl-half-sigma0-last"),
     pytest.param(dict(method="sqdf", sqdf_steps=(0, T - 1)), {}, id="sqdf-inner-steps"),
     pytest.param(dict(method="sqdf", sqdf_steps=(T - 1, T)), STOCHASTIC, id="sqdf-last-step"),
 ]

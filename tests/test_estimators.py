@@ -313,7 +313,7 @@ def test_truncated_bp_k_beyond_T(toy):
 
 
 def test_advantages_only_for_ddpo(toy):
-    with pytest.raises(ValueError, match="advantages are used by method='ddpo' only, not by method='zo'"):
+    with pytest.raises(ValueError, match="advantages are used by method='ddpo' and 'grpo' only, not by method='zo'"):
         rlr_fast.estimate(*toy, method="zo", advantages=torch.ones(4))
 
 

@@ -479,7 +479,7 @@ def test_the_base_model_must_be_had():
         rlr_fast.estimate(unet, traj, _reward, method="sqdf", reference=unet)
     frozen = make_unet()
     rlr_fast.estimate(unet, traj, _reward, method="sqdf", reference=frozen)
-    with pytest.raises(ValueError, match="reference is used by method='sqdf' only"):
+    with pytest.raises(ValueError, match="reference is used by method='sqdf' and 'grpo' only"):
         rlr_fast.estimate(unet, traj, _reward, method="full_bp", reference=frozen)
 
 
