@@ -30,7 +30,8 @@ def candidate_runs() -> Iterator[tuple[Config, str]]:
                                              ("float32", "float32", (None,))):
         for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
                                                                       ("aesthetic", "brightness")):
-            accum = {"grad_accum": 1} if method == "ddpo" else {}  # ddpo's must divide its minibatches; no bytes
+            # ddpo's and grpo's grad_accum must divide their minibatches; it changes no bytes
+            accum = {"grad_accum": 1} if method in ("ddpo", "grpo") else {}
             yield Config.from_preset("sd14", dtype=dtype, guidance_scale=guidance, method=method, reward=reward,
                                      reward_kwargs={"dtype": reward_dtype}, resolution=resolution, **accum), "sd14"
     for model in ("sdxl-vae-fp16-fix", "sdxl"):
