@@ -17,7 +17,8 @@ The adapter's contract (docs/architecture.md, "Model families"):
 * For the memory planner (rlr_fast/plan), which builds the network on the meta device from its config:
   `text_encoders` (the folder's prompt encoders), `conditioning_shape(model)` (one sample's
   conditioning rows and width) and `vae_dtype(vae_config, dtype)` (the precision the family's loader
-  gives the VAE). A flow family overrides them with its own.
+  gives the VAE). A flow family overrides them with its own (SD3: three text encoders, its token and
+  pooled rows; its loader keeps the VAE in the run's dtype, as StableDiffusion3Pipeline runs it).
 
 `family_of(model)` picks the family from the network's class (base classes included) and config,
 by name, so this module imports torch only. The flow transformers: SD3 packs its `pooled_projections`
@@ -181,7 +182,8 @@ def check_packed(model, cond: torch.Tensor, sizes: tuple[int, ...], what: str, e
     """Refuse conditioning that is not tokens plus `pack_vectors` rows of `sizes` (their padding is zero)."""
     rows = math.ceil(sum(sizes) / cond.shape[-1])
     padding = cond[:, -rows:].flatten(1)[:, sum(sizes):]
-    if cond.shape[1] <= rows or bool(padding.any()):
+    # a meta tensor (the memory planner's) has a shape but no values to look at
+    if cond.shape[1] <= rows or (not cond.is_meta and bool(padding.any())):
         raise ValueError(f"{type(model).__name__} takes {what} packed after the tokens: conditioning (B, L + {rows}, "
                          f"{cond.shape[-1]}) as {encoder} makes it; got shape {tuple(cond.shape)} whose last rows "
                          "are not such a packing")
@@ -197,7 +199,15 @@ def batch_timestep(timestep: torch.Tensor, batch: int) -> torch.Tensor:
 class SD3Family(Family):
     """SD3 / SD3.5's SD3Transformer2DModel: tokens (CLIP-L and CLIP-G side by side, padded to T5's width,
     then T5's) and `pooled_projections` (B, P), packed after them (`pack_vectors`); timesteps as
-    StableDiffusion3Pipeline passes them (sigma * 1000)."""
+    StableDiffusion3Pipeline passes them (sigma * 1000). For the planner: CLIP-L, CLIP-G and T5 as the
+    text encoders, and one sample's conditioning as the pipeline pads it, 77 CLIP tokens then
+    `t5_tokens` (its max_sequence_length), then the pooled row(s)."""
+
+    t5_tokens: int = 256  # StableDiffusion3Pipeline's max_sequence_length, as load_flow keeps it
+
+    def conditioning_shape(self, model) -> tuple[int, int]:
+        width = model.config.joint_attention_dim
+        return self.prompt_tokens + self.t5_tokens + math.ceil(model.config.pooled_projection_dim / width), width
 
     def call(self, model, sample, timestep, cond):
         require_conditioning(model, cond)
@@ -253,7 +263,8 @@ MODELSCOPE = Family("modelscope", ("UNet3DConditionModel",), lora_pipeline="Text
                     latent_layout=VIDEO)
 ANIMATEDIFF = PerFrameFamily("animatediff", ("UNetMotionModel",), lora_pipeline="AnimateDiffPipeline",
                              latent_layout=VIDEO)
-SD3 = SD3Family("sd3", ("SD3Transformer2DModel",), lora_pipeline="StableDiffusion3Pipeline", lora_prefix="transformer")
+SD3 = SD3Family("sd3", ("SD3Transformer2DModel",), lora_pipeline="StableDiffusion3Pipeline", lora_prefix="transformer",
+                text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"))
 FLUX = FluxFamily("flux", ("FluxTransformer2DModel",), lora_pipeline="FluxPipeline", lora_prefix="transformer")
 # Any other module called as model(sample, t, encoder_hidden_states=...): the toy models, custom networks.
 OTHER = Family("other", (), latent_layout=None)

@@ -140,6 +140,38 @@ def load_flow(path: Union[str, Path], dtype: torch.dtype = torch.float32, device
                       path=path, pipeline_name=name, max_sequence_length=512 if flux else 256, **parts)
 
 
+def sd35_medium_config() -> dict[str, dict]:
+    """Constructor configs of Stable Diffusion 3.5 Medium's transformer (MMDiT-X: 24 joint blocks of width
+    1536, the first 13 with a second, image-only attention; qk RMS-norm), VAE (16 latent channels) and
+    three text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text with their projections, T5 v1.1
+    XXL's encoder), written out from stabilityai/stable-diffusion-3.5-medium's config files so that the
+    memory planner builds the shapes without the download (tests/test_plan.py checks the parameter
+    counts). A fresh dict each call."""
+    clip = dict(architectures=["CLIPTextModelWithProjection"], vocab_size=49408, max_position_embeddings=77,
+                layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return {
+        "unet": dict(
+            _class_name="SD3Transformer2DModel", sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=24, attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        "vae": dict(
+            sample_size=1024, in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", scaling_factor=1.5305,
+            shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+        ),
+        "text_encoder": dict(clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+        "text_encoder_2": dict(clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+        "text_encoder_3": dict(architectures=["T5EncoderModel"], vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+                               num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                               relative_attention_num_buckets=32, layer_norm_epsilon=1e-6),
+    }
+
+
 def tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float, sample_size: int) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -124,6 +124,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample_prompts=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
         free_text_encoder=True,
     ),
+    # Stable Diffusion 3.5 Medium on one 16 GB card (issue 25 §4). From diffusers' StableDiffusion3Pipeline
+    # defaults for it: 1024 px, guidance 4.5 (the model card's), T = 40; the flow SDE at Flow-GRPO's
+    # noise level a = 0.7 (eta; rlr_fast.samplers.FlowSampler); bfloat16 weights (SD3's released
+    # precision). From the sd14 preset, itself the RLR paper's recipe: rlr with f = 1, h = 2, the per-prompt
+    # leave-one-out baseline, LoRA rank 4 on the attention projections, lr 1e-3, micro-batches of 2
+    # accumulated 9 times, the aesthetic reward in fp16. The KL reference, where a method has one, is the
+    # adapter switched off: no second copy of the transformer. Memory: the options
+    # `rlr_fast.plan("sd35m", max_memory_gb=12)` chooses (tests/test_plan.py checks they agree):
+    # checkpointed transformer steps two per likelihood-ratio call (max_batch 4), the VAE decoded one sample
+    # at a time with every block checkpointed, the text encoders (T5's 8.9 GiB) freed; ESTIMATED peak
+    # 11.16 GiB of tensors (meta-device estimate, docs/memory.md §9, not measured on a GPU).
+    "sd35m": dict(
+        model="stable-diffusion-3.5-medium", device="cuda", dtype="bfloat16", out_dir="out/sd35m", seed=42,
+        prompts="animals", reward="aesthetic", reward_kwargs={"dtype": "float16"}, resolution=1024, num_steps=40,
+        eta=0.7, guidance_scale=4.5, negative_prompt="", batch_size=2, images_per_prompt=2, method="rlr",
+        first_order_steps=1, h=2, baseline="loo_prompt", lora_rank=4, lora_alpha=4.0, lr=1e-3, grad_accum=9,
+        train_steps=200, warmup_steps=10, max_grad_norm=1.0, sample_every=25, checkpoint_every=25,
+        sample_prompts=4, max_batch=4, checkpoint_unet=True, split_cfg=False, checkpoint_vae=True, decode_chunk=1,
+        free_text_encoder=True,
+    ),
 }
 
 

@@ -45,7 +45,6 @@ Files in `out_dir` (rlr_fast.run_dir keeps them safe):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import random
@@ -156,7 +155,7 @@ def plan_memory(cfg: Config, world: int = 1) -> tuple[Config, str]:
     world samples; and the plan's table. A budget nothing fits is a ValueError (plan.PlanError)."""
     from .plan import plan
 
-    chosen = plan(dataclasses.replace(cfg, batch_size=cfg.batch_size // world))
+    chosen = plan(cfg, ranks=world)  # the global config, validated as it is; the plan is one rank's
     return cfg.with_overrides(chosen.config_overrides()), chosen.table()
 
 

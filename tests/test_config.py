@@ -187,7 +187,7 @@ def test_help_documents_every_key():
     text = config_help()
     for f in dataclasses.fields(Config):
         assert f"  {f.name} (" in text and f.metadata["doc"] in text
-    assert set(PRESETS) == {"demo", "sd14", "sqdf", "sdxl"}
+    assert set(PRESETS) == {"demo", "sd14", "sqdf", "sdxl", "sd35m"}
     assert "num_steps (int, demo: 10)" in text and "num_steps (int, sd14: 50)" in config_help("sd14")
 
 

@@ -14,6 +14,7 @@ from rlr_fast.testing import make_unet
 
 # `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the package's name)
 P = importlib.import_module("rlr_fast.plan")
+rlr_fast_plan = importlib.import_module("rlr_fast").plan
 
 GIB = 2**30
 # The issue's case: SD1.4 RLR update at 512 px, T = 50, CFG 7.5, batch 2, LoRA rank 4, h = 4, on top of
@@ -32,11 +33,14 @@ def sd14_plan(max_memory_gb=None, **settings):
 
 def _tiny_unet(device: str, family: str = "sd") -> torch.nn.Module:
     """A tiny UNet with LoRA, on the CPU (real weights) or on meta (no weights): conftest's SD1.x-style
-    one, or ("sdxl") rlr_fast.sdxl.tiny_sdxl's, with text_time added conditions."""
+    one, ("sdxl") rlr_fast.sdxl.tiny_sdxl's, with text_time added conditions, or ("sd3") the SD3.5-style
+    transformer of rlr_fast.flow.tiny_flow (joint and dual attention, qk RMS-norm, pooled projections)."""
+    from rlr_fast.flow import tiny_flow
     from rlr_fast.sdxl import tiny_sdxl
 
-    real = make_unet() if family == "sd" else tiny_sdxl(0).unet
-    unet = real if device == "cpu" else meta_unet(dict(real.config), dtype=torch.float32, lora_rank=None)
+    real = {"sd": make_unet, "sdxl": lambda: tiny_sdxl(0).unet, "sd3": lambda: tiny_flow("sd3").unet}[family]()
+    config = dict(real.config, _class_name=type(real).__name__)  # as a folder's config.json names it
+    unet = real if device == "cpu" else meta_unet(config, dtype=torch.float32, lora_rank=None)
     add_lora(unet, rank=4, alpha=4, seed=0 if device == "cpu" else None)
     for p in unet.parameters():
         if p.requires_grad:
@@ -53,15 +57,19 @@ def _unet_step(unet, device: str, batch: int = 2, checkpoint: bool = False):
     g = torch.Generator().manual_seed(0)
     make = (lambda *s: torch.randn(*s, generator=g)) if device == "cpu" else \
         (lambda *s: torch.empty(*s, device="meta"))
-    x = make(batch, 4, 8, 8).requires_grad_(True)
+    channels = unet.config.in_channels
+    x = make(batch, channels, 8, 8).requires_grad_(True)
     cond = make(batch, *family.conditioning_shape(unet))
+    if device == "cpu" and family.name == "sd3":  # the pooled row's padding must be zero (check_conditioning)
+        cond[:, -1, unet.config.pooled_projection_dim:] = 0
     t = torch.full((batch,), 500, dtype=torch.int64, device=x.device)
-    cot = make(batch, 4, 8, 8)
+    cot = make(batch, channels, 8, 8)
     if checkpoint:
         unet.enable_gradient_checkpointing()
 
     def run():
-        family.call(unet, x, t, cond).sample.backward(cot)
+        out = family.call(unet, x, t, cond)
+        getattr(out, "sample", out).backward(cot)  # the UNets' output object, the transformers' tensor
 
     existing = list(unet.parameters()) + list(unet.buffers()) + [p.grad for p in unet.parameters()
                                                                  if p.grad is not None] + [x, cond, t, cot]
@@ -84,13 +92,13 @@ def _real_saved_bytes(run, existing) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_meta_measurement_equals_real_cpu_tensors(family):
     """A tiny UNet with LoRA (the SD1.4 block types; SDXL's, with the pooled embedding and time ids
-    unpacked from the conditioning): bytes saved for backward measured on meta equal those of the
-    same step on real CPU tensors, counted independently by data pointer (CPU SDPA runs the flash
-    kernel the planner routes meta attention to). The live peak, from the same tracker on both
-    devices, agrees within 5%."""
+    unpacked from the conditioning; SD3's transformer, its pooled projections unpacked likewise): bytes
+    saved for backward measured on meta equal those of the same step on real CPU tensors, counted
+    independently by data pointer (CPU SDPA runs the flash kernel the planner routes meta attention
+    to). The live peak, from the same tracker on both devices, agrees within 5%."""
     run, existing = _unet_step(_tiny_unet("meta", family), "meta")
     meta = P.measure(run, existing=existing, attention="flash")
 
@@ -363,6 +371,27 @@ def test_finetune_plans_the_model_folder_it_trains_and_applies_the_plan(tiny_fol
     assert table == chosen.table()
 
 
+def test_data_parallel_plans_one_ranks_share_of_a_valid_global_config():
+    """Issue 22 §3: batch_size 8, images_per_prompt 2 on 8 ranks is a valid run (each rank rolls out one
+    sample); the planner plans that rank's sample without re-validating a per-rank Config (which refused
+    it: "images_per_prompt must divide batch_size"), and the plan is the one of a single-sample run."""
+    from rlr_fast.train import plan_memory
+
+    cfg = Config.from_preset("sd14", batch_size=8, images_per_prompt=2, max_memory_gb=4)
+    planned, table = plan_memory(cfg, 8)
+    per_rank = P.plan(cfg, ranks=8)
+    assert per_rank.run.samples == 1 and "1 samples of 512x512 px" in table
+    assert planned == cfg.with_overrides(per_rank.config_overrides()) and planned.batch_size == 8
+    single = P.plan(cfg, batch_size=1, images_per_prompt=1, baseline="none")
+    assert (per_rank.peak_bytes, per_rank.options) == (single.peak_bytes, single.options)
+    with pytest.raises(P.PlanError):  # all 8 samples on one rank do not fit 4 GiB
+        P.plan(cfg)
+    loo = Config.from_preset("sd14", batch_size=8, baseline="loo", max_memory_gb=4)  # loo needs batch_size >= 2
+    assert plan_memory(loo, 8)[0].batch_size == 8
+    with pytest.raises(ValueError, match="ranks must be a positive int dividing batch_size=8.*got 3"):
+        P.plan(cfg, ranks=3)
+
+
 def test_finetune_samples_at_the_configured_resolution(tiny_folder, tmp_path, monkeypatch):
     """x_T of every rollout (updates and sample grids) has the resolution's latent size; a size the
     model cannot take is refused naming its multiple."""
@@ -468,3 +497,46 @@ def test_sdxls_own_vae_in_float32_makes_the_decode_the_floor_above_10_gib():
     assert smallest.run.vae_dtype == torch.float32 and smallest.peak_phase == "reward: decode"
     assert math.isclose(smallest.phases["reward: decode"], 2 * fixed.phases["reward: decode"], rel_tol=0.02)
     assert "in float32 (its config says force_upcast)" in P.plan("sdxl", model="sdxl").table()
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans for SD3.5 Medium at 1024 px (issue 25 §4; from the cached measurements)
+
+
+def test_the_built_in_sd35m_is_sd35_medium():
+    """The written-out configs build SD3.5 Medium's networks. Parameter counts: the transformer's
+    2,243,171,520 is our count of the written-out config (Stability AI publishes "2.5 billion" for the
+    model; unchecked against its safetensors); CLIP-G with projection 694,659,840 as SDXL's released
+    text_encoder_2; CLIP-L with projection: CLIP-L text (123,060,480, SD1.x / SDXL's) plus its 768 x 768
+    projection. Conditioning: 77 CLIP + 256 T5 tokens of 4096, one row for the 2048 pooled values."""
+    from rlr_fast.families import SD3
+    from rlr_fast.plan.architectures import build
+
+    configs = component_configs("sd35m")
+    transformer = build("unet", configs["unet"])
+
+    def count(name):
+        return sum(p.numel() for p in build(name, configs[name]).parameters())
+
+    assert type(transformer).__name__ == "SD3Transformer2DModel"
+    assert count("unet") == 2_243_171_520
+    assert count("text_encoder_2") == 694_659_840
+    assert count("text_encoder") == 123_060_480 + 768 * 768
+    assert type(build("text_encoder_3", configs["text_encoder_3"])).__name__ == "T5EncoderModel"
+    assert SD3.conditioning_shape(transformer) == (77 + 256 + 1, 4096)
+    assert configs["vae"]["latent_channels"] == 16
+
+
+def test_sd35m_preset_fits_12_gib_with_its_own_options():
+    """The issue's goal, ESTIMATED: an SD3.5 Medium RLR update at 1024 px, LoRA rank 4, the KL reference
+    as the adapter switched off (no second copy of any weights), within 12 GiB; the sd35m preset carries
+    the options the planner picks for 12 GiB; the flow transformer's 16-channel latents are planned."""
+    preset = Config.from_preset("sd35m")
+    chosen = rlr_fast_plan("sd35m", max_memory_gb=12)
+    assert chosen.run.image_hw == (1024, 1024) and chosen.run.latent_hw == (128, 128)
+    assert preset.lora_rank == 4 and preset.method == "rlr" and chosen.run.autocast
+    assert chosen.run.components["unet"]["in_channels"] == 16 and chosen.run.vae_dtype == torch.float16
+    assert chosen.peak_bytes <= 12 * GIB
+    assert preset.with_overrides(chosen.config_overrides()) == preset
+    assert chosen.estimator_options() == preset.estimator_options()
+

@@ -7,8 +7,9 @@ import time
 from typing import Optional, Sequence
 
 from ..config import load_config
+from .generate import generate_measurements
 from .search import plan
-from .table import MEASUREMENTS_FILE, generate_measurements
+from .table import MEASUREMENTS_FILE
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -19,9 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set batch_size=4")
     parser.add_argument("--max-memory-gb", type=float, default=None, help="the budget (default: the config's)")
-    parser.add_argument("--model", default=None, help="architectures: 'sd14', 'sdxl', 'sdxl-vae-fp16-fix', 'default' "
-                                                      "or a diffusers folder (default: the config's model folder, "
-                                                      "else the built-in one its name says, else SD1.4)")
+    parser.add_argument("--model", default=None,
+                        help="architectures: 'sd14', 'sdxl', 'sdxl-vae-fp16-fix', 'sd35m', 'default' or a diffusers "
+                             "folder (default: the config's model folder, else the built-in one its name says, "
+                             "else SD1.4)")
     parser.add_argument("--measure", action="store_true", help=f"regenerate {MEASUREMENTS_FILE.name} (minutes)")
     args = parser.parse_args(argv)
     if args.measure:

@@ -1,9 +1,11 @@
 """The networks of one update, built on the meta device: real shapes, no memory, no weights.
 
 A model is described by its component configs {"unet", "vae"} and its family's text encoders
-("text_encoder"; SDXL's also "text_encoder_2"): SD1.4's (`"sd14"`), SDXL 1.0 base's (`"sdxl"`, or
-`"sdxl-vae-fp16-fix"` with the fp16-fix VAE in place of its own), the embedded default model's
-(`"default"`), a local diffusers folder's (only the config.json files are read) or such a dict.
+("text_encoder"; SDXL's also "text_encoder_2"; SD3's also "text_encoder_3", T5): SD1.4's (`"sd14"`),
+SDXL 1.0 base's (`"sdxl"`, or `"sdxl-vae-fp16-fix"` with the fp16-fix VAE in place of its own),
+SD3.5 Medium's (`"sd35m"`), the embedded default model's (`"default"`), a local diffusers folder's
+(only the config.json files are read; a flow folder's `transformer/` stands in the "unet" slot, as
+rlr_fast.flow.FlowModels keeps it) or such a dict.
 The family (rlr_fast.families, picked from the UNet built on meta) says which text encoders there
 are, one sample's conditioning shape and the VAE's precision, so another family supplies its own.
 A UNet config's `_class_name` names a video UNet (UNet3DConditionModel, UNetMotionModel); an
@@ -30,10 +32,13 @@ from torch import nn
 REWARDS = ("aesthetic", "pixels")
 DENOISER_PARTS = ("unet", "vae")  # then the family's text encoders
 # "sdxl": SDXL 1.0 base as released (its VAE in float32); "sdxl-vae-fp16-fix": with the fp16-fix VAE
-BUILT_IN = ("sd14", "sdxl", "sdxl-vae-fp16-fix")
+BUILT_IN = ("sd14", "sdxl", "sdxl-vae-fp16-fix", "sd35m")
 # Model folders (by name) whose architecture is built in, for planning where the folder is not.
 KNOWN_FOLDERS = {"stable-diffusion-v1-4": "sd14", "stable-diffusion-xl-base-1.0": "sdxl",
-                 "stable-diffusion-xl-base-1.0-vae-fp16-fix": "sdxl-vae-fp16-fix"}
+                 "stable-diffusion-xl-base-1.0-vae-fp16-fix": "sdxl-vae-fp16-fix",
+                 "stable-diffusion-3.5-medium": "sd35m"}
+# The flow transformers (rlr_fast.flow), by their config's _class_name.
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 Model = Union[str, Path, dict]
 
 
@@ -74,10 +79,13 @@ def motion_unet_config(unet: dict, adapter: dict) -> dict:
 
 def _component_configs(model: Model) -> dict[str, dict]:
     from ..default_model import default_model_path
+    from ..flow import sd35_medium_config
     from ..models import sd14_config
     from ..sdxl import sdxl_config
 
     if isinstance(model, str) and model in BUILT_IN:
+        if model == "sd35m":
+            return sd35_medium_config()
         return sd14_config() if model == "sd14" else sdxl_config(vae_fp16_fix=model == "sdxl-vae-fp16-fix")
     if isinstance(model, dict):
         names = DENOISER_PARTS + _text_encoders(model)
@@ -88,7 +96,10 @@ def _component_configs(model: Model) -> dict[str, dict]:
     folder = default_model_path() if model == "default" else Path(model)
 
     def read(names):
-        files = {name: folder / name / "config.json" for name in names}
+        # a flow pipeline's denoiser is its transformer/ (rlr_fast.flow keeps it in the "unet" slot)
+        transformer = (folder / "transformer" / "config.json").is_file()
+        files = {name: folder / ("transformer" if name == "unet" and transformer else name) / "config.json"
+                 for name in names}
         absent = [str(f) for f in files.values() if not f.is_file()]
         if absent:
             raise ValueError(f"model {str(model)!r} is neither one of {BUILT_IN}, 'default' nor a diffusers folder "
@@ -125,31 +136,64 @@ def _canonical(config) -> dict:
 
 
 def build(component: str, config: dict, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """One component on meta in `dtype`, frozen, in eval mode: "unet", "vae", "text_encoder" (CLIPTextModel)
-    or "text_encoder_2" (CLIPTextModelWithProjection, as SDXL's loader reads it)."""
+    """One component on meta in `dtype`, frozen, in eval mode: "unet" (a UNet or a flow transformer), "vae",
+    or a text encoder: the class its config's `architectures` names (as a folder's config.json does), else
+    "text_encoder" CLIPTextModel, "text_encoder_2" CLIPTextModelWithProjection (as SDXL's loader reads
+    it), "text_encoder_3" T5EncoderModel (SD3's)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    text = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    classes = {cls.__name__: (cls, configs) for cls, configs in (
+        (CLIPTextModel, CLIPTextConfig), (CLIPTextModelWithProjection, CLIPTextConfig), (T5EncoderModel, T5Config))}
+    text = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection",
+            "text_encoder_3": "T5EncoderModel"}
     with quiet_diffusers(), torch.device("meta"):
         if component == "unet":
             module = unet_class(config).from_config(config)
         elif component == "vae":
             module = AutoencoderKL.from_config(config)
         elif component in text:
-            module = text[component](CLIPTextConfig.from_dict(config))
+            named = (config.get("architectures") or [text[component]])[0]
+            if named not in classes:
+                raise ValueError(f"{component}'s config names {named!r}; the planner builds {sorted(classes)}")
+            cls, config_class = classes[named]
+            module = cls(config_class.from_dict(config))
         else:
             raise ValueError(f"component must be one of {DENOISER_PARTS + tuple(text)}, got {component!r}")
         return module.to(dtype).eval().requires_grad_(False)
 
 
 def unet_class(config: dict) -> type:
-    """The diffusers class of a UNet config: its `_class_name` when that is a video UNet, else
-    UNet2DConditionModel."""
-    from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+    """The diffusers class of a denoiser config: its `_class_name` when that is a video UNet or a flow
+    transformer, else UNet2DConditionModel."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
 
-    video = {cls.__name__: cls for cls in (UNet3DConditionModel, UNetMotionModel)}
-    return video.get(config.get("_class_name"), UNet2DConditionModel)
+    named = config.get("_class_name")
+    if named in ("UNet3DConditionModel", "UNetMotionModel") + TRANSFORMERS:
+        return getattr(diffusers, named)
+    return UNet2DConditionModel
+
+
+def latent_size(resolution, configs: dict) -> tuple[int, int]:
+    """Latent (height, width) of `resolution` pixels for the model of `configs` (None: its native size):
+    components.latent_size for a UNet; for a flow transformer, multiples of the VAE's downsampling
+    times 2 (2x2 patches), as rlr_fast.flow.FlowModels.latent_hw."""
+    from ..components import latent_size as unet_latent_size
+
+    unet, vae = configs["unet"], configs["vae"]
+    if unet.get("_class_name") not in TRANSFORMERS:
+        return unet_latent_size(resolution, unet, vae)
+    scale, native = 2 ** (len(vae["block_out_channels"]) - 1), unet.get("sample_size", 128)
+    if resolution is None:
+        return (native, native)
+    hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    multiple = 2 * scale
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple for v in hw):
+        raise ValueError(f"resolution={resolution!r}: height and width must be positive multiples of {multiple} "
+                         f"pixels for this {unet['_class_name']} (its VAE downsamples {scale}x, its transformer "
+                         "takes 2x2 patches)")
+    return (hw[0] // scale, hw[1] // scale)
 
 
 def architecture_id(component: str, config: dict) -> str:

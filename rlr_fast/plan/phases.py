@@ -2,7 +2,8 @@
 
 The phases are never alive together (each frees its graph before the next starts):
 
-* rollout: `rollout.rollout`, no grad; one UNet forward at a time.
+* rollout: `rollout.rollout`, no grad; one UNet forward at a time (DDIM, or a flow transformer's
+  flow SDE: `sampler`).
 * decode: dR/dx0's VAE part, `rewards.latent.LatentReward` with a network-free reward.
 * reward network: the reward's forward and backward on the decoded images.
 * UNet step: one pathwise step with an input gradient, `sweep.pathwise_sweep`.
@@ -29,9 +30,23 @@ CFG_MODES = ("none", "together", "split")
 UNET_GRADS = ("none", "input", "params")
 
 
-def _scheduler():
-    from diffusers import DDIMScheduler
+def is_flow(unet: nn.Module) -> bool:
+    """Whether the network is a flow transformer (rlr_fast.flow), sampled with the flow SDE."""
+    from ..families import FLUX, SD3, family_of
 
+    return family_of(unet) in (SD3, FLUX)
+
+
+def sampler(unet: nn.Module):
+    """The sampler the network's loader gives it: the flow SDE over SD3's FlowMatchEulerDiscreteScheduler
+    (shift 3) for a flow transformer, else SD1.x's DDIM. The bytes of a step do not depend on its
+    coefficients: the step is the same fused op for both."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from ..samplers import FlowSampler
+
+    if is_flow(unet):
+        return FlowSampler(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
@@ -58,7 +73,8 @@ def meta_trajectory(steps: int, batch: int, latent_hw: tuple[int, ...], unet: nn
     shape = (batch, unet.config.in_channels) + tuple(latent_hw)
     cond = (batch,) + conditioning_shape(unet)
     tables = [empty(steps, dtype=torch.float64) for _ in range(5)]
-    schedule = StepSchedule(torch.full((steps,), 500, device="meta", dtype=torch.int64), *tables)
+    time_dtype = torch.float32 if is_flow(unet) else torch.int64  # FlowSampler's sigma * 1000, DDIM's int steps
+    schedule = StepSchedule(torch.full((steps,), 500, device="meta", dtype=time_dtype), *tables)
     return Trajectory(
         latents=empty(steps + 1, *shape), noises=empty(steps, *shape), schedule=schedule, log_probs=empty(steps, batch),
         eta=1.0, encoder_hidden_states=empty(*cond, dtype=cond_dtype),
@@ -93,7 +109,7 @@ def measure_unet_phase(unet: nn.Module, samples: int, latent_hw: tuple[int, int]
 
     def run():
         if grad == "none":
-            rollout(unet, _scheduler(), traj.latents[0], num_steps=1, eta=1.0,
+            rollout(unet, sampler(unet), traj.latents[0], num_steps=1, eta=1.0,
                     encoder_hidden_states=traj.encoder_hidden_states, guidance_scale=traj.guidance_scale,
                     negative_encoder_hidden_states=traj.negative_encoder_hidden_states, split_cfg=opts.split_cfg,
                     backend="reference")

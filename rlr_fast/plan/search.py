@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import Config
 from ..costs import work
-from ..options import MEMORY_OPTIONS, METHODS, EstimatorOptions
+from ..options import MEMORY_OPTIONS, EstimatorOptions
 from . import architectures as arch
 from .measure import ATTENTIONS, GIB
 from .phases import conditioning_shape, reward_phase_parts
@@ -49,9 +49,10 @@ NETWORK_FREE_REWARDS = ("brightness", "color_match", "jpeg_compressibility", "jp
 
 @dataclass(frozen=True)
 class Run:
-    """One update as the planner sees it: a validated Config plus the architectures."""
+    """One update as the planner sees it: a validated Config plus the architectures, on one rank."""
 
     config: Config
+    samples: int  # the micro-batch one rank rolls out: config.batch_size / ranks
     components: dict  # "unet", "vae" and the family's text encoders -> constructor config
     ids: dict  # the same keys -> architecture_id
     reward: Union[str, nn.Module]  # "aesthetic", "pixels" or a reward network built on meta
@@ -102,7 +103,7 @@ class Run:
     @property
     def images(self) -> int:
         """Images the VAE decodes and the reward scores in one micro-batch: every frame of every sample."""
-        return self.config.batch_size * (self.frames or 1)
+        return self.samples * (self.frames or 1)
 
     @property
     def unet_checkpointing(self) -> bool:
@@ -126,13 +127,15 @@ def as_config(config: Union[None, str, dict, EstimatorOptions] = None, **setting
                     f"got {type(config).__name__}")
 
 
-def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
-    """The Run of `cfg`; `model` ("sd14", "default", a folder or a dict of component configs)
-    replaces the architectures read from cfg.model."""
-    from ..models import FLOW_PIPELINES, latent_size, pipeline_class
-
+def describe_run(cfg: Config, model=None, attention: str = "flash", ranks: int = 1) -> Run:
+    """The Run of `cfg` on one of `ranks` data-parallel ranks (each rolls out batch_size / ranks samples);
+    `model` ("sd14", "default", a folder or a dict of component configs) replaces the architectures read
+    from cfg.model."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1 or cfg.batch_size % ranks:
+        raise ValueError(f"ranks must be a positive int dividing batch_size={cfg.batch_size} (each rank rolls out "
+                         f"batch_size / ranks samples), got {ranks!r}")
     if cfg.dtype == "float64":
         raise ValueError("the memory planner models a GPU's float32, float16 and bfloat16 runs, not dtype='float64' "
                          "(a CPU reproducibility mode): leave max_memory_gb unset")
@@ -143,11 +146,10 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
             built_in = arch.KNOWN_FOLDERS.get(Path(model).name, "sd14")
             notes.append(f"architecture: {built_in} (model folder {model!r} not found here)")
             model, motion_adapter = built_in, None
-    if isinstance(model, (str, Path)) and pipeline_class(Path(model)) in FLOW_PIPELINES:
-        # Hook: a flow family's transformer dims (rlr_fast.flow.FlowModels, families.SD3 / FLUX) would come here
-        raise ValueError(f"the memory planner does not model flow transformers ({pipeline_class(Path(model))} in "
-                         f"{model}) yet: set max_batch, checkpoint_unet, split_cfg and decode_chunk by hand")
     components = arch.component_configs(model, motion_adapter)
+    if components["unet"].get("_class_name") == "FluxTransformer2DModel":
+        raise ValueError(f"the memory planner does not model FLUX's transformer (in {model}) yet: set max_batch, "
+                         "checkpoint_unet, split_cfg and decode_chunk by hand")
     video = arch.unet_class(components["unet"]).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
     reward = cfg.reward
     if isinstance(reward, nn.Module) and all(t.device.type == "meta" for t in arch.module_state(reward)):
@@ -159,9 +161,10 @@ def describe_run(cfg: Config, model=None, attention: str = "flash") -> Run:
         reward = "pixels"
     if cfg.method == "sqdf" and cfg.x0_estimator == "consistency" and not Path(cfg.consistency_model).is_dir():
         notes.append(f"consistency_model folder {cfg.consistency_model!r} not found here: its weights are not counted")
-    return Run(config=cfg, components=components, ids={k: arch.architecture_id(k, v) for k, v in components.items()},
+    return Run(config=cfg, samples=cfg.batch_size // ranks, components=components,
+               ids={k: arch.architecture_id(k, v) for k, v in components.items()},
                reward=reward, attention=attention,
-               latent_hw=latent_size(cfg.resolution, components["unet"], components["vae"]), notes=tuple(notes),
+               latent_hw=arch.latent_size(cfg.resolution, components), notes=tuple(notes),
                frames=cfg.num_frames if video else None)
 
 
@@ -269,7 +272,7 @@ def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
     if not options["free_text_encoder"]:
         for name in run.family.text_encoders:
             parameters += frozen(name, wd, lambda: arch.build(name, components[name], wd))
-    B, T = cfg.batch_size, cfg.num_steps
+    B, T = run.samples, cfg.num_steps
     latent = components["unet"]["in_channels"] * math.prod(run.unet_latent) * 4  # float32 chain
     rows, width = conditioning_shape(table.unet(components["unet"], wd, rank))
     cond = B * rows * width * wd.itemsize * (2 if run.guidance else 1)
@@ -280,7 +283,7 @@ def _resident(run: Run, options: dict, table: MeasurementTable) -> dict:
 def _evaluate(run: Run, options: dict, counts: StepCounts, table: MeasurementTable,
               max_memory_gb: Optional[float]) -> Plan:
     cfg, hw = run.config, run.latent_hw
-    B, T = cfg.batch_size, cfg.num_steps
+    B, T = run.samples, cfg.num_steps
     cfg_mode = "none" if not run.guidance else ("split" if options["split_cfg"] else "together")
     unet = dict(autocast=run.autocast, attention=run.attention, lora_rank=cfg.lora_rank, cfg_mode=cfg_mode)
     unet_args = (run.ids["unet"], run.components["unet"])
@@ -346,7 +349,7 @@ def consistency_weight_bytes(folder, dtype: torch.dtype) -> int:
 
 
 def _candidates(run: Run, counts: StepCounts) -> Iterator[dict]:
-    B = run.config.batch_size
+    B = run.samples
     both = (False, True)
     reward_ckpt = (True,) if run.config.reward_kwargs.get("checkpoint_vision") else \
         both if counts.reward_grad and run.reward != "pixels" else (False,)
@@ -371,21 +374,24 @@ def _cost(p: Plan) -> tuple:
 
 
 def plan(config: Union[None, str, dict, EstimatorOptions] = None, max_memory_gb: Optional[float] = None, *,
-         model=None, attention: str = "flash", table: Optional[MeasurementTable] = None, **settings) -> Plan:
+         model=None, attention: str = "flash", ranks: int = 1, table: Optional[MeasurementTable] = None,
+         **settings) -> Plan:
     """Choose max_batch, checkpoint_unet, split_cfg, checkpoint_vae, decode_chunk, free_text_encoder and
     checkpoint_reward for one update so that its estimated peak fits `max_memory_gb` GiB (default: the
     config's max_memory_gb) with the least recomputation; without a budget, the fastest plan.
 
     `config`: a Config, a preset name, EstimatorOptions or a dict of Config keys (see `as_config`);
     `settings` are further Config keys. `model` overrides the architectures read from the config's
-    model folder; `attention` is "flash" (SDPA's fused kernels, a GPU's default) or "math".
+    model folder; `attention` is "flash" (SDPA's fused kernels, a GPU's default) or "math". `ranks`:
+    the data-parallel ranks the config's batch_size is split over; the plan is one rank's, rolling out
+    batch_size / ranks samples (the config itself stays the global, validated one).
     Raises PlanError, naming the smallest achievable peak and its options, when nothing fits.
     """
     cfg = as_config(config, **settings)
     budget = cfg.max_memory_gb if max_memory_gb is None else max_memory_gb
     if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
         raise ValueError(f"max_memory_gb must be > 0 or None, got {budget!r}")
-    run = describe_run(cfg, model, attention)
+    run = describe_run(cfg, model, attention, ranks)
     table = table or default_table()
     counts = step_counts(cfg)
     plans = [_evaluate(run, options, counts, table, budget) for options in _candidates(run, counts)]
@@ -456,21 +462,5 @@ def _notes(run: Run) -> list[str]:
             "and allocator caching come on top",
             f"attention: {attention}",
             precision + reward,
-            f"{run.config.batch_size} samples of {frames}{run.image_hw[0]}x{run.image_hw[1]} px, "
+            f"{run.samples} samples of {frames}{run.image_hw[0]}x{run.image_hw[1]} px, "
             f"T = {run.config.num_steps}, method {run.config.method}"] + no_checkpointing + list(run.notes)
-
-
-def candidate_runs() -> Iterator[tuple[Config, str]]:
-    """The runs whose measurements ship in the cache, with their built-in architecture: the sd14 preset
-    at 512 px in float16 and float32, every method, with and without guidance, the aesthetic reward
-    (in either precision) and a network-free one, and at 256 px in float16; the sdxl preset (1024 px,
-    float16) with SDXL's own VAE and with the fp16-fix VAE."""
-    for dtype, reward_dtype, resolutions in (("float16", "float16", (None, 256)), ("float16", "float32", (None,)),
-                                             ("float32", "float32", (None,))):
-        for resolution, guidance, method, reward in itertools.product(resolutions, (7.5, 1.0), METHODS,
-                                                                      ("aesthetic", "brightness")):
-            accum = {"grad_accum": 1} if method == "ddpo" else {}  # ddpo's must divide its minibatches; no bytes
-            yield Config.from_preset("sd14", dtype=dtype, guidance_scale=guidance, method=method, reward=reward,
-                                     reward_kwargs={"dtype": reward_dtype}, resolution=resolution, **accum), "sd14"
-    for model in ("sdxl-vae-fp16-fix", "sdxl"):
-        yield Config.from_preset("sdxl"), model

@@ -4,14 +4,13 @@ and kept for the process.
 
 Activation bytes of a UNet call grow linearly with its samples, so UNet phases are measured at
 one and two samples and fitted; the decode is measured at (batch, decode_chunk) = (1, 1), (2, 1),
-(2, 2) and fitted on both; the reward network at batch one and two. `generate_measurements` checks
-the fits (and the way the decode and the network combine) against direct measurements further out.
+(2, 2) and fitted on both; the reward network at batch one and two. generate.py fills the cache and
+checks the fits (and the way the decode and the network combine) against direct measurements further out.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,8 +18,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .phases import (combined_reward_bytes, forward_flops, measure_decode_phase, measure_reward_network,
-                     measure_reward_phase, measure_unet_phase)
+from .phases import forward_flops, measure_decode_phase, measure_reward_network, measure_unet_phase
 from .measure import Measurement
 
 MEASUREMENTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "plan_measurements.json"
@@ -165,53 +163,3 @@ def default_table() -> MeasurementTable:
     if _DEFAULT_TABLE is None:
         _DEFAULT_TABLE = MeasurementTable()
     return _DEFAULT_TABLE
-
-
-def generate_measurements(path: Path = MEASUREMENTS_FILE, log: Callable[[str], None] = print) -> Path:
-    """Measure what `plan()` needs for SD1.4 at 512 px (both precisions, every method, guidance on and
-    off, each memory option) and for the sdxl preset, and write the JSON cache; then check the fits
-    further out."""
-    from .search import candidate_runs, plan
-
-    table = MeasurementTable(path=None)
-    start = time.time()
-    for cfg, model in candidate_runs():
-        plan(cfg, model=model, table=table)
-        log(f"{model} {cfg.dtype} {cfg.resolution or 'native'} px {cfg.method} guidance={cfg.guidance_scale} "
-            f"{cfg.reward} (network in {cfg.reward_kwargs['dtype']}): {time.time() - start:.0f} s, "
-            f"{len(table.data['entries'])} entries")
-    table.data["fit_checks"] = fit_checks(table)
-    for c in table.data["fit_checks"]:
-        log(f"fit check {c['what']}: relative error {c['rel_error']:.4f}")
-    log(f"measured in {time.time() - start:.0f} s")
-    return table.save(path)
-
-
-def fit_checks(table: MeasurementTable) -> list[dict]:
-    """Direct measurements of SD1.4 phases beyond the fitted points, next to the fitted values."""
-    configs = arch.component_configs("sd14")
-    unet_id, vae_id = arch.architecture_id("unet", configs["unet"]), arch.architecture_id("vae", configs["vae"])
-    hw, half = (64, 64), torch.float16
-    checks = []
-
-    def check(what: str, measured: int, fitted: int):
-        checks.append({"what": what, "measured": measured, "fitted": fitted,
-                       "rel_error": abs(fitted - measured) / measured})
-
-    unet = table.unet(configs["unet"], half, 4)
-    measured = measure_unet_phase(unet, 4, hw, cfg_mode="together", grad="params", checkpoint=False, autocast=True)
-    check("unet likelihood-ratio call on 4 samples, guidance together, autocast", measured.peak_bytes,
-          table.unet_phase(unet_id, configs["unet"], 4, hw, autocast=True, attention="flash", lora_rank=4,
-                           cfg_mode="together", grad="params", checkpoint=False))
-    vae = table.vae(configs["vae"], half)
-    for batch, chunk, ckpt_reward in ((4, 2, False), (8, 1, False), (8, 1, True)):
-        network = table.reward("aesthetic", half, ckpt_reward)
-        measured = measure_reward_phase(vae, network, batch, hw, decode_chunk=chunk, checkpoint_vae=True, grad=True,
-                                        autocast=True).peak_bytes
-        decode = table.decode_phase(vae_id, configs["vae"], batch, chunk, hw, dtype=half, attention="flash",
-                                    grad=True, checkpoint_vae=True)
-        net = table.reward_network("aesthetic", batch, (512, 512), dtype=half, attention="flash", grad=True,
-                                   checkpoint=ckpt_reward)
-        check(f"decode + aesthetic reward, batch {batch}, decode_chunk {chunk}, checkpoint_vae, "
-              f"checkpoint_reward={ckpt_reward}, fp16", measured, combined_reward_bytes(decode, net))
-    return checks
