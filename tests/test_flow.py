@@ -15,6 +15,7 @@ from rlr_fast.flow import load_flow, tiny_flow
 from rlr_fast.lora import add_lora, lora_parameters, load_lora, save_lora
 from rlr_fast.samplers import FLOW_NOISE_LEVEL, FlowSampler, as_sampler
 from rlr_fast.testing import GaussianDataVelocity, LinearVelocity, exact_loss_gradient, quadratic_reward
+from runs import assert_same_run, killed_and_resumed
 
 Z_MAX = 4.0  # as tests/test_estimators.py
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
@@ -284,22 +285,7 @@ def test_flow_finetune_resumes_bit_exactly(flow_folder, tmp_path):
               sample_seeds=(0,), tensorboard=False, warmup_steps=1, lr=1e-2, resolution=16, eta=FLOW_NOISE_LEVEL,
               train_steps=4, sample_every=2, checkpoint_every=2)
     straight = finetune(out_dir=str(tmp_path / "straight"), **kw)
-
-    def kill_at_3(step, record):
-        if step == 3:
-            raise RuntimeError("simulated kill")
-
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        finetune(out_dir=str(tmp_path / "resumed"), callback=kill_at_3, **kw)
-    resumed = finetune(resume=str(tmp_path / "resumed"))
-
-    def run(result):
-        lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["reward_mean"] for line in lines], safetensors.torch.load_file(str(result.lora_path))
-
-    (r_a, lora_a), (r_b, lora_b) = run(straight), run(resumed)
-    assert len(r_a) == 4 and r_a == r_b
-    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    assert_same_run(straight, killed_and_resumed(tmp_path / "resumed", **kw), steps=4)
 
 
 def test_the_planner_measures_an_sd3_step_and_stored_chain_as_a_real_update_has_them(tmp_path):

@@ -21,6 +21,7 @@ from rlr_fast.samplers import DDIMSampler
 from rlr_fast.sdxl import SDXLModels, tiny_sdxl
 from rlr_fast.testing import (TOY_SCHEDULE, ConditionedLinearEps, exact_loss_gradient, make_scheduler, make_unet,
                               quadratic_reward)
+from runs import assert_same_run, killed_and_resumed, rewards_and_lora
 
 T, B = 4, 2
 PROMPTS = ["a red cat", "a blue dog"]
@@ -350,21 +351,6 @@ def test_sdxl_finetune_resumes_bit_exactly(sdxl_folder, tmp_path):
               sample_seeds=(0,), tensorboard=False, warmup_steps=1, lr=1e-2, guidance_scale=3.0, resolution=24,
               train_steps=4, sample_every=2, checkpoint_every=2, free_text_encoder=True)
     straight = finetune(out_dir=str(tmp_path / "straight"), **kw)
-
-    def kill_at_3(step, record):
-        if step == 3:
-            raise RuntimeError("simulated kill")
-
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        finetune(out_dir=str(tmp_path / "resumed"), callback=kill_at_3, **kw)
-    resumed = finetune(resume=str(tmp_path / "resumed"))
-
-    def run(result):
-        lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["reward_mean"] for line in lines], safetensors.torch.load_file(str(result.lora_path))
-
-    (r_a, lora_a), (r_b, lora_b) = run(straight), run(resumed)
-    assert len(r_a) == 4 and r_a == r_b
-    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
-    assert any(float(t.abs().max()) > 0 for name, t in lora_a.items() if "lora.up" in name)
+    assert_same_run(straight, killed_and_resumed(tmp_path / "resumed", **kw), steps=4)
+    assert any(float(t.abs().max()) > 0 for name, t in rewards_and_lora(straight)[1].items() if "lora.up" in name)
     _pipeline(sdxl_folder).load_lora_weights(straight.out_dir)

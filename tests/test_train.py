@@ -15,6 +15,7 @@ from rlr_fast.checkpoint import find_checkpoint
 from rlr_fast.config import Config
 from rlr_fast.run_dir import RunLock
 from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, _resolve_config, finetune
+from runs import killed_and_resumed
 
 
 def lora_tensors(out_dir):
@@ -170,13 +171,7 @@ def test_value_baseline_trains_and_its_running_fit_resumes_bit_exactly(tiny, tmp
     saved, _ = find_checkpoint(straight.out_dir / "checkpoints" / "step_000002.safetensors").method_state()
     assert set(saved) == {"count", "mean_q", "mean_r", "ss_q", "ss_qr"} and saved["count"].max() > 0
 
-    def kill_at_3(step, record):
-        if step == 3:
-            raise RuntimeError("simulated kill")
-
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        finetune(out_dir=str(tmp_path / "killed"), callback=kill_at_3, **value)
-    resumed = finetune(resume=str(tmp_path / "killed"))
+    resumed = killed_and_resumed(tmp_path / "killed", **value)
     assert [r["reward_mean"] for r in records(resumed.out_dir)] == [r["reward_mean"] for r in records(straight.out_dir)]
     assert same_lora(straight.out_dir, resumed.out_dir)
 

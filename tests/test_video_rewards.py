@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rlr_fast
-from rlr_fast import models, video
+from rlr_fast import video
 from rlr_fast import lora
 from rlr_fast.inference import initial_noise
 from rlr_fast.rewards import FrameAverage, TemporalConsistency, get_reward, get_video_reward, video_latent_reward
