@@ -41,6 +41,10 @@ from .sweep import (CallCounter, GradTerms, SavedTensorMemory, StepStates, gradi
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+# the methods whose estimate is a clipped importance ratio of stored samples, given or computed advantages
+RATIO_METHODS = ("ddpo", "grpo")
+
+
 @dataclass
 class Terms:
     """Which steps (docs/estimator.md indices t) get which estimator term."""
@@ -384,14 +388,27 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
+    _check_call(model, traj, options, advantages, on_policy, reference, value_state)
+    group = Ranks() if group is None else group
+    reward_fn = None if reward_fn is None else CountedReward(reward_fn)
+    if prompt_ids is not None:
+        prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
+    if options.method == "sqdf":
+        return _estimate_sqdf(model, traj, reward_fn, options, generator, group, reference, track_memory)
+    return _estimate_chain(model, traj, reward_fn, options, generator, prompt_ids, advantages, group, value_state,
+                           reference, on_policy, track_memory)
+
+
+def _check_call(model, traj, options: EstimatorOptions, advantages, on_policy: bool, reference, value_state) -> None:
+    """`estimate`'s arguments against each other, each mismatch one line naming it."""
     if not isinstance(traj, Trajectory):
         raise TypeError(f"traj must be a Trajectory from rlr_fast.rollout, got {type(traj).__name__}")
     options.check_chain(traj.num_steps, traj.eta)
-    params = _trainable(model)
+    _trainable(model)
     if traj.model_key and traj.model_key != model_key(model):
         raise ValueError("this trajectory was sampled by a model of another architecture "
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
-    surrogate = options.method in ("ddpo", "grpo")  # a clipped ratio of stored samples, with advantages
+    surrogate = options.method in RATIO_METHODS
     if advantages is not None and not surrogate:
         raise ValueError(f"advantages are used by method='ddpo' and 'grpo' only, not by method={options.method!r}")
     if on_policy and (not surrogate or advantages is None):
@@ -399,10 +416,6 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
                          "without them the samples are scored now and taken as on-policy already")
     if reference is not None and options.method not in ("sqdf", "grpo"):
         raise ValueError(f"reference is used by method='sqdf' and 'grpo' only, not by method={options.method!r}")
-    group = Ranks() if group is None else group
-    reward_fn = None if reward_fn is None else CountedReward(reward_fn)
-    if prompt_ids is not None:
-        prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
     needs_state = options.needs_value_state
     if needs_state and not isinstance(value_state, ValueStatistics):
         raise ValueError("baseline='value' with value_fit='running' or value_proxy='surrogate' needs value_state="
@@ -411,14 +424,25 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
         raise ValueError("value_state is used by baseline='value' with value_fit='running' or value_proxy='surrogate' "
                          f"(method rlr or zo) only; got method={options.method!r}, baseline={options.baseline!r}, "
                          f"value_fit={options.value_fit!r}")
-    if options.method == "sqdf":
-        steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
-        _, rewards, _ = chain_rewards(reward_fn, traj, False, group)  # the chain's own, for the record
-        stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
-                                reference=reference, track_memory=track_memory)
-        return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
-                    reward_forward=stats["reward_forward"] + 1, **reward_fn.counts())
 
+
+def _estimate_sqdf(model, traj: Trajectory, reward_fn, options: EstimatorOptions, generator, group: Ranks,
+                   reference, track_memory: bool) -> dict:
+    """SQDF on a fresh chain: a step per sample drawn, then `estimate_states`; R(x_0) scored for the record."""
+    steps = draw_steps(options, traj.sigmas, traj.batch_size, generator).to(traj.latents.device)
+    _, rewards, _ = chain_rewards(reward_fn, traj, False, group)  # the chain's own, for the record
+    stats = estimate_states(model, StepStates.of(traj, steps), reward_fn, options, generator=generator,
+                            reference=reference, track_memory=track_memory)
+    return dict(stats, **_reward_stats(rewards), reward_queries=stats["reward_queries"] + traj.batch_size,
+                reward_forward=stats["reward_forward"] + 1, **reward_fn.counts())
+
+
+def _estimate_chain(model, traj: Trajectory, reward_fn, options: EstimatorOptions, generator, prompt_ids,
+                    advantages, group: Ranks, value_state, reference, on_policy: bool, track_memory: bool) -> dict:
+    """Every method but sqdf on a stored chain: its rewards (or given advantages), then its terms or its
+    clipped ratio (ddpo, grpo) back-propagated into .grad; the stats `estimate` returns."""
+    params = _trainable(model)
+    surrogate = options.method in RATIO_METHODS
     terms = None if surrogate else _terms(traj, options, generator)
     rewards = everyone = dr = None
     advantages_given = advantages is not None
