@@ -204,14 +204,43 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     costs = CostModel() if costs is None else costs
     if not isinstance(costs, CostModel):
         raise TypeError(f"costs must be a rlr_fast.design.CostModel, got {type(costs).__name__}")
-    source = options if options is not None else config
-    base = EstimatorOptions.build(None, **({} if source is None else {
-        n: getattr(source, n) for n in EstimatorOptions.names() if n not in DESIGN_FIELDS + ("normalize",)}))
+    base = _fixed_options(options if options is not None else config)
     if differentiable is None:
         differentiable = bool(getattr(reward_fn, "differentiable", True))
 
-    count, batches = _pilots(sampler, pilots, reward_fn)
     sketch, counter = GradSketch(params, sketch_dim, seed), CallCounter()
+    pieces, traj, baselines, max_h = _record_pilots(model, params, sampler, pilots, reward_fn, baselines, max_h,
+                                                    sketch, base, counter, differentiable, progress)
+    stacked = Stacked.of(pieces, traj)
+    plan_memory = None if max_memory_gb is None else (lambda opts: _plan_memory(config, opts, max_memory_gb))
+    scored, plans = _score(stacked, traj, baselines, max_h, differentiable, costs, budget, base, plan_memory)
+    if not scored:
+        _refuse(budget, max_memory_gb, traj)
+    chosen = scored[0]
+    planned = plans.get(_memory_kind(chosen.family))
+    n = len(pieces)
+    pilot_cost = dict(_pilot_work(n, traj, sketch, counter, costs, base, differentiable),
+                      seconds=time.perf_counter() - started)
+    return Design(chosen=chosen, candidates=scored, variances=step_variances(stacked),
+                  sigmas=[float(traj.sigmas[traj.step_index(t)]) for t in range(1, traj.num_steps + 1)],
+                  num_pilots=n, batch_size=traj.batch_size, baselines=baselines, max_h=max_h,
+                  sketch=sketch.describe(), budget=budget, max_memory_gb=max_memory_gb, costs=costs,
+                  pilot_cost=pilot_cost, memory=None if planned is None else {
+                      k: v for k, v in planned.config_overrides().items()
+                      if k not in MEMORY_OPTIONS})
+
+
+def _fixed_options(source) -> EstimatorOptions:
+    """The options a design does not choose, from `source` (options or a Config; None: the defaults)."""
+    return EstimatorOptions.build(None, **({} if source is None else {
+        n: getattr(source, n) for n in EstimatorOptions.names() if n not in DESIGN_FIELDS + ("normalize",)}))
+
+
+def _record_pilots(model, params, sampler, pilots, reward_fn, baselines, max_h: int, sketch: GradSketch,
+                   base: EstimatorOptions, counter: CallCounter, differentiable: bool, progress: bool) -> tuple:
+    """Every pilot's per-step pieces (one pilot in memory at a time), with pilot 0's chain and the baselines
+    and max_h it settles; the parameters' .grad is left as found."""
+    count, batches = _pilots(sampler, pilots, reward_fn)
     saved, pieces = [p.grad for p in params], []
     try:
         with gradient_checkpointing(model, base.checkpoint_unet):
@@ -225,34 +254,29 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    stacked = Stacked.of(pieces, traj)
-    plan_memory = None if max_memory_gb is None else (lambda opts: _plan_memory(config, opts, max_memory_gb))
-    scored, plans = _score(stacked, traj, baselines, max_h, differentiable, costs, budget, base, plan_memory)
-    if not scored:
-        why = [] if budget is None else [f"budget={budget:g} forward-equivalents (the rollout alone costs "
-                                         f"{traj.num_steps})"]
-        why += [] if max_memory_gb is None else [f"max_memory_gb={max_memory_gb:g}"]
-        if not why:  # no candidate at all: every step deterministic and no dR/dx_0
-            raise ValueError("no unbiased design exists for this chain: its deterministic steps need dR/dx_0 (a "
-                             "differentiable reward) or noise (eta > 0)")
-        raise ValueError(f"no unbiased design fits {' and '.join(why)}; raise it")
-    chosen = scored[0]
-    planned = plans.get(_memory_kind(chosen.family))
-    n = len(pieces)
+    return pieces, traj, baselines, max_h
+
+
+def _pilot_work(n: int, traj: Trajectory, sketch: GradSketch, counter: CallCounter, costs: CostModel,
+                base: EstimatorOptions, differentiable: bool) -> dict:
+    """What the n pilots cost: rollouts, recomputed steps, model and reward calls, forward-equivalents."""
     rollouts = n * traj.num_steps
-    pilot_cost = dict(pilots=n, rollout_forward_equivalents=rollouts, recomputed_steps=sketch.taken,
-                      unet_forward=counter.forward, unet_backward=counter.backward, reward_forward=n,
-                      reward_backward=n if differentiable else 0,
-                      forward_equivalents=rollouts + n * costs.forward_equivalents(
-                          Work(0, sketch.taken / n, 0, 0, 1, int(differentiable)), base.checkpoint_unet),
-                      seconds=time.perf_counter() - started)
-    return Design(chosen=chosen, candidates=scored, variances=step_variances(stacked),
-                  sigmas=[float(traj.sigmas[traj.step_index(t)]) for t in range(1, traj.num_steps + 1)],
-                  num_pilots=n, batch_size=traj.batch_size, baselines=baselines, max_h=max_h,
-                  sketch=sketch.describe(), budget=budget, max_memory_gb=max_memory_gb, costs=costs,
-                  pilot_cost=pilot_cost, memory=None if planned is None else {
-                      k: v for k, v in planned.config_overrides().items()
-                      if k not in MEMORY_OPTIONS})
+    return dict(pilots=n, rollout_forward_equivalents=rollouts, recomputed_steps=sketch.taken,
+                unet_forward=counter.forward, unet_backward=counter.backward, reward_forward=n,
+                reward_backward=n if differentiable else 0,
+                forward_equivalents=rollouts + n * costs.forward_equivalents(
+                    Work(0, sketch.taken / n, 0, 0, 1, int(differentiable)), base.checkpoint_unet))
+
+
+def _refuse(budget, max_memory_gb, traj: Trajectory):
+    """The one-line reason no candidate is left."""
+    why = [] if budget is None else [f"budget={budget:g} forward-equivalents (the rollout alone costs "
+                                     f"{traj.num_steps})"]
+    why += [] if max_memory_gb is None else [f"max_memory_gb={max_memory_gb:g}"]
+    if not why:  # no candidate at all: every step deterministic and no dR/dx_0
+        raise ValueError("no unbiased design exists for this chain: its deterministic steps need dR/dx_0 (a "
+                         "differentiable reward) or noise (eta > 0)")
+    raise ValueError(f"no unbiased design fits {' and '.join(why)}; raise it")
 
 
 def _progress(items: Iterator, total: int, enabled: bool):
