@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
-from .options import (EstimatorOptions, check_choice, check_min, check_positive, coerce,
+from .options import (EstimatorOptions, check_choice, check_min, coerce,
                       field_types as _field_types, option, type_name, unknown_key_message as _unknown_key)
 from .presets import PRESETS, PROMPT_SETS
 from .prompts import PromptSchedule, schedule_value
@@ -50,7 +50,7 @@ class Config(EstimatorOptions):
                                    "(TextToVideoSDPipeline or AnimateDiffPipeline; see rlr_fast.video)")
     motion_adapter: Optional[str] = option(None, "a local diffusers MotionAdapter folder: with a Stable Diffusion "
                                                  "1.x `model`, trains AnimateDiff (a video model)")
-    num_frames: int = option(16, "frames of each video (video models only)")
+    num_frames: int = option(16, "frames of each video (video models only)", low=1)
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = option("float32", "dtype of the frozen weights and of autocast: float32, or float16/"
                                    "bfloat16 on a GPU (LoRA weights and optimizer state stay float32), or "
@@ -64,12 +64,13 @@ class Config(EstimatorOptions):
     resume: Optional[str] = option(None, "continue the run in this out_dir (or from this checkpoint file)")
     distributed_timeout: float = option(600.0, "torchrun runs: seconds a rank waits for the others at a collective "
                                                "before stopping with an error (a rank died or hangs); it must cover "
-                                               "the longest work rank 0 does alone (sample grids, checkpoints)")
+                                               "the longest work rank 0 does alone (sample grids, checkpoints)",
+                                        positive=True)
 
     # --- sampling
     prompts: str = option("demo", f"built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one "
                                   "prompt per line ('#' starts a comment)")
-    num_steps: int = option(20, "DDIM sampling steps T")
+    num_steps: int = option(20, "DDIM sampling steps T", low=1)
     resolution: Optional[Union[int, tuple[int, int]]] = option(
         None, "image size in pixels: an int (square) or [height, width], multiples of 64 for SD1.x (the VAE's "
               "and the UNet's downsampling); None: the model's native size. Activation memory grows with the "
@@ -87,9 +88,9 @@ class Config(EstimatorOptions):
               "a YAML file of one (recorded in the run as its contents); docs/training.md, 'Prompt schedules'")
     batch_size: int = option(4, "samples per micro-batch, over all ranks: under torchrun each of the W ranks "
                                 "rolls out batch_size / W of them (W must divide it), so a config is the same run "
-                                "at any world size")
+                                "at any world size", low=1)
     images_per_prompt: int = option(2, "samples of each prompt in a micro-batch (per-prompt baselines "
-                                       "need >= 2); divides batch_size")
+                                       "need >= 2); divides batch_size", low=1)
 
     # --- reward
     reward: Union[str, Callable] = option("color_match", "reward name (see rlr_fast.rewards."
@@ -98,31 +99,31 @@ class Config(EstimatorOptions):
     reward_kwargs: dict = option({}, "keyword arguments of the reward loader, e.g. local weight paths")
 
     # --- LoRA and optimizer
-    lora_rank: int = option(4, "LoRA rank on the UNet attention projections")
-    lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)")
+    lora_rank: int = option(4, "LoRA rank on the UNet attention projections", low=1)
+    lora_alpha: float = option(4.0, "LoRA alpha (scale alpha / rank)", positive=True)
     lr: float = option(1e-3, "AdamW learning rate, on the gradient of the mean reward over an optimizer step's "
-                             "batch_size x grad_accum samples (at any number of ranks)")
+                             "batch_size x grad_accum samples (at any number of ranks)", positive=True)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    adam_eps: float = option(1e-8, "AdamW epsilon")
-    grad_accum: int = option(1, "micro-batches averaged per optimizer step")
-    max_grad_norm: Optional[float] = option(1.0, "clip the gradient to this global norm (None: no clip)")
+    adam_eps: float = option(1e-8, "AdamW epsilon", positive=True)
+    grad_accum: int = option(1, "micro-batches averaged per optimizer step", low=1)
+    max_grad_norm: Optional[float] = option(1.0, "clip the gradient to this global norm (None: no clip)", positive=True)
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps (more than "
-                                  "train_steps: the run ends still warming up, which it says)")
-    train_steps: int = option(100, "optimizer steps of the run")
+                                  "train_steps: the run ends still warming up, which it says)", low=0)
+    train_steps: int = option(100, "optimizer steps of the run", low=1)
 
     # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo); grpo runs the same
     # epochs (ddpo_rollout_batches, ddpo_inner_epochs, ddpo_minibatches, ddpo_adv_clip), its advantages per group
     ddpo_rollout_batches: int = option(1, "ddpo: rollout batches of batch_size sampled per epoch; the epoch's "
-                                          "samples are then reused for several optimizer steps")
-    ddpo_inner_epochs: int = option(1, "ddpo: passes over each epoch's samples")
+                                          "samples are then reused for several optimizer steps", low=1)
+    ddpo_inner_epochs: int = option(1, "ddpo: passes over each epoch's samples", low=1)
     ddpo_minibatches: int = option(2, "ddpo: minibatches each pass is split into (shuffled); grad_accum of "
                                       "them make one optimizer step, so every step after an epoch's first is "
-                                      "off-policy and the clip range acts")
-    ddpo_adv_clip: float = option(5.0, "ddpo: advantages are clipped to [-ddpo_adv_clip, ddpo_adv_clip]")
-    ddpo_buffer_size: int = option(16, "ddpo: rewards kept per prompt for its advantage statistics")
+                                      "off-policy and the clip range acts", low=1)
+    ddpo_adv_clip: float = option(5.0, "ddpo: advantages are clipped to [-ddpo_adv_clip, ddpo_adv_clip]", positive=True)
+    ddpo_buffer_size: int = option(16, "ddpo: rewards kept per prompt for its advantage statistics", low=1)
     ddpo_min_count: int = option(16, "ddpo: rewards a prompt needs in its buffer before its own statistics "
-                                     "replace the epoch's")
+                                     "replace the epoch's", low=1)
 
     # --- sqdf's off-policy replay (rlr_fast.replay); the estimator's sqdf_* keys are above
     replay_capacity: int = option(0, "sqdf: chains kept in the replay buffer, oldest replaced first (0: no buffer, "
@@ -135,36 +136,37 @@ class Config(EstimatorOptions):
                                              "probability ~ max(R, 0) * sqdf_gamma ** (steps after k))")
 
     # --- logging and checkpoints
-    sample_every: int = option(0, "write a sample grid every N steps (0: only before and after training)")
-    sample_prompts: int = option(4, "prompts (the first of the set) in each sample grid")
+    sample_every: int = option(0, "write a sample grid every N steps (0: only before and after training)", low=0)
+    sample_prompts: int = option(4, "prompts (the first of the set) in each sample grid", low=0)
     sample_seeds: tuple[int, ...] = option((0, 1, 2, 3), "seeds of the sample grid's columns")
-    checkpoint_every: int = option(0, "write a checkpoint every N steps (0: only at the end or on Ctrl-C)")
+    checkpoint_every: int = option(0, "write a checkpoint every N steps (0: only at the end or on Ctrl-C)", low=0)
     keep_checkpoints: int = option(3, "keep the newest N checkpoints, deleting older ones (0: keep all); the newest "
-                                      "one that verifies is never deleted")
+                                      "one that verifies is never deleted", low=0)
     max_nonfinite: int = option(3, "stop after this many updates in a row skipped for a NaN/Inf "
-                                   "reward or gradient")
+                                   "reward or gradient", low=1)
     profile: bool = option(False, "NVTX ranges around rollout, reward, estimate and optimizer step")
     tensorboard: bool = option(True, "also log to TensorBoard (when the tensorboard package is installed)")
 
     # --- estimator design (method=auto)
-    design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)")
+    design_every: int = option(0, "method=auto: design the estimator again every N updates (0: only at the start)",
+                               low=0)
     design_pilots: int = option(16, "method=auto: pilot batches per design (each costs about T (1 + 2.15 (1 + "
                                     "baselines * design_max_h)) UNet forward-equivalents, baselines the number of "
                                     "baselines compared: 2 (none, loo), 3 when a micro-batch holds images_per_prompt "
                                     ">= 2 of a prompt (loo_prompt too); fewer than about 32 can pick a design several "
-                                    "times worse: docs/estimator.md §13)")
-    design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries")
+                                    "times worse: docs/estimator.md §13)", low=2)
+    design_max_h: int = option(4, "method=auto: the longest half-order sub-chain the design tries", low=1)
     design_budget: Optional[float] = option(None, "method=auto: the most UNet forward-equivalents one update may cost "
-                                                  "(rollout T and reward included); None: no limit")
+                                                  "(rollout T and reward included); None: no limit", positive=True)
 
     # --- evaluation during training (rlr_fast.evaluation; `rlr-fast evaluate` is the full one)
     eval_every: int = option(0, "evaluate the LoRA against the base model before the first step, every N steps "
                                 "and after the last, into eval.jsonl and eval_curve.png: each reward's mean, "
-                                "sample diversity and the KL to the base sampler (0: never)")
+                                "sample diversity and the KL to the base sampler (0: never)", low=0)
     eval_prompts: Optional[str] = option(None, "prompts of those evaluations (a built-in set or a file); None: the "
                                                "held-out set of `prompts` (demo_heldout, animals_heldout), or "
                                                "`prompts` itself when it is a file")
-    eval_num_prompts: int = option(4, "the first N of eval_prompts, so an evaluation stays cheap")
+    eval_num_prompts: int = option(4, "the first N of eval_prompts, so an evaluation stays cheap", low=1)
     eval_seeds: tuple[int, ...] = option((0, 1, 2, 3), "seeds of those evaluations: each prompt is sampled once "
                                                         "per seed (diversity needs two or more)")
     eval_rewards: tuple[str, ...] = option((), "rewards scored in those evaluations besides `reward`, e.g. "
@@ -177,9 +179,9 @@ class Config(EstimatorOptions):
     max_memory_gb: Optional[float] = option(None, "let rlr_fast.plan choose the memory options (checkpoint_vae, "
                                                   "decode_chunk, free_text_encoder, and max_batch, checkpoint_unet, "
                                                   "split_cfg) so that one update's estimated peak fits this many GiB "
-                                                  "(overrides them)")
+                                                  "(overrides them)", positive=True)
     checkpoint_vae: bool = option(True, "gradient checkpointing of the VAE decode in the reward")
-    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward")
+    decode_chunk: int = option(1, "samples (video frames) decoded by the VAE at a time in the reward", low=1)
     free_text_encoder: bool = option(False, "delete the text encoder after encoding the prompts")
 
     # ------------------------------------------------------------------------------------------
@@ -256,23 +258,9 @@ class Config(EstimatorOptions):
         return self
 
     def _check_ranges(self) -> None:
-        """Each value within its own bounds."""
-        for name, low in (("num_steps", 1), ("batch_size", 1), ("images_per_prompt", 1), ("lora_rank", 1),
-                          ("grad_accum", 1), ("warmup_steps", 0), ("train_steps", 1), ("sample_every", 0),
-                          ("sample_prompts", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
-                          ("max_nonfinite", 1),
-                          ("decode_chunk", 1), ("num_frames", 1), ("design_every", 0), ("design_pilots", 2),
-                          ("design_max_h", 1), ("eval_every", 0), ("eval_num_prompts", 1), ("ddpo_rollout_batches", 1),
-                          ("ddpo_inner_epochs", 1), ("ddpo_minibatches", 1), ("ddpo_buffer_size", 1),
-                          ("ddpo_min_count", 1)):
-            check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "adam_eps", "distributed_timeout", "ddpo_adv_clip"):
-            check_positive(name, getattr(self, name))
+        """The bounds a field's `low` or `positive` cannot say (rlr_fast.options.check_bounds checks those)."""
         if self.lr > 1:  # AdamW moves each weight by about lr a step; far above 1 its float32 step overflows
             raise ValueError(f"lr must be at most 1 (AdamW moves each LoRA weight by about lr per step), got {self.lr}")
-        for name in ("max_grad_norm", "max_memory_gb", "design_budget"):
-            if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name))
         if self.resolution is not None:
             sides = (self.resolution,) if isinstance(self.resolution, int) else self.resolution
             if any(v <= 0 for v in sides):

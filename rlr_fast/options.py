@@ -57,11 +57,13 @@ def uses(method: str, name: str) -> bool:
     return method == AUTO or method in USED_BY.get(name, METHODS)
 
 
-def option(default: Any, doc: str):
-    """A dataclass field with its documentation attached (read by --help)."""
+def option(default: Any, doc: str, *, low: Optional[int] = None, positive: bool = False):
+    """A dataclass field with its documentation (read by --help) and its bounds (`check_bounds`): at least `low`,
+    or finite and > 0 with `positive` (None passes either: it means "not set")."""
+    metadata = {"doc": doc, "low": low, "positive": positive}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +194,18 @@ def check_types(obj) -> None:
         coerce(key, getattr(obj, key), tp)
 
 
+def check_bounds(obj) -> None:
+    """Every field of a dataclass instance within the bounds its `option` declares."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if f.metadata.get("low") is not None:
+            check_min(f.name, value, f.metadata["low"])
+        if f.metadata.get("positive"):
+            check_positive(f.name, value)
+
+
 def check_choice(key: str, value: Any, choices) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), list(choices), n=1)
@@ -222,15 +236,16 @@ class EstimatorOptions:
 
     method: str = option("rlr", f"gradient estimator: {', '.join(METHODS)}, or for a run {AUTO} (rlr_fast.design "
                                 f"chooses an unbiased one from pilot rollouts; design_* keys)")
-    first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0")
-    h: int = option(2, "rlr: length of the half-order sub-chain")
+    first_order_steps: int = option(1, "rlr: f, the last steps estimated pathwise from dR/dx0", low=0)
+    h: int = option(2, "rlr: length of the half-order sub-chain", low=1)
     j: Union[int, str, tuple[float, ...]] = option(
         "uniform", "rlr: start j of the sub-chain: an int, 'uniform', or a weight per j = 0, 1, ... (zero "
                    "outside the valid range)")
     zo_steps: Optional[int] = option(None, "rlr/zo: k, the likelihood-ratio steps drawn per update from C (the "
                                            "steps estimated by likelihood ratio: rlr's outside the pathwise F and "
                                            "half-order H, zo's every stochastic one), each weighted |C|/k, |C| "
-                                           "the number of steps in C, so the sum stays unbiased (None: all of C)")
+                                           "the number of steps in C, so the sum stays unbiased (None: all of C)",
+                                           low=1)
     baseline: Union[float, str] = option("none", "reward baseline of likelihood-ratio terms: none, loo (batch "
                                                  "leave-one-out), loo_prompt (per prompt), value (per step, fitted "
                                                  "on the reward of the rollout's x0 estimate; rollout with "
@@ -249,7 +264,8 @@ class EstimatorOptions:
                                                   "slightly biased) or by a given positive scale")
     truncated_bp_k: Union[int, str] = option(1, "truncated_bp: steps back-propagated (K), or 'random'")
     clip_range: float = option(1e-4, "ddpo/grpo: PPO clip range of the importance ratio (grpo: of the ratio of "
-                                     "per-element-mean log-densities, as Flow-GRPO's and ddpo-pytorch's)")
+                                     "per-element-mean log-densities, as Flow-GRPO's and ddpo-pytorch's)",
+                                 positive=True)
     grpo_beta: float = option(0.0, "grpo: weight of the KL of each trained step to the adapter-off reference's, the "
                                    "closed-form Gaussian KL per latent element (0: no KL term and no reference "
                                    "forwards; docs/estimator.md §8.5)")
@@ -272,7 +288,7 @@ class EstimatorOptions:
     consistency_model: str = option("lcm-lora-sdv1-5", "sqdf, x0_estimator=consistency: a local LCM-LoRA folder "
                                                        "(loaded as a second adapter on the same UNet) or a full LCM "
                                                        "UNet folder")
-    consistency_steps: int = option(1, "sqdf, x0_estimator=consistency: consistency steps from x_k to x_0")
+    consistency_steps: int = option(1, "sqdf, x0_estimator=consistency: consistency steps from x_k to x_0", low=1)
     consistency_guidance: float = option(1.0, "sqdf, x0_estimator=consistency: guidance scale w of the consistency "
                                               "model (1: the conditional prompt alone, as the public SQDF code)")
     sqdf_reward_mask: bool = option(False, "sqdf: train only on samples whose soft Q is > 0, as the public code's "
@@ -285,7 +301,7 @@ class EstimatorOptions:
     max_batch: Optional[int] = option(None, "samples per UNet call in likelihood-ratio chunks (whole steps, at "
                                             "least one); None: one step's batch per call, so activation memory "
                                             "stays flat in T (larger values batch several steps per call: faster, "
-                                            "more memory)")
+                                            "more memory)", low=1)
     checkpoint_unet: bool = option(False, "gradient checkpointing inside each recomputed UNet step")
     split_cfg: bool = option(False, "guidance: run the unconditional and conditional passes as two calls "
                                     "(and back-propagate them one at a time)")
@@ -304,6 +320,7 @@ class EstimatorOptions:
     def validate(self):
         """Raise ValueError/TypeError naming the first bad estimator value; returns self."""
         check_types(self)
+        check_bounds(self)
         if self.method == AUTO and not self.accepts_auto:
             raise ValueError("method='auto' is chosen by rlr_fast.design (finetune runs it); estimate needs a "
                              f"concrete method: one of {list(METHODS)}")
@@ -326,13 +343,6 @@ class EstimatorOptions:
             check_choice("truncated_bp_k", self.truncated_bp_k, ("random",))
         else:
             check_min("truncated_bp_k", self.truncated_bp_k, 1)
-        check_min("first_order_steps", self.first_order_steps, 0)
-        check_min("h", self.h, 1)
-        if self.zo_steps is not None:
-            check_min("zo_steps", self.zo_steps, 1)
-        if self.max_batch is not None:
-            check_min("max_batch", self.max_batch, 1)
-        check_positive("clip_range", self.clip_range)
         if not (math.isfinite(self.grpo_beta) and self.grpo_beta >= 0):
             raise ValueError(f"grpo_beta must be >= 0 (the weight of a KL penalty), got {self.grpo_beta}")
         if not (math.isfinite(self.grpo_step_fraction) and 0 < self.grpo_step_fraction <= 1):
@@ -349,7 +359,6 @@ class EstimatorOptions:
                                  f"[first, stop), so stop must exceed first")
         if isinstance(self.x0_estimator, str):
             check_choice("x0_estimator", self.x0_estimator, ("tweedie", "consistency"))
-        check_min("consistency_steps", self.consistency_steps, 1)
         if not (math.isfinite(self.consistency_guidance) and self.consistency_guidance >= 1):
             raise ValueError(f"consistency_guidance must be >= 1 (1: no guidance), got {self.consistency_guidance}")
         if self.aim_steps is not None:

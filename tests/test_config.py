@@ -257,3 +257,13 @@ def test_notices_of_valid_but_easily_missed_settings():
     schedule = {"a red circle on a blue background": [{"prompt": "a red circle", "from_step": 0, "to_step": 1}]}
     notes = Config.from_preset("demo", prompt_schedule=schedule).notices()
     assert len(notes) == 1 and "prompt schedule is active" in notes[0]
+
+
+def test_every_declared_bound_is_enforced_in_one_line():
+    """Bounds live with their fields (`option(..., low=, positive=)`); each one refuses a value past it."""
+    bounded = [f for f in dataclasses.fields(Config) if f.metadata.get("low") is not None or f.metadata.get("positive")]
+    assert {"num_steps", "h", "lr", "clip_range", "max_memory_gb"} <= {f.name for f in bounded}
+    for f in bounded:
+        bad = f.metadata["low"] - 1 if f.metadata.get("low") is not None else 0.0
+        with pytest.raises(ValueError, match=rf"^{f.name} must be (>= {f.metadata.get('low')}|> 0), got"):
+            Config.from_preset("demo", **{f.name: bad})
