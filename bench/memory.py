@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (build_models, current_device, latent_reward_fn, naive_rlr_update,  # noqa: E402
                           peak_memory, write_results, zero_grads)
 from rlr_fast import estimate, rollout  # noqa: E402
-from rlr_fast.options import MEMORY_OPTIONS, METHODS  # noqa: E402
+from rlr_fast.options import MEMORY_OPTIONS, METHODS, uses  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 
@@ -137,8 +137,9 @@ def tiny_measured_rows(quick: bool) -> list[dict]:
                 def update(method=method):
                     traj = rollout(models.unet, models.scheduler, x_T, generator=torch.Generator().manual_seed(1), **kw)
                     # one step per likelihood-ratio call: the engine's smallest setting
+                    one_step = {"max_batch": batch} if uses(method, "max_batch") else {}
                     estimate(models.unet, traj, reward_fn, method=method, generator=torch.Generator().manual_seed(2),
-                             max_batch=batch, **estimator_options(method, 2))
+                             **one_step, **estimator_options(method, 2))
             m = planner.measure(update, existing=state + [x_T, cond, negative])
             rows.append(dict(source="measured (CPU, live tensor bytes)", model="tiny SD", method=method, T=T,
                              h=2 if "rlr" in method else None, peak_mib=m.peak_bytes / 2**20))

@@ -405,7 +405,7 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch, capsys):
         def table(self):
             return "| option | value |"
 
-    def fake_plan(cfg):
+    def fake_plan(cfg, ranks=1):
         asked.update(budget=cfg.max_memory_gb, model=cfg.model)
         return FakePlan()
 

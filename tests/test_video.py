@@ -152,7 +152,8 @@ def test_every_estimator_runs_and_keeps_one_step_resident(lora_unet):
         for steps in (3, 9):
             traj = _traj(lora_unet, steps)
             lora_unet.zero_grad(set_to_none=True)
-            stats = rlr_fast.estimate(lora_unet, traj, _reward, method=method, h=2, truncated_bp_k=2,
+            own = {"rlr": dict(h=2), "truncated_bp": dict(truncated_bp_k=2)}.get(method, {})
+            stats = rlr_fast.estimate(lora_unet, traj, _reward, method=method, **own,
                                       generator=torch.Generator().manual_seed(0), track_memory=True)
             peaks[steps] = stats["peak_saved_bytes"]
             assert torch.isfinite(_grads(lora_unet)).all() and _grads(lora_unet).abs().sum() > 0, method
@@ -258,7 +259,9 @@ def test_ddpo_on_video_shaped_toy_matches_its_surrogate():
     loss = 0
     for k in range(4):
         dist = torch.distributions.Normal(rlr_fast.recompute_step(model, traj, k), traj.sigmas[k])
-        ratio = (dist.log_prob(traj.latents[k + 1]).flatten(1).sum(1) - traj.log_probs[k]).exp()
+        # per-element-mean log-densities, as ddpo-pytorch: the summed ones over the D latent elements, / D
+        elements = traj.latents[k + 1][0].numel()
+        ratio = ((dist.log_prob(traj.latents[k + 1]).flatten(1).sum(1) - traj.log_probs[k]) / elements).exp()
         loss = loss + torch.maximum(-adv * ratio, -adv * ratio.clamp(0.95, 1.05)).mean() / 4
     loss.backward()
     torch.testing.assert_close(ours, torch.cat([p.grad.flatten() for p in model.parameters()]),
