@@ -47,9 +47,18 @@ def _label(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
+def _finite(s: Series) -> Series:
+    """The points of `s` whose x, y (and se) are finite: a curve that stops early (a run that spent less, a
+    method that never reached a grid point) is drawn as far as it goes."""
+    se = list(s.se) if len(s.se) else [0.0] * len(s.x)
+    kept = [(x, y, e) for x, y, e in zip(s.x, s.y, se) if all(math.isfinite(float(v)) for v in (x, y, e))]
+    return Series(s.label, [p[0] for p in kept], [p[1] for p in kept], [p[2] for p in kept] if len(s.se) else ())
+
+
 def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel) -> None:
     left, top, right, bottom = box
     draw = ImageDraw.Draw(image, "RGBA")
+    panel = Panel(panel.title, panel.x_label, panel.y_label, [_finite(s) for s in panel.series])
     xs = [v for s in panel.series for v in s.x]
     ys = [v for s in panel.series for i, y in enumerate(s.y)
           for v in ((y - s.se[i], y + s.se[i]) if len(s.se) else (y,))]
@@ -75,6 +84,8 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
         draw.text((x, bottom + 6), _label(value), fill="black", anchor="mt")
     for i, s in enumerate(panel.series):
         colour = COLOURS[i % len(COLOURS)]
+        if len(s.x) < 2:
+            continue
         if len(s.se):
             upper = [at(x, y + e) for x, y, e in zip(s.x, s.y, s.se)]
             lower = [at(x, y - e) for x, y, e in zip(s.x, s.y, s.se)]

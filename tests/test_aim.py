@@ -37,6 +37,7 @@ def test_aimed_steps_follow_the_schedule_rule():
     assert aimed_steps(10, None) == set()
 
 
+@pytest.mark.slow
 def test_j_distribution_is_the_written_mixture_and_is_drawn():
     traj = _traj()
     options = EstimatorOptions(method="rlr", h=2, aim_steps=(0.3, 0.6), aim_share=0.75)
@@ -52,6 +53,7 @@ def test_j_distribution_is_the_written_mixture_and_is_drawn():
 
 
 @pytest.mark.parametrize("k, share", [(3, 0.7), (1, 0.8), (4, 0.99)])
+@pytest.mark.slow
 def test_each_subsampled_step_is_weighted_by_its_inverse_chance(k, share):
     """E[w_t 1{t drawn}] = 1 for every step of C: the weighted sum is unbiased for the full sum."""
     traj = _traj()

@@ -58,6 +58,7 @@ def test_help_shows_the_chosen_presets_values(argv, capsys):
     assert "values in preset sd14" in text and "num_steps (int, sd14: 50)" in text and "demo:" not in text
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end(run_dir, capsys):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

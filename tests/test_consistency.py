@@ -280,6 +280,7 @@ def test_consistency_differs_from_tweedie_and_needs_a_model(setup):
 # ---- finetune and the sqdf preset --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_with_the_consistency_model_saves_the_policy_alone(tiny, tmp_path):
     from rlr_fast.models import load_sd
     from rlr_fast.train import finetune
@@ -324,6 +325,7 @@ def test_the_planner_counts_the_consistency_weights_and_steps(setup):
     assert missing.breakdown["consistency_weights"] == 0 and any("not found here" in n for n in missing.notes)
 
 
+@pytest.mark.slow
 def test_the_planned_phase_covers_the_measured_consistency_vjp(setup):
     """On the tiny UNet: the planner's consistency_x0 phase (N x one conditional UNet step with an
     input gradient, measured on meta) is at least the live peak of the real VJP through N = 2

@@ -31,6 +31,7 @@ def _assert_same_trajectory(a, b, exact: bool, tol: float = 0.0):
 
 @pytest.mark.parametrize("guidance, split_cfg, spacing", [(1.0, False, "leading"), (7.5, False, "trailing"),
                                                           (7.5, True, "leading")])
+@pytest.mark.slow
 def test_static_step_equals_eager_rollout_on_cpu(unet, guidance, split_cfg, spacing):
     """The step function a graph would capture, run eagerly on its static buffers, reproduces
     rlr_fast.rollout bit for bit (same ops, same values, same noise draw)."""

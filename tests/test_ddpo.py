@@ -84,6 +84,7 @@ def test_advantages_come_from_each_prompts_history(ddpo, tmp_path):
     assert sum(len(v) for v in buffers.values()) <= 4 * 2 * B  # 4 epochs of 8 rewards, at most 4 kept per prompt
 
 
+@pytest.mark.slow
 def test_a_nonfinite_reward_skips_the_step_and_drops_the_epoch(ddpo, tmp_path):
     calls = []
 

@@ -125,6 +125,7 @@ def test_samples_follow_their_prompts(default_models):
         assert accuracy > _threshold(n), f"{part} accuracy {accuracy:.3f} on {n} samples is not above chance"
 
 
+@pytest.mark.slow
 def test_without_the_prompt_the_measurement_is_at_chance(default_models):
     """Control: with guidance off and the empty prompt, images cannot depend on the prompt they are
     scored against, so the measurement must not find prompt-following there."""

@@ -102,6 +102,7 @@ def test_normalized_estimate_is_of_scaled_gradient():
     assert _max_z(est, exact) > 3 * Z_MAX  # and visibly not of the unscaled one
 
 
+@pytest.mark.slow
 def test_truncated_backprop_is_biased():
     est, exact = _estimates("truncated_bp", n=300, truncated_bp_k=1)
     assert _max_z(est, exact) > 10 * Z_MAX
@@ -474,6 +475,7 @@ def _lower_bound(x: torch.Tensor, sigmas: float = 3.0) -> float:
 VALUE_VS_LOO = dict(loo=dict(baseline="loo"), value=dict(baseline="value"))
 
 
+@pytest.mark.slow
 def test_value_baseline_cuts_zo_variance_on_the_toy():
     """Issue 12's target: T = 20, trailing spacing, eta = 1, zo with the value baseline at most 1/2.5 of
     the trace variance with loo (measured 1/10 at B = 4 and 1/7 at B = 8 over 1000 estimates). Asserted

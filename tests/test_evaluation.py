@@ -194,6 +194,7 @@ def eval_run(tiny_folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_finetune_evaluates_every_n_steps(eval_run):
     records = [json.loads(line) for line in (eval_run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2] and records[0]["prompt_set"] == "demo_heldout"
@@ -205,6 +206,7 @@ def test_finetune_evaluates_every_n_steps(eval_run):
     assert json.loads((eval_run / "summary.json").read_text())["eval"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_the_report(eval_run, capsys):
     out = eval_run / "eval"  # the default
     assert main(["evaluate", "--lora", str(eval_run), "--seeds", "0-2", "--reward", "color_match",

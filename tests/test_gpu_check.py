@@ -90,6 +90,7 @@ def test_a_failing_stage_fails_the_run(tmp_path):
     assert "stage setup: FAILED" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_stage_without_time_left_is_skipped_and_fails_the_run(tmp_path):
     result = _run(tmp_path, "--stages", "setup", timeout=60, BUDGET_S="20")
     assert result.returncode == 1

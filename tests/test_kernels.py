@@ -135,6 +135,7 @@ def test_reduction_is_reproducible(device):
     assert torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_many_partials_reduce_in_chunks(device, monkeypatch):
     """Small blocks and finalize chunks: 51 partials per sample summed over 13 loop iterations."""
     monkeypatch.setattr(kernel_utils, "MAX_BLOCK", 64)

@@ -272,6 +272,7 @@ def test_add_lora_rejects_bad_rank_or_alpha(kwargs, match):
         lora.add_lora(models.tiny_sd(0).unet, **kwargs)
 
 
+@pytest.mark.slow
 def test_lora_round_trip_through_stock_diffusers(tiny_dir, tmp_path):
     """The important one: what we train is what `pipe.load_lora_weights` gives back.
 

@@ -210,6 +210,7 @@ def test_sd14_issue_case_fits_4_gib_and_no_limit_is_larger():
     assert limited.extra_flops >= unlimited.extra_flops
 
 
+@pytest.mark.slow
 def test_decode_outside_autocast_with_block_checkpointing_is_what_brings_sd14_under_4_gib(monkeypatch):
     """The planned decode phase (fp16 outside autocast, every decoder block checkpointed) equals a
     direct measurement; keeping autocast on, and then checkpointing only per sample, grow it."""
@@ -250,6 +251,7 @@ def test_sqdf_plans_one_step_of_each_kind_whatever_T():
     assert long.model_calls == calls * (50 + 5) + decodes and short.model_calls == calls * (10 + 5) + decodes
 
 
+@pytest.mark.slow
 def test_smaller_budget_fits_or_names_the_smallest_peak():
     smallest = None
     for gib in (5, 4.5, 4, 3.5, 3, 2.5, 2, 1):
@@ -278,6 +280,7 @@ def test_peak_grows_with_the_batch():
         previous_min, previous_fast = e.value.smallest.peak_bytes, fastest.peak_bytes
 
 
+@pytest.mark.slow
 def test_the_reward_network_is_checkpointed_when_it_is_the_peak():
     """At 256 px the UNet and the decoder shrink fourfold but CLIP-L still sees 224 px images: its
     backward becomes the peak, and the smallest plan checkpoints it (through reward_kwargs)."""
@@ -332,6 +335,7 @@ def test_resolution_and_architectures_of_the_default_model_are_measured_on_deman
     assert (again.peak_bytes, again.options) == (native.peak_bytes, native.options)
 
 
+@pytest.mark.slow
 def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
     """Architectures are keyed by their full config: a folder holding SD1.4's config files (as
     diffusers writes them, every default spelled out) plans from the cache, like model='sd14'."""
@@ -486,6 +490,7 @@ def test_sdxl_preset_fits_10_gib_with_its_own_options_and_the_fp16_fix_vae(capsy
     assert "VAE decode outside autocast in float16" in printed
 
 
+@pytest.mark.slow
 def test_sdxls_own_vae_in_float32_makes_the_decode_the_floor_above_10_gib():
     """SDXL's own VAE overflows in fp16, so the loader keeps it in float32 (as load_sdxl does): its
     1024 px decoder backward is twice the fp16-fix VAE's, the largest phase whatever the options, and

@@ -208,6 +208,7 @@ def tiny_run(tiny_folder, tmp_path_factory):
                 train_steps=1, guidance_scale=2.0)
 
 
+@pytest.mark.slow
 def test_finetune_samples_its_grid_under_the_schedule(tiny_run, tiny_folder, tmp_path, capsys):
     """The step-0 grid (base model) equals images made with the conditioning written out by hand:
     "a shape" at step 0 and "a red circle" at steps 1-2 for the first row, "a blue square" throughout.

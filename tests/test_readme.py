@@ -46,6 +46,7 @@ def test_the_whole_loop_block_runs_twice(tmp_path, monkeypatch):
     assert namespace["result"].out_dir == Path("out/api_demo")
 
 
+@pytest.mark.slow
 def test_the_update_by_hand_runs_the_planned_options(tiny_folder, tmp_path, monkeypatch):
     tiny = (f'rlr_fast.Config.from_preset("sd14", model={str(tiny_folder)!r}, device="cpu", dtype="float32", '
             'reward="brightness", reward_kwargs={"dtype": None}, num_steps=6)')

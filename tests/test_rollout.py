@@ -110,6 +110,7 @@ def test_plain_callable_model(scheduler):
     assert traj.latents.shape == (5, 2, 3)
 
 
+@pytest.mark.slow
 def test_rollout_and_estimate_under_autocast(unet, scheduler):
     """Autocast makes the UNet answer in bf16; the chain stays in the latents' fp32."""
     lora_unet = make_unet()
@@ -124,6 +125,7 @@ def test_rollout_and_estimate_under_autocast(unet, scheduler):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.slow
 def test_stored_x0_hat_is_diffusers_pred_original_sample(unet, prediction, cfg):
     """store_x0_hat keeps each step's Tweedie estimate, from the guided output under CFG."""
     sched = make_scheduler(prediction_type=prediction)

@@ -58,6 +58,7 @@ def test_a_folder_of_someone_elses_is_refused_and_left_as_it_was(tiny, tmp_path)
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_a_failed_start_is_reused_without_deleting_the_users_files(tiny, tmp_path):
     def unreachable(images, prompts):
         raise RuntimeError("reward server down")
@@ -73,6 +74,7 @@ def test_a_failed_start_is_reused_without_deleting_the_users_files(tiny, tmp_pat
     assert [r["step"] for r in records(out)] == [1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_outside_its_run_is_not_resumed(finished, tmp_path):
     """It used to make the file's grandparent the out_dir: deleting *.tmp and .tmp* there, overwriting
     config.yaml, appending to a metrics.jsonl of someone else's."""
@@ -134,6 +136,7 @@ def test_a_failed_write_is_one_line_after_a_checkpoint(tiny, tmp_path, monkeypat
         assert find_checkpoint(out).step == 2 and f"resume with: rlr-fast finetune --resume {out}" in ours[0]
 
 
+@pytest.mark.slow
 def test_after_a_full_disk_the_run_resumes_bit_exactly(finished, tiny, tmp_path, monkeypatch):
     failing_writes(monkeypatch, "step_000002.png", errno.ENOSPC)
     with pytest.raises(RuntimeError, match="No space left on device"):
@@ -144,6 +147,7 @@ def test_after_a_full_disk_the_run_resumes_bit_exactly(finished, tiny, tmp_path,
     assert [r["reward_mean"] for r in records(tmp_path)] == [r["reward_mean"] for r in records(finished.out_dir)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_final_lora_keeps_the_run(finished, tiny, tmp_path, monkeypatch, capsys):
     failing_writes(monkeypatch, LORA_WEIGHT_NAME, errno.ENOSPC)
     with pytest.raises(RuntimeError, match=rf"cannot write {tmp_path / LORA_WEIGHT_NAME}: No space left on device "
@@ -154,6 +158,7 @@ def test_a_full_disk_at_the_final_lora_keeps_the_run(finished, tiny, tmp_path, m
     assert same_lora(finished.out_dir, tmp_path) and (tmp_path / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_starts_a_branch(finished, tmp_path, capsys):
     """Checkpoints, metrics and summary agree after a resume from step 2 of a finished 4-step run that
     is killed at step 3: the next resume continues from the branch's step 3, not the old step 4."""
@@ -191,6 +196,7 @@ def test_damaged_records_of_a_finished_run_are_rebuilt_from_its_checkpoint(finis
         assert log.read_text() == original
 
 
+@pytest.mark.slow
 def test_a_deleted_log_of_a_killed_run_is_rebuilt_on_resume(finished, tiny, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="simulated kill"):
         finetune(out_dir=str(tmp_path), train_steps=4, sample_every=2, checkpoint_every=2, callback=kill_at(3), **tiny)
@@ -239,6 +245,7 @@ def test_the_newest_checkpoints_are_kept(finished):
         "step_000002.safetensors", "step_000003.safetensors", "step_000004.safetensors"]  # keep_checkpoints=3
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_final_lora_is_written_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
     from rlr_fast import train
 

@@ -100,6 +100,7 @@ def test_loads_as_sdxl_with_the_vae_in_float32_unless_it_is_the_fp16_fix(sdxl_fo
 
 @pytest.mark.parametrize("eta, guidance, resolution", [(0.0, 5.0, None), (1.0, 5.0, None), (1.0, 1.0, None),
                                                       (1.0, 5.0, (24, 32))])
+@pytest.mark.slow
 def test_rollout_equals_the_diffusers_sdxl_pipeline(sdxl_folder, eta, guidance, resolution):
     """Both encoders, the pooled embedding, time ids (at the pipeline's default and at another size),
     the zero negative prompt and guidance on every added condition: to 1e-5 in float32."""
@@ -155,6 +156,7 @@ def test_the_planner_measures_sdxls_step_and_stored_chain_as_a_real_update_has_t
 
 
 @pytest.mark.parametrize("budget", [None, 1e-3])
+@pytest.mark.slow
 def test_a_planned_sdxl_update_peaks_where_the_planner_says(sdxl_folder, budget):
     """One whole RLR update (rollout stored; pathwise and likelihood-ratio steps, the checkpointed or
     plain decode) on real CPU tensors, with the options the planner picks: the fastest (no budget) and

@@ -130,6 +130,7 @@ def test_gradient_is_autograd_of_the_written_objective(split_cfg, alpha, gamma, 
     assert exact.norm() > 0 and all(v > 0 for v in out["kl"].tolist())
 
 
+@pytest.mark.slow
 def test_a_custom_x0_estimator_is_differentiated_through_its_input():
     """x0_estimator as a callable: one that is Tweedie written again gives the default's gradient (its
     VJP by autograd instead of the split step), and the identity x0_hat = x' the written objective's."""
@@ -194,6 +195,7 @@ def test_kl_and_its_gradient_are_zero_with_the_lora_at_init():
     assert torch.equal(without, with_kl) and without.norm() > 0
 
 
+@pytest.mark.slow
 def test_chain_kl_is_the_number_of_steps_times_one_drawn_step():
     """Its mean over the uniform step equals the sum of the steps' KLs: every value it returns is
     S KL_k of a step k of its sample, and over draws every step appears."""
@@ -292,6 +294,7 @@ def test_alpha0_at_the_last_step_is_the_one_step_reward_gradient():
 # ---- memory: one step resident ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_memory_is_flat_in_T():
     unet = _lora_unet(torch.float32)
     peaks = {}
@@ -426,6 +429,7 @@ def test_replayed_states_give_the_gradient_of_the_same_states_from_the_chain():
     (dict(sqdf_steps=(0, 9)), "reaches past the chain"),
     (dict(x0_estimator="lcm"), "x0_estimator must be one of"),
 ])
+@pytest.mark.slow
 def test_bad_options(options, message):
     unet = _lora_unet(torch.float32)
     traj = _traj(unet, 4, batch=2)
@@ -564,6 +568,7 @@ def test_replay_run_resumes_bit_exactly_after_a_kill(straight, tiny, tmp_path):
     assert numbers(straight.out_dir) == numbers(tmp_path)
 
 
+@pytest.mark.slow
 def test_every_method_logs_kl_and_diversity(tiny, tmp_path):
     from rlr_fast.train import finetune
 

@@ -79,6 +79,7 @@ CASES = [(1.0, False), (5.0, False), (5.0, True)]
 
 
 @pytest.mark.parametrize("guidance, split_cfg", CASES)
+@pytest.mark.slow
 def test_scheduled_rollout_equals_single_prompt_steps_stitched(unet, guidance, split_cfg):
     traj, table, x_T, cfg = _rollout(unet, guidance, split_cfg)
     # stored compactly: the 5 distinct texts of this batch once, and a (T, B) index
@@ -115,6 +116,7 @@ def test_scheduled_rollout_equals_diffusers_step_by_step(unet):
 
 
 @pytest.mark.parametrize("guidance, split_cfg", CASES)
+@pytest.mark.slow
 def test_recompute_under_schedule_equals_rollout_step(unet, guidance, split_cfg):
     traj, *_ = _rollout(unet, guidance)
     for k in range(T):
@@ -256,6 +258,7 @@ def test_estimators_stay_unbiased_with_per_step_conditioning(method, opts, n=600
 
 
 @pytest.mark.parametrize("guidance, split_cfg", CASES)
+@pytest.mark.slow
 def test_static_step_under_schedule_equals_eager_rollout_on_cpu(unet, guidance, split_cfg):
     traj, _, x_T, cfg = _rollout(unet, guidance, split_cfg)
     scheduled, _ = _scheduled_kwargs()

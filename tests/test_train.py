@@ -49,6 +49,7 @@ def straight(tiny, tmp_path_factory):
     return finetune(out_dir=str(out), train_steps=4, sample_every=2, checkpoint_every=2, **tiny)
 
 
+@pytest.mark.slow
 def test_outputs_and_metrics(straight):
     out = straight.out_dir
     for path in (straight.lora_path, straight.config_path, straight.metrics_path, straight.curve_path,
@@ -107,6 +108,7 @@ def test_kill_then_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
     assert same_lora(straight.out_dir, result.out_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
     def terminate_at_1(step, record):
         if step == 1:
@@ -144,6 +146,7 @@ def test_a_signal_during_a_commit_waits_for_its_end():
     assert committed == ["rest of the update"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(straight, tiny, tmp_path, capsys):
     def interrupt_at_1(step, record):
         if step == 1:
@@ -204,6 +207,7 @@ def test_nonfinite_reward_skips_the_update_and_is_counted(tiny, tmp_path):
     assert result.metrics["nonfinite_skipped"] == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_gradients_stop_the_run_after_max_nonfinite(tiny, tmp_path):
     def infinite_slope(images, prompts):  # value 0, d sqrt(x)/dx = inf at 0
         return (images.mean((1, 2, 3)) * 0).sqrt()
@@ -293,6 +297,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(straight, tiny, tm
         "step_000001.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_run_that_died_before_its_first_step_is_reusable(tiny, tmp_path, capsys):
     def unreachable(images, prompts):
         raise RuntimeError("reward server down")
@@ -315,6 +320,7 @@ def test_a_second_run_refuses_an_out_dir_in_use(tiny, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [".rlr_fast.lock"]
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_latest_checkpoint(straight, tmp_path, capsys, corrupt_tensor):
     run = copy_of(straight.out_dir, tmp_path)
     corrupt_tensor(run / "checkpoints" / "step_000004.safetensors",
@@ -345,6 +351,7 @@ def test_done_lists_only_outputs_that_exist(tiny, tmp_path, capsys):
     assert {"pytorch_lora_weights.safetensors", "metrics.jsonl", "summary.json"} <= set(listed)
 
 
+@pytest.mark.slow
 def test_the_rollout_choice_is_recorded_and_a_failed_cuda_graph_falls_back(straight, tiny, tmp_path, capsys):
     assert {r["rollout"] for r in records(straight.out_dir)} == {"eager"}
     assert straight.metrics["rollout"] == {"kind": "eager", "reason": "device is cpu (CUDA graphs need a GPU)"}
@@ -383,6 +390,7 @@ def test_no_arguments_means_the_demo_preset():
     assert _resolve_config(None, {}) == (Config.from_preset("demo"), None)
 
 
+@pytest.mark.slow
 def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch, capsys):
     """max_memory_gb applies the planner's options; profile=True puts NVTX ranges around the phases."""
     import importlib

@@ -111,6 +111,7 @@ def test_rollout_equals_diffusers_ddim_steps(kind, eta, guidance):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_static_step_rollout_equals_rollout(kind):
     """The CUDA-graph rollout's static step (run eagerly here: capture=False) on video latents."""
     from rlr_fast.cuda_graph import GraphedRollout
@@ -125,6 +126,7 @@ def test_static_step_rollout_equals_rollout(kind):
     torch.testing.assert_close(got.log_probs, want.log_probs)
 
 
+@pytest.mark.slow
 def test_recompute_is_exact_on_video_latents(lora_unet):
     traj = _traj(lora_unet, 4, guidance=3.0)
     means = recompute_steps(lora_unet, traj, [3, 0, 2])
@@ -323,6 +325,7 @@ def test_load_video_round_trips_the_saved_folder(folders, kind):
     assert initial_noise(loaded.unet, 2, torch.Generator(), torch.device("cpu"), num_frames=5).shape == (2, 4, 5, 8, 8)
 
 
+@pytest.mark.slow
 def test_load_video_from_sd_folder_plus_motion_adapter(tmp_path):
     """AnimateDiff's usual form: SD1.5 weights and a separate motion module folder."""
     models.tiny_sd(0).save_pretrained(tmp_path / "sd")
@@ -362,6 +365,7 @@ def test_add_lora_trains_only_lora_and_starts_as_a_no_op(kind):
     assert torch.equal(_eps(unet), base)
 
 
+@pytest.mark.slow
 def test_animatediff_pipeline_loads_our_lora(folders, tmp_path):
     """alpha != rank: a file that lost the LoRA scaling would fail the comparison."""
     unet = _lora_unet("animatediff", rank=2, alpha=6)
@@ -466,6 +470,7 @@ def test_finetune_animatediff_from_sd_and_motion_adapter(tmp_path):
     assert (_eps(lora_unet) - base).abs().max() > 0
 
 
+@pytest.mark.slow
 def test_finetune_refuses_bad_video_settings(folders, tmp_path):
     with pytest.raises(ValueError, match="num_frames=20 exceeds this motion model's motion_max_seq_length"):
         finetune(model=str(folders["animatediff"]), out_dir=str(tmp_path / "a"), train_steps=1,
