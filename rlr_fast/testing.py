@@ -14,13 +14,15 @@ conditioning at the step, so that the gradient also tests which conditioning eac
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from .baselines import reward_baseline
+from .baselines import ValueStatistics, reward_baseline
+from .estimators import estimate
 from .options import EstimatorOptions
 from .rollout import Trajectory, recompute_steps, rollout
 from .samplers import as_sampler
@@ -154,6 +156,33 @@ def exact_loss_gradient(model: LinearEps, sampler, num_steps: int, eta: float,
     params = list(model.parameters())
     grads = torch.autograd.grad(-expected_reward(model, sampler, num_steps, eta, target, cond), params)
     return torch.cat([g.flatten() for g in grads])
+
+
+def toy_estimates(model: LinearEps, sampler, method: str, *, n: int, steps: int, eta: float, batch: int,
+                  target: torch.Tensor, seed: int = 0, **opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """n independent estimates (n, parameters) of `method` on the toy chain of `sampler`, and the exact
+    gradient of its loss (the unbiasedness tests' z-test compares them). With baseline="value" the rollouts
+    store x0_hat, and a running fit or surrogate proxy carries one ValueStatistics over the n estimates,
+    as in training."""
+    exact = exact_loss_gradient(model, sampler, steps, eta, target)
+    g = torch.Generator().manual_seed(seed)
+    value = opts.get("baseline") == "value"
+    if value and (opts.get("value_fit", "running") == "running" or opts.get("value_proxy") == "surrogate"):
+        opts["value_state"] = ValueStatistics()
+    out = torch.empty(n, exact.numel(), dtype=torch.float64)
+    for i in range(n):
+        x_t = torch.randn(batch, *model.w.shape, generator=g, dtype=torch.float64)
+        traj = rollout(model, sampler, x_t, num_steps=steps, eta=eta, generator=g, store_x0_hat=value)
+        model.zero_grad(set_to_none=True)
+        estimate(model, traj, quadratic_reward(target), method=method, generator=g, **opts)
+        out[i] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return out, exact
+
+
+def max_z(est: torch.Tensor, exact: torch.Tensor) -> float:
+    """The largest |z| over parameters of the estimates' mean against the exact gradient."""
+    se = est.std(0) / math.sqrt(est.shape[0])
+    return float(((est.mean(0) - exact) / se).abs().max())
 
 
 def make_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8) -> UNet2DConditionModel:

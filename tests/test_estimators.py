@@ -20,8 +20,8 @@ from rlr_fast.config import Config
 from rlr_fast.estimators import Terms, run_terms, valid_js
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
-from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, make_unet,
-                              naive_backprop, quadratic_reward)
+from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, make_unet, max_z,
+                              naive_backprop, quadratic_reward, toy_estimates)
 
 Z_MAX = 4.0
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
@@ -36,32 +36,10 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta
 
 
 def _estimates(method, *, n, batch=4, steps=8, eta=1.0, sched_kw=None, seed=0, **opts):
-    """n independent estimates (n, 12) and the exact gradient of the loss.
-
-    With value_fit="running" one ValueStatistics carries over the n estimates, as in training.
-    """
+    """n independent estimates (n, 12) and the exact gradient of the loss (rlr_fast.testing.toy_estimates)."""
     sched = make_scheduler(**{**TOY_SCHEDULE, **(sched_kw or {})})
-    model = LinearEps(sched.alphas_cumprod, 3)
-    exact = exact_loss_gradient(model, sched, steps, eta, TARGET)
-    g = torch.Generator().manual_seed(seed)
-    reward = quadratic_reward(TARGET)
-    value = opts.get("baseline") == "value"
-    if value and (opts.get("value_fit", "running") == "running" or opts.get("value_proxy") == "surrogate"):
-        opts["value_state"] = rlr_fast.ValueStatistics()
-    out = torch.empty(n, exact.numel(), dtype=torch.float64)
-    for i in range(n):
-        x_t = torch.randn(batch, 3, generator=g, dtype=torch.float64)
-        traj = rlr_fast.rollout(model, sched, x_t, num_steps=steps, eta=eta, generator=g, store_x0_hat=value)
-        for p in model.parameters():
-            p.grad = None
-        rlr_fast.estimate(model, traj, reward, method=method, generator=g, **opts)
-        out[i] = _grad_vector(model)
-    return out, exact
-
-
-def _max_z(est, exact):
-    se = est.std(0) / math.sqrt(est.shape[0])
-    return float(((est.mean(0) - exact) / se).abs().max())
+    return toy_estimates(LinearEps(sched.alphas_cumprod, 3), sched, method, n=n, steps=steps, eta=eta, batch=batch,
+                         target=TARGET, seed=seed, **opts)
 
 
 TWO_PROMPTS = torch.tensor([0, 1, 0, 1])
@@ -92,20 +70,20 @@ UNBIASED = [
 @pytest.mark.slow
 def test_unbiased(method, eta, sched_kw, opts):
     est, exact = _estimates(method, n=3000, eta=eta, sched_kw=sched_kw, **opts)
-    assert _max_z(est, exact) < Z_MAX
+    assert max_z(est, exact) < Z_MAX
 
 
 @pytest.mark.slow
 def test_normalized_estimate_is_of_scaled_gradient():
     est, exact = _estimates("rlr", n=2000, h=2, baseline="loo", normalize=4.0)
-    assert _max_z(est, exact / 4.0) < Z_MAX
-    assert _max_z(est, exact) > 3 * Z_MAX  # and visibly not of the unscaled one
+    assert max_z(est, exact / 4.0) < Z_MAX
+    assert max_z(est, exact) > 3 * Z_MAX  # and visibly not of the unscaled one
 
 
 @pytest.mark.slow
 def test_truncated_backprop_is_biased():
     est, exact = _estimates("truncated_bp", n=300, truncated_bp_k=1)
-    assert _max_z(est, exact) > 10 * Z_MAX
+    assert max_z(est, exact) > 10 * Z_MAX
 
 
 def test_full_bp_equals_one_graph_backprop():
@@ -426,7 +404,7 @@ VALUE_UNBIASED = [
 @pytest.mark.slow
 def test_value_baseline_is_unbiased(method, eta, sched_kw, opts):
     est, exact = _estimates(method, n=600, batch=8, eta=eta, sched_kw=sched_kw, baseline="value", **opts)
-    assert _max_z(est, exact) < Z_MAX
+    assert max_z(est, exact) < Z_MAX
 
 
 @pytest.mark.slow
@@ -441,7 +419,7 @@ def test_value_baseline_fitted_with_the_samples_own_pair_is_biased(monkeypatch):
 
     monkeypatch.setattr(baselines, "leave_own_out", with_own_pair)
     est, exact = _estimates("zo", n=600, batch=8, baseline="value", value_fit="loo")
-    assert _max_z(est, exact) > 3 * Z_MAX
+    assert max_z(est, exact) > 3 * Z_MAX
 
 
 def _squared_deviations(method, configs, *, n, steps, batch, sched_kw, eta=1.0):
@@ -487,6 +465,7 @@ def test_value_baseline_cuts_zo_variance_on_the_toy():
 def test_surrogate_proxy_at_x0_instead_of_x0_hat_is_biased(monkeypatch):
     """The power of the surrogate's z-test: the same regression evaluated at the chain's x0 (which holds
     every step's noise, eps_t included) instead of x0_hat_t carries each term's own noise into its baseline."""
+    from rlr_fast import testing
     from rlr_fast.baselines import RewardSurrogate
 
     predict = RewardSurrogate.predict
@@ -495,7 +474,7 @@ def test_surrogate_proxy_at_x0_instead_of_x0_hat_is_biased(monkeypatch):
     def at_x0(self, x0_hat):
         return predict(self, seen["x0"].expand_as(x0_hat))
 
-    original_rollout = rlr_fast.rollout
+    original_rollout = testing.rollout  # the rollout toy_estimates calls
 
     def remembering(*args, **kwargs):
         traj = original_rollout(*args, **kwargs)
@@ -503,9 +482,9 @@ def test_surrogate_proxy_at_x0_instead_of_x0_hat_is_biased(monkeypatch):
         return traj
 
     monkeypatch.setattr(RewardSurrogate, "predict", at_x0)
-    monkeypatch.setattr(rlr_fast, "rollout", remembering)
+    monkeypatch.setattr(testing, "rollout", remembering)
     est, exact = _estimates("zo", n=600, batch=8, baseline="value", value_fit="loo", value_proxy="surrogate")
-    assert _max_z(est, exact) > 3 * Z_MAX
+    assert max_z(est, exact) > 3 * Z_MAX
 
 
 def test_surrogate_proxy_cuts_zo_variance_without_reward_calls():

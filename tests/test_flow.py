@@ -14,7 +14,7 @@ from rlr_fast.families import FLUX, SD3, family_of
 from rlr_fast.flow import load_flow, tiny_flow
 from rlr_fast.lora import add_lora, lora_parameters, load_lora, save_lora
 from rlr_fast.samplers import FLOW_NOISE_LEVEL, FlowSampler, as_sampler
-from rlr_fast.testing import GaussianDataVelocity, LinearVelocity, exact_loss_gradient, quadratic_reward
+from rlr_fast.testing import GaussianDataVelocity, LinearVelocity, max_z, toy_estimates
 from runs import assert_same_run, killed_and_resumed
 
 Z_MAX = 4.0  # as tests/test_estimators.py
@@ -91,19 +91,9 @@ def test_estimators_are_unbiased_on_the_linear_velocity_toy(method, opts, n=800,
     against n estimates: |z| < 4 per parameter."""
     sampler = FlowSampler(sd3_scheduler())
     model = LinearVelocity(3)
-    exact = exact_loss_gradient(model, sampler, steps, FLOW_NOISE_LEVEL, TARGET)
-    g = torch.Generator().manual_seed(0)
-    if opts.get("baseline") == "value":
-        opts = dict(opts, value_state=rlr_fast.ValueStatistics())
-    est = torch.empty(n, exact.numel(), dtype=torch.float64)
-    for i in range(n):
-        traj = rlr_fast.rollout(model, sampler, torch.randn(batch, 3, generator=g, dtype=torch.float64),
-                                num_steps=steps, eta=FLOW_NOISE_LEVEL, generator=g, store_x0_hat="value_state" in opts)
-        model.zero_grad(set_to_none=True)
-        rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method=method, generator=g, **opts)
-        est[i] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    z = (est.mean(0) - exact) / (est.std(0) / math.sqrt(n))
-    assert float(z.abs().max()) < Z_MAX, z
+    est, exact = toy_estimates(model, sampler, method, n=n, steps=steps, eta=FLOW_NOISE_LEVEL, batch=batch,
+                               target=TARGET, **opts)
+    assert max_z(est, exact) < Z_MAX
 
 
 # ----------------------------------------------------------------------------------------------

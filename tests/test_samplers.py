@@ -1,7 +1,6 @@
 """Samplers as coefficients: DDIM's schedule against diffusers, and a sampler that is not DDIM through the
 whole engine (rollout, recomputation, the CUDA-graph step, checkpoints, replay, the estimators)."""
 
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from rlr_fast.replay import ReplayBuffer
 from rlr_fast.rollout import recompute_steps, trajectory_from, trajectory_tensors
 from rlr_fast.samplers import DDIMSampler, Sampler, StepSchedule, as_sampler, x0_coefficients
 from rlr_fast.sweep import StepStates, state_tweedie
-from rlr_fast.testing import TOY_SCHEDULE, LinearEps, exact_loss_gradient, make_scheduler, quadratic_reward
+from rlr_fast.testing import TOY_SCHEDULE, LinearEps, make_scheduler, max_z, toy_estimates
 
 
 class SqueezedDDIM(Sampler):
@@ -110,16 +109,6 @@ def test_estimators_are_unbiased_under_a_new_sampler(method, opts, n=800, steps=
     sched = make_scheduler(**TOY_SCHEDULE)
     sampler = SqueezedDDIM(sched)
     model = LinearEps(sched.alphas_cumprod, 3)
-    exact = exact_loss_gradient(model, sampler, steps, 1.0, TARGET)
-    g = torch.Generator().manual_seed(0)
-    if opts.get("baseline") == "value":
-        opts = dict(opts, value_state=rlr_fast.ValueStatistics())
-    est = torch.empty(n, exact.numel(), dtype=torch.float64)
-    for i in range(n):
-        traj = rlr_fast.rollout(model, sampler, torch.randn(batch, 3, generator=g, dtype=torch.float64),
-                                num_steps=steps, eta=1.0, generator=g, store_x0_hat="value_state" in opts)
-        model.zero_grad(set_to_none=True)
-        rlr_fast.estimate(model, traj, quadratic_reward(TARGET), method=method, generator=g, **opts)
-        est[i] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    z = (est.mean(0) - exact) / (est.std(0) / math.sqrt(n))
-    assert float(z.abs().max()) < Z_MAX, z
+    est, exact = toy_estimates(model, sampler, method, n=n, steps=steps, eta=1.0, batch=batch, target=TARGET,
+                               **opts)
+    assert max_z(est, exact) < Z_MAX
