@@ -388,23 +388,24 @@ def estimate(model, traj: Trajectory, reward_fn: RewardFn, options: Optional[Est
     (its rewards are R(x_0) of the chain, scored once more than the soft Q).
     """
     options = EstimatorOptions.build(options, **overrides)
-    _check_call(model, traj, options, advantages, on_policy, reference, value_state)
+    params = _check_call(model, traj, options, advantages, on_policy, reference, value_state)
     group = Ranks() if group is None else group
     reward_fn = None if reward_fn is None else CountedReward(reward_fn)
     if prompt_ids is not None:
         prompt_ids = group.gather(torch.as_tensor(prompt_ids), "gathering the batch's prompt ids")
     if options.method == "sqdf":
         return _estimate_sqdf(model, traj, reward_fn, options, generator, group, reference, track_memory)
-    return _estimate_chain(model, traj, reward_fn, options, generator, prompt_ids, advantages, group, value_state,
-                           reference, on_policy, track_memory)
+    return _estimate_chain(model, params, traj, reward_fn, options, generator, prompt_ids, advantages, group,
+                           value_state, reference, on_policy, track_memory)
 
 
-def _check_call(model, traj, options: EstimatorOptions, advantages, on_policy: bool, reference, value_state) -> None:
-    """`estimate`'s arguments against each other, each mismatch one line naming it."""
+def _check_call(model, traj, options: EstimatorOptions, advantages, on_policy: bool, reference, value_state) -> list:
+    """`estimate`'s arguments against each other, each mismatch one line naming it; the model's trainable
+    parameters."""
     if not isinstance(traj, Trajectory):
         raise TypeError(f"traj must be a Trajectory from rlr_fast.rollout, got {type(traj).__name__}")
     options.check_chain(traj.num_steps, traj.eta)
-    _trainable(model)
+    params = _trainable(model)
     if traj.model_key and traj.model_key != model_key(model):
         raise ValueError("this trajectory was sampled by a model of another architecture "
                          f"(fingerprint {traj.model_key}, this model {model_key(model)}); roll out again")
@@ -424,6 +425,7 @@ def _check_call(model, traj, options: EstimatorOptions, advantages, on_policy: b
         raise ValueError("value_state is used by baseline='value' with value_fit='running' or value_proxy='surrogate' "
                          f"(method rlr or zo) only; got method={options.method!r}, baseline={options.baseline!r}, "
                          f"value_fit={options.value_fit!r}")
+    return params
 
 
 def _estimate_sqdf(model, traj: Trajectory, reward_fn, options: EstimatorOptions, generator, group: Ranks,
@@ -437,11 +439,11 @@ def _estimate_sqdf(model, traj: Trajectory, reward_fn, options: EstimatorOptions
                 reward_forward=stats["reward_forward"] + 1, **reward_fn.counts())
 
 
-def _estimate_chain(model, traj: Trajectory, reward_fn, options: EstimatorOptions, generator, prompt_ids,
-                    advantages, group: Ranks, value_state, reference, on_policy: bool, track_memory: bool) -> dict:
+def _estimate_chain(model, params: list, traj: Trajectory, reward_fn, options: EstimatorOptions, generator,
+                    prompt_ids, advantages, group: Ranks, value_state, reference, on_policy: bool,
+                    track_memory: bool) -> dict:
     """Every method but sqdf on a stored chain: its rewards (or given advantages), then its terms or its
     clipped ratio (ddpo, grpo) back-propagated into .grad; the stats `estimate` returns."""
-    params = _trainable(model)
     surrogate = options.method in RATIO_METHODS
     terms = None if surrogate else _terms(traj, options, generator)
     rewards = everyone = dr = None
