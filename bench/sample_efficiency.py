@@ -3,6 +3,7 @@ authors run it, with UNet work and wall time beside (issue 20).
 
     python bench/sample_efficiency.py            # bench/results/sample_efficiency.{md,csv,png}
     python bench/sample_efficiency.py --quick    # tiny sizes, written to a temporary folder (the suite's test)
+    python bench/sample_efficiency.py --long     # the black-box contest at 960 images: sample_efficiency_long.*
 
 Each run is `rlr_fast.finetune` on the embedded default model (CPU, float32; latent 4 x 8 x 8, D = 256)
 with the demo preset's sampling: T = 10 DDIM steps, eta = 1, no guidance, batches of 8 (4 prompts x 2
@@ -157,6 +158,15 @@ class Settings:
     eval_seeds: tuple[int, ...]  # ... under these sampling seeds
     workers: int
     tracks: tuple[str, ...] = ("black-box", "differentiable")
+    methods: Optional[tuple[str, ...]] = None  # only these labels (None: every method of the tracks)
+    figure_budget: Optional[int] = None  # figure runs at this many images (None: `budget`); lrs tuned at `budget`
+    figure_bin: Optional[int] = None
+
+    def figures(self) -> "Settings":
+        """The settings of the figure runs and their summary: the tuning budget unless a longer one is set."""
+        if self.figure_budget is None:
+            return self
+        return replace(self, budget=self.figure_budget, bin=self.figure_bin or self.bin, figure_budget=None)
 
 
 FULL = Settings(base=dict(num_steps=10, batch_size=8, images_per_prompt=2, warmup_steps=0), budget=192, bin=16,
@@ -165,6 +175,11 @@ FULL = Settings(base=dict(num_steps=10, batch_size=8, images_per_prompt=2, warmu
 QUICK = Settings(base=dict(num_steps=3, batch_size=4, images_per_prompt=2, warmup_steps=0), budget=32, bin=8,
                  lrs=(3e-3,), extensions=0, tune_seeds=(), figure_seeds=(0, 1), eval_prompts=2,
                  eval_seeds=(1000,), workers=1)
+# The long budget: enough images for DDPO's per-prompt statistics (on after ~64) and 30 of its epochs to act. Only
+# the black-box contest runs it (RLR's home ground, against the likelihood-ratio peers), at the lr each method chose
+# at the short budget: tuning at 960 images too would cost ~4 more CPU hours here.
+LONG = replace(FULL, tracks=("black-box",), figure_budget=960, figure_bin=48,
+               methods=("rlr f=0 h=2 (H+C), loo", "zo (loo)", "ddpo (ddpo-pytorch settings)", "grpo (flow-grpo settings)"))
 
 
 def images_per_step(keys: dict) -> tuple[float, int]:
@@ -219,7 +234,7 @@ def run_one(args: tuple) -> RunResult:
     """finetune one (track, method, lr, seed) in a temporary folder; its per-step records and, for a
     figure run, the held-out reward of its final LoRA. A cached result (--cache) is read instead."""
     track_name, label, lr, seed, settings, evaluate, cache = args
-    path = None if cache is None else Path(cache) / f"{track_name}|{label}|{lr:g}|{seed}|{evaluate}.json"
+    path = None if cache is None else Path(cache) / f"{track_name}|{label}|{lr:g}|{seed}|{evaluate}|{settings.budget}.json"
     if path is not None and path.exists():
         return RunResult(**json.loads(path.read_text()))
     from rlr_fast import finetune
@@ -364,6 +379,7 @@ class Study:
     base_reward: dict = field(default_factory=dict)  # track -> held-out reward before fine-tuning
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # of every run (the workers' processes), model loading included
+    run_seconds: float = 0.0  # wall seconds of every run, read from the cache or not
     load: tuple = ()  # /proc/loadavg before and after
 
 
@@ -397,6 +413,7 @@ def tune(study: Study, keys: list[tuple[str, str]], cache) -> None:
             break
         for r in run_many(jobs, s.workers, f"tuning runs (round {extension + 1})"):
             study.cpu_seconds += r.cpu_s
+            study.run_seconds += r.wall_s
             study.tuning.setdefault((r.track, r.label), {}).setdefault(r.lr, []).append(tuning_score(r.records, s))
         scores = {key: {lr: float(np.mean(v)) for lr, v in study.tuning[key].items()} for key in keys}
         pending = {key: next_lrs(scores[key], extension, s.extensions) for key in keys}
@@ -413,7 +430,8 @@ def run_study(settings: Settings, cache=None) -> Study:
     start = time.perf_counter()
     study.backward_cost = backward_cost()
     study.base_reward = {t: base_reward(settings, TRACKS[t].reward) for t in settings.tracks}
-    keys = [(t, label) for t in settings.tracks for label in TRACKS[t].methods]
+    keys = [(t, label) for t in settings.tracks for label in TRACKS[t].methods
+            if settings.methods is None or label in settings.methods]
     # the costliest runs first, so that the workers finish together
     keys.sort(key=lambda k: TRACKS[k[0]].methods[k[1]]["method"] in ("truncated_bp", "sqdf"))
     if len(settings.lrs) > 1 and settings.tune_seeds:
@@ -421,10 +439,11 @@ def run_study(settings: Settings, cache=None) -> Study:
     else:
         study.chosen = {key: settings.lrs[0] for key in keys}
         study.interior = {key: False for key in keys}
-    jobs = [(t, label, study.chosen[(t, label)], seed, settings, True, cache) for t, label in keys
+    jobs = [(t, label, study.chosen[(t, label)], seed, settings.figures(), True, cache) for t, label in keys
             for seed in settings.figure_seeds]
     for r in run_many(jobs, settings.workers, "figure runs"):
         study.cpu_seconds += r.cpu_s
+        study.run_seconds += r.wall_s
         study.runs.setdefault((r.track, r.label), []).append(r)
     for runs in study.runs.values():
         runs.sort(key=lambda r: r.seed)
@@ -460,10 +479,10 @@ def _with_se(name: str, values) -> dict:
 
 def summarise(study: Study, track: str) -> tuple[list[dict], dict, dict]:
     """Table rows of a track (one per method), its mean curves (label -> arrays), and the goal's numbers."""
-    s = study.settings
+    s = study.settings.figures()
     grid = np.arange(s.bin, s.budget + 1, s.bin)
     window = max(s.bin, s.budget // 6)
-    keys = [(track, label) for label in TRACKS[track].methods]
+    keys = [(track, label) for label in TRACKS[track].methods if (track, label) in study.runs]
     curves = {k: [curve(r.records, grid, window, study.backward_cost) for r in study.runs[k]] for k in keys}
     mean_curves = {}
     for k, cs in curves.items():
@@ -500,7 +519,7 @@ def summarise(study: Study, track: str) -> tuple[list[dict], dict, dict]:
     reaching = [r for r in rlr if r["images_to_ddpo_final"] is not None]
     best = (min(reaching, key=lambda r: r["images_to_ddpo_final"]) if reaching
             else max(rlr, key=lambda r: r["final_reward"]))
-    goal = dict(ddpo_final=ddpo_final, window=window, best_rlr=best["method"],
+    goal = dict(track=track, ddpo_final=ddpo_final, window=window, best_rlr=best["method"],
                 best_rlr_images=best["images_to_ddpo_final"], best_rlr_final=best["final_reward"],
                 budget=s.budget, half=best["images_to_ddpo_final"] is not None and
                 2 * best["images_to_ddpo_final"] <= s.budget, above=best["final_reward"] > ddpo_final)
@@ -531,7 +550,8 @@ def goal_line(goal: dict) -> str:
     reached = (f"reaches DDPO's final reward ({goal['ddpo_final']:.4g}) after {images:g} of {goal['budget']} images "
                f"({images / goal['budget']:.2f} of DDPO's)" if images is not None else
                f"does not reach DDPO's final reward ({goal['ddpo_final']:.4g}) within {goal['budget']} images")
-    return (f"Goal (the best unbiased RLR variant reaches DDPO's final reward with at most half of DDPO's images and "
+    name = "Goal" if goal["track"] == "black-box" else "The goal's comparison on this track (the goal is the black-box's)"
+    return (f"{name} (the best unbiased RLR variant reaches DDPO's final reward with at most half of DDPO's images and "
             f"ends above it): {'met' if goal['met'] else 'NOT met'}. Best unbiased RLR variant: {goal['best_rlr']}: "
             f"it {reached}; its final reward {goal['best_rlr_final']:.4g} is "
             f"{'above' if goal['above'] else 'not above'} DDPO's.")
@@ -543,17 +563,21 @@ def header(study: Study, command: str) -> list[str]:
     return [
         "# Sample efficiency: reward against images scored, on a black-box and a differentiable reward", "",
         f"Command: `{command}`. Device: {device.name}, torch {torch.__version__}, "
-        f"{datetime.date.today().isoformat()}. {s.workers} worker process(es), one thread each. Total wall clock "
-        f"{study.seconds / 60:.1f} min, {study.cpu_seconds / 60:.1f} CPU min in the runs. Load average (1, 5, "
+        f"{datetime.date.today().isoformat()}. {s.workers} worker process(es), one thread each. The runs "
+        f"(tuning and figures, whether run now or read from --cache): {study.cpu_seconds / 60:.1f} CPU min, "
+        f"{study.run_seconds / 60:.1f} wall min summed over runs; this invocation's wall clock "
+        f"{study.seconds / 60:.1f} min. Load average (1, 5, "
         f"15 min) at the start: {study.load[0]}; at the end: {study.load[-1]}"
         + (" -- the machine was shared, so wall times are contended (CPU seconds are less so)."
            if _contended(study.load, s.workers) else "."), "",
         f"Setting: `finetune` on the embedded default model (latent 4 x 8 x 8), T = {s.base['num_steps']}, eta = 1, "
         f"batches of {s.base['batch_size']} ({s.base['images_per_prompt']} images per prompt), LoRA rank 4, AdamW, "
-        f"clip 1. Budget: {s.budget} images scored per run (`reward_images`: every image the reward scored, "
-        f"value-baseline proxies and auto's pilots included). Learning rate: the best of the grid {list(s.lrs)} "
+        f"clip 1. Budget: {s.figures().budget} images scored per figure run (`reward_images`: every image the reward "
+        f"scored, value-baseline proxies and auto's pilots included). Learning rate: the best of the grid {list(s.lrs)} "
         f"extended by factors of 3 while the best was at an edge (at most {s.extensions} times), on tuning seeds "
-        f"{list(s.tune_seeds)} (score: mean training reward over the last quarter of the budget); figures: seeds "
+        f"{list(s.tune_seeds)} at {s.budget} images (score: mean training reward over the last quarter of the budget)"
+        + ("" if s.figure_budget is None else ": the long runs reuse the short budget's choice, not re-tuned")
+        + f"; figures: seeds "
         f"{list(s.figure_seeds)}, mean +- standard error.", "",
         f"DDPO: {DDPO['ddpo_rollout_batches']} rollout batches per epoch, {DDPO['ddpo_minibatches']} minibatches, "
         f"{DDPO['ddpo_inner_epochs']} pass, clip range {DDPO['clip_range']:g} on per-element-mean log-probabilities "
@@ -573,9 +597,10 @@ def header(study: Study, command: str) -> list[str]:
 def write(study: Study, summaries: dict, out: Path, command: str) -> list[Path]:
     """<out>/sample_efficiency.md (protocol, a table and a goal line per track), .csv (every figure run's
     curve) and .png (per track: reward against images, UNet work and wall time)."""
-    s = study.settings
+    s = study.settings.figures()
     out.mkdir(parents=True, exist_ok=True)
-    md, csv_path, png = out / "sample_efficiency.md", out / "sample_efficiency.csv", out / "sample_efficiency.png"
+    stem = "sample_efficiency" if study.settings.figure_budget is None else "sample_efficiency_long"
+    md, csv_path, png = out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.png"
     lines = header(study, command)
     for track, (rows, _, goal) in summaries.items():
         lines += [f"## {track} track: {TRACKS[track].why}", "", *_table(rows), "", goal_line(goal), "",
@@ -618,6 +643,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, written to a temporary folder (or --out): the suite's smoke test")
+    parser.add_argument("--long", action="store_true",
+                        help="the black-box contest (rlr f=0, zo, DDPO, GRPO) at 960 images, lrs tuned at the short "
+                             "budget: sample_efficiency_long.{md,csv,png}")
     parser.add_argument("--out", type=Path, default=None, help="folder for the three result files")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2; --quick: 1)")
     parser.add_argument("--tracks", nargs="+", choices=list(TRACKS), default=None, help="run these tracks only")
@@ -625,7 +653,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="keep each run's records here and reuse them (an interrupted study resumes)")
     args = parser.parse_args(argv)
     command = " ".join(["python bench/sample_efficiency.py", *(argv if argv is not None else sys.argv[1:])])
-    settings = QUICK if args.quick else FULL
+    if args.quick and args.long:
+        parser.error("--quick and --long are different sizes: give one")
+    settings = QUICK if args.quick else LONG if args.long else FULL
     if args.workers is not None:
         settings = replace(settings, workers=args.workers)
     if args.tracks is not None:
@@ -641,7 +671,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(track, ", ".join(f"{k}={_cell(v, k)}" for k, v in row.items()))
         print(goal_line(goal))
     print(f"wrote {', '.join(str(p) for p in paths)}; {study.seconds / 60:.1f} min wall, "
-          f"{study.cpu_seconds / 60:.1f} CPU min")
+          f"{study.cpu_seconds / 60:.1f} CPU min in the runs")
     return dict(study=study, summaries=summaries, paths=paths)
 
 
