@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (build_models, current_device, latent_reward_fn, naive_rlr_update,  # noqa: E402
                           peak_memory, write_results, zero_grads)
 from rlr_fast import estimate, rollout  # noqa: E402
-from rlr_fast.options import MEMORY_OPTIONS, METHODS, uses  # noqa: E402
+from rlr_fast.options import MEMORY_OPTIONS, METHODS, read_by, uses  # noqa: E402
 
 planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan itself is bound to the function
 
@@ -45,9 +45,11 @@ BUDGET_GIB = 4.0
 
 
 def sd14_plan(budget=None, **settings) -> "planner.Plan":
-    """The plan for the SD1.4 case with `settings`, or the smallest plan when nothing fits `budget`."""
+    """The plan for the SD1.4 case with `settings` (the estimator options the method reads), or the smallest plan
+    when nothing fits `budget`."""
     try:
-        return planner.plan("sd14", budget, model="sd14", **{**CASE, **settings})
+        return planner.plan("sd14", budget, model="sd14", **read_by(settings.get("method", CASE["method"]),
+                                                                    {**CASE, **settings}))
     except planner.PlanError as e:
         return e.smallest
 

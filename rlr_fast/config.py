@@ -188,11 +188,14 @@ class Config(EstimatorOptions):
 
     @classmethod
     def from_preset(cls, name: str = "demo", **overrides) -> "Config":
-        """The named preset, with `overrides` applied (parsed and validated)."""
+        """The named preset, with `overrides` applied (parsed and validated; an estimator option among them
+        that the method ignores is an error)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         preset = cls().with_overrides({"preset": name, **PRESETS[name]}, validate=False)
-        return preset.with_overrides(overrides, merge=True)
+        cfg = preset.with_overrides(overrides, merge=True)
+        cfg.check_used(overrides)
+        return cfg
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
@@ -422,7 +425,8 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
     """The config of a run: `base` or a preset (argument, else `--set preset=NAME`, else the YAML's
     `preset:` key, else demo), then the YAML file's keys, then the `--set key=value` overrides. Mappings
     (reward_kwargs, eval_reward_kwargs) merge key by key across these layers; a method switched to one
-    whose own settings the base leaves neutral is refused (`check_method_switch`)."""
+    whose own settings the base leaves neutral is refused (`check_method_switch`), and so is a `--set`
+    estimator option that the method ignores (the preset's and the file's are dropped: `EstimatorOptions.of`)."""
     data = read_yaml(path) if path is not None else {}
     if "overwrite" in data and coerce("overwrite", data["overwrite"], bool):
         raise ValueError(f"config file {path} sets overwrite: {data['overwrite']}; deleting an earlier run is "
@@ -444,7 +448,9 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
     name = preset or set_preset or file_preset
     cfg = base if base is not None and name is None else Config.from_preset(name or "demo")
     check_method_switch(cfg, overrides)
-    return cfg.with_overrides(overrides, merge=True)
+    cfg = cfg.with_overrides(overrides, merge=True)
+    cfg.check_used(parse_set(text)[0] for text in sets)
+    return cfg
 
 
 # A method whose settings keep neutral defaults in every other preset, and the key that must then be

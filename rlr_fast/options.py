@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 import yaml
 
@@ -55,6 +55,13 @@ USED_BY = {
 def uses(method: str, name: str) -> bool:
     """Whether `method` reads the estimator option `name` (method='auto' may choose any)."""
     return method == AUTO or method in USED_BY.get(name, METHODS)
+
+
+def read_by(method: str, settings: dict) -> dict:
+    """`settings` (config keys) without the estimator options that `method` does not read: one case written once
+    and run with several methods (giving full_bp RLR's h is an error)."""
+    names = EstimatorOptions.names()
+    return {k: v for k, v in settings.items() if k not in names or uses(method, k)}
 
 
 def option(default: Any, doc: str, *, low: Optional[int] = None, positive: bool = False):
@@ -376,10 +383,13 @@ class EstimatorOptions:
             self.check_used()
         return self
 
-    def check_used(self) -> None:
-        """Every option set away from its default is one this method reads (else a one-line error)."""
+    def check_used(self, given: Optional[Iterable[str]] = None) -> None:
+        """Every option (of `given`, the keys a user set; None: all) set away from its default is one this
+        method reads (else a one-line error). A Config checks only what the user gave: a preset's or a config
+        file's values for other methods are dropped by `of` (a run's config.yaml holds every key)."""
         defaults = EstimatorOptions.__dataclass_fields__
-        for name in self.names():
+        given = set(self.names() if given is None else given)
+        for name in [n for n in self.names() if n in given]:
             if not uses(self.method, name) and getattr(self, name) != defaults[name].default:
                 raise ValueError(f"{name}={getattr(self, name)!r} is ignored by method={self.method!r} (it is read by "
                                  f"{', '.join(m for m in METHODS if uses(m, name))}); leave it at its default "

@@ -125,6 +125,7 @@ def _resolve_config(config, overrides: dict) -> tuple[Config, Optional[Checkpoin
         config = (Config.from_preset("demo") if checkpoint is None else
                   Config().with_overrides(checkpoint.config, validate=False))
     config = config.with_overrides(overrides, merge=True)  # reward_kwargs={clip_path: ...} keeps the dtype
+    config.check_used(overrides)  # finetune(method="ddpo", baseline="value"): one line, not a dropped option
     if checkpoint is not None:
         if "out_dir" in overrides and Path(overrides["out_dir"]).resolve() != checkpoint.run.resolve():
             raise ValueError(f"out_dir={overrides['out_dir']!r} is not the folder of the run resumed "

@@ -121,6 +121,8 @@ def test_evaluate_on_a_prompts_file(run_dir, tmp_path, capsys):
     (["finetune", "--preset", "sd14", "--set", "method=sqdf"], "start from --preset sqdf"),
     (["finetune", "--preset", "sd14", "--set", "method=ddpo"], "Set grad_accum to 1 or 2"),
     (["finetune", "--preset", "demo", "--set", "preset=sd14"], "--preset demo and --set preset=sd14 disagree"),
+    # issue 20: an estimator option the method ignores, given on the command line, is refused (not dropped)
+    (["finetune", "--set", "method=ddpo", "--set", "baseline=value"], "baseline='value' is ignored by method='ddpo'"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2

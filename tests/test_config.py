@@ -1,9 +1,11 @@
 """Config: presets, typed parsing of YAML and --set values, and clear errors for bad input."""
 
 import dataclasses
+import re
 
 import pytest
 
+from rlr_fast import finetune
 from rlr_fast.config import Config, config_help, load_config
 from rlr_fast.presets import PRESETS, load_prompts
 
@@ -267,3 +269,24 @@ def test_every_declared_bound_is_enforced_in_one_line():
         bad = f.metadata["low"] - 1 if f.metadata.get("low") is not None else 0.0
         with pytest.raises(ValueError, match=rf"^{f.name} must be (>= {f.metadata.get('low')}|> 0), got"):
             Config.from_preset("demo", **{f.name: bad})
+
+
+def test_an_option_the_method_ignores_is_refused_only_where_the_user_gave_it(tmp_path):
+    """--set, finetune keywords and from_preset overrides are the user's: an estimator option the method does not
+    read is a one-line error naming both. A preset's or a config file's value for another method (the demo preset's
+    loo_prompt baseline, a run's config.yaml holding every key) is dropped: the estimate runs without it."""
+    message = "baseline='value' is ignored by method='ddpo' (it is read by rlr, zo)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(sets=("method=ddpo", "baseline=value"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config.from_preset("demo", method="ddpo", baseline="value")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        finetune(method="ddpo", baseline="value", out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    switched = load_config(sets=("method=ddpo",))
+    assert switched.baseline == PRESETS["demo"]["baseline"] != "none"  # the preset's, kept in the Config ...
+    assert switched.estimator_options().baseline == "none"  # ... and not read by DDPO's estimate
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(switched.to_yaml())
+    assert load_config(path=dumped).method == "ddpo"  # a run's config.yaml (every key) loads again
+    assert load_config(sets=("method=ddpo", "baseline=none")).method == "ddpo"  # the default is no conflict

@@ -10,6 +10,7 @@ import torch
 from rlr_fast.config import Config
 from rlr_fast.lora import add_lora
 from rlr_fast.plan.architectures import component_configs, meta_unet
+from rlr_fast.options import read_by
 from rlr_fast.testing import make_unet
 
 # `rlr_fast.plan` is the function (rlr_fast/__init__.py binds it over the package's name)
@@ -24,7 +25,9 @@ SD14_CASE = dict(resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5,
 
 
 def sd14_plan(max_memory_gb=None, **settings):
-    return P.plan("sd14", max_memory_gb, model="sd14", **{**SD14_CASE, **settings})
+    """The SD1.4 case with `settings`; another method keeps only the case's options it reads."""
+    case = read_by(settings.get("method", "rlr"), {**SD14_CASE, **settings})
+    return P.plan("sd14", max_memory_gb, model="sd14", **case)
 
 
 # ----------------------------------------------------------------------------------------------
