@@ -40,7 +40,6 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionMode
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .lora import LORA_WEIGHT_NAME
-from .sweep import StepStates
 
 __all__ = ["ADAPTER", "ConsistencyX0", "load_consistency", "consistency_of", "consistency_adapter_only",
            "guidance_embedding"]
@@ -149,7 +148,9 @@ class ConsistencyX0:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = (a_next.sqrt() * denoised + (1 - a_next).sqrt() * z).to(x.dtype)
 
-    def __call__(self, reference: torch.nn.Module, states: StepStates) -> torch.Tensor:
+    def __call__(self, reference: torch.nn.Module, states) -> torch.Tensor:
+        """x0_hat of `states` (an rlr_fast.sqdf.StepStates, which imports this module when it runs: no
+        import back), each sample at its own step."""
         generator = None
         if self.steps > 1:  # the same re-noising in the value and the VJP pass: seeded by the input
             digest = hashlib.blake2b(states.x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),

@@ -80,7 +80,7 @@ def grpo_objective(model, traj: Trajectory, advantages: torch.Tensor, options: E
                    counter: CallCounter, generator: Optional[torch.Generator] = None, reference=None,
                    on_policy: bool = False) -> dict:
     """Accumulate the gradient of L (module docstring) into `.grad`; `advantages` (B,). `on_policy`: the
-    model sampled `traj`, so r = 1 exactly (rlr_fast.sweep.ratio_surrogate). Returns stats:
+    model sampled `traj`, so r = 1 exactly (rlr_fast.sweep.step_log_ratio). Returns stats:
     trained_steps (k), clip_fraction, ratio_max_deviation (max |r - 1|), approx_kl (half the mean
     squared per-element log-ratio, as DDPO logs it), kl_to_reference (mean KL_bk; None with
     grpo_beta = 0, which runs no reference) and unet_steps."""

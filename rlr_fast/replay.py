@@ -31,13 +31,12 @@ from typing import Optional
 
 import torch
 
-from .estimators import NonFiniteRewards, estimate_states
 from .inference import autocast
 from .profiling import nvtx_range
 from .rollout import Trajectory
 from .samplers import TABLES, StepSchedule
-from .sqdf import step_range, stochastic_steps
-from .sweep import StepStates
+from .scoring import NonFiniteRewards
+from .sqdf import StepStates, estimate_states, step_range, stochastic_steps
 from .update import COST_KEYS, Gradients, StepMethod
 
 SAMPLINGS = ("uniform", "reward")

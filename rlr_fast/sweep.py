@@ -1,4 +1,4 @@
-"""Reverse sweeps and likelihood-ratio chunks over recomputed steps: the only place estimators run the model.
+"""Reverse sweeps and likelihood-ratio chunks over recomputed steps: where the chain estimators run the model.
 
 The rollout stored x_T .. x_0 and every step's noise, so no term needs more than one step's
 activations (docs/estimator.md, the memory argument). A pathwise term starts from a cotangent on
@@ -10,13 +10,13 @@ batch per call unless `max_batch` asks for more (activation memory then grows wi
 
 With guidance and `split_cfg`, the mean c_x x + c_e ((1 - w) e_u + w e_c) is linear in the two
 model outputs, so the cotangent of each is known before it is computed: the unconditional and
-conditional passes run and back-propagate one after the other, and only one half's graph is alive.
+conditional passes run and back-propagate one after the other, and only one half's graph is alive
+(`split_guidance_backward`, which SQDF's one step per sample in rlr_fast.sqdf runs too).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -24,10 +24,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .options import EstimatorOptions
-from .ddim import ddim_step
 from .profiling import nvtx_range
 from .rollout import Trajectory, predict, recompute_steps, stacked_inputs
-from .samplers import StepSchedule
 
 # A cotangent on the recomputed means (n, B, ...), or a function of those means that returns it
 # (DDPO's surrogate depends on them).
@@ -153,7 +151,7 @@ def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
             counter.forward_samples += samples
             cotangent = cotangent(mean)
         x, t, cond, negative, (c_x, c_e, _) = stacked_inputs(traj, ks, sample)
-        _split_guidance_backward(model, x, t, cond, negative, traj.guidance_scale, c_x, c_e, cotangent, counter)
+        split_guidance_backward(model, x, t, cond, negative, traj.guidance_scale, c_x, c_e, cotangent, counter)
         return
     mean = recompute_steps(model, traj, ks, sample, backend=options.backend)
     counter.forward += 1
@@ -163,8 +161,8 @@ def _backward_steps(model, traj: Trajectory, ks: Sequence[int], sample: Optional
     counter.backward += 1
 
 
-def _split_guidance_backward(model, x: torch.Tensor, t: torch.Tensor, cond, negative, w: float, a_x: torch.Tensor,
-                             a_e: torch.Tensor, cotangent: torch.Tensor, counter: CallCounter) -> None:
+def split_guidance_backward(model, x: torch.Tensor, t: torch.Tensor, cond, negative, w: float, a_x: torch.Tensor,
+                            a_e: torch.Tensor, cotangent: torch.Tensor, counter: CallCounter) -> None:
     """The VJP of a_x x + a_e ((1 - w) e_u + w e_c), one model output at a time: the step's mean
     (a = c_x, c_e) or its Tweedie x0_hat (a = d_x, d_e), both linear in the two outputs."""
     per_sample = (-1,) + (1,) * (x.dim() - 1)
@@ -264,108 +262,16 @@ def mean_objective(model, traj: Trajectory, ks: Sequence[int],
 
 
 # ----------------------------------------------------------------------------------------------
-# One step per sample, each its own (SQDF's drawn steps, states replayed from a buffer)
+# The trained parameters and what each term added to their gradients
 
 
-@dataclass
-class StepStates:
-    """Per sample b: `x[b]`, the input of step `steps[b]` (sampling order, 0 the noisiest) of a chain,
-    and what recomputing that step needs: the chain's schedule and the sample's conditioning.
-    """
-
-    x: torch.Tensor  # (B, ...)
-    steps: torch.Tensor  # (B,) int64
-    schedule: StepSchedule  # the chain's per-step tables (T,), as in Trajectory
-    encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D)
-    negative_encoder_hidden_states: Optional[torch.Tensor] = None  # (B, L, D), CFG only
-    guidance_scale: float = 1.0
-
-    @classmethod
-    def of(cls, traj: Trajectory, steps: torch.Tensor) -> "StepStates":
-        """Sample b of `traj` at step steps[b]."""
-        steps = torch.as_tensor(steps, dtype=torch.int64, device=traj.latents.device)
-        rows = torch.arange(traj.batch_size, device=steps.device)
-        cond = traj.encoder_hidden_states
-        if traj.prompt_index is not None:  # a prompt schedule: each sample's prompt at its own step
-            cond = cond[traj.prompt_index.to(steps.device)[steps, rows]]
-        return cls(traj.latents[steps, rows], steps, traj.schedule, cond, traj.negative_encoder_hidden_states,
-                   traj.guidance_scale)
-
-    @property
-    def batch_size(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.negative_encoder_hidden_states is not None and self.guidance_scale != 1.0
-
-    def select(self, rows: torch.Tensor) -> "StepStates":
-        """The samples `rows` (a boolean mask or indices)."""
-        pick = (lambda c: None if c is None else c[rows])
-        return dataclasses.replace(self, x=self.x[rows], steps=self.steps[rows],
-                                   encoder_hidden_states=pick(self.encoder_hidden_states),
-                                   negative_encoder_hidden_states=pick(self.negative_encoder_hidden_states))
-
-    def own_steps(self) -> StepSchedule:
-        """The schedule at every sample's own step: each table (B,)."""
-        return self.schedule.at(self.steps)
-
-
-def _guided(out: torch.Tensor, out_cond: Optional[torch.Tensor], w: float) -> torch.Tensor:
-    return out if out_cond is None else out + w * (out_cond - out)
-
-
-def state_step(model, states: StepStates, noise: Optional[torch.Tensor] = None, *, split_cfg: bool = False,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_next, mean) of every sample's own step, x_next = mean + sigma * noise (noise 0 if None),
-    in the current grad mode."""
-    own = states.own_steps()
-    out, out_cond = predict(model, states.x, own.timesteps, states.encoder_hidden_states,
-                            states.negative_encoder_hidden_states, states.guidance_scale, split_cfg)
-    noise = torch.zeros_like(states.x) if noise is None else noise
-    prev, mean, _ = ddim_step(states.x, out, noise, own.c_x, own.c_e, own.sigmas, model_output_cond=out_cond,
-                              guidance_scale=states.guidance_scale, backend=backend)
-    return prev, mean
-
-
-def state_tweedie(model, states: StepStates, *, split_cfg: bool = False) -> torch.Tensor:
-    """x0_hat = d_x x + d_e e of every sample's own step (e the guided model output), in the current grad mode."""
-    own = states.own_steps()
-    out, out_cond = predict(model, states.x, own.timesteps, states.encoder_hidden_states,
-                            states.negative_encoder_hidden_states, states.guidance_scale, split_cfg)
-    per_sample = (-1,) + (1,) * (states.x.dim() - 1)
-    e = _guided(out, out_cond, states.guidance_scale)
-    return own.d_x.to(e.dtype).reshape(per_sample) * states.x + own.d_e.to(e.dtype).reshape(per_sample) * e
-
-
-def state_backward(model, states: StepStates, cotangent: torch.Tensor, options: EstimatorOptions,
-                   counter: CallCounter, *, tweedie: bool = False) -> Optional[torch.Tensor]:
-    """Back-propagate `cotangent` on every sample's step mean (or, with `tweedie`, its x0_hat):
-    parameter gradients accumulate in `.grad` of whatever requires grad; returns d/dx of the states
-    when `states.x` requires grad (None otherwise). Split guidance runs the halves one at a time."""
-    x = states.x
-    counter.forward_samples += states.batch_size
-    counter.backward_samples += states.batch_size
-    if options.split_cfg and states.uses_cfg:
-        own = states.own_steps()
-        a_x, a_e = (own.d_x, own.d_e) if tweedie else (own.c_x, own.c_e)
-        _split_guidance_backward(model, x, own.timesteps, states.encoder_hidden_states,
-                                 states.negative_encoder_hidden_states, states.guidance_scale, a_x, a_e, cotangent,
-                                 counter)
-    else:
-        out = state_tweedie(model, states) if tweedie else state_step(model, states, backend=options.backend)[1]
-        counter.forward += 1
-        torch.autograd.backward(out, cotangent)
-        counter.backward += 1
-    return x.grad if x.requires_grad else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-term gradient statistics
+def trainable_parameters(model) -> list:
+    """The parameters an estimate accumulates `.grad` into; an error when the model has none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False); "
+                         "add LoRA (rlr_fast.lora.add_lora) or unfreeze some parameters")
+    return params
 
 
 @dataclass

@@ -45,7 +45,7 @@ from .config import Config
 from .options import EstimatorOptions
 from .cuda_graph import GraphedRollout
 from .distributed import Ranks, sample_seeds
-from .estimators import NonFiniteRewards, chain_rewards, estimate
+from .estimators import estimate
 from .inference import autocast, chain_dtype, latent_shape
 from .metrics import diversity, jsonable
 from .models import SDModels
@@ -53,6 +53,7 @@ from .profiling import nvtx_range
 from .prompts import PromptBank
 from .rewards import Reward, VideoReward, latent_reward, video_latent_reward
 from .rollout import Trajectory, rollout
+from .scoring import NonFiniteRewards, chain_rewards
 from .sqdf import chain_kl
 from .video import is_video_unet
 

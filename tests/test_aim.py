@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import rlr_fast
-from rlr_fast.estimators import aimed_steps, j_distribution, rlr_terms, valid_js, zo_terms
 from rlr_fast.options import EstimatorOptions
+from rlr_fast.terms import aimed_steps, j_distribution, rlr_terms, valid_js, zo_terms
 from rlr_fast.testing import TOY_SCHEDULE, LinearEps, make_scheduler
 
 Z_MAX = 4.5

@@ -19,8 +19,8 @@ from rlr_fast.consistency import (ADAPTER, ConsistencyX0, consistency_adapter_on
                                   load_consistency)
 from rlr_fast.lora import add_lora, lora_disabled, lora_parameters, save_lora
 from rlr_fast.options import EstimatorOptions
-from rlr_fast.sqdf import sqdf_gradient
-from rlr_fast.sweep import CallCounter, StepStates
+from rlr_fast.sqdf import StepStates, sqdf_gradient
+from rlr_fast.sweep import CallCounter
 from rlr_fast.testing import make_scheduler, make_unet
 
 F64 = torch.float64

@@ -22,9 +22,9 @@ import rlr_fast
 from rlr_fast.costs import Work
 from rlr_fast.design import CostModel, GradSketch, Pilot, families
 from rlr_fast.design.pieces import Stacked, family_variances, record_pieces
-from rlr_fast.estimators import valid_js
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter
+from rlr_fast.terms import valid_js
 from rlr_fast.testing import TOY_SCHEDULE, LinearEps, make_scheduler, measure_design_grid, quadratic_reward
 
 TARGET = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)

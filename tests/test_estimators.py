@@ -17,9 +17,10 @@ import torch
 
 import rlr_fast
 from rlr_fast.config import Config
-from rlr_fast.estimators import Terms, run_terms, valid_js
+from rlr_fast.estimators import run_terms
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
+from rlr_fast.terms import Terms, valid_js
 from rlr_fast.testing import (TOY_SCHEDULE, LinearEps, make_scheduler, make_unet, max_z,
                               naive_backprop, quadratic_reward, toy_estimates)
 

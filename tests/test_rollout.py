@@ -237,7 +237,7 @@ def test_samples_selected_joined_and_stored_as_tensors(unet, scheduler):
     expected = torch.cat([p.step_conditioning(steps).reshape(3, 2, *shape) for p in parts], 1)
     assert torch.equal(joined.step_conditioning(steps).reshape(3, 4, *shape), expected)
     # SQDF's states: each sample conditioned on its prompt at its own step
-    from rlr_fast.sweep import StepStates
+    from rlr_fast.sqdf import StepStates
 
     at = torch.tensor([2, 0, 1, 2])
     states = StepStates.of(scheduled, at)

@@ -10,7 +10,7 @@ from rlr_fast.cuda_graph import GraphedRollout
 from rlr_fast.replay import ReplayBuffer
 from rlr_fast.rollout import recompute_steps, trajectory_from, trajectory_tensors
 from rlr_fast.samplers import DDIMSampler, Sampler, StepSchedule, as_sampler, x0_coefficients
-from rlr_fast.sweep import StepStates, state_tweedie
+from rlr_fast.sqdf import StepStates, state_tweedie
 from rlr_fast.testing import TOY_SCHEDULE, LinearEps, make_scheduler, max_z, toy_estimates
 
 

@@ -14,12 +14,11 @@ import torch
 
 import rlr_fast
 from rlr_fast.config import Config, load_config
-from rlr_fast.estimators import estimate_states
 from rlr_fast.lora import add_lora, lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.replay import ReplayBuffer
-from rlr_fast.sqdf import chain_kl, draw_steps, kl_to_base, sqdf_gradient
-from rlr_fast.sweep import CallCounter, StepStates
+from rlr_fast.sqdf import StepStates, chain_kl, draw_steps, estimate_states, kl_to_base, sqdf_gradient
+from rlr_fast.sweep import CallCounter
 from rlr_fast.testing import make_scheduler, make_unet
 
 GUIDANCE = 3.0
@@ -134,7 +133,7 @@ def test_gradient_is_autograd_of_the_written_objective(split_cfg, alpha, gamma, 
 def test_a_custom_x0_estimator_is_differentiated_through_its_input():
     """x0_estimator as a callable: one that is Tweedie written again gives the default's gradient (its
     VJP by autograd instead of the split step), and the identity x0_hat = x' the written objective's."""
-    from rlr_fast.sweep import state_tweedie
+    from rlr_fast.sqdf import state_tweedie
 
     unet, base = _lora_unet(), make_unet().to(torch.float64)
     traj = _traj(unet, 5)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import rlr_fast
-from rlr_fast.estimators import Terms, run_terms
+from rlr_fast.estimators import run_terms
 from rlr_fast.lora import lora_parameters
 from rlr_fast.options import EstimatorOptions
 from rlr_fast.sweep import CallCounter, GradTerms
+from rlr_fast.terms import Terms
 from rlr_fast.testing import make_lora_unet, make_scheduler, naive_backprop
 
 METHODS = ("rlr", "zo", "full_bp", "truncated_bp", "ddpo")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..baselines import reward_baseline
-from ..estimators import chain_rewards
 from ..options import EstimatorOptions
 from ..rollout import Trajectory
+from ..scoring import RewardFn, chain_rewards
 from ..sweep import CallCounter, pathwise_sweep
 from .space import Family
-
-RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass

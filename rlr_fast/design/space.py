@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-from ..estimators import deterministic_steps, valid_js
+from ..terms import deterministic_steps, valid_js
 from ..options import EstimatorOptions
 from ..rollout import Trajectory
 
@@ -25,7 +25,7 @@ class Family:
     method: str
     f: int
     h: int  # 0 for zo and full_bp
-    js: tuple[int, ...]  # rlr: the valid j (estimators.valid_js)
+    js: tuple[int, ...]  # rlr: the valid j (terms.valid_js)
     m: int  # |C|
     baseline: Union[str, float, None]  # None for full_bp (no likelihood ratio)
 
@@ -46,7 +46,7 @@ class Family:
 
 def families(traj: Trajectory, baselines: Sequence, max_h: int, differentiable: bool) -> Iterator[Family]:
     """The design space on `traj`'s chain: only unbiased estimators (never truncated_bp, ddpo or a
-    batch-normalised scale), only j that `estimators.valid_js` accepts, f > 0 only with a
+    batch-normalised scale), only j that `terms.valid_js` accepts, f > 0 only with a
     differentiable reward, and a deterministic step never left to a likelihood ratio."""
     T = traj.num_steps
     det = deterministic_steps(traj)

@@ -128,7 +128,7 @@ def _latents(vae: nn.Module, batch: int, latent_hw, grad: bool) -> torch.Tensor:
 
 
 def _reward_pass(reward_fn, x: torch.Tensor, grad: bool) -> None:
-    # as estimators.chain_rewards computes R and dR/dx0
+    # as scoring.chain_rewards computes R and dR/dx0
     with torch.set_grad_enabled(grad):
         r = reward_fn(x)
         if grad:
