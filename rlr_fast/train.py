@@ -213,13 +213,13 @@ def _sample_grid(run: Run, step: int) -> None:
                                  prompt_index=cond.get("prompt_index"), num_frames=cfg.num_frames)
     suffix = "gif" if images.dim() == 5 else "png"
     run.grids.append(save_grid(prompt_rows(images, len(cfg.sample_seeds)), prompts,
-                                run.out / "samples" / f"step_{step:06d}.{suffix}"))
+                               run.out / "samples" / f"step_{step:06d}.{suffix}"))
 
 
 def _step_config(run: Run, step: int) -> tuple[Config, Optional[Design]]:
     """The config update `step` runs: with method='auto', the current design applied, and a new design
     (from pilot batches) at the first update and every design_every updates; a new one is kept only
-    when its update commits (`commit_design`), so a stopped step designs again on resume."""
+    when its update commits (`_commit_design`), so a stopped step designs again on resume."""
     cfg = run.cfg
     if cfg.method != AUTO:
         return cfg, None
@@ -229,17 +229,17 @@ def _step_config(run: Run, step: int) -> tuple[Config, Optional[Design]]:
                                     run.generators["design"], run.device, run.dtype)
         # every rank designs from the same pilots (its "design" generator and LoRA are the same everywhere)
         run.ranks.agree(json.dumps(jsonable(designed.config_overrides()), sort_keys=True), "estimator designs",
-                         hint="the same pilots should give the same design; rerun with a fixed method")
+                        hint="the same pilots should give the same design; rerun with a fixed method")
     return cfg.with_overrides(designed.config_overrides() if designed else run.counters["design"]), designed
 
 
 def _commit_design(run: Run, designed: Design) -> dict:
     """Keep a design made for this update (in the counters, so checkpoints carry it); returns its
-    metrics entry. Its report is written by `save_design`."""
+    metrics entry. Its report is written by `_save_design`."""
     run.counters["design"] = jsonable(designed.config_overrides())
     run.counters["designs"] = run.counters.get("designs", 0) + 1
     run.counters["design_forward_equivalents"] = (run.counters.get("design_forward_equivalents", 0.0)
-                                                  + designed.pilot_cost["forward_equivalents"])
+                                                 + designed.pilot_cost["forward_equivalents"])
     return jsonable(designed.summary())
 
 
