@@ -21,7 +21,7 @@ from .samplers import DDIMSampler, Sampler, StepSchedule, step_coefficients
 __version__ = "0.1.0"
 
 # Submodules that import diffusers/transformers load on first use, so `import rlr_fast` stays fast.
-_LAZY = ("models", "rewards", "train", "config", "profiling", "cuda_graph", "default_model",
+_LAZY = ("models", "rewards", "train", "run_setup", "config", "profiling", "cuda_graph", "default_model",
          "demo_data", "cli", "checkpoint", "inference", "metrics", "run_dir", "update", "prompts", "evaluation",
          "eval_report", "lora")
 

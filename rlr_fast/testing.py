@@ -285,19 +285,37 @@ class MeasuredDesign:
         return ratio, ratio * float(influence.std() / len(influence) ** 0.5)
 
 
-def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches: int, batch_size: int,
-                        baselines: tuple, target: torch.Tensor, seed: int, eta: float = 1.0,
-                        costs=None) -> dict:
-    """Every unbiased estimator design on the toy, measured on `batches` independent batches against the
-    closed-form gradient g*: {(method, f, h, j, zo_steps, baseline): MeasuredDesign}, keyed as
-    rlr_fast.design.Candidate.key (zo_steps None: all of C; j "uniform" is the mean over the valid j).
+@dataclass
+class DesignShares:
+    """The pieces every design on the toy is assembled from (docs/estimator.md §4-§5), per batch of M: the
+    pathwise sweep's per-step shares and, per baseline, those of each half-order sweep."""
 
-    The designs are written out from docs/estimator.md §4-§5 (not from rlr_fast.design), each assembled
-    from per-step shares of sweep.pathwise_sweep run on all batches at once (GroupedLinearEps).
-    """
-    from .costs import CostModel, Work
+    exact: torch.Tensor  # (parameters,): the closed-form gradient g*
+    sigmas: list  # [t - 1]: step t's sigma
+    pathwise: torch.Tensor  # (T, M, parameters) [t - 1]: step t's pathwise share
+    # baseline -> (T, T, M, parameters) [j, i]: step j+1+i's share of the sweep closed at j+1 ([t - 1, 0]: L_t)
+    half: dict
 
-    costs = CostModel() if costs is None else costs
+    def measured(self, F, H: list, C: list, b, pathwise_steps: int, reward_grad: bool, costs) -> dict:
+        """{zo_steps: MeasuredDesign} of F pathwise + the H shares + C's likelihood ratios, k of |C| = m."""
+        from .costs import Work
+
+        T, exact = len(self.sigmas), self.exact
+        ratios = [self.half[b][t - 1, 0] for t in C] if C else []
+        error = (sum([self.pathwise[t - 1] for t in F] + H + ratios, torch.zeros_like(exact)) - exact).pow(2).sum(-1)
+        m = len(C)
+        spread = torch.stack(ratios).var(0).sum(-1) if m >= 2 else torch.zeros_like(error)
+        def cost(k: int) -> float:
+            return costs.forward_equivalents(Work(T, pathwise_steps, k, 0, 1, int(reward_grad)))
+
+        return {(k if k < m else None): MeasuredDesign(error + (m * m / k - m) * spread, cost(k))
+                for k in range(1, m + 1)} if m else {None: MeasuredDesign(error, cost(0))}
+
+
+def design_shares(model: LinearEps, scheduler, *, num_steps: int, batches: int, batch_size: int, baselines: tuple,
+                  target: torch.Tensor, seed: int, eta: float = 1.0) -> DesignShares:
+    """The toy's DesignShares for R = quadratic_reward(target) on `batches` independent batches of one
+    rollout, each share from sweep.pathwise_sweep run on all batches at once (GroupedLinearEps)."""
     T, M, B = num_steps, batches, batch_size
     grouped = GroupedLinearEps(model, M, B)
     g = torch.Generator().manual_seed(seed)
@@ -310,10 +328,10 @@ def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches:
     rewards = rewards.detach()
     options, calls = EstimatorOptions(), CallCounter()
     sigma = [float(traj.sigmas[traj.step_index(t)]) for t in range(1, T + 1)]
-    pathwise = torch.zeros(T, M, exact.numel(), dtype=torch.float64)  # [t - 1]: step t's pathwise share
+    pathwise = torch.zeros(T, M, exact.numel(), dtype=torch.float64)
     pathwise_sweep(grouped, traj, traj.step_index(1), traj.step_index(T), -dr / B, options, calls,
                    after_step=lambda k: pathwise.__setitem__(traj.math_step(k) - 1, grouped.take()))
-    half = {}  # baseline -> [j, i]: step j+1+i's share of the sweep closed at j+1 ([t - 1, 0]: L_t)
+    half = {}
     for b in baselines:
         base = torch.cat([reward_baseline(r, EstimatorOptions(baseline=b)) for r in rewards.reshape(M, B)])
         weight = -(rewards - base) / B
@@ -323,18 +341,28 @@ def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches:
             pathwise_sweep(grouped, traj, k, 0, traj.noises[k] * (weight / sigma[j])[:, None], options, calls,
                            after_step=lambda i, j=j, s=shares: s.__setitem__((j, traj.math_step(i) - j - 1),
                                                                               grouped.take()))
+    return DesignShares(exact, sigma, pathwise, half)
+
+
+def measure_design_grid(model: LinearEps, scheduler, *, num_steps: int, batches: int, batch_size: int,
+                        baselines: tuple, target: torch.Tensor, seed: int, eta: float = 1.0,
+                        costs=None) -> dict:
+    """Every unbiased estimator design on the toy, measured on `batches` independent batches against the
+    closed-form gradient g*: {(method, f, h, j, zo_steps, baseline): MeasuredDesign}, keyed as
+    rlr_fast.design.Candidate.key (zo_steps None: all of C; j "uniform" is the mean over the valid j).
+
+    The designs are written out from docs/estimator.md §4-§5 (not from rlr_fast.design), each assembled
+    from the DesignShares of `design_shares`.
+    """
+    from .costs import CostModel
+
+    costs = CostModel() if costs is None else costs
+    T, shares = num_steps, design_shares(model, scheduler, num_steps=num_steps, batches=batches,
+                                         batch_size=batch_size, baselines=baselines, target=target, seed=seed, eta=eta)
+    sigma, half = shares.sigmas, shares.half
 
     def measured(F, H: list, C: list, b, pathwise_steps: int, reward_grad: bool) -> dict:
-        """{zo_steps: MeasuredDesign} of F pathwise + the H shares + C's likelihood ratios, k of |C| = m."""
-        ratios = [half[b][t - 1, 0] for t in C] if C else []
-        error = (sum([pathwise[t - 1] for t in F] + H + ratios, torch.zeros_like(exact)) - exact).pow(2).sum(-1)
-        m = len(C)
-        spread = torch.stack(ratios).var(0).sum(-1) if m >= 2 else torch.zeros_like(error)
-        def cost(k: int) -> float:
-            return costs.forward_equivalents(Work(T, pathwise_steps, k, 0, 1, int(reward_grad)))
-
-        return {(k if k < m else None): MeasuredDesign(error + (m * m / k - m) * spread, cost(k))
-                for k in range(1, m + 1)} if m else {None: MeasuredDesign(error, cost(0))}
+        return shares.measured(F, H, C, b, pathwise_steps, reward_grad, costs)
 
     deterministic = [t for t in range(1, T + 1) if sigma[t - 1] == 0]
     f0 = max(deterministic, default=0)

@@ -412,7 +412,7 @@ def test_the_memory_plan_is_for_one_rank_s_share(tiny_folder):
     import dataclasses
 
     from rlr_fast.plan import plan
-    from rlr_fast.train import plan_memory
+    from rlr_fast.run_setup import plan_memory
 
     cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=4, method="zo",
                              max_memory_gb=1.0)

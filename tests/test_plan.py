@@ -367,7 +367,7 @@ def test_a_downloaded_sd14_folder_shares_the_cached_measurements(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_plans_the_model_folder_it_trains_and_applies_the_plan(tiny_folder):
-    from rlr_fast.train import plan_memory
+    from rlr_fast.run_setup import plan_memory
 
     cfg = Config.from_preset("demo", model=str(tiny_folder), num_steps=3, batch_size=2, method="zo",
                              max_memory_gb=1.0)
@@ -382,7 +382,7 @@ def test_data_parallel_plans_one_ranks_share_of_a_valid_global_config():
     """Issue 22 §3: batch_size 8, images_per_prompt 2 on 8 ranks is a valid run (each rank rolls out one
     sample); the planner plans that rank's sample without re-validating a per-rank Config (which refused
     it: "images_per_prompt must divide batch_size"), and the plan is the one of a single-sample run."""
-    from rlr_fast.train import plan_memory
+    from rlr_fast.run_setup import plan_memory
 
     cfg = Config.from_preset("sd14", batch_size=8, images_per_prompt=2, max_memory_gb=4)
     planned, table = plan_memory(cfg, 8)

@@ -229,7 +229,7 @@ def test_a_complete_run_says_so_and_stops(finished, tmp_path, monkeypatch, capsy
     def no_loading(*args, **kwargs):
         raise AssertionError("a complete run loaded its models again")
 
-    monkeypatch.setattr("rlr_fast.train.load_models", no_loading)
+    monkeypatch.setattr("rlr_fast.run_setup.load_models", no_loading)
     result = finetune(resume=str(run))
     assert f"{run} is complete: it trained all 4 steps" in capsys.readouterr().err
     assert snapshot(run) == before and result.metrics == finished.metrics and result.lora_path.is_file()

@@ -14,7 +14,8 @@ import torch
 from rlr_fast.checkpoint import find_checkpoint
 from rlr_fast.config import Config
 from rlr_fast.run_dir import RunLock
-from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, _resolve_config, finetune
+from rlr_fast.run_setup import resolve_config
+from rlr_fast.train import NonFiniteError, StopRequested, StopSignals, finetune
 from runs import killed_and_resumed
 
 
@@ -182,7 +183,7 @@ def test_value_baseline_trains_and_its_running_fit_resumes_bit_exactly(tiny, tmp
 def test_resume_with_another_config_is_refused(straight):
     with pytest.raises(ValueError, match=r"cannot resume .*lr: checkpoint 0.01, now 0.02"):
         finetune(resume=str(straight.out_dir), lr=2e-2)
-    other, checkpoint = _resolve_config(None, {"resume": str(straight.out_dir), "train_steps": 9})
+    other, checkpoint = resolve_config(None, {"resume": str(straight.out_dir), "train_steps": 9})
     assert checkpoint.step == 4
     assert other.train_steps == 9 and other.lr == 1e-2  # the checkpoint's config, extended
 
@@ -387,7 +388,7 @@ def test_public_names():
 
 
 def test_no_arguments_means_the_demo_preset():
-    assert _resolve_config(None, {}) == (Config.from_preset("demo"), None)
+    assert resolve_config(None, {}) == (Config.from_preset("demo"), None)
 
 
 @pytest.mark.slow

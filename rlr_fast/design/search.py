@@ -195,15 +195,7 @@ def design(model, sampler, reward_fn: Optional[RewardFn] = None, *, budget: Opti
     Raises ValueError (or TypeError) naming a bad value, or when no candidate fits the budgets.
     """
     started = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
-    _check_budgets(budget, max_memory_gb, config)
-    check_min("max_h", max_h, 1)
-    check_min("sketch_dim", sketch_dim, 1)
-    costs = CostModel() if costs is None else costs
-    if not isinstance(costs, CostModel):
-        raise TypeError(f"costs must be a rlr_fast.design.CostModel, got {type(costs).__name__}")
+    params, costs = _check_arguments(model, budget, max_memory_gb, config, max_h, sketch_dim, costs)
     base = _fixed_options(options if options is not None else config)
     if differentiable is None:
         differentiable = bool(getattr(reward_fn, "differentiable", True))
@@ -285,7 +277,12 @@ def _progress(items: Iterator, total: int, enabled: bool):
     return tqdm(items, total=total, desc="design: pilot batches", unit="pilot", disable=not enabled, leave=False)
 
 
-def _check_budgets(budget, max_memory_gb, config) -> None:
+def _check_arguments(model, budget, max_memory_gb, config, max_h, sketch_dim, costs) -> tuple[list, CostModel]:
+    """The model's trainable parameters and the cost model (default: CostModel()), once design's arguments
+    are checked (the pilots are checked as they are drawn): a ValueError (or TypeError) names a bad one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
     if budget is not None:
         check_positive("budget", budget)
     if max_memory_gb is not None:
@@ -293,6 +290,12 @@ def _check_budgets(budget, max_memory_gb, config) -> None:
         if config is None:
             raise ValueError("max_memory_gb needs config=, the run's rlr_fast Config: the planner measures the "
                              "architectures of its model")
+    check_min("max_h", max_h, 1)
+    check_min("sketch_dim", sketch_dim, 1)
+    costs = CostModel() if costs is None else costs
+    if not isinstance(costs, CostModel):
+        raise TypeError(f"costs must be a rlr_fast.design.CostModel, got {type(costs).__name__}")
+    return params, costs
 
 
 def _memory_kind(family: Family) -> tuple:
