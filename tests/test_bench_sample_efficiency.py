@@ -3,6 +3,8 @@ UNet work per image as rlr_fast.costs says, DDPO's epochs on-policy first, and t
 the goal line agree with each other."""
 
 import csv
+import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,8 +93,35 @@ def test_table_csv_and_goal_agree(quick):
         assert ddpo["images_to_ddpo_final"] is not None  # its own final, reached by the end at the latest
         best = next(r for r in rows if r["method"] == goal["best_rlr"])
         assert goal["best_rlr_images"] == best["images_to_ddpo_final"]
+        for row, label in zip(rows, se.TRACKS[track].methods):  # none reaches sooner, nor as soon and higher
+            if se.unbiased_rlr(se.TRACKS[track].methods[label]) and row["images_to_ddpo_final"] is not None:
+                assert best["images_to_ddpo_final"] is not None
+                assert ((best["images_to_ddpo_final"], -best["final_reward"])
+                        <= (row["images_to_ddpo_final"], -row["final_reward"]))
         assert goal["met"] == (goal["half"] and best["final_reward"] > goal["ddpo_final"])
         assert se.goal_line(goal) in text
     assert "Device: CPU" in text and "Load average" in text and "CPU min" in text
     with Image.open(out / "sample_efficiency.png") as png:
         assert png.width > 6 * 400 and png.height > 300  # three panels per track, side by side
+
+
+def test_the_long_budget_runs_the_black_box_contest_with_the_short_budgets_lrs():
+    long, tuning = se.LONG.figures(), se.LONG
+    assert tuning.budget == se.FULL.budget and long.budget >= 5 * tuning.budget  # ~1000 images, lrs tuned at 192
+    assert set(tuning.methods) <= set(se.BLACK_BOX) and {"ddpo", "rlr"} <= {se.BLACK_BOX[m]["method"]
+                                                                           for m in tuning.methods}
+    ddpo = dict(tuning.base, **se.DDPO)
+    images, steps = se.images_per_step(ddpo)
+    epochs = se.steps_for(ddpo, long.budget) // steps
+    assert epochs >= 20 and epochs * images // 16 >= 4 * se.DDPO["ddpo_min_count"]  # statistics on, many epochs
+
+
+def test_a_cached_run_is_read_only_at_its_own_budget(tmp_path):
+    """A run cached at one budget is not the same run at another (the long runs share the cache with the short)."""
+    fake = se.RunResult("black-box", "zo (loo)", 0.01, 0, [{"reward_images": 8}], 1.0, 1.0)
+    other = replace(se.QUICK, budget=se.QUICK.budget + 8)
+    (tmp_path / f"black-box|zo (loo)|0.01|0|False|{other.budget}.json").write_text(json.dumps(fake.to_json()))
+    assert se.run_one(("black-box", "zo (loo)", 0.01, 0, other, False, tmp_path)) == fake
+    ran = se.run_one(("black-box", "zo (loo)", 0.01, 0, se.QUICK, False, tmp_path))  # a real run, a few seconds
+    assert ran != fake and sum(r["reward_images"] for r in ran.records) <= se.QUICK.budget
+    assert (tmp_path / f"black-box|zo (loo)|0.01|0|False|{se.QUICK.budget}.json").exists()

@@ -569,11 +569,12 @@ def test_replay_run_resumes_bit_exactly_after_a_kill(straight, tiny, tmp_path):
 
 @pytest.mark.slow
 def test_every_method_logs_kl_and_diversity(tiny, tmp_path):
+    from rlr_fast.options import read_by
     from rlr_fast.train import finetune
 
     for method in ("rlr", "sqdf"):
         out = tmp_path / method
-        finetune(out_dir=str(out), train_steps=2, **dict(tiny, method=method))
+        finetune(out_dir=str(out), train_steps=2, **read_by(method, dict(tiny, method=method)))  # rlr: no sqdf_alpha
         rows = _records(out)
         assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the base model, then one update away from it
         assert all(r["diversity"] > 0 and r["reward_mean"] is not None for r in rows)
