@@ -125,3 +125,20 @@ def test_a_cached_run_is_read_only_at_its_own_budget(tmp_path):
     ran = se.run_one(("black-box", "zo (loo)", 0.01, 0, se.QUICK, False, tmp_path))  # a real run, a few seconds
     assert ran != fake and sum(r["reward_images"] for r in ran.records) <= se.QUICK.budget
     assert (tmp_path / f"black-box|zo (loo)|0.01|0|False|{se.QUICK.budget}.json").exists()
+
+
+def test_the_long_budget_is_tuned_again_from_the_short_choice(tmp_path):
+    """--long's protocol on tiny sizes: the short grid at `budget`, then the short choice and a third of it (an
+    extension when the best is at an edge) at `figure_budget` on the tuning seeds, the figures at the long lr."""
+    s = replace(se.QUICK, lrs=(3e-3, 3e-2), tune_seeds=(100,), figure_seeds=(0,), figure_budget=48, figure_bin=8,
+                tracks=("black-box",), methods=("zo (loo)",), extensions=1)
+    study = se.run_study(s, tmp_path)
+    key = ("black-box", "zo (loo)")
+    short = study.short_tuning[key]
+    assert set(short) >= set(s.lrs) and set(study.tuning[key]) >= {max(short, key=short.get) / 3,
+                                                                   max(short, key=short.get)}
+    assert study.chosen[key] == max(study.tuning[key], key=study.tuning[key].get)
+    cached = {p.name.split("|")[-1] for p in tmp_path.iterdir()}
+    assert cached == {"32.json", "48.json"}  # tuning at both budgets, figures at the long one
+    (run,) = study.runs[key]
+    assert run.lr == study.chosen[key] and sum(r["reward_images"] for r in run.records) == 48
