@@ -12,9 +12,11 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-# Distinguishable on white, in the order methods are listed.
+# Distinguishable on white, in the order labels first appear; the second ten are darker or lighter kin of the first.
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 110), (120, 0, 0),
+           (0, 90, 0), (75, 0, 130), (170, 85, 0), (70, 40, 30), (200, 0, 140), (40, 40, 40), (110, 110, 0),
+           (0, 110, 120)]
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _finite(s: Series) -> Series:
     return Series(s.label, [p[0] for p in kept], [p[1] for p in kept], [p[2] for p in kept] if len(s.se) else ())
 
 
-def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel) -> None:
+def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel, colours: dict) -> None:
     left, top, right, bottom = box
     draw = ImageDraw.Draw(image, "RGBA")
     panel = Panel(panel.title, panel.x_label, panel.y_label, [_finite(s) for s in panel.series])
@@ -82,8 +84,8 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
         x, _ = at(value, y_lo)
         draw.line([(x, bottom), (x, bottom + 4)], fill="black")
         draw.text((x, bottom + 6), _label(value), fill="black", anchor="mt")
-    for i, s in enumerate(panel.series):
-        colour = COLOURS[i % len(COLOURS)]
+    for s in panel.series:
+        colour = colours[s.label]
         if len(s.x) < 2:
             continue
         if len(s.se):
@@ -98,23 +100,23 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
 
 
 def draw_panels(path: Path, panels: list[Panel], title: str = "", panel_size: tuple[int, int] = (430, 330)) -> Path:
-    """The panels in one row above a shared legend (the first panel's series labels), as a PNG."""
+    """The panels in one row above a shared legend (every panel's labels, one colour per label), as a PNG."""
     width, height = panel_size
-    labels = [s.label for s in panels[0].series] if panels else []
+    labels = list(dict.fromkeys(s.label for panel in panels for s in panel.series))
+    colours = {label: COLOURS[i % len(COLOURS)] for i, label in enumerate(labels)}
     legend_rows = math.ceil(len(labels) / 4)
     margin_left, margin_top, margin_bottom = 70, 60, 50
     image = Image.new("RGB", (len(panels) * (width + margin_left) + 20,
                               margin_top + height + margin_bottom + 18 * legend_rows + 20), "white")
     for i, panel in enumerate(panels):
         left = margin_left + i * (width + margin_left)
-        _draw_panel(image, (left, margin_top, left + width, margin_top + height), panel)
+        _draw_panel(image, (left, margin_top, left + width, margin_top + height), panel, colours)
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black")
     y0 = margin_top + height + margin_bottom
     for i, label in enumerate(labels):
         x, y = margin_left + (i % 4) * 260, y0 + 18 * (i // 4)
-        colour = COLOURS[i % len(COLOURS)]
-        draw.line([(x, y + 6), (x + 24, y + 6)], fill=colour, width=3)
+        draw.line([(x, y + 6), (x + 24, y + 6)], fill=colours[label], width=3)
         draw.text((x + 30, y), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
