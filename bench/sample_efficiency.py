@@ -34,6 +34,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -496,8 +497,10 @@ def summarise(study: Study, track: str) -> tuple[list[dict], dict, dict]:
     mean_curves = {}
     for k, cs in curves.items():
         reward, se = mean_se(np.stack([c.reward for c in cs]))
-        mean_curves[k] = dict(images=grid, reward=reward, se=se, unet=np.nanmean([c.unet for c in cs], axis=0),
-                              seconds=np.nanmean([c.seconds for c in cs], axis=0))
+        with warnings.catch_warnings():  # a grid point before every seed's first step stays NaN, not drawn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            unet, seconds = (np.nanmean([getattr(c, a) for c in cs], axis=0) for a in ("unet", "seconds"))
+        mean_curves[k] = dict(images=grid, reward=reward, se=se, unet=unet, seconds=seconds)
     final = {k: np.array([c.reward[-1] for c in cs]) for k, cs in curves.items()}
     ddpo_key = next(k for k in keys if TRACKS[track].methods[k[1]]["method"] == "ddpo")
     ddpo_final = float(final[ddpo_key].mean())
