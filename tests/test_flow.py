@@ -15,6 +15,7 @@ from rlr_fast.flow import load_flow, tiny_flow
 from rlr_fast.lora import add_lora, lora_parameters, load_lora, save_lora
 from rlr_fast.samplers import FLOW_NOISE_LEVEL, FlowSampler, as_sampler
 from rlr_fast.testing import GaussianDataVelocity, LinearVelocity, max_z, toy_estimates
+from plan_checks import assert_plan_matches_update, planner
 from runs import assert_same_run, killed_and_resumed
 
 Z_MAX = 4.0  # as tests/test_estimators.py
@@ -283,9 +284,6 @@ def test_the_planner_measures_an_sd3_step_and_stored_chain_as_a_real_update_has_
     prompts (77 CLIP + 256 T5 tokens, the pooled row): its estimate of a pathwise step's bytes saved for
     backward, with guidance, is within 1% of a real CPU update's on the flow SDE, and the stored chain's
     bytes are the real trajectory's."""
-    import importlib
-
-    planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan is bound to the function
     tiny_flow("sd3", seed=0).save_pretrained(tmp_path)
     batch, steps = 2, 3
     cfg = rlr_fast.Config.from_preset("demo", model=str(tmp_path), num_steps=steps, batch_size=batch,
@@ -297,18 +295,8 @@ def test_the_planner_measures_an_sd3_step_and_stored_chain_as_a_real_update_has_
     models = load_flow(tmp_path)
     models.max_sequence_length = SD3.t5_tokens  # StableDiffusion3Pipeline's, as load_flow keeps it
     add_lora(models.unet, rank=2, alpha=2, seed=0)
-    for q in lora_parameters(models.unet):  # as after the first step: gradients are resident
-        q.grad = torch.zeros_like(q)
     x_T = torch.randn(batch, 16, *models.set_resolution(None), generator=torch.Generator().manual_seed(0))
     traj = rlr_fast.rollout(models.unet, models.scheduler, x_T, num_steps=steps, eta=FLOW_NOISE_LEVEL,
                             encoder_hidden_states=models.encode_prompts(["a red cube", "two cats"]),
                             negative_encoder_hidden_states=models.encode_prompts([""] * batch), guidance_scale=3.0)
-    real = rlr_fast.estimate(models.unet, traj, lambda x0: -x0.pow(2).flatten(1).mean(1), method="full_bp",
-                             track_memory=True)["peak_saved_bytes"]
-    planned = planner.default_table().unet_phase(
-        p.run.ids["unet"], p.run.components["unet"], batch, p.run.unet_latent, autocast=False, attention="flash",
-        lora_rank=2, cfg_mode="together", grad="input", checkpoint=False, saved=True)
-    assert math.isclose(planned, real, rel_tol=0.01), (planned, real)
-    stored = sum(t.nbytes for t in (traj.latents, traj.noises, traj.log_probs, traj.encoder_hidden_states,
-                                    traj.negative_encoder_hidden_states, traj.x0))
-    assert p.breakdown["trajectory"] == stored  # x_T..x_0, noises, log p, both packed prompts, dR/dx0
+    assert_plan_matches_update(p, models, traj, batch)

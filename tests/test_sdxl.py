@@ -21,6 +21,7 @@ from rlr_fast.samplers import DDIMSampler
 from rlr_fast.sdxl import SDXLModels, tiny_sdxl
 from rlr_fast.testing import (TOY_SCHEDULE, ConditionedLinearEps, exact_loss_gradient, make_scheduler, make_unet,
                               quadratic_reward)
+from plan_checks import assert_plan_matches_update, planner
 from runs import assert_same_run, killed_and_resumed, rewards_and_lora
 
 T, B = 4, 2
@@ -129,11 +130,8 @@ def test_the_planner_measures_sdxls_step_and_stored_chain_as_a_real_update_has_t
     prompts (77 tokens + the pooled embedding and time ids): its estimate of a pathwise step's bytes
     saved for backward, with guidance, is within 1% of a real CPU update's, and the stored chain's
     bytes are the real trajectory's."""
-    import importlib
-
     from rlr_fast.config import Config
 
-    planner = importlib.import_module("rlr_fast.plan")  # rlr_fast.plan is bound to the function
     cfg = Config.from_preset("demo", model=str(sdxl_folder), num_steps=T, batch_size=B, images_per_prompt=2,
                              guidance_scale=5.0, negative_prompt="", lora_rank=2, lora_alpha=2.0)
     p = planner.plan(cfg)
@@ -141,18 +139,8 @@ def test_the_planner_measures_sdxls_step_and_stored_chain_as_a_real_update_has_t
 
     models = load_sd(sdxl_folder)
     add_lora(models.unet, rank=2, alpha=2, seed=0)
-    for q in lora_parameters(models.unet):  # as after the first step: gradients are resident
-        q.grad = torch.zeros_like(q)
     traj = _rollout(models, torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1.0, 5.0)
-    real = rlr_fast.estimate(models.unet, traj, lambda x0: -x0.pow(2).flatten(1).mean(1), method="full_bp",
-                             track_memory=True)["peak_saved_bytes"]
-    planned = planner.default_table().unet_phase(
-        p.run.ids["unet"], p.run.components["unet"], B, p.run.unet_latent, autocast=False, attention="flash",
-        lora_rank=2, cfg_mode="together", grad="input", checkpoint=False, saved=True)
-    assert math.isclose(planned, real, rel_tol=0.01), (planned, real)
-    stored = sum(t.nbytes for t in (traj.latents, traj.noises, traj.log_probs, traj.encoder_hidden_states,
-                                    traj.negative_encoder_hidden_states, traj.x0))
-    assert p.breakdown["trajectory"] == stored  # x_T..x_0, noises, log p, both packed prompts, dR/dx0
+    assert_plan_matches_update(p, models, traj, B)
 
 
 @pytest.mark.parametrize("budget", [None, 1e-3])
