@@ -434,9 +434,10 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
                          "deletes one")
     file_preset = data.pop("preset", None)
     overrides = dict(data)
-    set_preset = None
+    set_preset, set_keys = None, []
     for text in sets:
         key, value = parse_set(text)
+        set_keys.append(key)
         if key == "preset":
             set_preset = value
         elif field_types().get(key) is dict and key in overrides:
@@ -449,7 +450,7 @@ def load_config(preset: Optional[str] = None, path: Optional[str | Path] = None,
     cfg = base if base is not None and name is None else Config.from_preset(name or "demo")
     check_method_switch(cfg, overrides)
     cfg = cfg.with_overrides(overrides, merge=True)
-    cfg.check_used(parse_set(text)[0] for text in sets)
+    cfg.check_used(set_keys)
     return cfg
 
 

@@ -26,7 +26,7 @@ SD14_CASE = dict(resolution=512, batch_size=2, num_steps=50, guidance_scale=7.5,
 
 def sd14_plan(max_memory_gb=None, **settings):
     """The SD1.4 case with `settings`; another method keeps only the case's options it reads."""
-    case = read_by(settings.get("method", "rlr"), {**SD14_CASE, **settings})
+    case = read_by(settings.get("method", SD14_CASE["method"]), {**SD14_CASE, **settings})
     return P.plan("sd14", max_memory_gb, model="sd14", **case)
 
 
