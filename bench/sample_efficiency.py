@@ -609,6 +609,10 @@ def header(study: Study, command: str) -> list[str]:
     ]
 
 
+def _scores(scores: dict) -> str:
+    return ", ".join(f"lr {lr:g}: {v:.4g}" for lr, v in scores.items())
+
+
 def write(study: Study, summaries: dict, out: Path, command: str) -> list[Path]:
     """<out>/sample_efficiency.md (protocol, a table and a goal line per track), .csv (every figure run's
     curve) and .png (per track: reward against images, UNet work and wall time)."""
@@ -622,10 +626,9 @@ def write(study: Study, summaries: dict, out: Path, command: str) -> list[Path]:
                   "Tuning scores (tuning seeds' mean):", ""]
         for (t, label), scores in study.tuning.items():
             if t == track:
-                lines.append(f"- {label}: " + ", ".join(f"lr {lr:g}: {v:.4g}" for lr, v in scores.items())
-                             + ("" if (t, label) not in study.short_tuning else " (at the short budget: "
-                                + ", ".join(f"lr {lr:g}: {v:.4g}" for lr, v in study.short_tuning[(t, label)].items())
-                                + ")"))
+                short = study.short_tuning.get((t, label))
+                lines.append(f"- {label}: {_scores(scores)}"
+                             + ("" if short is None else f" (at the short budget: {_scores(short)})"))
         lines.append("")
     md.write_text("\n".join(lines) + "\n")
     window = max(s.bin, s.budget // 6)
@@ -662,8 +665,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, written to a temporary folder (or --out): the suite's smoke test")
     parser.add_argument("--long", action="store_true",
-                        help="the black-box contest (rlr f=0, zo, DDPO, GRPO) at 960 images, lrs tuned at the short "
-                             "budget: sample_efficiency_long.{md,csv,png}")
+                        help="the black-box contest (rlr f=0, zo, DDPO, GRPO) at 960 images, each lr tuned again "
+                             "there from the short budget's choice: sample_efficiency_long.{md,csv,png}")
     parser.add_argument("--out", type=Path, default=None, help="folder for the three result files")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2; --quick: 1)")
     parser.add_argument("--tracks", nargs="+", choices=list(TRACKS), default=None, help="run these tracks only")
