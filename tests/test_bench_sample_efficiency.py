@@ -105,11 +105,14 @@ def test_table_csv_and_goal_agree(quick):
         assert png.width > 6 * 400 and png.height > 300  # three panels per track, side by side
 
 
-def test_the_long_budget_runs_the_black_box_contest_with_the_short_budgets_lrs():
+def test_the_long_budget_runs_each_tracks_contest_against_ddpo():
     long, tuning = se.LONG.figures(), se.LONG
-    assert tuning.budget == se.FULL.budget and long.budget >= 5 * tuning.budget  # ~1000 images, lrs tuned at 192
-    assert set(tuning.methods) <= set(se.BLACK_BOX) and {"ddpo", "rlr"} <= {se.BLACK_BOX[m]["method"]
-                                                                           for m in tuning.methods}
+    assert tuning.budget == se.FULL.budget and long.budget >= 5 * tuning.budget  # ~1000 images, lrs tuned at 192 first
+    assert long.extensions == se.FULL.extensions > 0  # the long grid is extended like the short one
+    for track in se.TRACKS:
+        methods = {se.TRACKS[track].methods[label]["method"] for t, label in tuning.methods if t == track}
+        assert {"ddpo", "rlr"} <= methods, track
+    assert ("differentiable", "full_bp") in tuning.methods
     ddpo = dict(tuning.base, **se.DDPO)
     images, steps = se.images_per_step(ddpo)
     epochs = se.steps_for(ddpo, long.budget) // steps
@@ -129,14 +132,19 @@ def test_a_cached_run_is_read_only_at_its_own_budget(tmp_path):
 
 def test_the_long_budget_is_tuned_again_from_the_short_choice(tmp_path):
     """--long's protocol on tiny sizes: the short grid at `budget`, then the short choice and a third of it
-    at `figure_budget` on the tuning seeds, the figures at the better of the two."""
+    at `figure_budget` on the tuning seeds, extended once past a best edge, the figures at the best."""
     s = replace(se.QUICK, lrs=(3e-3, 3e-2), tune_seeds=(100,), figure_seeds=(0,), figure_budget=48, figure_bin=8,
-                tracks=("black-box",), methods=("zo (loo)",), extensions=1)
+                tracks=("black-box",), methods=(("black-box", "zo (loo)"),), extensions=1)
     study = se.run_study(s, tmp_path)
     key = ("black-box", "zo (loo)")
     short = study.short_tuning[key]
-    assert set(short) >= set(s.lrs) and set(study.tuning[key]) == {max(short, key=short.get) / 3,
-                                                                   max(short, key=short.get)}
+    choice = max(short, key=short.get)
+    assert set(short) >= set(s.lrs)
+    scores = study.tuning[key]
+    low, high = (min(scores, key=lambda lr: abs(lr - x)) for x in (choice / 3, choice))
+    assert low == pytest.approx(choice / 3) and high == pytest.approx(choice)
+    beyond = low / 3 if scores[low] > scores[high] else high * 3  # one extension past the better of the two
+    assert sorted(scores) == pytest.approx(sorted([low, high, beyond]))
     assert study.chosen[key] == max(study.tuning[key], key=study.tuning[key].get)
     cached = {p.name.split("|")[-1] for p in tmp_path.iterdir()}
     assert cached == {"32.json", "48.json"}  # tuning at both budgets, figures at the long one
