@@ -27,6 +27,7 @@ from .prompts import PromptSchedule, schedule_value
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 ROLLOUTS = ("auto", "cuda_graph", "eager")
+LR_SCHEDULERS = ("constant", "cosine")
 REPLAY_SAMPLINGS = ("uniform", "reward")
 # What one command asks for rather than what a run is: left out of the config a run records.
 INVOCATION_KEYS = {"overwrite": False, "resume": None}
@@ -111,6 +112,8 @@ class Config(EstimatorOptions):
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many optimizer steps (more than "
                                   "train_steps: the run ends still warming up, which it says)", low=0)
     train_steps: int = option(100, "optimizer steps of the run", low=1)
+    lr_scheduler: str = option("constant", "learning rate after the warm-up: constant, or cosine (from lr down "
+                                           "to 0 at train_steps)")
 
     # --- ddpo as it is run: several optimizer steps per sampled batch (rlr_fast.ddpo); grpo runs the same
     # epochs (ddpo_rollout_batches, ddpo_inner_epochs, ddpo_minibatches, ddpo_adv_clip), its advantages per group
@@ -248,6 +251,7 @@ class Config(EstimatorOptions):
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("rollout", self.rollout, ROLLOUTS)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
         if not self.model:

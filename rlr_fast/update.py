@@ -374,9 +374,21 @@ class OnPolicy(StepMethod):
                          cost=cost)
 
 
-def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
-    """Apply one update (unless skipped) with the warm-up learning rate; returns its metrics record."""
+def learning_rate(cfg: Config, step: int) -> float:
+    """The lr of optimizer step `step` (from 0): a linear warm-up over warmup_steps, then lr, or with
+    lr_scheduler="cosine" a half cosine from lr down to 0 at train_steps. A function of the step alone, so a
+    resumed run goes on along the same curve."""
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_scheduler == "cosine":
+        start = min(cfg.warmup_steps, cfg.train_steps - 1)
+        progress = min(max(step - start, 0) / max(cfg.train_steps - start, 1), 1.0)
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def apply(cfg: Config, step: int, grads: Gradients, optimizer: torch.optim.Optimizer) -> dict:
+    """Apply one update (unless skipped) at the step's learning rate; returns its metrics record."""
+    lr = learning_rate(cfg, step)
     if grads.skipped is None:
         for group in optimizer.param_groups:
             group["lr"] = lr

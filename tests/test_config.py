@@ -51,6 +51,30 @@ def test_non_positive_learning_rate(lr):
         Config.from_preset("demo", lr=lr)
 
 
+def test_learning_rate_curves():
+    """Warm-up, then constant or a half cosine to 0 at train_steps: the cosine part against torch's
+    CosineAnnealingLR started where the warm-up ends; an unknown decay is a one-line error."""
+    import torch
+
+    from rlr_fast.update import learning_rate
+
+    constant = Config.from_preset("demo", lr=0.1, warmup_steps=2, train_steps=8)
+    assert [learning_rate(constant, s) for s in range(8)] == pytest.approx([0.05] + [0.1] * 7)
+    for warmup in (0, 3):
+        cfg = Config.from_preset("demo", lr=0.1, warmup_steps=warmup, train_steps=10, lr_scheduler="cosine")
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10 - warmup)
+        cosine = []
+        for _ in range(10 - warmup):
+            cosine.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            reference.step()
+        ramp = [0.1 * (s + 1) / warmup for s in range(warmup)]
+        assert [learning_rate(cfg, s) for s in range(10)] == pytest.approx(ramp + cosine)
+    with pytest.raises(ValueError, match=r"lr_scheduler must be one of \['constant', 'cosine'\], got 'linear'"):
+        Config.from_preset("demo", lr_scheduler="linear")
+
+
 def test_batch_size_zero():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         load_config(sets=["batch_size=0"])

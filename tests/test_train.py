@@ -435,6 +435,12 @@ def test_memory_budget_and_profiling(tiny, tmp_path, monkeypatch, capsys):
     assert {"rollout", "estimate", "reward", "optimizer step", "sample grid"} <= set(ranges)
 
 
+def test_a_cosine_run_records_its_decaying_learning_rate(tiny, tmp_path):
+    """lr_scheduler="cosine" reaches the optimizer: after tiny's one warm-up step, lr x (1 + cos(pi k / 2)) / 2."""
+    finetune(out_dir=str(tmp_path), train_steps=3, **{**tiny, "lr_scheduler": "cosine"})
+    assert [r["lr"] for r in records(tmp_path)] == pytest.approx([1e-2, 1e-2, 5e-3])
+
+
 def test_a_run_says_when_warmup_outlasts_it(tiny, tmp_path, capsys):
     """issue 24 §9: warmup_steps > train_steps is valid but easy to miss; said once at the start."""
     finetune(out_dir=str(tmp_path), train_steps=1, **{**tiny, "warmup_steps": 3})
