@@ -182,10 +182,10 @@ QUICK = Settings(base=dict(num_steps=3, batch_size=4, images_per_prompt=2, warmu
                  eval_seeds=(1000,), workers=1)
 # The long budget: enough images for DDPO's per-prompt statistics (on after ~64) and 30 of its epochs to act. It runs
 # the contests that decide a user's choice, not every method (a 960-image run costs ~2 CPU min here): on the
-# black-box track RLR f = 0 against the likelihood-ratio peers (RLR's home ground); on the differentiable track the
-# best unbiased RLR variant of the short budget against full_bp (the pathwise leader) and DDPO. Each lr is tuned again
-# at 960 images, starting from the short budget's choice and a third of it (a longer run rarely wants a larger step)
-# and extended by factors of 3 like the short grid until the best is interior.
+# black-box track RLR f = 0 against the likelihood-ratio peers (RLR's home ground), with and without a cosine lr; on
+# the differentiable track the best unbiased RLR variant of the short budget against full_bp (the pathwise leader) and
+# DDPO. Each lr is tuned again at 960 images, starting from the short budget's choice and a third of it (a longer
+# run rarely wants a larger step) and extended by factors of 3 like the short grid until the best is interior.
 LONG = replace(FULL, figure_budget=960, figure_bin=48,
                methods=(("black-box", "rlr f=0 h=2 (H+C), loo"), ("black-box", "zo (loo)"),
                         ("black-box", "ddpo (ddpo-pytorch settings)"), ("black-box", "grpo (flow-grpo settings)"),
@@ -674,8 +674,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, written to a temporary folder (or --out): the suite's smoke test")
     parser.add_argument("--long", action="store_true",
-                        help="the main contests at 960 images (black-box: rlr f=0, zo, DDPO, GRPO; differentiable: "
-                             "the best rlr, full_bp, DDPO), each lr tuned again there from the short budget's choice: "
+                        help=f"the main contests at {LONG.figure_budget} images ("
+                             + "; ".join(f"{t}: {' / '.join(m for u, m in LONG.methods if u == t)}" for t in TRACKS)
+                             + "), each lr tuned again there from the short budget's choice: "
                              "sample_efficiency_long.{md,csv,png}")
     parser.add_argument("--out", type=Path, default=None, help="folder for the three result files")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2; --quick: 1)")
